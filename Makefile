@@ -1,0 +1,38 @@
+# Set-up and entry points. `make demo` and `make test` are the README's two commands:
+# each creates .venv when absent, installs torch and the other dependencies, builds the
+# extension against that torch (--no-build-isolation), then runs.
+#
+# TORCH_SPEC picks torch: the CPU build that lies on this machine's disk by default;
+# e.g. `make test TORCH_SPEC=torch==2.14.1` on a CUDA machine.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: install demo test bench cuda-build-check clean
+
+$(VENV)/.deps-installed: Makefile pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install numpy pytest expecttest ninja pybind11 "setuptools>=64" wheel
+	touch $@
+
+install: $(VENV)/.deps-installed
+	$(PIP) install --no-build-isolation -e .
+
+demo: install
+	$(PY) benchmarks/bench_dot.py
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/bench_dot.py
+
+# Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
+cuda-build-check:
+	bash .ci/cuda_build_check.sh
+
+clean:
+	rm -rf build attention_ext/_C*.so *.egg-info

@@ -1,0 +1,18 @@
+"""Fused attention for RNN sequence-to-sequence models (Luong and Bahdanau)."""
+from ._loader import _C  # noqa: F401  (loads the operators into torch.ops.attention_ext)
+from . import ops  # noqa: F401  (fake kernels and autograd registrations)
+from . import reference  # noqa: F401
+from .functional import dot_attention
+
+__version__ = _C.__version__
+
+__all__ = ["dot_attention", "reference", "build_info", "__version__"]
+
+
+def build_info() -> dict:
+    """What this binary was built with: version, CUDA kernels, CPU vector capability."""
+    return {
+        "version": _C.__version__,
+        "with_cuda": bool(_C.with_cuda),
+        "cpu_capability": _C.cpu_capability,
+    }

@@ -1,0 +1,86 @@
+"""The user API: argument normalisation in front of the fused operators.
+
+Shape, dtype, device and value checks live once, in C++ (csrc/include/attention_ext/checks.h),
+so the ops give the same messages whether called from here or from torch.ops directly.
+Python only checks what it must before it can reshape: the query's rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import ops  # noqa: F401  (registers fake kernels and autograd)
+
+Tensor = torch.Tensor
+
+
+def _as_3d_query(query: Tensor, name: str) -> Tuple[Tensor, bool]:
+    if not isinstance(query, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(query).__name__}")
+    if query.dim() == 2:
+        return query.unsqueeze(1), True
+    if query.dim() == 3:
+        return query, False
+    raise ValueError(
+        f"{name} must have shape (B, D) for one decoder step or (B, Tq, D) for several, "
+        f"got {tuple(query.shape)}"
+    )
+
+
+def _as_scale(scale) -> float:
+    if scale is None:
+        return 1.0
+    if isinstance(scale, torch.Tensor):
+        raise ValueError(
+            "scale must be a Python number; to learn a scale, multiply the query by it"
+        )
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def dot_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Optional[Tensor] = None,
+    *,
+    lengths: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    need_weights: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Luong dot attention: score + masked softmax + context in one fused pass.
+
+    score[b, t, j] = scale * <query[b, t], keys[b, j]>; weights = softmax over the
+    positions that attend; context = sum_j weights[b, t, j] * values[b, j].
+    Luong "general" is this op on a query projected by the layer's weight matrix.
+
+    Args:
+        query: (B, D) for one decoder step or (B, Tq, D).
+        keys: (B, S, D).
+        values: (B, S, Dv); defaults to ``keys`` (the encoder states).
+        lengths: integer (B,); positions j < lengths[b] attend, the rest are never read.
+        mask: bool (B, S), True = attend. Give lengths or mask, not both.
+        scale: multiplies the scores; None means 1 (Luong's unscaled dot). Pass
+            ``query.shape[-1] ** -0.5`` for scaled dot-product attention.
+        need_weights: when False the weights are never written and None is returned.
+
+    Returns:
+        (context, weights): context (B, Dv) / (B, Tq, Dv) and weights (B, S) / (B, Tq, S),
+        following the query's rank. A row with nothing to attend to gives context 0 and
+        weights 0 (and zero gradients), never NaN.
+    """
+    q, single = _as_3d_query(query, "query")
+    if values is None:
+        values = keys
+    context, weights, _ = torch.ops.attention_ext.dot_attention(
+        q, keys, values, lengths, mask, _as_scale(scale), bool(need_weights)
+    )
+    if single:
+        context = context.squeeze(1)
+        if need_weights:
+            weights = weights.squeeze(1)
+    return context, (weights if need_weights else None)

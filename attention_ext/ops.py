@@ -1,0 +1,61 @@
+"""Fake (meta) kernels and autograd for the operators in torch.ops.attention_ext.
+
+The C++ schemas live in csrc/attention_ext.cpp; the kernels in csrc/cpu and csrc/cuda.
+Autograd is registered with torch.library.register_autograd and its backward calls our own
+backward operator, so torch.compile sees two opaque ops and no Python math.
+"""
+import torch
+
+from ._loader import _C  # noqa: F401
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("attention_ext::dot_attention")
+def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights):
+    B, Tq, _ = query.shape
+    S, Dv = keys.shape[1], values.shape[2]
+    context = query.new_empty((B, Tq, Dv))
+    weights = query.new_empty((B, Tq, S) if need_weights else (0,))
+    lse = query.new_empty((B, Tq), dtype=_lse_dtype(query.dtype))
+    return context, weights, lse
+
+
+@torch.library.register_fake("attention_ext::_dot_attention_backward")
+def _dot_attention_backward_fake(
+    grad_context, grad_weights, query, keys, values, lengths, mask, scale, lse
+):
+    return (
+        query.new_empty(query.shape),
+        keys.new_empty(keys.shape),
+        values.new_empty(values.shape),
+    )
+
+
+def _dot_setup_context(ctx, inputs, output):
+    query, keys, values, lengths, mask, scale, need_weights = inputs
+    _, _, lse = output
+    # Inputs and the per-row log-sum-exp only: backward recomputes scores.
+    ctx.save_for_backward(query, keys, values, lengths, mask, lse)
+    ctx.scale = scale
+    ctx.need_weights = need_weights
+    ctx.set_materialize_grads(False)
+
+
+def _dot_backward(ctx, grad_context, grad_weights, grad_lse):
+    query, keys, values, lengths, mask, lse = ctx.saved_tensors
+    if grad_context is None:
+        grad_context = query.new_zeros((query.shape[0], query.shape[1], values.shape[2]))
+    if not ctx.need_weights:
+        grad_weights = None
+    grad_query, grad_keys, grad_values = torch.ops.attention_ext._dot_attention_backward(
+        grad_context, grad_weights, query, keys, values, lengths, mask, ctx.scale, lse
+    )
+    return grad_query, grad_keys, grad_values, None, None, None, None
+
+
+torch.library.register_autograd(
+    "attention_ext::dot_attention", _dot_backward, setup_context=_dot_setup_context
+)

@@ -1,0 +1,59 @@
+"""Pure-PyTorch attention with the same semantics as the fused ops.
+
+The test oracle (run in float64) and the eager baseline of the benchmarks (run in the
+input dtype, as a user would write it): several kernels and a masked_fill with -inf.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def valid_positions(
+    lengths: Optional[Tensor], mask: Optional[Tensor], batch: int, src_len: int, device
+) -> Optional[Tensor]:
+    """(B, S) bool, True where a position attends; None when everything attends."""
+    if lengths is not None and mask is not None:
+        raise ValueError("pass either lengths or mask, not both")
+    if lengths is not None:
+        return torch.arange(src_len, device=device)[None, :] < lengths.to(device)[:, None]
+    if mask is not None:
+        return mask.to(device=device, dtype=torch.bool)
+    return None
+
+
+def masked_softmax(scores: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """Softmax over the last dim of (B, Tq, S) scores; rows with nothing valid give 0."""
+    if valid is None:
+        return torch.softmax(scores, dim=-1)
+    keep = valid[:, None, :]
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    # A fully masked row is NaN after softmax; zero it like the fused kernels do.
+    return weights.masked_fill(~keep, 0.0)
+
+
+def dot_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Optional[Tensor] = None,
+    *,
+    lengths: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    need_weights: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    single = query.dim() == 2
+    q = query.unsqueeze(1) if single else query
+    values = keys if values is None else values
+    scores = torch.bmm(q, keys.transpose(1, 2))
+    if scale is not None and scale != 1.0:
+        scores = scores * scale
+    valid = valid_positions(lengths, mask, keys.shape[0], keys.shape[1], keys.device)
+    weights = masked_softmax(scores, valid)
+    context = torch.bmm(weights, values)
+    if single:
+        context, weights = context.squeeze(1), weights.squeeze(1)
+    return context, (weights if need_weights else None)

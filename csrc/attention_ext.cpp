@@ -1,0 +1,42 @@
+// The extension module: build information for Python (pybind11) and every operator
+// schema (TORCH_LIBRARY). Kernels register themselves per device in csrc/cpu and csrc/cuda.
+#include <Python.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "attention_ext/tuning.h"
+
+#ifndef ATTENTION_EXT_CPU_CAPABILITY_NAME
+#define ATTENTION_EXT_CPU_CAPABILITY_NAME "DEFAULT"
+#endif
+
+#define ATTENTION_EXT_VERSION "0.1.0"
+
+TORCH_LIBRARY(attention_ext, m) {
+  m.def(
+      "dot_attention(Tensor query, Tensor keys, Tensor values, Tensor? lengths, Tensor? mask, "
+      "float scale, bool need_weights) -> (Tensor context, Tensor weights, Tensor lse)");
+  m.def(
+      "_dot_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
+      "Tensor keys, Tensor values, Tensor? lengths, Tensor? mask, float scale, Tensor lse) "
+      "-> (Tensor grad_query, Tensor grad_keys, Tensor grad_values)");
+}
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "attention_ext build information (the operators live in torch.ops.attention_ext)";
+  mod.attr("__version__") = ATTENTION_EXT_VERSION;
+#ifdef ATTENTION_EXT_WITH_CUDA
+  mod.attr("with_cuda") = true;
+#else
+  mod.attr("with_cuda") = false;
+#endif
+  mod.attr("cpu_capability") = ATTENTION_EXT_CPU_CAPABILITY_NAME;
+  mod.def(
+      "_set_forced_splits",
+      [](int64_t n) {
+        TORCH_CHECK_VALUE(n >= 0, "splits must be >= 0 (0 = automatic), got ", n);
+        attention_ext::forced_splits_storage().store(n);
+      },
+      "Test-only: force the number of split-S chunks (0 = automatic).");
+  mod.def("_forced_splits", &attention_ext::forced_splits);
+}

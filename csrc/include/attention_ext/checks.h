@@ -1,0 +1,95 @@
+// Argument checks shared by the CPU and CUDA kernels. Every message names the argument
+// and what was expected; shape and value errors raise ValueError, dtype/device errors
+// RuntimeError. Python (functional.py) only normalises ranks; everything else is here.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+
+namespace attention_ext {
+
+struct DotShapes {
+  int64_t B, Tq, S, D, Dv;
+};
+
+inline void check_same_device_dtype(const at::Tensor& ref, const char* ref_name,
+                                    const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+// lengths: integer (B,), 0 <= lengths[b] <= S. mask: bool (B, S), True = attend.
+inline void check_mask_args(const std::optional<at::Tensor>& lengths,
+                            const std::optional<at::Tensor>& mask, const at::Tensor& ref,
+                            const char* ref_name, int64_t B, int64_t S) {
+  TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()),
+                    "pass either lengths or mask, not both");
+  if (lengths.has_value()) {
+    const auto& l = *lengths;
+    TORCH_CHECK(l.device() == ref.device(), "lengths must be on the same device as ", ref_name,
+                " (", ref.device(), "), got ", l.device());
+    TORCH_CHECK_VALUE(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt,
+                      "lengths must be an int64 or int32 tensor of shape (B,) = (", B,
+                      ",), got dtype ", l.scalar_type());
+    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must have shape (B,) = (", B,
+                      ",), got ", l.sizes());
+    if (B > 0) {
+      // One reduction; on CUDA this synchronises, the price of raising instead of reading
+      // out of bounds.
+      const auto mm = at::aminmax(l);
+      const int64_t lo = std::get<0>(mm).item<int64_t>();
+      const int64_t hi = std::get<1>(mm).item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi <= S, "lengths must lie in [0, S] = [0, ", S,
+                        "], got values in [", lo, ", ", hi, "]");
+    }
+  }
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.device() == ref.device(), "mask must be on the same device as ", ref_name,
+                " (", ref.device(), "), got ", m.device());
+    TORCH_CHECK_VALUE(m.scalar_type() == at::kBool,
+                      "mask must be a bool tensor (True = attend), got dtype ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == S,
+                      "mask must have shape (B, S) = (", B, ", ", S, "), got ", m.sizes());
+  }
+}
+
+// query (B, Tq, D), keys (B, S, D), values (B, S, Dv).
+inline DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& keys,
+                                  const at::Tensor& values,
+                                  const std::optional<at::Tensor>& lengths,
+                                  const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK_VALUE(query.dim() == 3, "query must have shape (B, Tq, D), got ", query.sizes());
+  TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (B, S, D), got ", keys.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
+                    values.sizes());
+  check_float_dtype(query, "query");
+  check_same_device_dtype(query, "query", keys, "keys");
+  check_same_device_dtype(query, "query", values, "values");
+  const int64_t B = query.size(0), Tq = query.size(1), D = query.size(2);
+  const int64_t S = keys.size(1), Dv = values.size(2);
+  TORCH_CHECK_VALUE(keys.size(0) == B, "keys must have batch size B = ", B,
+                    " like query, got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B,
+                    " like query, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(keys.size(2) == D, "keys must have feature size D = ", D,
+                    " like query, got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S,
+                    " like keys, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_mask_args(lengths, mask, query, "query", B, S);
+  return DotShapes{B, Tq, S, D, Dv};
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,94 @@
+// Arithmetic shared by the CPU and CUDA kernels: online-softmax state and merge,
+// log-sum-exp, softmax backward. Everything here is HOST_DEVICE_INLINE so the CPU tests
+// exercise the very code the CUDA kernels run.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__) || defined(ATTENTION_EXT_CUDA_EMULATION)
+#define HOST_DEVICE_INLINE __host__ __device__ __forceinline__
+#else
+#define HOST_DEVICE_INLINE inline
+#endif
+
+namespace attention_ext {
+
+template <typename T>
+HOST_DEVICE_INLINE T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+HOST_DEVICE_INLINE float ae_exp(float x) { return ::expf(x); }
+HOST_DEVICE_INLINE double ae_exp(double x) { return ::exp(x); }
+HOST_DEVICE_INLINE float ae_log(float x) { return ::logf(x); }
+HOST_DEVICE_INLINE double ae_log(double x) { return ::log(x); }
+HOST_DEVICE_INLINE float ae_max(float a, float b) { return a > b ? a : b; }
+HOST_DEVICE_INLINE double ae_max(double a, double b) { return a > b ? a : b; }
+
+// Running max and sum of exp(score - max) over the keys seen so far. A row that has
+// seen no key has max = -inf and sum = 0; every function below keeps that case NaN-free.
+template <typename T>
+struct SoftmaxState {
+  T max;
+  T sum;
+};
+
+template <typename T>
+HOST_DEVICE_INLINE SoftmaxState<T> softmax_init() {
+  return SoftmaxState<T>{neg_inf<T>(), T(0)};
+}
+
+// exp(from - to) with -inf - -inf defined as 0 (nothing seen on the `from` side).
+template <typename T>
+HOST_DEVICE_INLINE T rescale_factor(T from, T to) {
+  return from == neg_inf<T>() ? T(0) : ae_exp(from - to);
+}
+
+// Raises the running max to cover `block_max` and returns the factor by which
+// everything accumulated so far (sum and context) must be multiplied.
+template <typename T>
+HOST_DEVICE_INLINE T softmax_raise_max(SoftmaxState<T>& s, T block_max) {
+  const T new_max = ae_max(s.max, block_max);
+  const T alpha = rescale_factor(s.max, new_max);
+  s.sum *= alpha;
+  s.max = new_max;
+  return alpha;
+}
+
+// Merges partial state `b` into `a` (split-S); `scale_a`/`scale_b` rescale their contexts.
+template <typename T>
+HOST_DEVICE_INLINE void softmax_merge(SoftmaxState<T>& a, const SoftmaxState<T>& b, T& scale_a,
+                                      T& scale_b) {
+  const T new_max = ae_max(a.max, b.max);
+  scale_a = rescale_factor(a.max, new_max);
+  scale_b = rescale_factor(b.max, new_max);
+  a.sum = a.sum * scale_a + b.sum * scale_b;
+  a.max = new_max;
+}
+
+// log(sum_j exp(score_j)); -inf for a row with nothing to attend to.
+template <typename T>
+HOST_DEVICE_INLINE T softmax_lse(const SoftmaxState<T>& s) {
+  return s.sum > T(0) ? s.max + ae_log(s.sum) : neg_inf<T>();
+}
+
+// 1 / sum, or 0 for an empty row so its context is 0, not NaN.
+template <typename T>
+HOST_DEVICE_INLINE T softmax_inv_sum(const SoftmaxState<T>& s) {
+  return s.sum > T(0) ? T(1) / s.sum : T(0);
+}
+
+// Probability of a score given the row's log-sum-exp (recomputation in backward).
+template <typename T>
+HOST_DEVICE_INLINE T prob_from_lse(T score, T lse) {
+  return lse == neg_inf<T>() ? T(0) : ae_exp(score - lse);
+}
+
+// d score_j = p_j * (d p_j - sum_k p_k d p_k).
+template <typename T>
+HOST_DEVICE_INLINE T softmax_backward(T p, T dp, T delta) {
+  return p * (dp - delta);
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,90 @@
+"""Builds attention_ext._C.
+
+CppExtension by default. CUDAExtension when torch is a CUDA build, nvcc is found and
+either a GPU is visible or FORCE_CUDA=1 (so CI can compile the .cu files without a GPU).
+
+Environment:
+  FORCE_CUDA=1                     build the CUDA kernels without a visible GPU
+  TORCH_CUDA_ARCH_LIST="8.0;9.0"   CUDA architectures (read by torch's build helpers)
+  MAX_JOBS=N                       parallel compile jobs (read by ninja via torch)
+  DEBUG=1                          -O0 -g, no NDEBUG
+  ATTENTION_EXT_CPU_CAPABILITY     AVX512 | AVX2 | DEFAULT; default: the build machine's best.
+                                   DEFAULT is the portable build (scalar at::vec).
+"""
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "attention_ext"))
+from _cpu_capability import CAPABILITY_FLAGS, best_host_capability  # noqa: E402
+
+sys.path.pop(0)
+
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+
+
+def want_cuda() -> bool:
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
+
+
+def cpu_capability() -> str:
+    forced = os.environ.get("ATTENTION_EXT_CPU_CAPABILITY")
+    if forced:
+        cap = forced.upper()
+        if cap not in CAPABILITY_FLAGS:
+            raise SystemExit(
+                f"ATTENTION_EXT_CPU_CAPABILITY={forced!r}: expected one of {sorted(CAPABILITY_FLAGS)}"
+            )
+        return cap
+    return best_host_capability()
+
+
+def extension():
+    with_cuda = want_cuda()
+    cap = cpu_capability()
+    sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
+    sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
+
+    opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
+    defines = [
+        f"-DCPU_CAPABILITY={cap}",
+        f"-DCPU_CAPABILITY_{cap}",
+        f'-DATTENTION_EXT_CPU_CAPABILITY_NAME="{cap}"',
+    ]
+    # -fopenmp in both compile and link flags, or at::parallel_for runs serially (PERF_NOTES 1).
+    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-math-errno"] + CAPABILITY_FLAGS[cap] + defines
+    link = ["-fopenmp"]
+    kwargs = dict(
+        include_dirs=[str(ROOT / "csrc" / "include")],
+        extra_link_args=link,
+    )
+    if with_cuda:
+        nvcc = (["-O0", "-g", "-G"] if DEBUG else ["-O3", "-DNDEBUG", "-lineinfo"]) + [
+            "-std=c++17",
+            "--expt-relaxed-constexpr",
+            "-DATTENTION_EXT_WITH_CUDA",
+        ]
+        return CUDAExtension(
+            "attention_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DATTENTION_EXT_WITH_CUDA"], "nvcc": nvcc},
+            **kwargs,
+        )
+    return CppExtension("attention_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    packages=find_packages(include=["attention_ext", "attention_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
