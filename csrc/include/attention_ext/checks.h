@@ -92,4 +92,29 @@ inline DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& key
   return DotShapes{B, Tq, S, D, Dv};
 }
 
+// Extra arguments of the dot backward: gradients and the forward's log-sum-exp.
+inline void check_dot_backward_extras(const at::Tensor& grad_context,
+                                      const std::optional<at::Tensor>& grad_weights,
+                                      const at::Tensor& lse, const at::Tensor& query,
+                                      const DotShapes& s) {
+  check_same_device_dtype(query, "query", grad_context, "grad_context");
+  TORCH_CHECK_VALUE(grad_context.dim() == 3 && grad_context.size(0) == s.B &&
+                        grad_context.size(1) == s.Tq && grad_context.size(2) == s.Dv,
+                    "grad_context must have shape (B, Tq, Dv) = (", s.B, ", ", s.Tq, ", ", s.Dv,
+                    "), got ", grad_context.sizes());
+  if (grad_weights.has_value()) {
+    check_same_device_dtype(query, "query", *grad_weights, "grad_weights");
+    TORCH_CHECK_VALUE(grad_weights->dim() == 3 && grad_weights->size(0) == s.B &&
+                          grad_weights->size(1) == s.Tq && grad_weights->size(2) == s.S,
+                      "grad_weights must have shape (B, Tq, S) = (", s.B, ", ", s.Tq, ", ", s.S,
+                      "), got ", grad_weights->sizes());
+  }
+  const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.device() == query.device() && lse.scalar_type() == lse_dtype,
+              "lse must be a ", lse_dtype, " tensor on ", query.device(), ", got ",
+              lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == s.B && lse.size(1) == s.Tq,
+                    "lse must have shape (B, Tq) = (", s.B, ", ", s.Tq, "), got ", lse.sizes());
+}
+
 }  // namespace attention_ext
