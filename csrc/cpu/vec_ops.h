@@ -1,0 +1,182 @@
+// Vectorised row primitives for the CPU kernels (at::vec, compiled for the capability
+// setup.py picked). Rows are contiguous arrays of the accumulation type (float or double);
+// low-precision inputs are converted into such rows first (to_acc).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace attention_ext {
+namespace cpu {
+
+using at::vec::Vectorized;
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
+}
+
+// Loads the tail [d, n) zero-filled so tails need no scalar loop.
+template <typename T>
+inline Vectorized<T> load_tail(const T* p, int64_t d, int64_t n) {
+  return Vectorized<T>::loadu(p + d, static_cast<int>(n - d));
+}
+
+// dot(q, k) for four rows at once: q is loaded once per step and the four independent
+// FMA chains hide the FMA latency.
+template <typename T>
+inline void dot4(const T* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t n,
+                 T out[4]) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+  int64_t d = 0;
+  for (; d + W <= n; d += W) {
+    const V qv = V::loadu(q + d);
+    a0 = at::vec::fmadd(qv, V::loadu(k0 + d), a0);
+    a1 = at::vec::fmadd(qv, V::loadu(k1 + d), a1);
+    a2 = at::vec::fmadd(qv, V::loadu(k2 + d), a2);
+    a3 = at::vec::fmadd(qv, V::loadu(k3 + d), a3);
+  }
+  if (d < n) {
+    const V qv = load_tail(q, d, n);
+    a0 = at::vec::fmadd(qv, load_tail(k0, d, n), a0);
+    a1 = at::vec::fmadd(qv, load_tail(k1, d, n), a1);
+    a2 = at::vec::fmadd(qv, load_tail(k2, d, n), a2);
+    a3 = at::vec::fmadd(qv, load_tail(k3, d, n), a3);
+  }
+  out[0] = hsum(a0);
+  out[1] = hsum(a1);
+  out[2] = hsum(a2);
+  out[3] = hsum(a3);
+}
+
+template <typename T>
+inline T dot1(const T* q, const T* k, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V a0(T(0)), a1(T(0));
+  int64_t d = 0;
+  for (; d + 2 * W <= n; d += 2 * W) {
+    a0 = at::vec::fmadd(V::loadu(q + d), V::loadu(k + d), a0);
+    a1 = at::vec::fmadd(V::loadu(q + d + W), V::loadu(k + d + W), a1);
+  }
+  for (; d + W <= n; d += W) a0 = at::vec::fmadd(V::loadu(q + d), V::loadu(k + d), a0);
+  if (d < n) a1 = at::vec::fmadd(load_tail(q, d, n), load_tail(k, d, n), a1);
+  return hsum(a0 + a1);
+}
+
+// acc += w0 r0 + w1 r1 + w2 r2 + w3 r3: one read-modify-write of acc per four rows.
+template <typename T>
+inline void axpy4(T* acc, const T w[4], const T* r0, const T* r1, const T* r2, const T* r3,
+                  int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
+  int64_t d = 0;
+  for (; d + W <= n; d += W) {
+    V a = V::loadu(acc + d);
+    a = at::vec::fmadd(w0, V::loadu(r0 + d), a);
+    a = at::vec::fmadd(w1, V::loadu(r1 + d), a);
+    a = at::vec::fmadd(w2, V::loadu(r2 + d), a);
+    a = at::vec::fmadd(w3, V::loadu(r3 + d), a);
+    a.store(acc + d);
+  }
+  for (; d < n; ++d) acc[d] += w[0] * r0[d] + w[1] * r1[d] + w[2] * r2[d] + w[3] * r3[d];
+}
+
+template <typename T>
+inline void axpy1(T* acc, T w, const T* r, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V wv(w);
+  int64_t d = 0;
+  for (; d + W <= n; d += W) at::vec::fmadd(wv, V::loadu(r + d), V::loadu(acc + d)).store(acc + d);
+  for (; d < n; ++d) acc[d] += w * r[d];
+}
+
+template <typename T>
+inline void scale_inplace(T* x, T a, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V av(a);
+  int64_t d = 0;
+  for (; d + W <= n; d += W) (V::loadu(x + d) * av).store(x + d);
+  for (; d < n; ++d) x[d] *= a;
+}
+
+// src (input dtype) -> dst (accumulation dtype).
+template <typename scalar_t, typename acc_t>
+inline void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, sizeof(acc_t) * n);
+  } else {
+    static_assert(std::is_same_v<acc_t, float>, "reduced precision accumulates in float");
+    using Vs = Vectorized<scalar_t>;
+    using Vf = Vectorized<float>;
+    int64_t d = 0;
+    for (; d + Vs::size() <= n; d += Vs::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vs::loadu(src + d));
+      lo.store(dst + d);
+      hi.store(dst + d + Vf::size());
+    }
+    for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+  }
+}
+
+// dst = src * a, converted to the output dtype.
+template <typename acc_t, typename scalar_t>
+inline void from_acc_scaled(const acc_t* src, acc_t a, scalar_t* dst, int64_t n) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    const V av(a);
+    int64_t d = 0;
+    for (; d + W <= n; d += W) (V::loadu(src + d) * av).store(dst + d);
+    for (; d < n; ++d) dst[d] = src[d] * a;
+  } else {
+    using Vs = Vectorized<scalar_t>;
+    const V av(a);
+    int64_t d = 0;
+    for (; d + Vs::size() <= n; d += Vs::size()) {
+      const V lo = V::loadu(src + d) * av;
+      const V hi = V::loadu(src + d + W) * av;
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(dst + d);
+    }
+    for (; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d] * a);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attention_ext
+
+namespace attention_ext {
+namespace cpu {
+
+// x[i] = exp(x[i] - shift). float uses ATen's polynomial exp_u20 (the one ATen's own CPU
+// flash attention uses; ~1e-6 relative error) because glibc's scalar expf would cost as
+// much as the dot products at decode sizes; double keeps the exact std::exp.
+template <typename T>
+inline void exp_shifted_inplace(T* x, T shift, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Vectorized<float>;
+    constexpr int64_t W = V::size();
+    const V s(shift);
+    int64_t d = 0;
+    for (; d + W <= n; d += W) (V::loadu(x + d) - s).exp_u20().store(x + d);
+    if (d < n) {
+      const int rest = static_cast<int>(n - d);
+      (V::loadu(x + d, rest) - s).exp_u20().store(x + d, rest);
+    }
+  } else {
+    for (int64_t d = 0; d < n; ++d) x[d] = std::exp(x[d] - shift);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attention_ext
