@@ -1,0 +1,138 @@
+"""Timing and reporting helpers shared by the benchmarks.
+
+Method (DESIGN.md section 4, PERF_NOTES.md item 5): all implementations run interleaved in
+one process (a, b, c, a, b, c, ...); each sample times a few back-to-back calls with
+time.perf_counter (synchronising the device on CUDA); we report medians over many samples
+and ratios of medians.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], calls: int, device: str) -> float:
+    """Seconds per call of `calls` back-to-back calls of fn."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def calibrate_calls(fn: Callable[[], object], device: str, target_s: float = 2e-3,
+                    max_calls: int = 50) -> int:
+    """Calls per sample so that one sample lasts about target_s (at least one call)."""
+    t = min(time_calls(fn, 1, device) for _ in range(3))
+    return max(1, min(max_calls, int(target_s / max(t, 1e-9))))
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: str,
+                warmup: int = 3, target_s: float = 2e-3) -> Dict[str, List[float]]:
+    """Per-call times (seconds) of every fn, sampled round-robin `repeats` times.
+
+    Each fn is warmed up first (compilation, allocator, caches); the number of calls per
+    sample is calibrated on the first fn and shared by all, so samples are comparable.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    calls = calibrate_calls(next(iter(fns.values())), device, target_s)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_calls(fn, calls, device))
+    return samples
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags_summary() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return ",".join(f for f in ("avx512f", "avx512_bf16", "avx2", "fma", "f16c")
+                                    if f in flags) or "none of avx2/avx512"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine_info(device: str, build_info: dict | None = None) -> Dict[str, str]:
+    info = {
+        "cpu": f"{cpu_model()} ({cpu_flags_summary()})",
+        "cores (os.cpu_count)": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch threads": str(torch.get_num_threads()),
+        "platform": platform.platform(),
+    }
+    if build_info is not None:
+        info["attention_ext"] = ", ".join(f"{k}={v}" for k, v in build_info.items())
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["cuda device"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda (torch)"] = str(torch.version.cuda)
+    return info
+
+
+def print_machine_info(info: Dict[str, str]) -> None:
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        print(f"{k.ljust(width)} : {v}")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def set_compile_cache_limit(n: int = 64) -> None:
+    """Every benchmarked shape/dtype/mode is its own compiled graph (dynamic=False)."""
+    cfg = torch._dynamo.config
+    for attr in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, max(getattr(cfg, attr), n))

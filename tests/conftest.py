@@ -1,0 +1,229 @@
+"""Shared helpers for the attention_ext tests: devices, seeded inputs, the oracle and the
+tolerance rule.
+
+Tolerance rule (flash-attention style, DESIGN.md section 4):
+  * the oracle is reference.py run in float64 on the very same (already rounded) inputs;
+  * float64: ours must match the oracle to ~1e-9 relative to the magnitudes;
+  * float32: max|ours - oracle| <= max(1e-5 * max(1, max|oracle|), 2 * max|ref32 - oracle|);
+  * float16/bfloat16: max|ours - oracle| <= 2 * max|ref_lowp - oracle| + eps, where
+    ref_lowp is reference.py run in the low dtype (the error a user gets from eager PyTorch)
+    and eps = max(1e-3, half an ulp at max|oracle|) covers a reference error of ~0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+import attention_ext
+from attention_ext import reference
+
+# ----------------------------------------------------------------------------- devices
+
+HAS_CUDA = torch.cuda.is_available() and bool(attention_ext.build_info()["with_cuda"])
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build"),
+        ],
+    ),
+]
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def randn(shape, gen: torch.Generator, dtype=torch.float32, device="cpu", scale=1.0):
+    """Seeded standard normal, drawn in float32 on the CPU (same values on every device)."""
+    t = torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * scale
+    return t.to(device=device, dtype=dtype)
+
+
+def make_lengths(B: int, S: int, gen: torch.Generator, dtype=torch.int64, device="cpu"):
+    """Random lengths in [0, S], with 0 (an empty row) and S (a full row) both present."""
+    lengths = torch.randint(0, S + 1, (B,), generator=gen, dtype=torch.int64)
+    if B >= 2:
+        lengths[0] = 0
+        lengths[-1] = S
+    elif B == 1:
+        lengths[0] = max(1, S // 2)
+    return lengths.to(device=device, dtype=dtype)
+
+
+def make_mask(B: int, S: int, gen: torch.Generator, device="cpu"):
+    """Random bool mask (True = attend) with an all-False row and an all-True row."""
+    mask = torch.rand((B, S), generator=gen) < 0.7
+    if B >= 2:
+        mask[0] = False
+        mask[-1] = True
+    elif B == 1 and S > 0:
+        mask[0, 0] = True
+    return mask.to(device)
+
+
+MASK_KINDS = ["none", "lengths64", "lengths32", "mask"]
+
+
+def make_masking(kind: str, B: int, S: int, gen, device="cpu"):
+    """(lengths, mask) for one of MASK_KINDS."""
+    if kind == "none":
+        return None, None
+    if kind == "lengths64":
+        return make_lengths(B, S, gen, torch.int64, device), None
+    if kind == "lengths32":
+        return make_lengths(B, S, gen, torch.int32, device), None
+    if kind == "mask":
+        return None, make_mask(B, S, gen, device)
+    raise ValueError(kind)
+
+
+@dataclass
+class Case:
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: Optional[torch.Tensor]
+    lengths: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    scale: Optional[float]
+
+
+def make_case(B, Tq, S, D, Dv=None, *, dtype=torch.float32, device="cpu", seed=0,
+              query_2d=False, values_none=False, mask_kind="none", scale=None) -> Case:
+    """Seeded inputs. The query is scaled by 1.5 / sqrt(D) so the scores have a standard
+    deviation of about 1.5: softmax neither uniform nor one-hot."""
+    gen = generator(seed)
+    Dv = D if Dv is None else Dv
+    qshape = (B, D) if query_2d else (B, Tq, D)
+    query = randn(qshape, gen, dtype, device, scale=1.5 / max(D, 1) ** 0.5)
+    keys = randn((B, S, D), gen, dtype, device)
+    values = None if values_none else randn((B, S, Dv), gen, dtype, device)
+    lengths, mask = make_masking(mask_kind, B, S, gen, device)
+    return Case(query, keys, values, lengths, mask, scale)
+
+
+# ----------------------------------------------------------------------------- running
+
+def run_attention(fn, case: Case, *, dtype=None, need_weights=True, weights_in_loss=True,
+                  seed=1234):
+    """Forward + backward of `fn` (ours or the reference) on `case` cast to `dtype`.
+
+    Returns dict with context, weights and the gradients of query, keys (and values).
+    The loss is <context, g_c> (+ <weights, g_w> when weights_in_loss) with seeded
+    upstream gradients drawn in float32 and cast to the same dtype.
+    """
+    dtype = case.query.dtype if dtype is None else dtype
+
+    def leaf(t):
+        if t is None:
+            return None
+        return t.detach().to(dtype).requires_grad_(True)
+
+    q, k, v = leaf(case.query), leaf(case.keys), leaf(case.values)
+    ctx, w = fn(q, k, v, lengths=case.lengths, mask=case.mask, scale=case.scale,
+                need_weights=need_weights)
+    out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
+    gen = generator(seed)
+    g_ctx = randn(ctx.shape, gen, dtype, ctx.device)
+    loss = (ctx * g_ctx).sum()
+    if weights_in_loss and w is not None:
+        g_w = randn(w.shape, gen, dtype, w.device)
+        loss = loss + (w * g_w).sum()
+    inputs = [q, k] + ([v] if v is not None else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    out["grad_query"], out["grad_keys"] = grads[0], grads[1]
+    out["grad_values"] = grads[2] if v is not None else None
+    return out
+
+
+def ours(query, keys, values=None, **kw):
+    return attention_ext.dot_attention(query, keys, values, **kw)
+
+
+def ref(query, keys, values=None, **kw):
+    return reference.dot_attention(query, keys, values, **kw)
+
+
+def _amax(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def tolerance(dtype: torch.dtype, oracle: torch.Tensor, ref_err: float) -> float:
+    mag = max(1.0, _amax(oracle))
+    if dtype == torch.float64:
+        return 1e-9 * mag
+    if dtype == torch.float32:
+        return max(1e-5 * mag, 2.0 * ref_err)
+    # The floor covers a reference error that happens to be ~0: 1e-3, or half an ulp of
+    # the largest output (the rounding of the result itself), whichever is larger.
+    return 2.0 * ref_err + max(1e-3, 0.5 * torch.finfo(dtype).eps * mag)
+
+
+def assert_rule(name: str, got, ref_lowp, oracle, dtype):
+    """The tolerance rule above on one output; also checks shape, dtype and finiteness."""
+    if oracle is None:
+        assert got is None, f"{name}: expected None"
+        return
+    assert got is not None, f"{name}: got None"
+    assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
+    assert got.dtype == dtype, f"{name}: dtype {got.dtype} != {dtype}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if got.numel() == 0:
+        return
+    oracle = oracle.double().cpu()
+    err = (got.double().cpu() - oracle).abs().max().item()
+    ref_err = (ref_lowp.double().cpu() - oracle).abs().max().item()
+    tol = tolerance(dtype, oracle, ref_err)
+    assert err <= tol, (
+        f"{name} ({dtype_id(dtype)}): max|ours - oracle| = {err:.3g} > tol {tol:.3g} "
+        f"(max|reference.py in {dtype_id(dtype)} - oracle| = {ref_err:.3g})"
+    )
+
+
+OUTPUTS = ("context", "weights", "grad_query", "grad_keys", "grad_values")
+
+
+def check_parity(case: Case, *, need_weights=True, weights_in_loss=True, outputs=OUTPUTS):
+    """Ours vs the float64 oracle, with reference.py in the input dtype as the yardstick."""
+    dtype = case.query.dtype
+    got = run_attention(ours, case, need_weights=need_weights, weights_in_loss=weights_in_loss)
+    lowp = run_attention(ref, case, need_weights=need_weights, weights_in_loss=weights_in_loss)
+    oracle = run_attention(ref, case, dtype=torch.float64, need_weights=need_weights,
+                           weights_in_loss=weights_in_loss)
+    for name in outputs:
+        assert_rule(name, got[name], lowp[name], oracle[name], dtype)
+    return got
+
+
+@pytest.fixture
+def forced_splits(request):
+    """Forces the kernels' number of source splits; always restores automatic (0)."""
+    n = request.param
+    attention_ext._C._set_forced_splits(n)
+    try:
+        yield n
+    finally:
+        attention_ext._C._set_forced_splits(0)
+
+
+@pytest.fixture
+def dynamo_reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
