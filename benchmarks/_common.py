@@ -31,29 +31,44 @@ def time_calls(fn: Callable[[], object], calls: int, device: str) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def calibrate_calls(fn: Callable[[], object], device: str, target_s: float = 2e-3,
-                    max_calls: int = 50) -> int:
+def calibrate_calls(per_call_s: float, target_s: float = 2e-3, max_calls: int = 50) -> int:
     """Calls per sample so that one sample lasts about target_s (at least one call)."""
-    t = min(time_calls(fn, 1, device) for _ in range(3))
-    return max(1, min(max_calls, int(target_s / max(t, 1e-9))))
+    return max(1, min(max_calls, int(target_s / max(per_call_s, 1e-9))))
+
+
+def warm_up(fn: Callable[[], object], device: str, max_calls: int = 3,
+            max_s: float = 0.2) -> float:
+    """Calls fn (compilation, allocator, caches) at least once and at most max_calls times
+    or until max_s has passed; returns the fastest call's time in seconds."""
+    best, spent, n = float("inf"), 0.0, 0
+    while n < max_calls and (n == 0 or spent < max_s):
+        t = time_calls(fn, 1, device)
+        best, spent, n = min(best, t), spent + t, n + 1
+    return best
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: str,
-                warmup: int = 3, target_s: float = 2e-3) -> Dict[str, List[float]]:
-    """Per-call times (seconds) of every fn, sampled round-robin `repeats` times.
+                target_s: float = 2e-3, budget_s: float = float("inf"),
+                min_repeats: int = 3) -> Dict[str, List[float]]:
+    """Per-call times (seconds) of every fn, sampled round-robin up to `repeats` times.
 
-    Each fn is warmed up first (compilation, allocator, caches); the number of calls per
-    sample is calibrated on the first fn and shared by all, so samples are comparable.
+    Each fn is warmed up first; the number of calls per sample is calibrated on the first
+    fn (the reference point of the ratios) and shared by all, so samples are comparable.
+    Sampling stops early, after at least min_repeats rounds, once budget_s has passed
+    (slow baselines would otherwise dominate the run time).
     """
+    first = None
     for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    calls = calibrate_calls(next(iter(fns.values())), device, target_s)
+        t = warm_up(fn, device)
+        first = t if first is None else first
+    calls = calibrate_calls(first, target_s)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    start = time.perf_counter()
+    for i in range(repeats):
         for name, fn in fns.items():
             samples[name].append(time_calls(fn, calls, device))
+        if i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
     return samples
 
 

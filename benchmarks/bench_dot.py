@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="samples per implementation (default 40, 10 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer samples (demo run)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of sampling per configuration before stopping early "
+                        "(at least 3 samples; default 8, 3 with --quick)")
     p.add_argument("--need-weights", dest="need_weights", default=True,
                    action=argparse.BooleanOptionalAction,
                    help="ours/eager/compiled return the attention weights (default: yes)")
@@ -68,6 +71,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 10 if args.quick else 40
+    if args.budget is None:
+        args.budget = 3.0 if args.quick else 8.0
     for field, allowed in (("dtypes", DTYPES), ("shapes", SHAPES), ("modes", MODES),
                            ("impls", IMPLS)):
         values = [v.strip() for v in getattr(args, field).split(",") if v.strip()]
@@ -169,12 +174,13 @@ def main(argv=None):
     C.set_compile_cache_limit(64)
     device = args.device
     info = C.machine_info(device, attention_ext.build_info())
-    info["benchmark"] = (f"repeats={args.repeats}, need_weights={args.need_weights}, "
+    info["benchmark"] = (f"repeats={args.repeats} (budget {args.budget:g} s per row), "
+                         f"need_weights={args.need_weights}, "
                          f"lengths uniform in [S/2, S], seed={args.seed}")
     C.print_machine_info(info)
     print()
 
-    headers = ["shape (B, Tq, S, D)", "dtype", "mode"]
+    headers = ["shape (B, Tq, S, D)", "dtype", "mode", "samples"]
     headers += [f"{name} ms" + (" (no weights)" if name == "sdpa" else "")
                 for name in args.impls]
     headers += [f"ours/{name}" for name in args.impls if name != "ours"]
@@ -189,9 +195,10 @@ def main(argv=None):
                 fns = build_fns(args.impls, query, keys, lengths, mode, args.need_weights,
                                 device)
                 check_agreement(fns, dtype)
-                samples = C.interleaved(fns, args.repeats, device)
+                samples = C.interleaved(fns, args.repeats, device, budget_s=args.budget)
+                n_samples = len(samples["ours"])
                 med = {name: C.median(s) for name, s in samples.items()}
-                row = [f"{shape_name} {shape}", dtype_name, mode]
+                row = [f"{shape_name} {shape}", dtype_name, mode, str(n_samples)]
                 row += [C.fmt_ms(med[name]) for name in args.impls]
                 row += [C.fmt_ratio(med["ours"] / med[name]) for name in args.impls
                         if name != "ours"]

@@ -8,6 +8,7 @@ from conftest import (
     DEVICES,
     DTYPES,
     MASK_KINDS,
+    OUTPUTS,
     Case,
     check_parity,
     dtype_id,
@@ -267,3 +268,23 @@ def test_forced_splits_fixture_resets():
     with pytest.raises(ValueError, match="splits"):
         attention_ext._C._set_forced_splits(-1)
     assert attention_ext._C._forced_splits() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("query_2d", [False, True], ids=["3d", "2d"])
+@pytest.mark.parametrize("forced_splits", [0, 3], indirect=True)
+def test_padding_beyond_lengths_not_read(forced_splits, query_2d, dtype, device):
+    """DESIGN: with lengths, padded rows of keys/values are not even read, so NaN/inf
+    there must not reach any output or gradient."""
+    case = make_case(B=4, Tq=3, S=11, D=9, Dv=5, dtype=dtype, device=device, seed=25,
+                     query_2d=query_2d, mask_kind="lengths64")
+    clean = run_attention(ours, case)
+    keys, values = case.keys.clone(), case.values.clone()
+    for b, n in enumerate(case.lengths.tolist()):
+        keys[b, n:] = float("nan")
+        values[b, n:] = float("inf")
+    dirty = run_attention(ours, Case(case.query, keys, values, case.lengths, None, None))
+    for name in OUTPUTS:
+        assert torch.isfinite(dirty[name]).all(), f"{name}: padding was read"
+        torch.testing.assert_close(dirty[name], clean[name], rtol=0, atol=0, msg=name)
