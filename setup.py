@@ -62,7 +62,9 @@ def extension():
         f'-DATTENTION_EXT_CPU_CAPABILITY_NAME="{cap}"',
     ]
     # -fopenmp in both compile and link flags, or at::parallel_for runs serially (PERF_NOTES 1).
-    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-math-errno"] + CAPABILITY_FLAGS[cap] + defines
+    # No -std flag: torch's build helpers add the standard its headers need (C++20 since
+    # torch 2.14, whose ATen.h rejects C++17).
+    cxx = opt + ["-fopenmp", "-fno-math-errno"] + CAPABILITY_FLAGS[cap] + defines
     link = ["-fopenmp"]
     kwargs = dict(
         include_dirs=[str(ROOT / "csrc" / "include")],
@@ -70,7 +72,6 @@ def extension():
     )
     if with_cuda:
         nvcc = (["-O0", "-g", "-G"] if DEBUG else ["-O3", "-DNDEBUG", "-lineinfo"]) + [
-            "-std=c++17",
             "--expt-relaxed-constexpr",
             "-DATTENTION_EXT_WITH_CUDA",
         ]

@@ -1,0 +1,39 @@
+// Warp-wide reductions built only from __shfl_xor_sync. The butterfly leaves the result
+// in every lane, bitwise identical (IEEE addition is commutative), so all lanes take the
+// same branches afterwards and later shuffles stay converged.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_ext/math.h"
+
+namespace attention_ext {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  }
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = ae_max(v, __shfl_xor_sync(kFullWarpMask, v, offset));
+  }
+  return v;
+}
+
+// Loops whose body shuffles must run the same number of times in every lane: this is
+// that count for `n` items dealt round-robin to the lanes.
+__device__ __forceinline__ int64_t warp_rounds(int64_t n) {
+  return (n + kWarpSize - 1) / kWarpSize;
+}
+
+}  // namespace attention_ext
