@@ -21,6 +21,7 @@
 #include "attention_ext/checks.h"
 #include "attention_ext/math.h"
 #include "attention_ext/tuning.h"
+#include "gemm_tiles.h"
 #include "vec_ops.h"
 
 namespace attention_ext {
@@ -81,32 +82,7 @@ inline void rows_as_acc(const scalar_t* mat, const int64_t* idx, int64_t n, int6
   }
 }
 
-template <typename acc_t>
-inline void dots(const acc_t* q, const acc_t* const* rows, int64_t n, int64_t D, acc_t* out) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) dot4(q, rows[i], rows[i + 1], rows[i + 2], rows[i + 3], D, out + i);
-  for (; i < n; ++i) out[i] = dot1(q, rows[i], D);
-}
-
-template <typename acc_t>
-inline void axpys(acc_t* acc, const acc_t* w, const acc_t* const* rows, int64_t n, int64_t Dv) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) axpy4(acc, w + i, rows[i], rows[i + 1], rows[i + 2], rows[i + 3], Dv);
-  for (; i < n; ++i) axpy1(acc, w[i], rows[i], Dv);
-}
-
-// Per-thread working memory, sized once per parallel chunk.
-template <typename acc_t>
-struct Scratch {
-  std::vector<int64_t> idx;
-  std::vector<acc_t> s, p, kbuf, vbuf, q, g, acc;
-  std::vector<const acc_t*> krows, vrows;
-  Scratch(int64_t D, int64_t Dv)
-      : idx(kBlock), s(kBlock), p(kBlock), kbuf(kBlock * D), vbuf(kBlock * Dv), q(D), g(Dv),
-        acc(Dv), krows(kBlock), vrows(kBlock) {}
-};
-
-// The query row in the accumulation type (a pointer into the input when no conversion).
+// The row in the accumulation type (a pointer into the input when no conversion).
 template <typename scalar_t, typename acc_t>
 inline const acc_t* row_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -117,40 +93,72 @@ inline const acc_t* row_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
   }
 }
 
-// Online softmax over the attending keys of [j0, j1) for one row. Accumulates the
-// unnormalised context into w.acc (zeroed by the caller) and, when scores_row is given,
-// stores each attending score at its position.
-template <typename scalar_t, typename acc_t>
-SoftmaxState<acc_t> forward_range(const Problem<scalar_t>& pb, int64_t b, const acc_t* q,
-                                  acc_t scale, int64_t j0, int64_t j1, acc_t* scores_row,
-                                  Scratch<acc_t>& w) {
-  SoftmaxState<acc_t> st = softmax_init<acc_t>();
-  const scalar_t* kb = pb.k + b * pb.S * pb.D;
-  const scalar_t* vb = pb.v + b * pb.S * pb.Dv;
-  for (int64_t jb = j0; jb < j1; jb += kBlock) {
-    const int64_t n = pb.pos.gather(b, jb, std::min(jb + kBlock, j1), w.idx.data());
-    if (n == 0) continue;
-    rows_as_acc(kb, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
-    if (pb.v_is_k) {
-      std::copy(w.krows.begin(), w.krows.begin() + n, w.vrows.begin());
-    } else {
-      rows_as_acc(vb, w.idx.data(), n, pb.Dv, w.vbuf.data(), w.vrows.data());
-    }
-    dots(q, w.krows.data(), n, pb.D, w.s.data());
-    acc_t block_max = neg_inf<acc_t>();
-    for (int64_t i = 0; i < n; ++i) {
-      w.s[i] *= scale;
-      block_max = ae_max(block_max, w.s[i]);
-      if (scores_row) scores_row[w.idx[i]] = w.s[i];
-    }
-    const acc_t alpha = softmax_raise_max(st, block_max);
-    if (alpha != acc_t(1)) scale_inplace(w.acc.data(), alpha, pb.Dv);
-    std::copy(w.s.begin(), w.s.begin() + n, w.p.begin());
-    exp_shifted_inplace(w.p.data(), st.max, n);
-    for (int64_t i = 0; i < n; ++i) st.sum += w.p[i];
-    axpys(w.acc.data(), w.p.data(), w.vrows.data(), n, pb.Dv);
+// A tile is up to kTile consecutive query rows of one batch element: they share every
+// key block loaded into cache.
+constexpr int64_t kTile = 4;
+
+// Per-thread working memory, sized once per parallel chunk.
+template <typename acc_t>
+struct Scratch {
+  std::vector<int64_t> idx;
+  std::vector<acc_t> s, p, kbuf, vbuf, q, g, acc;
+  std::vector<const acc_t*> krows, vrows, qrows, grows;
+  std::vector<acc_t*> accrows;
+  Scratch(int64_t D, int64_t Dv)
+      : idx(kBlock), s(kTile * kBlock), p(kTile * kBlock), kbuf(kBlock * D),
+        vbuf(kBlock * Dv), q(kTile * D), g(kTile * Dv), acc(kTile * Dv), krows(kBlock),
+        vrows(kBlock), qrows(kTile), grows(kTile), accrows(kTile) {
+    for (int64_t m = 0; m < kTile; ++m) accrows[m] = acc.data() + m * Dv;
   }
-  return st;
+};
+
+// Loads the attending key (and value) rows of block [jb, je) of batch b into w.krows /
+// w.vrows; returns how many.
+template <typename scalar_t, typename acc_t>
+inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, int64_t je,
+                          bool with_values, Scratch<acc_t>& w) {
+  const int64_t n = pb.pos.gather(b, jb, je, w.idx.data());
+  if (n == 0) return 0;
+  rows_as_acc(pb.k + b * pb.S * pb.D, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
+  if (!with_values) return n;
+  if (pb.v_is_k) {
+    std::copy(w.krows.begin(), w.krows.begin() + n, w.vrows.begin());
+  } else {
+    rows_as_acc(pb.v + b * pb.S * pb.Dv, w.idx.data(), n, pb.Dv, w.vbuf.data(),
+                w.vrows.data());
+  }
+  return n;
+}
+
+// Online softmax over the attending keys of [j0, j1) for the M query rows w.qrows of batch
+// b. Accumulates the unnormalised contexts into w.accrows (zeroed by the caller), leaves
+// each row's state in st, and, when scores is given (row stride S), stores each attending
+// score at its position.
+template <typename scalar_t, typename acc_t>
+void forward_range(const Problem<scalar_t>& pb, int64_t b, int64_t M, acc_t scale, int64_t j0,
+                   int64_t j1, acc_t* scores, SoftmaxState<acc_t>* st, Scratch<acc_t>& w) {
+  for (int64_t m = 0; m < M; ++m) st[m] = softmax_init<acc_t>();
+  for (int64_t jb = j0; jb < j1; jb += kBlock) {
+    const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, j1), true, w);
+    if (n == 0) continue;
+    nt_tile(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data(), kBlock);
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t* sm = w.s.data() + m * kBlock;
+      acc_t* pm = w.p.data() + m * kBlock;
+      acc_t block_max = neg_inf<acc_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        sm[i] *= scale;
+        block_max = ae_max(block_max, sm[i]);
+        if (scores) scores[m * pb.S + w.idx[i]] = sm[i];
+      }
+      const acc_t alpha = softmax_raise_max(st[m], block_max);
+      if (alpha != acc_t(1)) scale_inplace(w.accrows[m], alpha, pb.Dv);
+      std::copy(sm, sm + n, pm);
+      exp_shifted_inplace(pm, st[m].max, n);
+      for (int64_t i = 0; i < n; ++i) st[m].sum += pm[i];
+    }
+    nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data());
+  }
 }
 
 // weights[j] = exp(score_j - lse) for attending j, 0 elsewhere; scores_row holds -inf at
@@ -166,63 +174,76 @@ void write_weights(acc_t* scores_row, acc_t lse, int64_t limit, int64_t S, scala
   std::fill(out + limit, out + S, scalar_t(0));
 }
 
+// Points w.qrows at the M query rows starting at row r (converted when needed).
+template <typename scalar_t, typename acc_t>
+inline void load_queries(const scalar_t* rows, int64_t r, int64_t M, int64_t width,
+                         acc_t* buf, const acc_t** out) {
+  for (int64_t m = 0; m < M; ++m) {
+    out[m] = row_as_acc<scalar_t, acc_t>(rows + (r + m) * width, width, buf + m * width);
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const Problem<scalar_t>& pb, double scale_d, scalar_t* context,
                   scalar_t* weights, at::opmath_type<scalar_t>* lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const int64_t rows = pb.B * pb.Tq;
+  const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
+  const int64_t tiles = pb.B * tiles_per_b;
   const int64_t threads = at::get_num_threads();
 
   int64_t splits = forced_splits();
   if (splits == 0) {
-    splits = rows >= threads ? 1
-                             : std::min((threads + rows - 1) / rows,
-                                        (pb.S + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+    splits = tiles >= threads ? 1
+                              : std::min((threads + tiles - 1) / tiles,
+                                         (pb.S + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
   }
   splits = std::max<int64_t>(1, std::min(splits, pb.S));
+  // Row r's scores: per-thread when one task owns the row, shared across splits otherwise.
+  std::vector<acc_t> shared_scores(weights && splits > 1 ? pb.B * pb.Tq * pb.S : 0);
+  std::vector<SoftmaxState<acc_t>> part_state(splits > 1 ? pb.B * pb.Tq * splits : 0);
+  std::vector<acc_t> part_acc(splits > 1 ? pb.B * pb.Tq * splits * pb.Dv : 0);
 
-  if (splits == 1) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> w(pb.D, pb.Dv);
-      std::vector<acc_t> scores(weights ? pb.S : 0);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / pb.Tq;
-        const int64_t limit = pb.pos.limit(b);
-        const acc_t* q = row_as_acc<scalar_t, acc_t>(pb.q + r * pb.D, pb.D, w.q.data());
-        std::fill(w.acc.begin(), w.acc.end(), acc_t(0));
-        if (weights) std::fill(scores.begin(), scores.begin() + limit, neg_inf<acc_t>());
-        const SoftmaxState<acc_t> st =
-            forward_range(pb, b, q, scale, 0, limit, weights ? scores.data() : nullptr, w);
-        lse[r] = softmax_lse(st);
-        from_acc_scaled(w.acc.data(), softmax_inv_sum(st), context + r * pb.Dv, pb.Dv);
-        if (weights) write_weights(scores.data(), lse[r], limit, pb.S, weights + r * pb.S);
-      }
-    });
-    return;
-  }
-
-  // Split-S: each (row, split) task reduces a contiguous chunk of the row's attending range
-  // into a partial (max, sum, context); the merge walks the splits in order.
-  std::vector<SoftmaxState<acc_t>> part_state(rows * splits);
-  std::vector<acc_t> part_acc(rows * splits * pb.Dv);
-  std::vector<acc_t> scores(weights ? rows * pb.S : 0);
-  at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(pb.D, pb.Dv);
+    std::vector<acc_t> own_scores(weights && splits == 1 ? kTile * pb.S : 0);
+    SoftmaxState<acc_t> st[kTile];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / splits, sp = task % splits, b = r / pb.Tq;
+      const int64_t tile = task / splits, sp = task % splits;
+      const int64_t b = tile / tiles_per_b;
+      const int64_t t0 = (tile % tiles_per_b) * kTile;
+      const int64_t M = std::min(kTile, pb.Tq - t0);
+      const int64_t r0 = b * pb.Tq + t0;
       const int64_t limit = pb.pos.limit(b);
       const int64_t chunk = (limit + splits - 1) / splits;
       const int64_t j0 = std::min(limit, sp * chunk), j1 = std::min(limit, j0 + chunk);
-      const acc_t* q = row_as_acc<scalar_t, acc_t>(pb.q + r * pb.D, pb.D, w.q.data());
+      load_queries(pb.q, r0, M, pb.D, w.q.data(), w.qrows.data());
       std::fill(w.acc.begin(), w.acc.end(), acc_t(0));
-      acc_t* scores_row = weights ? scores.data() + r * pb.S : nullptr;
-      if (scores_row) std::fill(scores_row + j0, scores_row + j1, neg_inf<acc_t>());
-      part_state[task] = forward_range(pb, b, q, scale, j0, j1, scores_row, w);
-      std::copy(w.acc.begin(), w.acc.end(), part_acc.begin() + task * pb.Dv);
+      acc_t* scores = nullptr;
+      if (weights) {
+        scores = splits == 1 ? own_scores.data() : shared_scores.data() + r0 * pb.S;
+        for (int64_t m = 0; m < M; ++m)
+          std::fill(scores + m * pb.S + j0, scores + m * pb.S + j1, neg_inf<acc_t>());
+      }
+      forward_range(pb, b, M, scale, j0, j1, scores, st, w);
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t r = r0 + m;
+        if (splits == 1) {
+          lse[r] = softmax_lse(st[m]);
+          from_acc_scaled(w.accrows[m], softmax_inv_sum(st[m]), context + r * pb.Dv, pb.Dv);
+          if (weights)
+            write_weights(scores + m * pb.S, lse[r], limit, pb.S, weights + r * pb.S);
+        } else {
+          part_state[r * splits + sp] = st[m];
+          std::copy_n(w.accrows[m], pb.Dv, part_acc.begin() + (r * splits + sp) * pb.Dv);
+        }
+      }
     }
   });
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  if (splits == 1) return;
+
+  // Split-S merge: each row walks its splits in order (deterministic).
+  at::parallel_for(0, pb.B * pb.Tq, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(pb.Dv);
     for (int64_t r = begin; r < end; ++r) {
       SoftmaxState<acc_t> st = part_state[r * splits];
@@ -230,81 +251,83 @@ void forward_impl(const Problem<scalar_t>& pb, double scale_d, scalar_t* context
       for (int64_t sp = 1; sp < splits; ++sp) {
         acc_t scale_a, scale_b;
         softmax_merge(st, part_state[r * splits + sp], scale_a, scale_b);
-        const acc_t* other = part_acc.data() + (r * splits + sp) * pb.Dv;
         scale_inplace(acc.data(), scale_a, pb.Dv);
-        axpy1(acc.data(), scale_b, other, pb.Dv);
+        axpy1(acc.data(), scale_b, part_acc.data() + (r * splits + sp) * pb.Dv, pb.Dv);
       }
       lse[r] = softmax_lse(st);
       from_acc_scaled(acc.data(), softmax_inv_sum(st), context + r * pb.Dv, pb.Dv);
       if (weights) {
-        write_weights(scores.data() + r * pb.S, lse[r], pb.pos.limit(r / pb.Tq), pb.S,
+        write_weights(shared_scores.data() + r * pb.S, lse[r], pb.pos.limit(r / pb.Tq), pb.S,
                       weights + r * pb.S);
       }
     }
   });
 }
 
-// Phase 1 of backward for rows [begin, end): P, dS and grad_query. q_acc/g_acc receive the
-// rows in the accumulation type when phase 2 needs converted copies (else null).
+// Phase 1 of backward for the query tiles [begin, end): P, dS and grad_query. q_acc/g_acc
+// receive the rows in the accumulation type when phase 2 needs converted copies.
 template <typename scalar_t>
-void backward_rows(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale,
-                   const scalar_t* grad_ctx, const scalar_t* grad_w,
-                   const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* P,
-                   at::opmath_type<scalar_t>* dS, scalar_t* grad_q,
-                   at::opmath_type<scalar_t>* q_acc, at::opmath_type<scalar_t>* g_acc,
-                   int64_t begin, int64_t end) {
+void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale,
+                    const scalar_t* grad_ctx, const scalar_t* grad_w,
+                    const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* P,
+                    at::opmath_type<scalar_t>* dS, scalar_t* grad_q,
+                    at::opmath_type<scalar_t>* q_acc, at::opmath_type<scalar_t>* g_acc,
+                    int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
   Scratch<acc_t> w(pb.D, pb.Dv);
-  std::vector<acc_t> dq(pb.D), dp(kBlock);
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / pb.Tq;
+  std::vector<acc_t> dq(kTile * pb.D), dp(kTile * kBlock);
+  acc_t* dqrows[kTile];
+  for (int64_t m = 0; m < kTile; ++m) dqrows[m] = dq.data() + m * pb.D;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t b = tile / tiles_per_b;
+    const int64_t t0 = (tile % tiles_per_b) * kTile;
+    const int64_t M = std::min(kTile, pb.Tq - t0);
+    const int64_t r0 = b * pb.Tq + t0;
     const int64_t limit = pb.pos.limit(b);
-    const scalar_t* kb = pb.k + b * pb.S * pb.D;
-    const scalar_t* vb = pb.v + b * pb.S * pb.Dv;
-    acc_t* P_row = P + r * pb.S;
-    acc_t* dS_row = dS + r * pb.S;
-    std::fill(P_row, P_row + pb.S, acc_t(0));
-    std::fill(dS_row, dS_row + pb.S, acc_t(0));
-    const acc_t* q = row_as_acc<scalar_t, acc_t>(pb.q + r * pb.D, pb.D,
-                                                 q_acc ? q_acc + r * pb.D : w.q.data());
-    const acc_t* g = row_as_acc<scalar_t, acc_t>(grad_ctx + r * pb.Dv, pb.Dv,
-                                                 g_acc ? g_acc + r * pb.Dv : w.g.data());
-    const acc_t row_lse = lse[r];
-    acc_t delta = 0;
+    std::fill(P + r0 * pb.S, P + (r0 + M) * pb.S, acc_t(0));
+    std::fill(dS + r0 * pb.S, dS + (r0 + M) * pb.S, acc_t(0));
+    load_queries(pb.q, r0, M, pb.D, q_acc ? q_acc + r0 * pb.D : w.q.data(), w.qrows.data());
+    load_queries(grad_ctx, r0, M, pb.Dv, g_acc ? g_acc + r0 * pb.Dv : w.g.data(), w.grows.data());
+    acc_t delta[kTile] = {};
     for (int64_t jb = 0; jb < limit; jb += kBlock) {
-      const int64_t n = pb.pos.gather(b, jb, std::min(jb + kBlock, limit), w.idx.data());
+      const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, limit), true, w);
       if (n == 0) continue;
-      rows_as_acc(kb, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
-      rows_as_acc(vb, w.idx.data(), n, pb.Dv, w.vbuf.data(), w.vrows.data());
-      dots(q, w.krows.data(), n, pb.D, w.s.data());
-      dots(g, w.vrows.data(), n, pb.Dv, dp.data());
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t j = w.idx[i];
-        const acc_t p = prob_from_lse(w.s[i] * scale, row_lse);
-        acc_t dpi = dp[i];
-        if (grad_w) dpi += static_cast<acc_t>(grad_w[r * pb.S + j]);
-        P_row[j] = p;
-        dS_row[j] = dpi;  // becomes dS once delta is known
-        delta += p * dpi;
+      nt_tile(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data(), kBlock);
+      nt_tile(w.grows.data(), M, w.vrows.data(), n, pb.Dv, dp.data(), kBlock);
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t r = r0 + m;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t j = w.idx[i];
+          const acc_t p = prob_from_lse(w.s[m * kBlock + i] * scale, lse[r]);
+          acc_t dpi = dp[m * kBlock + i];
+          if (grad_w) dpi += static_cast<acc_t>(grad_w[r * pb.S + j]);
+          P[r * pb.S + j] = p;
+          dS[r * pb.S + j] = dpi;  // becomes dS once delta is known
+          delta[m] += p * dpi;
+        }
       }
     }
     std::fill(dq.begin(), dq.end(), acc_t(0));
     for (int64_t jb = 0; jb < limit; jb += kBlock) {
-      const int64_t n = pb.pos.gather(b, jb, std::min(jb + kBlock, limit), w.idx.data());
+      const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, limit), false, w);
       if (n == 0) continue;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t j = w.idx[i];
-        dS_row[j] = softmax_backward(P_row[j], dS_row[j], delta);
-        w.p[i] = dS_row[j];
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t r = r0 + m;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t j = w.idx[i];
+          dS[r * pb.S + j] = softmax_backward(P[r * pb.S + j], dS[r * pb.S + j], delta[m]);
+          w.p[m * kBlock + i] = dS[r * pb.S + j];
+        }
       }
-      rows_as_acc(kb, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
-      axpys(dq.data(), w.p.data(), w.krows.data(), n, pb.D);
+      nn_tile(M, n, w.p.data(), kBlock, 1, w.krows.data(), pb.D, dqrows);
     }
-    from_acc_scaled(dq.data(), scale, grad_q + r * pb.D, pb.D);
+    for (int64_t m = 0; m < M; ++m)
+      from_acc_scaled(dqrows[m], scale, grad_q + (r0 + m) * pb.D, pb.D);
   }
 }
 
-// Phase 2 of backward for source positions [begin, end) of the flattened (B, S):
+// Phase 2 of backward for tiles of kTile source positions of one batch element:
 // grad_keys[b, j] = scale * sum_t dS[b, t, j] q[b, t]; grad_values[b, j] = sum_t P g.
 template <typename scalar_t>
 void backward_sources(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale,
@@ -313,36 +336,42 @@ void backward_sources(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> sca
                       const at::opmath_type<scalar_t>* P, const at::opmath_type<scalar_t>* dS,
                       scalar_t* grad_k, scalar_t* grad_v, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> gk(pb.D), gv(pb.Dv), wk(pb.Tq), wv(pb.Tq);
+  const int64_t tiles_per_b = (pb.S + kTile - 1) / kTile;
+  std::vector<acc_t> gk(kTile * pb.D), gv(kTile * pb.Dv);
   std::vector<const acc_t*> qr(pb.Tq), gr(pb.Tq);
-  int64_t current_b = -1;
-  for (int64_t bj = begin; bj < end; ++bj) {
-    const int64_t b = bj / pb.S, j = bj % pb.S;
-    if (b != current_b) {
-      current_b = b;
-      for (int64_t t = 0; t < pb.Tq; ++t) {
-        qr[t] = q_rows + (b * pb.Tq + t) * pb.D;
-        gr[t] = g_rows + (b * pb.Tq + t) * pb.Dv;
-      }
-    }
-    bool any = false;
+  acc_t* gkrows[kTile];
+  acc_t* gvrows[kTile];
+  for (int64_t m = 0; m < kTile; ++m) {
+    gkrows[m] = gk.data() + m * pb.D;
+    gvrows[m] = gv.data() + m * pb.Dv;
+  }
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t b = tile / tiles_per_b;
+    const int64_t j0 = (tile % tiles_per_b) * kTile;
+    const int64_t limit = pb.pos.limit(b);
+    // Positions past the length are never attended: zero gradient, nothing to read.
+    const int64_t M = std::max<int64_t>(0, std::min(kTile, limit - j0));
+    const int64_t last = std::min(kTile, pb.S - j0);
+    std::fill(grad_k + (b * pb.S + j0 + M) * pb.D, grad_k + (b * pb.S + j0 + last) * pb.D,
+              scalar_t(0));
+    std::fill(grad_v + (b * pb.S + j0 + M) * pb.Dv, grad_v + (b * pb.S + j0 + last) * pb.Dv,
+              scalar_t(0));
+    if (M == 0) continue;
     for (int64_t t = 0; t < pb.Tq; ++t) {
-      const int64_t r = b * pb.Tq + t;
-      wk[t] = dS[r * pb.S + j];
-      wv[t] = P[r * pb.S + j];
-      any = any || wk[t] != acc_t(0) || wv[t] != acc_t(0);
-    }
-    if (!any) {  // not attended by any query (padding, masked, or zero gradient)
-      std::fill(grad_k + bj * pb.D, grad_k + (bj + 1) * pb.D, scalar_t(0));
-      std::fill(grad_v + bj * pb.Dv, grad_v + (bj + 1) * pb.Dv, scalar_t(0));
-      continue;
+      qr[t] = q_rows + (b * pb.Tq + t) * pb.D;
+      gr[t] = g_rows + (b * pb.Tq + t) * pb.Dv;
     }
     std::fill(gk.begin(), gk.end(), acc_t(0));
     std::fill(gv.begin(), gv.end(), acc_t(0));
-    axpys(gk.data(), wk.data(), qr.data(), pb.Tq, pb.D);
-    axpys(gv.data(), wv.data(), gr.data(), pb.Tq, pb.Dv);
-    from_acc_scaled(gk.data(), scale, grad_k + bj * pb.D, pb.D);
-    from_acc_scaled(gv.data(), acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
+    // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
+    const int64_t base = b * pb.Tq * pb.S + j0;
+    nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr.data(), pb.D, gkrows);
+    nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gvrows);
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t bj = b * pb.S + j0 + m;
+      from_acc_scaled(gkrows[m], scale, grad_k + bj * pb.D, pb.D);
+      from_acc_scaled(gvrows[m], acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
+    }
   }
 }
 
@@ -436,8 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     // converted copies when the input is not already in the accumulation type.
     std::vector<acc_t> q_acc(convert ? rows * s.D : 0), g_acc(convert ? rows * s.Dv : 0);
     const scalar_t* gw_ptr = gw ? gw->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      backward_rows<scalar_t>(pb, sc, gc.data_ptr<scalar_t>(), gw_ptr,
+    const int64_t q_tiles = s.B * ((s.Tq + kTile - 1) / kTile);
+    at::parallel_for(0, q_tiles, 1, [&](int64_t begin, int64_t end) {
+      backward_tiles<scalar_t>(pb, sc, gc.data_ptr<scalar_t>(), gw_ptr,
                               lse_c.data_ptr<acc_t>(), P.data(), dS.data(),
                               grad_q.data_ptr<scalar_t>(), convert ? q_acc.data() : nullptr,
                               convert ? g_acc.data() : nullptr, begin, end);
@@ -445,7 +475,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     const acc_t* q_rows = convert ? q_acc.data() : reinterpret_cast<const acc_t*>(pb.q);
     const acc_t* g_rows =
         convert ? g_acc.data() : reinterpret_cast<const acc_t*>(gc.data_ptr<scalar_t>());
-    at::parallel_for(0, s.B * s.S, 1, [&](int64_t begin, int64_t end) {
+    const int64_t src_tiles = s.B * ((s.S + kTile - 1) / kTile);
+    at::parallel_for(0, src_tiles, 1, [&](int64_t begin, int64_t end) {
       backward_sources<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(),
                                  grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
                                  begin, end);

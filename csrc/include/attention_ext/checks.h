@@ -4,7 +4,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
 
 #include <cmath>
 #include <optional>
@@ -29,6 +34,26 @@ inline void check_float_dtype(const at::Tensor& t, const char* name) {
               name, " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
+// (min, max) of an int32/int64 tensor. A plain loop on CPU (an ATen reduction costs more
+// than a decode step's kernel); on CUDA one reduction that synchronises, the price of
+// raising instead of reading out of bounds.
+inline std::pair<int64_t, int64_t> min_max(const at::Tensor& t) {
+  if (t.device().is_cpu()) {
+    const at::Tensor c = t.contiguous();
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+    AT_DISPATCH_INDEX_TYPES(c.scalar_type(), "min_max", [&] {
+      const index_t* p = c.data_ptr<index_t>();
+      for (int64_t i = 0; i < c.numel(); ++i) {
+        lo = std::min<int64_t>(lo, p[i]);
+        hi = std::max<int64_t>(hi, p[i]);
+      }
+    });
+    return {lo, hi};
+  }
+  const auto mm = at::aminmax(t);
+  return {std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>()};
+}
+
 // lengths: integer (B,), 0 <= lengths[b] <= S. mask: bool (B, S), True = attend.
 inline void check_mask_args(const std::optional<at::Tensor>& lengths,
                             const std::optional<at::Tensor>& mask, const at::Tensor& ref,
@@ -45,11 +70,7 @@ inline void check_mask_args(const std::optional<at::Tensor>& lengths,
     TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must have shape (B,) = (", B,
                       ",), got ", l.sizes());
     if (B > 0) {
-      // One reduction; on CUDA this synchronises, the price of raising instead of reading
-      // out of bounds.
-      const auto mm = at::aminmax(l);
-      const int64_t lo = std::get<0>(mm).item<int64_t>();
-      const int64_t hi = std::get<1>(mm).item<int64_t>();
+      const auto [lo, hi] = min_max(l);
       TORCH_CHECK_VALUE(lo >= 0 && hi <= S, "lengths must lie in [0, S] = [0, ", S,
                         "], got values in [", lo, ", ", hi, "]");
     }

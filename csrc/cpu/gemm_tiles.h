@@ -1,0 +1,121 @@
+// Register-blocked tiles for the small matrix products inside the CPU kernels, so that
+// several queries share each key row loaded from cache (Tq > 1) and accumulators stay in
+// registers across the reduction instead of being re-read per key.
+//
+//   nt_tile:  C(m, n)  = sum_d A(m, d) B(n, d)        (scores: queries x keys)
+//   nn_tile:  C(m, :) += sum_k A(m, k) B(k, :)        (context / gradient accumulation)
+//
+// All operands are in the accumulation type; A(m, k) of nn_tile is read through two
+// strides so a transposed A (dS^T in the backward) needs no copy.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "vec_ops.h"
+
+namespace attention_ext {
+namespace cpu {
+
+// Scores of MR query rows against NR key rows, each of length D.
+template <typename T, int MR, int NR>
+inline void nt_micro(const T* const* a, const T* const* b, int64_t D, T* c, int64_t ldc) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = V(T(0));
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    V bv[NR];
+    for (int n = 0; n < NR; ++n) bv[n] = V::loadu(b[n] + d);
+    for (int m = 0; m < MR; ++m) {
+      const V av = V::loadu(a[m] + d);
+      for (int n = 0; n < NR; ++n) acc[m][n] = at::vec::fmadd(av, bv[n], acc[m][n]);
+    }
+  }
+  if (d < D) {
+    V bv[NR];
+    for (int n = 0; n < NR; ++n) bv[n] = load_tail(b[n], d, D);
+    for (int m = 0; m < MR; ++m) {
+      const V av = load_tail(a[m], d, D);
+      for (int n = 0; n < NR; ++n) acc[m][n] = at::vec::fmadd(av, bv[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) c[m * ldc + n] = hsum(acc[m][n]);
+}
+
+// C (M x N, row stride ldc) = A B^T for M query rows a[m] and N key rows b[n].
+template <typename T>
+inline void nt_tile(const T* const* a, int64_t M, const T* const* b, int64_t N, int64_t D, T* c,
+                    int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    int64_t n = 0;
+    for (; n + 4 <= N; n += 4) nt_micro<T, 2, 4>(a + m, b + n, D, c + m * ldc + n, ldc);
+    for (; n < N; ++n) nt_micro<T, 2, 1>(a + m, b + n, D, c + m * ldc + n, ldc);
+  }
+  for (; m < M; ++m) {
+    int64_t n = 0;
+    for (; n + 4 <= N; n += 4) nt_micro<T, 1, 4>(a + m, b + n, D, c + m * ldc + n, ldc);
+    for (; n < N; ++n) nt_micro<T, 1, 1>(a + m, b + n, D, c + m * ldc + n, ldc);
+  }
+}
+
+// C(m, cols) += sum_k A(m, k) B(k, cols) for MR rows and NR vectors of columns starting at
+// col; `last` lanes are valid in the final vector (W for a full one).
+template <typename T, int MR, int NR>
+inline void nn_micro(int64_t K, const T* a, int64_t am, int64_t ak, const T* const* b,
+                     int64_t col, T* const* c, int last) {
+  using V = Vectorized<T>;
+  constexpr int W = V::size();
+  auto lanes = [&](int n) { return n == NR - 1 ? last : W; };
+  V acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = V::loadu(c[m] + col + n * W, lanes(n));
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NR];
+    for (int n = 0; n < NR; ++n) {
+      bv[n] = lanes(n) == W ? V::loadu(b[k] + col + n * W) : V::loadu(b[k] + col + n * W, last);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const V av(a[m * am + k * ak]);
+      for (int n = 0; n < NR; ++n) acc[m][n] = at::vec::fmadd(av, bv[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n].store(c[m] + col + n * W, lanes(n));
+}
+
+template <typename T, int MR>
+inline void nn_rows(int64_t K, const T* a, int64_t am, int64_t ak, const T* const* b,
+                    int64_t N, T* const* c) {
+  constexpr int64_t W = Vectorized<T>::size();
+  int64_t col = 0;
+  for (; col + 2 * W <= N; col += 2 * W) nn_micro<T, MR, 2>(K, a, am, ak, b, col, c, W);
+  if (col + W <= N) {
+    nn_micro<T, MR, 1>(K, a, am, ak, b, col, c, W);
+    col += W;
+  }
+  if (col < N) nn_micro<T, MR, 1>(K, a, am, ak, b, col, c, static_cast<int>(N - col));
+}
+
+// C rows c[m] (length N) += sum_k A(m, k) B rows b[k], for M rows and K terms;
+// A(m, k) = a[m * am + k * ak].
+template <typename T>
+inline void nn_tile(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak, const T* const* b,
+                    int64_t N, T* const* c) {
+  if (K == 0 || N == 0) return;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) nn_rows<T, 4>(K, a + m * am, am, ak, b, N, c + m);
+  switch (M - m) {
+    case 3: nn_rows<T, 3>(K, a + m * am, am, ak, b, N, c + m); break;
+    case 2: nn_rows<T, 2>(K, a + m * am, am, ak, b, N, c + m); break;
+    case 1: nn_rows<T, 1>(K, a + m * am, am, ak, b, N, c + m); break;
+    default: break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace attention_ext
