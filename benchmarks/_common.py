@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -37,36 +37,45 @@ def calibrate_calls(per_call_s: float, target_s: float = 2e-3, max_calls: int = 
 
 
 def warm_up(fn: Callable[[], object], device: str, max_calls: int = 3,
-            max_s: float = 0.2) -> float:
-    """Calls fn (compilation, allocator, caches) at least once and at most max_calls times
-    or until max_s has passed; returns the fastest call's time in seconds."""
+            max_s: float = 0.2):
+    """One untimed call (compilation, allocator, caches), then timed calls: at least one,
+    at most max_calls, stopping once max_s has passed. Returns (fastest timed call in
+    seconds, the first call's result)."""
+    first = fn()
+    sync(device)
     best, spent, n = float("inf"), 0.0, 0
     while n < max_calls and (n == 0 or spent < max_s):
         t = time_calls(fn, 1, device)
         best, spent, n = min(best, t), spent + t, n + 1
-    return best
+    return best, first
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: str,
                 target_s: float = 2e-3, budget_s: float = float("inf"),
-                min_repeats: int = 3) -> Dict[str, List[float]]:
+                min_repeats: int = 3, slow_s: float = float("inf"),
+                check: Optional[Callable[[Dict[str, object]], None]] = None,
+                ) -> Dict[str, List[float]]:
     """Per-call times (seconds) of every fn, sampled round-robin up to `repeats` times.
 
-    Each fn is warmed up first; the number of calls per sample is calibrated on the first
-    fn (the reference point of the ratios) and shared by all, so samples are comparable.
-    Sampling stops early, after at least min_repeats rounds, once budget_s has passed
-    (slow baselines would otherwise dominate the run time).
+    Each fn is warmed up first (its first result goes to `check`); the number of calls per
+    sample is calibrated on the first fn (the reference point of the ratios) and shared by
+    all, so samples are comparable. Sampling stops early, after at least min_repeats
+    rounds, once budget_s has passed; a fn whose warm-up call took longer than slow_s is
+    sampled once only (slow baselines would otherwise dominate the run time).
     """
-    first = None
-    for fn in fns.values():
-        t = warm_up(fn, device)
-        first = t if first is None else first
-    calls = calibrate_calls(first, target_s)
+    best, outs = {}, {}
+    for name, fn in fns.items():
+        best[name], outs[name] = warm_up(fn, device)
+    if check is not None:
+        check(outs)
+    del outs
+    calls = calibrate_calls(next(iter(best.values())), target_s)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for i in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(time_calls(fn, calls, device))
+            if i == 0 or best[name] <= slow_s:
+                samples[name].append(time_calls(fn, calls, device))
         if i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
             break
     return samples

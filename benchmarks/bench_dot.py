@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of sampling per configuration before stopping early "
                         "(at least 3 samples; default 8, 3 with --quick)")
+    p.add_argument("--slow", type=float, default=None,
+                   help="an implementation whose warm-up call takes longer than this many "
+                        "seconds is sampled once (default 10, 1 with --quick)")
     p.add_argument("--need-weights", dest="need_weights", default=True,
                    action=argparse.BooleanOptionalAction,
                    help="ours/eager/compiled return the attention weights (default: yes)")
@@ -73,6 +76,8 @@ def parse_args(argv=None):
         args.repeats = 10 if args.quick else 40
     if args.budget is None:
         args.budget = 3.0 if args.quick else 8.0
+    if args.slow is None:
+        args.slow = 1.0 if args.quick else 10.0
     for field, allowed in (("dtypes", DTYPES), ("shapes", SHAPES), ("modes", MODES),
                            ("impls", IMPLS)):
         values = [v.strip() for v in getattr(args, field).split(",") if v.strip()]
@@ -153,9 +158,8 @@ def build_fns(impls, query, keys, lengths, mode, need_weights, device):
     return out
 
 
-def check_agreement(fns, dtype):
-    """Every implementation computes the same context as ours (guards the timings)."""
-    outs = {name: fn() for name, fn in fns.items()}
+def check_agreement(outs, dtype):
+    """Every implementation computes the same result as ours (guards the timings)."""
     want = outs["ours"]
     want = want if isinstance(want, torch.Tensor) else want[0]
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 6e-2
@@ -174,7 +178,8 @@ def main(argv=None):
     C.set_compile_cache_limit(64)
     device = args.device
     info = C.machine_info(device, attention_ext.build_info())
-    info["benchmark"] = (f"repeats={args.repeats} (budget {args.budget:g} s per row), "
+    info["benchmark"] = (f"repeats={args.repeats} (budget {args.budget:g} s per row, "
+                         f"1 sample for calls > {args.slow:g} s), "
                          f"need_weights={args.need_weights}, "
                          f"lengths uniform in [S/2, S], seed={args.seed}")
     C.print_machine_info(info)
@@ -194,9 +199,11 @@ def main(argv=None):
             for mode in args.modes:
                 fns = build_fns(args.impls, query, keys, lengths, mode, args.need_weights,
                                 device)
-                check_agreement(fns, dtype)
-                samples = C.interleaved(fns, args.repeats, device, budget_s=args.budget)
-                n_samples = len(samples["ours"])
+                samples = C.interleaved(
+                    fns, args.repeats, device, budget_s=args.budget, slow_s=args.slow,
+                    check=lambda outs: check_agreement(outs, dtype))
+                n_samples = "/".join(sorted({str(len(s)) for s in samples.values()},
+                                            key=int, reverse=True))
                 med = {name: C.median(s) for name, s in samples.items()}
                 row = [f"{shape_name} {shape}", dtype_name, mode, str(n_samples)]
                 row += [C.fmt_ms(med[name]) for name in args.impls]
