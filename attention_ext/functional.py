@@ -74,8 +74,6 @@ def dot_attention(
         weights 0 (and zero gradients), never NaN.
     """
     q, single = _as_3d_query(query, "query")
-    if values is None:
-        values = keys
     context, weights, _ = torch.ops.attention_ext.dot_attention(
         q, keys, values, lengths, mask, _as_scale(scale), bool(need_weights)
     )

@@ -16,7 +16,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("attention_ext::dot_attention")
 def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights):
     B, Tq, _ = query.shape
-    S, Dv = keys.shape[1], values.shape[2]
+    S = keys.shape[1]
+    Dv = (keys if values is None else values).shape[2]
     context = query.new_empty((B, Tq, Dv))
     weights = query.new_empty((B, Tq, S) if need_weights else (0,))
     lse = query.new_empty((B, Tq), dtype=_lse_dtype(query.dtype))
@@ -30,7 +31,8 @@ def _dot_attention_backward_fake(
     return (
         query.new_empty(query.shape),
         keys.new_empty(keys.shape),
-        values.new_empty(values.shape),
+        # values=None: the combined gradient is in grad_keys.
+        keys.new_empty((0,)) if values is None else values.new_empty(values.shape),
     )
 
 
@@ -47,12 +49,15 @@ def _dot_setup_context(ctx, inputs, output):
 def _dot_backward(ctx, grad_context, grad_weights, grad_lse):
     query, keys, values, lengths, mask, lse = ctx.saved_tensors
     if grad_context is None:
-        grad_context = query.new_zeros((query.shape[0], query.shape[1], values.shape[2]))
+        Dv = (keys if values is None else values).shape[2]
+        grad_context = query.new_zeros((query.shape[0], query.shape[1], Dv))
     if not ctx.need_weights:
         grad_weights = None
     grad_query, grad_keys, grad_values = torch.ops.attention_ext._dot_attention_backward(
         grad_context, grad_weights, query, keys, values, lengths, mask, ctx.scale, lse
     )
+    if values is None:
+        grad_values = None
     return grad_query, grad_keys, grad_values, None, None, None, None
 
 

@@ -12,13 +12,16 @@
 
 #define ATTENTION_EXT_VERSION "0.1.0"
 
+// values = None means the keys are also the values (Luong: both are the encoder states);
+// the backward then returns one combined gradient in grad_keys and an empty grad_values,
+// which saves writing, and autograd adding, a second (B, S, D) gradient.
 TORCH_LIBRARY(attention_ext, m) {
   m.def(
-      "dot_attention(Tensor query, Tensor keys, Tensor values, Tensor? lengths, Tensor? mask, "
+      "dot_attention(Tensor query, Tensor keys, Tensor? values, Tensor? lengths, Tensor? mask, "
       "float scale, bool need_weights) -> (Tensor context, Tensor weights, Tensor lse)");
   m.def(
       "_dot_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
-      "Tensor keys, Tensor values, Tensor? lengths, Tensor? mask, float scale, Tensor lse) "
+      "Tensor keys, Tensor? values, Tensor? lengths, Tensor? mask, float scale, Tensor lse) "
       "-> (Tensor grad_query, Tensor grad_keys, Tensor grad_values)");
 }
 

@@ -329,6 +329,7 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
 
 // Phase 2 of backward for tiles of kTile source positions of one batch element:
 // grad_keys[b, j] = scale * sum_t dS[b, t, j] q[b, t]; grad_values[b, j] = sum_t P g.
+// grad_v == nullptr: the keys are the values and grad_keys receives both sums.
 template <typename scalar_t>
 void backward_sources(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale,
                       const at::opmath_type<scalar_t>* q_rows,
@@ -354,8 +355,10 @@ void backward_sources(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> sca
     const int64_t last = std::min(kTile, pb.S - j0);
     std::fill(grad_k + (b * pb.S + j0 + M) * pb.D, grad_k + (b * pb.S + j0 + last) * pb.D,
               scalar_t(0));
-    std::fill(grad_v + (b * pb.S + j0 + M) * pb.Dv, grad_v + (b * pb.S + j0 + last) * pb.Dv,
-              scalar_t(0));
+    if (grad_v) {
+      std::fill(grad_v + (b * pb.S + j0 + M) * pb.Dv, grad_v + (b * pb.S + j0 + last) * pb.Dv,
+                scalar_t(0));
+    }
     if (M == 0) continue;
     for (int64_t t = 0; t < pb.Tq; ++t) {
       qr[t] = q_rows + (b * pb.Tq + t) * pb.D;
@@ -366,11 +369,16 @@ void backward_sources(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> sca
     // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
     const int64_t base = b * pb.Tq * pb.S + j0;
     nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr.data(), pb.D, gkrows);
-    nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gvrows);
+    if (!grad_v) {
+      for (int64_t m = 0; m < M; ++m) scale_inplace(gkrows[m], scale, pb.D);
+      nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gkrows);
+    } else {
+      nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gvrows);
+    }
     for (int64_t m = 0; m < M; ++m) {
       const int64_t bj = b * pb.S + j0 + m;
-      from_acc_scaled(gkrows[m], scale, grad_k + bj * pb.D, pb.D);
-      from_acc_scaled(gvrows[m], acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
+      from_acc_scaled(gkrows[m], grad_v ? scale : acc_t(1), grad_k + bj * pb.D, pb.D);
+      if (grad_v) from_acc_scaled(gvrows[m], acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
     }
   }
 }
@@ -399,7 +407,7 @@ Problem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
-    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& values,
     const std::optional<at::Tensor>& lengths_in, const std::optional<at::Tensor>& mask_in,
     double scale, bool need_weights) {
   const DotShapes s = check_dot_inputs(query, keys, values, lengths_in, mask_in, scale);
@@ -410,9 +418,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
   at::Tensor lse = at::empty({s.B, s.Tq}, query.options().dtype(lse_dtype));
   if (s.B * s.Tq == 0) return {context, weights, lse};
 
-  const bool v_is_k = values.is_same(keys);
+  const bool v_is_k = !values.has_value() || values->is_same(keys);
   const at::Tensor q = query.contiguous(), k = keys.contiguous();
-  const at::Tensor v = v_is_k ? k : values.contiguous();
+  const at::Tensor v = v_is_k ? k : values->contiguous();
   const auto lengths = normalized_lengths(lengths_in);
   const auto mask = mask_in ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
@@ -428,24 +436,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& values,
     const std::optional<at::Tensor>& lengths_in, const std::optional<at::Tensor>& mask_in,
     double scale, const at::Tensor& lse) {
   const DotShapes s = check_dot_inputs(query, keys, values, lengths_in, mask_in, scale);
   check_dot_backward_extras(grad_context, grad_weights, lse, query, s);
   at::Tensor grad_q = at::empty({s.B, s.Tq, s.D}, query.options());
   at::Tensor grad_k = at::empty({s.B, s.S, s.D}, keys.options());
-  at::Tensor grad_v = at::empty({s.B, s.S, s.Dv}, values.options());
+  const bool combined = !values.has_value();
+  at::Tensor grad_v = combined ? at::empty({0}, keys.options())
+                               : at::empty({s.B, s.S, s.Dv}, keys.options());
   if (s.B == 0) return {grad_q, grad_k, grad_v};
   if (s.Tq == 0) {
     grad_k.zero_();
-    grad_v.zero_();
+    if (!combined) grad_v.zero_();
     return {grad_q, grad_k, grad_v};
   }
 
-  const bool v_is_k = values.is_same(keys);
+  const bool v_is_k = !values.has_value() || values->is_same(keys);
   const at::Tensor q = query.contiguous(), k = keys.contiguous();
-  const at::Tensor v = v_is_k ? k : values.contiguous();
+  const at::Tensor v = v_is_k ? k : values->contiguous();
   const at::Tensor gc = grad_context.contiguous();
   const auto gw = grad_weights ? std::optional<at::Tensor>(grad_weights->contiguous())
                                : std::nullopt;
@@ -478,7 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     const int64_t src_tiles = s.B * ((s.S + kTile - 1) / kTile);
     at::parallel_for(0, src_tiles, 1, [&](int64_t begin, int64_t end) {
       backward_sources<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(),
-                                 grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
+                                 grad_k.data_ptr<scalar_t>(),
+                                 combined ? nullptr : grad_v.data_ptr<scalar_t>(),
                                  begin, end);
     });
   });

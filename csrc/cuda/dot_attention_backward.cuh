@@ -119,12 +119,14 @@ __global__ void dot_attention_backward_keys_kernel(const DotBackwardParams<scala
   const int64_t d_chunks = p.D / VEC;
   const int64_t v_chunks = p.Dv / VEC;
   scalar_t* gk = p.grad_keys + key * p.D;
-  scalar_t* gv = p.grad_values + key * p.Dv;
+  scalar_t* gv = p.grad_values ? p.grad_values + key * p.Dv : nullptr;
 
   if (j >= p.keymask.end(b) || !p.keymask.attends(b, j)) {
     const acc_t zero[VEC] = {};
     for (int64_t c = lane; c < d_chunks; c += kWarpSize) store_chunk<VEC>(gk, c, zero);
-    for (int64_t c = lane; c < v_chunks; c += kWarpSize) store_chunk<VEC>(gv, c, zero);
+    if (gv) {
+      for (int64_t c = lane; c < v_chunks; c += kWarpSize) store_chunk<VEC>(gv, c, zero);
+    }
     return;
   }
   // Column j of the (Tq, S) scratch of batch b, summed over t in order.
@@ -132,7 +134,17 @@ __global__ void dot_attention_backward_keys_kernel(const DotBackwardParams<scala
   const acc_t* probs = p.probs + b * p.Tq * p.S + j;
   const scalar_t* q = p.query + b * p.Tq * p.D;
   const scalar_t* g = p.grad_context + b * p.Tq * p.Dv;
-  const int64_t S = p.S, D = p.D, Dv = p.Dv;
+  const int64_t S = p.S, D = p.D, Dv = p.Dv, Tq = p.Tq;
+  if (!gv) {
+    // Keys are the values (D == Dv): one sum over 2 Tq terms, dS-weighted queries then
+    // p-weighted output gradients.
+    const acc_t scale = p.scale;
+    weighted_row_sum<VEC>(
+        gk, d_chunks, 2 * Tq, acc_t(1), lane,
+        [=](int64_t t) { return t < Tq ? scale * dscores[t * S] : probs[(t - Tq) * S]; },
+        [=](int64_t t) { return t < Tq ? q + t * D : g + (t - Tq) * Dv; });
+    return;
+  }
   weighted_row_sum<VEC>(
       gk, d_chunks, p.Tq, p.scale, lane, [=](int64_t t) { return dscores[t * S]; },
       [=](int64_t t) { return q + t * D; });

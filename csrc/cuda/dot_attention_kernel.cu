@@ -79,14 +79,14 @@ void launch_backward(const DotBackwardParams<scalar_t, acc_t>& p, cudaStream_t s
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
-    const at::Tensor& query_in, const at::Tensor& keys_in, const at::Tensor& values_in,
-    const std::optional<at::Tensor>& lengths_in, const std::optional<at::Tensor>& mask_in,
-    double scale, bool need_weights) {
+    const at::Tensor& query_in, const at::Tensor& keys_in,
+    const std::optional<at::Tensor>& values_in, const std::optional<at::Tensor>& lengths_in,
+    const std::optional<at::Tensor>& mask_in, double scale, bool need_weights) {
   const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
   const DeviceGuard guard(query_in.device());
   const at::Tensor query = query_in.contiguous();
   const at::Tensor keys = keys_in.contiguous();
-  const at::Tensor values = values_in.contiguous();
+  const at::Tensor values = values_in ? values_in->contiguous() : keys;
   const auto lengths = lengths_as_long(lengths_in);
   const auto mask = mask_in ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
 
@@ -148,15 +148,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
     const at::Tensor& grad_context_in, const std::optional<at::Tensor>& grad_weights_in,
-    const at::Tensor& query_in, const at::Tensor& keys_in, const at::Tensor& values_in,
-    const std::optional<at::Tensor>& lengths_in, const std::optional<at::Tensor>& mask_in,
-    double scale, const at::Tensor& lse_in) {
+    const at::Tensor& query_in, const at::Tensor& keys_in,
+    const std::optional<at::Tensor>& values_in, const std::optional<at::Tensor>& lengths_in,
+    const std::optional<at::Tensor>& mask_in, double scale, const at::Tensor& lse_in) {
   const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
   check_dot_backward_extras(grad_context_in, grad_weights_in, lse_in, query_in, s);
   const DeviceGuard guard(query_in.device());
   const at::Tensor query = query_in.contiguous();
   const at::Tensor keys = keys_in.contiguous();
-  const at::Tensor values = values_in.contiguous();
+  // values = None: the keys are the values and grad_keys receives both gradients.
+  const bool combined = !values_in.has_value();
+  const at::Tensor values = combined ? keys : values_in->contiguous();
   const at::Tensor grad_context = grad_context_in.contiguous();
   const auto grad_weights =
       grad_weights_in ? std::optional<at::Tensor>(grad_weights_in->contiguous()) : std::nullopt;
@@ -167,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
   const auto opts = query.options();
   at::Tensor grad_query = at::empty({s.B, s.Tq, s.D}, opts);
   at::Tensor grad_keys = at::empty({s.B, s.S, s.D}, opts);
-  at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, opts);
+  at::Tensor grad_values = combined ? at::empty({0}, opts) : at::empty({s.B, s.S, s.Dv}, opts);
   const int64_t rows = s.B * s.Tq;
   if (rows == 0 || s.S == 0) {  // nothing attends anywhere: all gradients are zero
     grad_query.zero_();
@@ -192,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
     p.lse = lse.data_ptr<acc_t>();
     p.grad_query = grad_query.data_ptr<scalar_t>();
     p.grad_keys = grad_keys.data_ptr<scalar_t>();
-    p.grad_values = grad_values.data_ptr<scalar_t>();
+    p.grad_values = combined ? nullptr : grad_values.data_ptr<scalar_t>();
     p.probs = scratch[0].data_ptr<acc_t>();
     p.dscores = scratch[1].data_ptr<acc_t>();
     p.B = s.B; p.Tq = s.Tq; p.S = s.S; p.D = s.D; p.Dv = s.Dv;

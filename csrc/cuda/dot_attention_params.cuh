@@ -52,7 +52,7 @@ struct DotBackwardParams {
   const acc_t* lse;  // (B, Tq)
   scalar_t* grad_query;   // (B, Tq, D)
   scalar_t* grad_keys;    // (B, S, D)
-  scalar_t* grad_values;  // (B, S, Dv)
+  scalar_t* grad_values;  // (B, S, Dv); nullptr: keys are the values, grad_keys gets both
   // Scratch (B, Tq, S), written by phase 1 for attending keys only, read by phase 2.
   acc_t* probs;
   acc_t* dscores;

@@ -86,11 +86,12 @@ inline void check_mask_args(const std::optional<at::Tensor>& lengths,
   }
 }
 
-// query (B, Tq, D), keys (B, S, D), values (B, S, Dv).
+// query (B, Tq, D), keys (B, S, D), values (B, S, Dv) or None (= keys).
 inline DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& keys,
-                                  const at::Tensor& values,
+                                  const std::optional<at::Tensor>& values_opt,
                                   const std::optional<at::Tensor>& lengths,
                                   const std::optional<at::Tensor>& mask, double scale) {
+  const at::Tensor& values = values_opt.has_value() ? *values_opt : keys;
   TORCH_CHECK_VALUE(query.dim() == 3, "query must have shape (B, Tq, D), got ", query.sizes());
   TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (B, S, D), got ", keys.sizes());
   TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
