@@ -194,3 +194,17 @@ def test_compile_no_weights_forward(device, dynamo_reset):
     with torch.no_grad():
         torch.testing.assert_close(compiled(case.query, case.keys, case.lengths),
                                    f(case.query, case.keys, case.lengths))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "noweights"])
+def test_opcheck_values_none(need_weights, device):
+    """values=None (keys are the values): one combined key gradient."""
+    q, k, _, lengths, mask, scale, _ = _op_args(device, "lengths64", need_weights, True, Dv=5)
+    torch.library.opcheck(OPS.dot_attention.default, (q, k, None, lengths, mask, scale,
+                                                      need_weights))
+    q, k = q.detach(), k.detach()
+    ctx, w, lse = OPS.dot_attention(q, k, None, lengths, mask, scale, True)
+    g_ctx = randn(ctx.shape, generator(35), device=device)
+    torch.library.opcheck(OPS._dot_attention_backward.default,
+                          (g_ctx, w.clone(), q, k, None, lengths, mask, scale, lse))
