@@ -39,6 +39,10 @@ SHAPES = [
     ("B0", dict(B=0, Tq=3, S=5, D=8)),
     ("B0_2d", dict(B=0, Tq=1, S=5, D=8, query_2d=True)),
     ("long_S", dict(B=2, Tq=2, S=130, D=20)),
+    # Several query tiles per batch element, the last one partial (the CPU kernel tiles
+    # queries by 4); D and Dv not multiples of any vector width.
+    ("query_tiles", dict(B=2, Tq=9, S=37, D=19, Dv=21)),
+    ("query_tiles_values_none", dict(B=2, Tq=6, S=21, D=24, values_none=True)),
 ]
 
 
