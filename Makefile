@@ -21,8 +21,9 @@ $(VENV)/.deps-installed: Makefile pyproject.toml
 install: $(VENV)/.deps-installed
 	$(PIP) install --no-build-isolation -e .
 
+# The main job: until the seq2seq demo lands, the dot-attention benchmark (quick run).
 demo: install
-	$(PY) benchmarks/bench_dot.py
+	$(PY) benchmarks/bench_dot.py --quick
 
 test: install
 	$(PY) -m pytest -q tests
