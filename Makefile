@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test bench cuda-build-check clean
+.PHONY: install demo test test-emulated bench cuda-build-check clean
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The CUDA kernels run on the CPU under an emulation of CUDA's execution model and are
+# tested against reference.py; built in a temporary copy of the tree (the normal build
+# here is left alone), with this .venv.
+test-emulated: $(VENV)/.deps-installed
+	PY=$(PY) bash .ci/test_emulated.sh
 
 bench: install
 	$(PY) benchmarks/bench_dot.py

@@ -10,6 +10,9 @@ Environment:
   DEBUG=1                          -O0 -g, no NDEBUG
   ATTENTION_EXT_CPU_CAPABILITY     AVX512 | AVX2 | DEFAULT; default: the build machine's best.
                                    DEFAULT is the portable build (scalar at::vec).
+  ATTENTION_EXT_EMULATE_CUDA=1     test build: also compile csrc/cuda/*.cu as C++ against the
+                                   CPU emulation of CUDA (csrc/emulated/), registered as the
+                                   CPU ops attention_ext::_emulated_* (make test-emulated)
 """
 import os
 import sys
@@ -35,6 +38,10 @@ def want_cuda() -> bool:
     return torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
 
 
+def want_emulated_cuda() -> bool:
+    return os.environ.get("ATTENTION_EXT_EMULATE_CUDA", "0") == "1"
+
+
 def cpu_capability() -> str:
     forced = os.environ.get("ATTENTION_EXT_CPU_CAPABILITY")
     if forced:
@@ -54,6 +61,12 @@ def extension():
     sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
     if with_cuda:
         sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
+    emulated = want_emulated_cuda()
+    if emulated and with_cuda:
+        # The same kernel templates would be compiled twice, once per meaning of __global__.
+        raise SystemExit("ATTENTION_EXT_EMULATE_CUDA=1 is for CPU builds; unset FORCE_CUDA")
+    if emulated:
+        sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "emulated").glob("*.cpp"))]
 
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
     defines = [
@@ -61,6 +74,8 @@ def extension():
         f"-DCPU_CAPABILITY_{cap}",
         f'-DATTENTION_EXT_CPU_CAPABILITY_NAME="{cap}"',
     ]
+    if emulated:
+        defines.append("-DATTENTION_EXT_WITH_EMULATED_CUDA")  # build_info()["emulated_cuda"]
     # -fopenmp in both compile and link flags, or at::parallel_for runs serially (PERF_NOTES 1).
     # No -std flag: torch's build helpers add the standard its headers need (C++20 since
     # torch 2.14, whose ATen.h rejects C++17).

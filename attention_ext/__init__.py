@@ -10,9 +10,11 @@ __all__ = ["dot_attention", "reference", "build_info", "__version__"]
 
 
 def build_info() -> dict:
-    """What this binary was built with: version, CUDA kernels, CPU vector capability."""
+    """What this binary was built with: version, CUDA kernels, CPU vector capability, and
+    whether the CUDA kernels are also built as emulated CPU test ops."""
     return {
         "version": _C.__version__,
         "with_cuda": bool(_C.with_cuda),
         "cpu_capability": _C.cpu_capability,
+        "emulated_cuda": bool(_C.emulated_cuda),
     }

@@ -33,6 +33,11 @@ PYBIND11_MODULE(_C, mod) {
 #else
   mod.attr("with_cuda") = false;
 #endif
+#ifdef ATTENTION_EXT_WITH_EMULATED_CUDA
+  mod.attr("emulated_cuda") = true;  // the _emulated_* test ops (csrc/emulated/) are built in
+#else
+  mod.attr("emulated_cuda") = false;
+#endif
   mod.attr("cpu_capability") = ATTENTION_EXT_CPU_CAPABILITY_NAME;
   mod.def(
       "_set_forced_splits",

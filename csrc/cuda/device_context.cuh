@@ -4,12 +4,35 @@
 #pragma once
 
 #include <c10/core/Device.h>
+
+#include <cstdint>
+
+#if defined(ATTENTION_EXT_CUDA_EMULATION)
+
+#include "emulation.h"
+
+namespace attention_ext {
+
+// Emulated launches run synchronously on the CPU: no device to select, no stream.
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+
+inline cudaStream_t current_stream() { return nullptr; }
+
+// A small fixed "GPU" so that the split-S heuristic splits the tests' tiny problems
+// (rows < 4 SMs x 32 warps) just as a real GPU splits decoding-sized ones.
+constexpr int64_t kEmulatedMultiprocessors = 4;
+inline int64_t multiprocessor_count(c10::DeviceIndex) { return kEmulatedMultiprocessors; }
+
+}  // namespace attention_ext
+
+#else
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-
-#include <cstdint>
 
 namespace attention_ext {
 
@@ -26,3 +49,5 @@ inline int64_t multiprocessor_count(c10::DeviceIndex device) {
 }
 
 }  // namespace attention_ext
+
+#endif  // ATTENTION_EXT_CUDA_EMULATION

@@ -213,7 +213,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
 }  // namespace
 }  // namespace attention_ext
 
+// Under the CPU emulation (tests) csrc/emulated/ registers these functions as CPU ops of
+// their own instead: they must never stand in for the real CUDA kernels.
+#ifndef ATTENTION_EXT_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
   m.impl("dot_attention", &attention_ext::dot_attention_cuda);
   m.impl("_dot_attention_backward", &attention_ext::dot_attention_backward_cuda);
 }
+#endif

@@ -1,6 +1,6 @@
 // The one place CUDA kernels are launched. Under nvcc it is the real
 // kernel<<<grid, block, smem, stream>>> followed by the launch check. The CPU emulation
-// of the CUDA execution model (tests) is meant to supply its own launcher here, behind
+// of the CUDA execution model (tests, emulation.h) supplies its own launcher here, behind
 // ATTENTION_EXT_CUDA_EMULATION, so the host code that sizes grids, plans splits and
 // allocates workspaces is the same code in both builds.
 #pragma once
@@ -22,6 +22,23 @@ inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace attention_ext
+
+#elif defined(ATTENTION_EXT_CUDA_EMULATION)
+
+#include "emulation.h"
+
+namespace attention_ext {
+
+// Same signature as above; runs the grid on CPU threads, synchronously, so the stream
+// and the launch check have nothing to do.
+template <typename... KernelArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t /*stream*/, Args&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  emu::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
 }
 
 }  // namespace attention_ext
