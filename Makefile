@@ -25,8 +25,10 @@ install: $(VENV)/.deps-installed
 demo: install
 	$(PY) benchmarks/bench_dot.py --quick
 
+# The test suite, then the CUDA kernels under the CPU emulation (test-emulated).
 test: install
 	$(PY) -m pytest -q tests
+	$(MAKE) test-emulated
 
 # The CUDA kernels run on the CPU under an emulation of CUDA's execution model and are
 # tested against reference.py; built in a temporary copy of the tree (the normal build
