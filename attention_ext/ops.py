@@ -13,8 +13,36 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_fake_dot_inputs(query, keys, values, lengths, mask):
+    """The structural checks of checks.h for the fake kernels, which run in place of the
+    real ones while tracing (torch.compile) and for meta tensors, so a mistake is not
+    silently given outputs there. Value checks (lengths in [0, S]) need data: the real
+    kernels do them."""
+    torch._check(query.dim() == 3, lambda: f"query must have shape (B, Tq, D), got {tuple(query.shape)}")
+    torch._check(keys.dim() == 3, lambda: f"keys must have shape (B, S, D), got {tuple(keys.shape)}")
+    B, _, D = query.shape
+    S = keys.shape[1]
+    torch._check(keys.shape[0] == B and keys.shape[2] == D,
+                 lambda: f"keys must have shape (B, S, D) = ({B}, S, {D}), got {tuple(keys.shape)}")
+    named = [("keys", keys)]
+    if values is not None:
+        torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
+                     lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), got {tuple(values.shape)}")
+        named.append(("values", values))
+    for name, t in named:
+        torch._check(t.device == query.device and t.dtype == query.dtype,
+                     lambda: f"{name} must match query's device and dtype ({query.device}, {query.dtype}), "
+                             f"got ({t.device}, {t.dtype})")
+    torch._check(lengths is None or mask is None, lambda: "pass either lengths or mask, not both")
+    for name, t in (("lengths", lengths), ("mask", mask)):
+        if t is not None:
+            torch._check(t.device == query.device,
+                         lambda: f"{name} must be on query's device ({query.device}), got {t.device}")
+
+
 @torch.library.register_fake("attention_ext::dot_attention")
 def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights):
+    _check_fake_dot_inputs(query, keys, values, lengths, mask)
     B, Tq, _ = query.shape
     S = keys.shape[1]
     Dv = (keys if values is None else values).shape[2]
@@ -28,6 +56,7 @@ def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights)
 def _dot_attention_backward_fake(
     grad_context, grad_weights, query, keys, values, lengths, mask, scale, lse
 ):
+    _check_fake_dot_inputs(query, keys, values, lengths, mask)
     return (
         query.new_empty(query.shape),
         keys.new_empty(keys.shape),

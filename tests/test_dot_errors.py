@@ -178,3 +178,26 @@ def test_mixed_devices_cuda(name):
     expect = "keys" if name == "query" else name  # a CPU query: keys is the odd one out
     with pytest.raises(ERRORS, match=rf"{expect} must be on the same device"):
         call_functional(kw)
+
+
+# A meta tensor in the mix dispatches to the fake kernel (the one torch.compile traces):
+# it must refuse what the real kernels refuse instead of returning outputs.
+@pytest.mark.parametrize("name", ["keys", "values", "lengths", "mask"])
+def test_mixed_devices_meta(name):
+    kw = good()
+    kw["lengths"] = torch.tensor([1, 2, 3]) if name == "lengths" else None
+    kw["mask"] = torch.ones(B, S, dtype=torch.bool) if name == "mask" else None
+    kw[name] = kw[name].to("meta")
+    with pytest.raises(ERRORS, match=rf"{name} must"):
+        call_op(kw)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(keys=torch.randn(B, S, D + 1)), "keys must have shape"),
+    (dict(values=torch.randn(B, S + 1, Dv)), "values must have shape"),
+    (dict(query=torch.randn(B, D)), "query must have shape"),
+], ids=["keys_D", "values_S", "query_rank"])
+def test_fake_kernel_shape_checks(over, match):
+    kw = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in good(**over).items()}
+    with pytest.raises(ERRORS, match=match):
+        call_op(kw)
