@@ -58,6 +58,7 @@ inline void nt_tile(const T* const* a, int64_t M, const T* const* b, int64_t N, 
   }
   for (; m < M; ++m) {
     int64_t n = 0;
+    for (; n + 8 <= N; n += 8) nt_micro<T, 1, 8>(a + m, b + n, D, c + m * ldc + n, ldc);
     for (; n + 4 <= N; n += 4) nt_micro<T, 1, 4>(a + m, b + n, D, c + m * ldc + n, ldc);
     for (; n < N; ++n) nt_micro<T, 1, 1>(a + m, b + n, D, c + m * ldc + n, ldc);
   }
@@ -92,7 +93,12 @@ template <typename T, int MR>
 inline void nn_rows(int64_t K, const T* a, int64_t am, int64_t ak, const T* const* b,
                     int64_t N, T* const* c) {
   constexpr int64_t W = Vectorized<T>::size();
+  // Wider column blocks for fewer rows: the MR x NR accumulators stay within the
+  // registers while each broadcast of A feeds as many FMAs as possible.
+  constexpr int kWide = MR == 1 ? 8 : (MR == 2 ? 4 : 2);
   int64_t col = 0;
+  for (; col + kWide * W <= N; col += kWide * W)
+    nn_micro<T, MR, kWide>(K, a, am, ak, b, col, c, W);
   for (; col + 2 * W <= N; col += 2 * W) nn_micro<T, MR, 2>(K, a, am, ak, b, col, c, W);
   if (col + W <= N) {
     nn_micro<T, MR, 1>(K, a, am, ak, b, col, c, W);
