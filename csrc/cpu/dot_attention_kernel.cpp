@@ -475,23 +475,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     // converted copies when the input is not already in the accumulation type.
     std::vector<acc_t> q_acc(convert ? rows * s.D : 0), g_acc(convert ? rows * s.Dv : 0);
     const scalar_t* gw_ptr = gw ? gw->data_ptr<scalar_t>() : nullptr;
-    const int64_t q_tiles = s.B * ((s.Tq + kTile - 1) / kTile);
-    at::parallel_for(0, q_tiles, 1, [&](int64_t begin, int64_t end) {
+    const acc_t* q_rows = convert ? q_acc.data() : reinterpret_cast<const acc_t*>(pb.q);
+    const acc_t* g_rows =
+        convert ? g_acc.data() : reinterpret_cast<const acc_t*>(gc.data_ptr<scalar_t>());
+    auto phase1 = [&](int64_t begin, int64_t end) {
       backward_tiles<scalar_t>(pb, sc, gc.data_ptr<scalar_t>(), gw_ptr,
                               lse_c.data_ptr<acc_t>(), P.data(), dS.data(),
                               grad_q.data_ptr<scalar_t>(), convert ? q_acc.data() : nullptr,
                               convert ? g_acc.data() : nullptr, begin, end);
-    });
-    const acc_t* q_rows = convert ? q_acc.data() : reinterpret_cast<const acc_t*>(pb.q);
-    const acc_t* g_rows =
-        convert ? g_acc.data() : reinterpret_cast<const acc_t*>(gc.data_ptr<scalar_t>());
-    const int64_t src_tiles = s.B * ((s.S + kTile - 1) / kTile);
-    at::parallel_for(0, src_tiles, 1, [&](int64_t begin, int64_t end) {
+    };
+    auto phase2 = [&](int64_t begin, int64_t end) {
       backward_sources<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(),
                                  grad_k.data_ptr<scalar_t>(),
                                  combined ? nullptr : grad_v.data_ptr<scalar_t>(),
                                  begin, end);
-    });
+    };
+    const int64_t q_tiles_per_b = (s.Tq + kTile - 1) / kTile;
+    const int64_t src_tiles_per_b = (s.S + kTile - 1) / kTile;
+    if (s.B >= at::get_num_threads()) {
+      // A batch element's phase 2 runs right after its phase 1, on the same thread, while
+      // its keys, queries, gradients and P/dS rows are still in that core's L2.
+      at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          phase1(b * q_tiles_per_b, (b + 1) * q_tiles_per_b);
+          phase2(b * src_tiles_per_b, (b + 1) * src_tiles_per_b);
+        }
+      });
+    } else {
+      at::parallel_for(0, s.B * q_tiles_per_b, 1, phase1);
+      at::parallel_for(0, s.B * src_tiles_per_b, 1, phase2);
+    }
   });
   return {grad_q, grad_k, grad_v};
 }
