@@ -32,11 +32,8 @@ fi
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else "torch in .venv-cuda is not a CUDA build")'
 
 # 2. A copy of the source tree: tracked files plus untracked ones git does not ignore.
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/attention_ext_cuda_build.XXXXXX")"
+WORK="$(bash "$ROOT/.ci/copy_tree.sh" cuda_build)"
 if [ "${KEEP_BUILD:-0}" = 1 ]; then echo "== build directory: $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
-(cd "$ROOT" && git ls-files -co --exclude-standard -z \
-  | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
-  | tar --null -T - -cf -) | tar -xf - -C "$WORK"
 
 # 3. Build (nvcc for the .cu files, no GPU needed with FORCE_CUDA=1).
 echo "== cuda_build_check: building with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"

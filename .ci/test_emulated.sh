@@ -14,11 +14,8 @@ case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac
 test -x "$PY" || { echo "test_emulated: no python at $PY (run make install first)" >&2; exit 1; }
 
 # 1. A copy of the source tree: tracked files plus untracked ones git does not ignore.
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/attention_ext_emulated.XXXXXX")"
+WORK="$(bash "$ROOT/.ci/copy_tree.sh" emulated)"
 if [ "${KEEP_BUILD:-0}" = 1 ]; then echo "== build directory: $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
-(cd "$ROOT" && git ls-files -co --exclude-standard -z \
-  | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
-  | tar --null -T - -cf -) | tar -xf - -C "$WORK"
 
 # 2. Build with the emulated CUDA ops.
 echo "== test_emulated: building with ATTENTION_EXT_EMULATE_CUDA=1"

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attention_ext/checks.h"
+#include "attention_ext/inputs.h"
 #include "attention_ext/math.h"
 #include "attention_ext/tuning.h"
 #include "gemm_tiles.h"
@@ -383,20 +384,14 @@ void backward_sources(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> sca
   }
 }
 
-// Contiguous int64 lengths (int32 accepted at the boundary).
-std::optional<at::Tensor> normalized_lengths(const std::optional<at::Tensor>& lengths) {
-  if (!lengths.has_value()) return std::nullopt;
-  return lengths->to(at::kLong).contiguous();
-}
-
 template <typename scalar_t>
-Problem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               bool v_is_k, const std::optional<at::Tensor>& lengths,
-                               const std::optional<at::Tensor>& mask, const DotShapes& s) {
-  return Problem<scalar_t>{q.data_ptr<scalar_t>(),
-                           k.data_ptr<scalar_t>(),
-                           v.data_ptr<scalar_t>(),
-                           v_is_k,
+Problem<scalar_t> make_problem(const DotInputs& in, const DotShapes& s) {
+  const auto& lengths = in.lengths;
+  const auto& mask = in.mask;
+  return Problem<scalar_t>{in.query.data_ptr<scalar_t>(),
+                           in.keys.data_ptr<scalar_t>(),
+                           in.values.data_ptr<scalar_t>(),
+                           in.values_are_keys,
                            s.B,
                            s.Tq,
                            s.S,
@@ -418,15 +413,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
   at::Tensor lse = at::empty({s.B, s.Tq}, query.options().dtype(lse_dtype));
   if (s.B * s.Tq == 0) return {context, weights, lse};
 
-  const bool v_is_k = !values.has_value() || values->is_same(keys);
-  const at::Tensor q = query.contiguous(), k = keys.contiguous();
-  const at::Tensor v = v_is_k ? k : values->contiguous();
-  const auto lengths = normalized_lengths(lengths_in);
-  const auto mask = mask_in ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
+  const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
                                   "dot_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto pb = make_problem<scalar_t>(q, k, v, v_is_k, lengths, mask, s);
+    const auto pb = make_problem<scalar_t>(in, s);
     forward_impl<scalar_t>(pb, scale, context.data_ptr<scalar_t>(),
                            need_weights ? weights.data_ptr<scalar_t>() : nullptr,
                            lse.data_ptr<acc_t>());
@@ -453,22 +444,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     return {grad_q, grad_k, grad_v};
   }
 
-  const bool v_is_k = !values.has_value() || values->is_same(keys);
-  const at::Tensor q = query.contiguous(), k = keys.contiguous();
-  const at::Tensor v = v_is_k ? k : values->contiguous();
+  const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in);
   const at::Tensor gc = grad_context.contiguous();
-  const auto gw = grad_weights ? std::optional<at::Tensor>(grad_weights->contiguous())
-                               : std::nullopt;
+  const auto gw = contiguous_opt(grad_weights);
   const at::Tensor lse_c = lse.contiguous();
-  const auto lengths = normalized_lengths(lengths_in);
-  const auto mask = mask_in ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
   const int64_t rows = s.B * s.Tq;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
                                   "dot_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-    const auto pb = make_problem<scalar_t>(q, k, v, v_is_k, lengths, mask, s);
+    const auto pb = make_problem<scalar_t>(in, s);
     const acc_t sc = static_cast<acc_t>(scale);
     std::vector<acc_t> P(rows * s.S), dS(rows * s.S);
     // Phase 2 reads every query and gradient row once per source position: keep

@@ -55,9 +55,8 @@ __device__ __forceinline__ void weighted_row_sum(scalar_t* out_row, int64_t chun
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scalar_t, acc_t> p) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t row =
-      static_cast<int64_t>(blockIdx.x) * kBackwardWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = lane_id();
+  const int64_t row = global_warp_id(kBackwardWarpsPerBlock);
   if (row >= p.B * p.Tq) return;
   const int64_t b = row / p.Tq;
   const int64_t end = p.keymask.end(b);
@@ -110,9 +109,8 @@ __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scala
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void dot_attention_backward_keys_kernel(const DotBackwardParams<scalar_t, acc_t> p) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t key =
-      static_cast<int64_t>(blockIdx.x) * kBackwardWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = lane_id();
+  const int64_t key = global_warp_id(kBackwardWarpsPerBlock);
   if (key >= p.B * p.S) return;
   const int64_t b = key / p.S;
   const int64_t j = key % p.S;

@@ -37,9 +37,8 @@ __device__ __forceinline__ void write_weights(const DotForwardParams<scalar_t, a
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void dot_attention_forward_kernel(const DotForwardParams<scalar_t, acc_t> p) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t task =
-      static_cast<int64_t>(blockIdx.x) * kForwardWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = lane_id();
+  const int64_t task = global_warp_id(kForwardWarpsPerBlock);
   if (task >= p.B * p.Tq * p.splits) return;  // whole warps only
   const int64_t row = task / p.splits;
   const int64_t split = task % p.splits;
@@ -127,9 +126,8 @@ __global__ void dot_attention_forward_kernel(const DotForwardParams<scalar_t, ac
 // sum_k factor_k * acc_k / sum.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void dot_attention_merge_kernel(const DotForwardParams<scalar_t, acc_t> p) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t row =
-      static_cast<int64_t>(blockIdx.x) * kForwardWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = lane_id();
+  const int64_t row = global_warp_id(kForwardWarpsPerBlock);
   if (row >= p.B * p.Tq) return;
   const int64_t b = row / p.Tq;
   const int splits = static_cast<int>(p.splits);  // <= kMaxSplits = warp size

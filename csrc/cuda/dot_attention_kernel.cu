@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "attention_ext/checks.h"
+#include "attention_ext/inputs.h"
 #include "attention_ext/tuning.h"
 #include "device_context.cuh"
 #include "dot_attention_backward.cuh"
@@ -44,12 +45,6 @@ dim3 warp_grid(int64_t warps, int warps_per_block) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "dot_attention (CUDA): problem too large for one launch (", warps, " warps)");
   return dim3(static_cast<unsigned>(blocks));
-}
-
-// Integer lengths as int64 on the device (the kernels read one type).
-std::optional<at::Tensor> lengths_as_long(const std::optional<at::Tensor>& lengths) {
-  if (!lengths.has_value()) return std::nullopt;
-  return lengths->to(at::kLong).contiguous();
 }
 
 KeyMask make_keymask(const std::optional<at::Tensor>& lengths,
@@ -84,11 +79,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
     const std::optional<at::Tensor>& mask_in, double scale, bool need_weights) {
   const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
   const DeviceGuard guard(query_in.device());
-  const at::Tensor query = query_in.contiguous();
-  const at::Tensor keys = keys_in.contiguous();
-  const at::Tensor values = values_in ? values_in->contiguous() : keys;
-  const auto lengths = lengths_as_long(lengths_in);
-  const auto mask = mask_in ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
+  const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in);
+  const at::Tensor& query = in.query;
+  const at::Tensor& keys = in.keys;
+  const at::Tensor& values = in.values;
+  const auto& lengths = in.lengths;
+  const auto& mask = in.mask;
 
   const auto opts = query.options();
   const auto acc_opts = opts.dtype(acc_dtype_for(query.scalar_type()));
@@ -154,17 +150,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
   const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
   check_dot_backward_extras(grad_context_in, grad_weights_in, lse_in, query_in, s);
   const DeviceGuard guard(query_in.device());
-  const at::Tensor query = query_in.contiguous();
-  const at::Tensor keys = keys_in.contiguous();
+  const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in);
+  const at::Tensor& query = in.query;
+  const at::Tensor& keys = in.keys;
+  const at::Tensor& values = in.values;
+  const auto& lengths = in.lengths;
+  const auto& mask = in.mask;
   // values = None: the keys are the values and grad_keys receives both gradients.
   const bool combined = !values_in.has_value();
-  const at::Tensor values = combined ? keys : values_in->contiguous();
   const at::Tensor grad_context = grad_context_in.contiguous();
-  const auto grad_weights =
-      grad_weights_in ? std::optional<at::Tensor>(grad_weights_in->contiguous()) : std::nullopt;
+  const auto grad_weights = contiguous_opt(grad_weights_in);
   const at::Tensor lse = lse_in.contiguous();
-  const auto lengths = lengths_as_long(lengths_in);
-  const auto mask = mask_in ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
 
   const auto opts = query.options();
   at::Tensor grad_query = at::empty({s.B, s.Tq, s.D}, opts);

@@ -30,6 +30,14 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
+// This thread's lane, and the index of its warp in the grid when every block holds
+// `warps_per_block` warps (one warp per row or key in every kernel here).
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) % kWarpSize; }
+
+__device__ __forceinline__ int64_t global_warp_id(int warps_per_block) {
+  return static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
+}
+
 // Loops whose body shuffles must run the same number of times in every lane: this is
 // that count for `n` items dealt round-robin to the lanes.
 __device__ __forceinline__ int64_t warp_rounds(int64_t n) {
