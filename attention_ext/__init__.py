@@ -2,11 +2,11 @@
 from ._loader import _C  # noqa: F401  (loads the operators into torch.ops.attention_ext)
 from . import ops  # noqa: F401  (fake kernels and autograd registrations)
 from . import reference  # noqa: F401
-from .functional import dot_attention
+from .functional import additive_attention, dot_attention
 
 __version__ = _C.__version__
 
-__all__ = ["dot_attention", "reference", "build_info", "__version__"]
+__all__ = ["dot_attention", "additive_attention", "reference", "build_info", "__version__"]
 
 
 def build_info() -> dict:

@@ -93,3 +93,81 @@ def _dot_backward(ctx, grad_context, grad_weights, grad_lse):
 torch.library.register_autograd(
     "attention_ext::dot_attention", _dot_backward, setup_context=_dot_setup_context
 )
+
+
+def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask):
+    """checks.h's structural checks of the additive op, for the fake kernels."""
+    torch._check(query_proj.dim() == 3,
+                 lambda: f"query_proj must have shape (B, Tq, A), got {tuple(query_proj.shape)}")
+    torch._check(keys_proj.dim() == 3,
+                 lambda: f"keys_proj must have shape (B, S, A), got {tuple(keys_proj.shape)}")
+    B, _, A = query_proj.shape
+    S = keys_proj.shape[1]
+    torch._check(keys_proj.shape[0] == B and keys_proj.shape[2] == A,
+                 lambda: f"keys_proj must have shape (B, S, A) = ({B}, S, {A}), got {tuple(keys_proj.shape)}")
+    torch._check(v.dim() == 1 and v.shape[0] == A,
+                 lambda: f"v must have shape (A,) = ({A},), got {tuple(v.shape)}")
+    torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
+                 lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), got {tuple(values.shape)}")
+    for name, t in (("keys_proj", keys_proj), ("v", v), ("values", values)):
+        torch._check(t.device == query_proj.device and t.dtype == query_proj.dtype,
+                     lambda: f"{name} must match query_proj's device and dtype "
+                             f"({query_proj.device}, {query_proj.dtype}), got ({t.device}, {t.dtype})")
+    torch._check(lengths is None or mask is None, lambda: "pass either lengths or mask, not both")
+    for name, t in (("lengths", lengths), ("mask", mask)):
+        if t is not None:
+            torch._check(t.device == query_proj.device,
+                         lambda: f"{name} must be on query_proj's device ({query_proj.device}), got {t.device}")
+
+
+@torch.library.register_fake("attention_ext::additive_attention")
+def _additive_attention_fake(query_proj, keys_proj, v, values, lengths, mask, need_weights):
+    _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
+    B, Tq, _ = query_proj.shape
+    S, Dv = values.shape[1], values.shape[2]
+    context = query_proj.new_empty((B, Tq, Dv))
+    weights = query_proj.new_empty((B, Tq, S) if need_weights else (0,))
+    lse = query_proj.new_empty((B, Tq), dtype=_lse_dtype(query_proj.dtype))
+    return context, weights, lse
+
+
+@torch.library.register_fake("attention_ext::_additive_attention_backward")
+def _additive_attention_backward_fake(
+    grad_context, grad_weights, query_proj, keys_proj, v, values, lengths, mask, lse
+):
+    _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
+    return (
+        query_proj.new_empty(query_proj.shape),
+        keys_proj.new_empty(keys_proj.shape),
+        v.new_empty(v.shape),
+        values.new_empty(values.shape),
+    )
+
+
+def _additive_setup_context(ctx, inputs, output):
+    query_proj, keys_proj, v, values, lengths, mask, need_weights = inputs
+    _, _, lse = output
+    # Inputs and the per-row log-sum-exp only: backward recomputes tanh, so no
+    # B x Tq x S x A tensor exists at any time.
+    ctx.save_for_backward(query_proj, keys_proj, v, values, lengths, mask, lse)
+    ctx.need_weights = need_weights
+    ctx.set_materialize_grads(False)
+
+
+def _additive_backward(ctx, grad_context, grad_weights, grad_lse):
+    query_proj, keys_proj, v, values, lengths, mask, lse = ctx.saved_tensors
+    if grad_context is None:
+        grad_context = query_proj.new_zeros(
+            (query_proj.shape[0], query_proj.shape[1], values.shape[2]))
+    if not ctx.need_weights:
+        grad_weights = None
+    grads = torch.ops.attention_ext._additive_attention_backward(
+        grad_context, grad_weights, query_proj, keys_proj, v, values, lengths, mask, lse
+    )
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd(
+    "attention_ext::additive_attention", _additive_backward,
+    setup_context=_additive_setup_context,
+)

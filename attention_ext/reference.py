@@ -57,3 +57,26 @@ def dot_attention(
     if single:
         context, weights = context.squeeze(1), weights.squeeze(1)
     return context, (weights if need_weights else None)
+
+
+def additive_attention(
+    query_proj: Tensor,
+    keys_proj: Tensor,
+    v: Tensor,
+    values: Tensor,
+    *,
+    lengths: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    need_weights: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Bahdanau attention as users write it: a B x Tq x S x A tanh tensor, then v."""
+    single = query_proj.dim() == 2
+    q = query_proj.unsqueeze(1) if single else query_proj
+    hidden = torch.tanh(q[:, :, None, :] + keys_proj[:, None, :, :])  # (B, Tq, S, A)
+    scores = torch.matmul(hidden, v)
+    valid = valid_positions(lengths, mask, keys_proj.shape[0], keys_proj.shape[1], keys_proj.device)
+    weights = masked_softmax(scores, valid)
+    context = torch.bmm(weights, values)
+    if single:
+        context, weights = context.squeeze(1), weights.squeeze(1)
+    return context, (weights if need_weights else None)

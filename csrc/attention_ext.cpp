@@ -23,6 +23,15 @@ TORCH_LIBRARY(attention_ext, m) {
       "_dot_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
       "Tensor keys, Tensor? values, Tensor? lengths, Tensor? mask, float scale, Tensor lse) "
       "-> (Tensor grad_query, Tensor grad_keys, Tensor grad_values)");
+  m.def(
+      "additive_attention(Tensor query_proj, Tensor keys_proj, Tensor v, Tensor values, "
+      "Tensor? lengths, Tensor? mask, bool need_weights) "
+      "-> (Tensor context, Tensor weights, Tensor lse)");
+  m.def(
+      "_additive_attention_backward(Tensor grad_context, Tensor? grad_weights, "
+      "Tensor query_proj, Tensor keys_proj, Tensor v, Tensor values, Tensor? lengths, "
+      "Tensor? mask, Tensor lse) "
+      "-> (Tensor grad_query_proj, Tensor grad_keys_proj, Tensor grad_v, Tensor grad_values)");
 }
 
 PYBIND11_MODULE(_C, mod) {

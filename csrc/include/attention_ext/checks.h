@@ -114,29 +114,82 @@ inline DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& key
   return DotShapes{B, Tq, S, D, Dv};
 }
 
-// Extra arguments of the dot backward: gradients and the forward's log-sum-exp.
+struct AdditiveShapes {
+  int64_t B, Tq, S, A, Dv;
+};
+
+// query_proj (B, Tq, A), keys_proj (B, S, A), v (A,), values (B, S, Dv).
+inline AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
+                                            const at::Tensor& keys_proj, const at::Tensor& v,
+                                            const at::Tensor& values,
+                                            const std::optional<at::Tensor>& lengths,
+                                            const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK_VALUE(query_proj.dim() == 3, "query_proj must have shape (B, Tq, A), got ",
+                    query_proj.sizes());
+  TORCH_CHECK_VALUE(keys_proj.dim() == 3, "keys_proj must have shape (B, S, A), got ",
+                    keys_proj.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
+                    values.sizes());
+  check_float_dtype(query_proj, "query_proj");
+  check_same_device_dtype(query_proj, "query_proj", keys_proj, "keys_proj");
+  check_same_device_dtype(query_proj, "query_proj", v, "v");
+  check_same_device_dtype(query_proj, "query_proj", values, "values");
+  const int64_t B = query_proj.size(0), Tq = query_proj.size(1), A = query_proj.size(2);
+  const int64_t S = keys_proj.size(1), Dv = values.size(2);
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == A, "v must have shape (A,) = (", A,
+                    ",) like query_proj's last dimension, got ", v.sizes());
+  TORCH_CHECK_VALUE(keys_proj.size(0) == B, "keys_proj must have batch size B = ", B,
+                    " like query_proj, got shape ", keys_proj.sizes());
+  TORCH_CHECK_VALUE(keys_proj.size(2) == A, "keys_proj must have size A = ", A,
+                    " in its last dimension like query_proj, got shape ", keys_proj.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B,
+                    " like query_proj, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S,
+                    " like keys_proj, got shape ", values.sizes());
+  check_mask_args(lengths, mask, query_proj, "query_proj", B, S);
+  return AdditiveShapes{B, Tq, S, A, Dv};
+}
+
+// Extra arguments of both backward ops: the incoming gradients and the forward's
+// log-sum-exp. `ref` is the query (dot) or query_proj (additive).
+inline void check_backward_extras(const at::Tensor& grad_context,
+                                  const std::optional<at::Tensor>& grad_weights,
+                                  const at::Tensor& lse, const at::Tensor& ref,
+                                  const char* ref_name, int64_t B, int64_t Tq, int64_t S,
+                                  int64_t Dv) {
+  check_same_device_dtype(ref, ref_name, grad_context, "grad_context");
+  TORCH_CHECK_VALUE(grad_context.dim() == 3 && grad_context.size(0) == B &&
+                        grad_context.size(1) == Tq && grad_context.size(2) == Dv,
+                    "grad_context must have shape (B, Tq, Dv) = (", B, ", ", Tq, ", ", Dv,
+                    "), got ", grad_context.sizes());
+  if (grad_weights.has_value()) {
+    check_same_device_dtype(ref, ref_name, *grad_weights, "grad_weights");
+    TORCH_CHECK_VALUE(grad_weights->dim() == 3 && grad_weights->size(0) == B &&
+                          grad_weights->size(1) == Tq && grad_weights->size(2) == S,
+                      "grad_weights must have shape (B, Tq, S) = (", B, ", ", Tq, ", ", S,
+                      "), got ", grad_weights->sizes());
+  }
+  const auto lse_dtype = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.device() == ref.device() && lse.scalar_type() == lse_dtype,
+              "lse must be a ", lse_dtype, " tensor on ", ref.device(), ", got ",
+              lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == Tq,
+                    "lse must have shape (B, Tq) = (", B, ", ", Tq, "), got ", lse.sizes());
+}
+
 inline void check_dot_backward_extras(const at::Tensor& grad_context,
                                       const std::optional<at::Tensor>& grad_weights,
                                       const at::Tensor& lse, const at::Tensor& query,
                                       const DotShapes& s) {
-  check_same_device_dtype(query, "query", grad_context, "grad_context");
-  TORCH_CHECK_VALUE(grad_context.dim() == 3 && grad_context.size(0) == s.B &&
-                        grad_context.size(1) == s.Tq && grad_context.size(2) == s.Dv,
-                    "grad_context must have shape (B, Tq, Dv) = (", s.B, ", ", s.Tq, ", ", s.Dv,
-                    "), got ", grad_context.sizes());
-  if (grad_weights.has_value()) {
-    check_same_device_dtype(query, "query", *grad_weights, "grad_weights");
-    TORCH_CHECK_VALUE(grad_weights->dim() == 3 && grad_weights->size(0) == s.B &&
-                          grad_weights->size(1) == s.Tq && grad_weights->size(2) == s.S,
-                      "grad_weights must have shape (B, Tq, S) = (", s.B, ", ", s.Tq, ", ", s.S,
-                      "), got ", grad_weights->sizes());
-  }
-  const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.device() == query.device() && lse.scalar_type() == lse_dtype,
-              "lse must be a ", lse_dtype, " tensor on ", query.device(), ", got ",
-              lse.scalar_type(), " on ", lse.device());
-  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == s.B && lse.size(1) == s.Tq,
-                    "lse must have shape (B, Tq) = (", s.B, ", ", s.Tq, "), got ", lse.sizes());
+  check_backward_extras(grad_context, grad_weights, lse, query, "query", s.B, s.Tq, s.S, s.Dv);
+}
+
+inline void check_additive_backward_extras(const at::Tensor& grad_context,
+                                           const std::optional<at::Tensor>& grad_weights,
+                                           const at::Tensor& lse, const at::Tensor& query_proj,
+                                           const AdditiveShapes& s) {
+  check_backward_extras(grad_context, grad_weights, lse, query_proj, "query_proj", s.B, s.Tq,
+                        s.S, s.Dv);
 }
 
 }  // namespace attention_ext
