@@ -211,6 +211,77 @@ def check_parity(case: Case, *, need_weights=True, weights_in_loss=True, outputs
     return got
 
 
+# ----------------------------------------------------------------------------- additive op
+
+@dataclass
+class AdditiveCase:
+    query_proj: torch.Tensor
+    keys_proj: torch.Tensor
+    v: torch.Tensor
+    values: torch.Tensor
+    lengths: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+
+
+def make_additive_case(B, Tq, S, A, Dv=None, *, dtype=torch.float32, device="cpu", seed=0,
+                       query_2d=False, mask_kind="none") -> AdditiveCase:
+    """Seeded inputs as a trained layer sees them: projections of unit scale (tanh neither
+    linear nor saturated everywhere) and v like nn.Linear's init, scaled so the scores have a
+    standard deviation of about 1.5."""
+    gen = generator(seed)
+    Dv = A if Dv is None else Dv
+    qshape = (B, A) if query_2d else (B, Tq, A)
+    query_proj = randn(qshape, gen, dtype, device)
+    keys_proj = randn((B, S, A), gen, dtype, device)
+    v = randn((A,), gen, dtype, device, scale=2.5 / max(A, 1) ** 0.5)
+    values = randn((B, S, Dv), gen, dtype, device)
+    lengths, mask = make_masking(mask_kind, B, S, gen, device)
+    return AdditiveCase(query_proj, keys_proj, v, values, lengths, mask)
+
+
+ADDITIVE_INPUTS = ("query_proj", "keys_proj", "v", "values")
+ADDITIVE_OUTPUTS = ("context", "weights") + tuple("grad_" + n for n in ADDITIVE_INPUTS)
+
+
+def run_additive(fn, case: AdditiveCase, *, dtype=None, need_weights=True,
+                 weights_in_loss=True, seed=1234):
+    """run_attention for the additive op: forward + backward of `fn` on `case` in `dtype`
+    with seeded upstream gradients; returns context, weights and the four gradients."""
+    dtype = case.query_proj.dtype if dtype is None else dtype
+    leaves = [getattr(case, n).detach().to(dtype).requires_grad_(True) for n in ADDITIVE_INPUTS]
+    ctx, w = fn(*leaves, lengths=case.lengths, mask=case.mask, need_weights=need_weights)
+    out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
+    gen = generator(seed)
+    loss = (ctx * randn(ctx.shape, gen, dtype, ctx.device)).sum()
+    if weights_in_loss and w is not None:
+        loss = loss + (w * randn(w.shape, gen, dtype, w.device)).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    for name, g, t in zip(ADDITIVE_INPUTS, grads, leaves):
+        out["grad_" + name] = torch.zeros_like(t) if g is None else g
+    return out
+
+
+def ours_additive(query_proj, keys_proj, v, values, **kw):
+    return attention_ext.additive_attention(query_proj, keys_proj, v, values, **kw)
+
+
+def ref_additive(query_proj, keys_proj, v, values, **kw):
+    return reference.additive_attention(query_proj, keys_proj, v, values, **kw)
+
+
+def check_additive_parity(case: AdditiveCase, *, fn=ours_additive, need_weights=True,
+                          weights_in_loss=True, outputs=ADDITIVE_OUTPUTS):
+    """check_parity for the additive op (`fn` may be another implementation of it)."""
+    dtype = case.query_proj.dtype
+    kw = dict(need_weights=need_weights, weights_in_loss=weights_in_loss)
+    got = run_additive(fn, case, **kw)
+    lowp = run_additive(ref_additive, case, **kw)
+    oracle = run_additive(ref_additive, case, dtype=torch.float64, **kw)
+    for name in outputs:
+        assert_rule(name, got[name], lowp[name], oracle[name], dtype)
+    return got
+
+
 @pytest.fixture
 def forced_splits(request):
     """Forces the kernels' number of source splits; always restores automatic (0)."""
