@@ -10,12 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-emulated bench cuda-build-check clean
+.PHONY: install demo test test-emulated test-sanitized bench cuda-build-check clean
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install numpy pytest expecttest ninja pybind11 "setuptools>=64" wheel
+	$(PIP) install numpy pytest expecttest hypothesis ninja pybind11 "setuptools>=64" wheel
 	touch $@
 
 install: $(VENV)/.deps-installed
@@ -35,6 +35,11 @@ test: install
 # here is left alone), with this .venv.
 test-emulated: $(VENV)/.deps-installed
 	PY=$(PY) bash .ci/test_emulated.sh
+
+# The CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer, op tests run
+# under them (in a temporary copy, with this .venv); any report fails.
+test-sanitized: $(VENV)/.deps-installed
+	PY=$(PY) bash .ci/test_sanitized.sh
 
 bench: install
 	$(PY) benchmarks/bench_dot.py

@@ -13,6 +13,10 @@ Environment:
   ATTENTION_EXT_EMULATE_CUDA=1     test build: also compile csrc/cuda/*.cu as C++ against the
                                    CPU emulation of CUDA (csrc/emulated/), registered as the
                                    CPU ops attention_ext::_emulated_* (make test-emulated)
+  ATTENTION_EXT_SANITIZE=address,undefined
+                                   test build: compile and link with -fsanitize=... (UB aborts
+                                   instead of recovering); run with the sanitizer runtime
+                                   preloaded (make test-sanitized)
 """
 import os
 import sys
@@ -40,6 +44,13 @@ def want_cuda() -> bool:
 
 def want_emulated_cuda() -> bool:
     return os.environ.get("ATTENTION_EXT_EMULATE_CUDA", "0") == "1"
+
+
+def sanitizer_flags() -> list:
+    sanitize = os.environ.get("ATTENTION_EXT_SANITIZE", "")
+    if not sanitize:
+        return []
+    return [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
 def cpu_capability() -> str:
@@ -79,8 +90,9 @@ def extension():
     # -fopenmp in both compile and link flags, or at::parallel_for runs serially (PERF_NOTES 1).
     # No -std flag: torch's build helpers add the standard its headers need (C++20 since
     # torch 2.14, whose ATen.h rejects C++17).
-    cxx = opt + ["-fopenmp", "-fno-math-errno"] + CAPABILITY_FLAGS[cap] + defines
-    link = ["-fopenmp"]
+    sanitize = sanitizer_flags()
+    cxx = opt + ["-fopenmp", "-fno-math-errno"] + CAPABILITY_FLAGS[cap] + defines + sanitize
+    link = ["-fopenmp"] + sanitize
     kwargs = dict(
         include_dirs=[str(ROOT / "csrc" / "include")],
         extra_link_args=link,

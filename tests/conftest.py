@@ -62,7 +62,7 @@ def make_lengths(B: int, S: int, gen: torch.Generator, dtype=torch.int64, device
         lengths[0] = 0
         lengths[-1] = S
     elif B == 1:
-        lengths[0] = max(1, S // 2)
+        lengths[0] = min(S, max(1, S // 2))
     return lengths.to(device=device, dtype=dtype)
 
 
