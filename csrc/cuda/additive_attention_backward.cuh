@@ -1,6 +1,7 @@
 // Backward kernels of the additive op; deterministic (no atomics), three launches.
-//  rows, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh), then per
-//    A-chunk grad_query_proj[a] = v[a] sum_j ds_j (1 - tanh_ja^2) and this row's share of
+//  rows, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh, scores
+//    recomputed by AdditiveScorer), then per A-chunk
+//    grad_query_proj[a] = v[a] sum_j ds_j (1 - tanh_ja^2) and this row's share of
 //    grad_v[a] = sum_j ds_j tanh_ja; the block adds its warps' shares in warp order
 //    (shared memory) and writes one partial per block;
 //  keys, one warp per key (b, j): grad_keys_proj[a] = v[a] sum_t ds_tj (1 - tanh_ta^2)
@@ -12,6 +13,7 @@
 
 #include <cstdint>
 
+#include "additive_attention_forward.cuh"
 #include "additive_attention_params.cuh"
 #include "additive_tanh.cuh"
 #include "softmax_backward.cuh"
@@ -41,9 +43,7 @@ __global__ void additive_attention_backward_rows_kernel(
   const int64_t A = p.A;
   const int64_t a_chunks = A / VEC;
   if (valid) {
-    softmax_backward_row<VEC>(p, row, lane, [&](int64_t j) {
-      return warp_sum(lane_additive_score<VEC, scalar_t, acc_t>(q, keys + j * A, p.v, a_chunks, lane));
-    });
+    softmax_backward_row<VEC>(p, row, lane, AdditiveScorer<scalar_t, acc_t, VEC>(p, row, lane));
   }
 
   const KeyMask km = p.keymask;

@@ -1,7 +1,8 @@
 // CUDA implementation of attention_ext::additive_attention and its backward: argument
 // checks, contiguous inputs, workspace, split-S plan, dtype and vector-width dispatch,
-// launches. The kernels are in additive_attention_forward.cuh / _backward.cuh; what this
-// op shares with the dot op is in host_helpers.cuh and the softmax_* / online_* headers.
+// launches. The kernels: online_softmax_forward.cuh with the score of
+// additive_attention_forward.cuh, and additive_attention_backward.cuh; what this op
+// shares with the dot op is in host_helpers.cuh and the softmax_* / online_* headers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,12 +22,6 @@
 
 namespace attention_ext {
 namespace {
-
-template <typename scalar_t, typename acc_t, int VEC>
-void launch_forward(const AdditiveForwardParams<scalar_t, acc_t>& p, cudaStream_t stream) {
-  launch_online_softmax_forward<VEC>(additive_attention_forward_kernel<scalar_t, acc_t, VEC>,
-                                     p, stream);
-}
 
 // Rows, then keys (they read the rows kernel's scratch), then grad_v from the rows
 // kernel's per-block partials; stream order is the only synchronisation needed.
@@ -70,9 +65,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
     constexpr int kVec = vec_width<scalar_t>();
     if (can_vectorize(kVec, s.A, s.Dv,
                       {in.query_proj, in.keys_proj, in.v, in.values, buffers.context()})) {
-      launch_forward<scalar_t, acc_t, kVec>(p, stream);
+      launch_online_softmax_forward<AdditiveScorer, kVec>(p, stream);
     } else {
-      launch_forward<scalar_t, acc_t, 1>(p, stream);
+      launch_online_softmax_forward<AdditiveScorer, 1>(p, stream);
     }
   });
   return buffers.outputs();

@@ -1,6 +1,6 @@
 // Backward kernels of the dot attention op; deterministic (no atomics), two launches.
-//  phase 1, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh), then
-//    grad_query = scale * sum_j ds_j k_j;
+//  phase 1, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh, scores
+//    recomputed by DotScorer), then grad_query = scale * sum_j ds_j k_j;
 //  phase 2, one warp per key (b, j): grad_keys_j = scale * sum_t ds_tj q_t and
 //    grad_values_j = sum_t p_tj grad_ctx_t, summing t in order.
 // Scratch entries are only written for attending keys and are only read for them; in
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "dot_attention_forward.cuh"
 #include "dot_attention_params.cuh"
 #include "softmax_backward.cuh"
 #include "vector_io.cuh"
@@ -24,19 +25,14 @@ __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scala
   const int64_t row = global_warp_id(kBackwardWarpsPerBlock);
   if (row >= p.B * p.Tq) return;
   const int64_t b = row / p.Tq;
-  const scalar_t* q = p.query + row * p.D;
-  const scalar_t* keys = p.keys + b * p.S * p.D;
-  const int64_t d_chunks = p.D / VEC;
-  const acc_t scale = p.scale;
-  softmax_backward_row<VEC>(p, row, lane, [&](int64_t j) {
-    return scale * warp_sum(lane_dot<VEC, scalar_t, acc_t>(q, keys + j * p.D, d_chunks, lane));
-  });
+  softmax_backward_row<VEC>(p, row, lane, DotScorer<scalar_t, acc_t, VEC>(p, row, lane));
 
   const KeyMask km = p.keymask;
   const acc_t* dscores = p.dscores + row * p.S;
+  const scalar_t* keys = p.keys + b * p.S * p.D;
   const int64_t D = p.D;
   weighted_row_sum<VEC>(
-      p.grad_query + row * p.D, d_chunks, km.end(b), p.scale, lane,
+      p.grad_query + row * p.D, D / VEC, km.end(b), p.scale, lane,
       [=](int64_t j) { return km.attends(b, j) ? dscores[j] : acc_t(0); },
       [=](int64_t j) { return keys + j * D; });
 }

@@ -1,6 +1,7 @@
-// Forward kernel of the dot attention op: the shared online-softmax pass
-// (online_softmax_forward.cuh, which also holds the split-S merge) with
-// score_j = scale * <query_row, key_j>, a warp-wide dot product over D.
+// The dot op's score, score_j = scale * <query_row, key_j>: a warp-wide dot product over
+// D. Its forward kernel is the shared online-softmax pass with this score,
+// online_softmax_forward_kernel<DotScorer<...>> (online_softmax_forward.cuh, which also
+// holds the split-S merge); the backward rows kernel recomputes the scores with it.
 #pragma once
 
 #include <cstdint>
@@ -13,19 +14,26 @@
 namespace attention_ext {
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void dot_attention_forward_kernel(const DotForwardParams<scalar_t, acc_t> p) {
-  const int lane = lane_id();
-  const int64_t task = global_warp_id(kForwardWarpsPerBlock);
-  if (task >= p.B * p.Tq * p.splits) return;  // whole warps only
-  const int64_t row = task / p.splits;
-  const int64_t b = row / p.Tq;
-  const scalar_t* q = p.query + row * p.D;
-  const scalar_t* keys = p.keys + b * p.S * p.D;
-  const int64_t d_chunks = p.D / VEC;
-  const acc_t scale = p.scale;
-  online_softmax_task<VEC>(p, task, lane, [&](int64_t j) {
-    return scale * warp_sum(lane_dot<VEC, scalar_t, acc_t>(q, keys + j * p.D, d_chunks, lane));
-  });
-}
+struct DotScorer {
+  using ForwardParams = DotForwardParams<scalar_t, acc_t>;
+  static constexpr int kVec = VEC;
+
+  // For row (b, t) of p, a DotForwardParams or DotBackwardParams.
+  template <typename Params>
+  __device__ __forceinline__ DotScorer(const Params& p, int64_t row, int lane_)
+      : q(p.query + row * p.D), keys(p.keys + row / p.Tq * p.S * p.D), D(p.D),
+        scale(p.scale), lane(lane_) {}
+
+  // Called by every lane of the warp together; the same score in every lane.
+  __device__ __forceinline__ acc_t operator()(int64_t j) const {
+    return scale * warp_sum(lane_dot<VEC, scalar_t, acc_t>(q, keys + j * D, D / VEC, lane));
+  }
+
+  const scalar_t* q;
+  const scalar_t* keys;
+  int64_t D;
+  acc_t scale;
+  int lane;
+};
 
 }  // namespace attention_ext

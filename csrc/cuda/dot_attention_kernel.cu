@@ -1,6 +1,7 @@
 // CUDA implementation of attention_ext::dot_attention and its backward: argument checks,
 // contiguous inputs, workspace, split-S plan, dtype and vector-width dispatch, launches.
-// The kernels themselves are in dot_attention_forward.cuh / dot_attention_backward.cuh.
+// The kernels: online_softmax_forward.cuh with the score of dot_attention_forward.cuh,
+// and dot_attention_backward.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,12 +21,6 @@
 
 namespace attention_ext {
 namespace {
-
-template <typename scalar_t, typename acc_t, int VEC>
-void launch_forward(const DotForwardParams<scalar_t, acc_t>& p, cudaStream_t stream) {
-  launch_online_softmax_forward<VEC>(dot_attention_forward_kernel<scalar_t, acc_t, VEC>, p,
-                                     stream);
-}
 
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_backward(const DotBackwardParams<scalar_t, acc_t>& p, cudaStream_t stream) {
@@ -64,9 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
     p.scale = static_cast<acc_t>(scale);
     constexpr int kVec = vec_width<scalar_t>();
     if (can_vectorize(kVec, s.D, s.Dv, {query, keys, values, buffers.context()})) {
-      launch_forward<scalar_t, acc_t, kVec>(p, stream);
+      launch_online_softmax_forward<DotScorer, kVec>(p, stream);
     } else {
-      launch_forward<scalar_t, acc_t, 1>(p, stream);
+      launch_online_softmax_forward<DotScorer, 1>(p, stream);
     }
   });
   return buffers.outputs();

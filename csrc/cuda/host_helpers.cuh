@@ -157,14 +157,14 @@ class BackwardScratch {
   at::Tensor scratch_;
 };
 
-// An op's forward kernel (one warp per (row, split)), then the split-S merge if any.
-template <int VEC, template <typename, typename> class Params, typename scalar_t,
-          typename acc_t>
-void launch_online_softmax_forward(void (*kernel)(Params<scalar_t, acc_t>),
-                                   const Params<scalar_t, acc_t>& p, cudaStream_t stream) {
+// An op's forward, online_softmax_forward_kernel with the op's Scorer (one warp per
+// (row, split)), then the split-S merge if any.
+template <template <typename, typename, int> class Scorer, int VEC,
+          template <typename, typename> class Params, typename scalar_t, typename acc_t>
+void launch_online_softmax_forward(const Params<scalar_t, acc_t>& p, cudaStream_t stream) {
   const dim3 block(kForwardWarpsPerBlock * kWarpSize);
-  launch_kernel(kernel, warp_grid(p.B * p.Tq * p.splits, kForwardWarpsPerBlock), block, 0,
-                stream, p);
+  launch_kernel(online_softmax_forward_kernel<Scorer<scalar_t, acc_t, VEC>>,
+                warp_grid(p.B * p.Tq * p.splits, kForwardWarpsPerBlock), block, 0, stream, p);
   if (p.splits > 1) {
     launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>,
                   warp_grid(p.B * p.Tq, kForwardWarpsPerBlock), block, 0, stream,

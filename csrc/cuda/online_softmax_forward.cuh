@@ -1,5 +1,5 @@
-// The forward pass shared by the attention ops, everything but the scores. One warp per
-// (row, split), row = (b, t):
+// The forward pass shared by the attention ops, everything but the scores (each op's
+// Scorer). One warp per (row, split), row = (b, t):
 //  - the warp walks its keys in tiles of 32; the op's score of a key is a warp-wide
 //    reduction whose result lane (j - tile start) keeps, so a tile's online-softmax step
 //    (max, rescale, sum) is one warp_max and one warp_sum;
@@ -116,6 +116,16 @@ __device__ __forceinline__ void online_softmax_task(const SoftmaxForwardParams<s
   const acc_t lse = softmax_lse(state);
   if (lane == 0) p.lse[row] = lse;
   if (p.weights != nullptr) write_weights(p, row, b, lse, lane);
+}
+
+// The forward kernel of an op whose score of key j for one row is Scorer(p, row, lane)(j)
+// (dot_attention_forward.cuh, additive_attention_forward.cuh).
+template <typename Scorer>
+__global__ void online_softmax_forward_kernel(const typename Scorer::ForwardParams p) {
+  const int lane = lane_id();
+  const int64_t task = global_warp_id(kForwardWarpsPerBlock);
+  if (task >= p.B * p.Tq * p.splits) return;  // whole warps only
+  online_softmax_task<Scorer::kVec>(p, task, lane, Scorer(p, task / p.splits, lane));
 }
 
 // One warp per row: merges the row's split partials in split order (deterministic).
