@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA kernels compiled as C++ against the CPU emulation of CUDA's execution model
 # (csrc/cuda/emulation.h, ATTENTION_EXT_EMULATE_CUDA=1) and tested against reference.py
-# (tests/test_cuda_emulation.py). No GPU, no CUDA toolkit needed.
+# (tests/test_cuda_emulation.py: dot; tests/test_additive_cuda_emulation.py: additive).
+# No GPU, no CUDA toolkit needed.
 # The build happens in a temporary copy of the source tree, so the normal build in the
 # repo (attention_ext/_C*.so, build/) is left alone; it uses the repo's .venv.
 #
@@ -34,4 +35,5 @@ export PYTHONPATH="$WORK"
 "$PY" -c 'import sys, attention_ext as ae
 sys.exit(0 if ae.build_info()["emulated_cuda"] else
          "test_emulated: imported a build without the emulated ops: " + ae.__file__)'
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_emulation.py "$@"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_emulation.py \
+  tests/test_additive_cuda_emulation.py "$@"

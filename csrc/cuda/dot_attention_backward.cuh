@@ -1,7 +1,6 @@
 // Backward kernels of the dot attention op; deterministic (no atomics), two launches.
-//  phase 1, one warp per row (b, t): recomputes p_j = exp(s_j - lse) and
-//    dp_j = <grad_ctx, v_j> + grad_weights_j, then ds_j = p_j (dp_j - delta), writes p and
-//    ds to scratch and grad_query = scale * sum_j ds_j k_j;
+//  phase 1, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh, scores
+//    recomputed by DotScorer), then grad_query = scale * sum_j ds_j k_j;
 //  phase 2, one warp per key (b, j): grad_keys_j = scale * sum_t ds_tj q_t and
 //    grad_values_j = sum_t p_tj grad_ctx_t, summing t in order.
 // Scratch entries are only written for attending keys and are only read for them; in
@@ -11,47 +10,14 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "attention_ext/math.h"
+#include "dot_attention_forward.cuh"
 #include "dot_attention_params.cuh"
+#include "softmax_backward.cuh"
 #include "vector_io.cuh"
 #include "warp_ops.cuh"
+#include "weighted_row_sum.cuh"
 
 namespace attention_ext {
-
-constexpr int kBackwardWarpsPerBlock = 4;
-
-// out_row = out_scale * sum_n coef_n * src_n over n < count, where lane l's `coef_of(n)`
-// is read for n = n0 + l (n0 a multiple of 32), shuffled to the warp, and zero
-// coefficients skip their source row. Each lane owns chunks lane, lane + 32, ... of out_row.
-template <int VEC, typename scalar_t, typename acc_t, typename CoefOf, typename SrcOf>
-__device__ __forceinline__ void weighted_row_sum(scalar_t* out_row, int64_t chunks,
-                                                 int64_t count, acc_t out_scale, int lane,
-                                                 CoefOf coef_of, SrcOf src_of) {
-  for (int64_t r = 0; r < warp_rounds(chunks); ++r) {
-    const int64_t c = r * kWarpSize + lane;
-    const bool active = c < chunks;
-    acc_t a[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = acc_t(0);
-    for (int64_t n0 = 0; n0 < count; n0 += kWarpSize) {
-      const int tile = static_cast<int>(std::min<int64_t>(kWarpSize, count - n0));
-      const acc_t my_coef = lane < tile ? coef_of(n0 + lane) : acc_t(0);
-      for (int nn = 0; nn < tile; ++nn) {
-        const acc_t w = __shfl_sync(kFullWarpMask, my_coef, nn);
-        if (!active || w == acc_t(0)) continue;
-        acc_t x[VEC];
-        load_chunk<VEC>(src_of(n0 + nn), c, x);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) a[i] += w * x[i];
-      }
-    }
-    if (active) {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) a[i] *= out_scale;
-      store_chunk<VEC>(out_row, c, a);
-    }
-  }
-}
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scalar_t, acc_t> p) {
@@ -59,50 +25,14 @@ __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scala
   const int64_t row = global_warp_id(kBackwardWarpsPerBlock);
   if (row >= p.B * p.Tq) return;
   const int64_t b = row / p.Tq;
-  const int64_t end = p.keymask.end(b);
-  const scalar_t* q = p.query + row * p.D;
-  const scalar_t* g = p.grad_context + row * p.Dv;
-  const scalar_t* keys = p.keys + b * p.S * p.D;
-  const scalar_t* values = p.values + b * p.S * p.Dv;
-  acc_t* probs = p.probs + row * p.S;
-  acc_t* dscores = p.dscores + row * p.S;
-  const acc_t lse = p.lse[row];
-  const int64_t d_chunks = p.D / VEC;
-  const int64_t v_chunks = p.Dv / VEC;
-
-  // p_j and dp_j; lane l keeps key j0 + l of each tile and stores dp in dscores for now.
-  acc_t my_delta = acc_t(0);
-  for (int64_t j0 = 0; j0 < end; j0 += kWarpSize) {
-    const int tile = static_cast<int>(std::min<int64_t>(kWarpSize, end - j0));
-    acc_t my_p = acc_t(0), my_dp = acc_t(0);
-    for (int jj = 0; jj < tile; ++jj) {
-      const int64_t j = j0 + jj;
-      if (!p.keymask.attends(b, j)) continue;  // same for all lanes
-      const acc_t s =
-          p.scale * warp_sum(lane_dot<VEC, scalar_t, acc_t>(q, keys + j * p.D, d_chunks, lane));
-      const acc_t dp =
-          warp_sum(lane_dot<VEC, scalar_t, acc_t>(g, values + j * p.Dv, v_chunks, lane));
-      if (lane == jj) {
-        my_p = prob_from_lse(s, lse);
-        my_dp = dp + (p.grad_weights ? static_cast<acc_t>(p.grad_weights[row * p.S + j])
-                                     : acc_t(0));
-      }
-    }
-    if (lane < tile && p.keymask.attends(b, j0 + lane)) {
-      probs[j0 + lane] = my_p;
-      dscores[j0 + lane] = my_dp;
-    }
-    my_delta += my_p * my_dp;
-  }
-  const acc_t delta = warp_sum(my_delta);
-  for (int64_t j = lane; j < end; j += kWarpSize) {
-    if (p.keymask.attends(b, j)) dscores[j] = softmax_backward(probs[j], dscores[j], delta);
-  }
+  softmax_backward_row<VEC>(p, row, lane, DotScorer<scalar_t, acc_t, VEC>(p, row, lane));
 
   const KeyMask km = p.keymask;
+  const acc_t* dscores = p.dscores + row * p.S;
+  const scalar_t* keys = p.keys + b * p.S * p.D;
   const int64_t D = p.D;
   weighted_row_sum<VEC>(
-      p.grad_query + row * p.D, d_chunks, end, p.scale, lane,
+      p.grad_query + row * p.D, D / VEC, km.end(b), p.scale, lane,
       [=](int64_t j) { return km.attends(b, j) ? dscores[j] : acc_t(0); },
       [=](int64_t j) { return keys + j * D; });
 }

@@ -1,174 +1,39 @@
-// Forward kernels of the dot attention op. One warp per (row, split), row = (b, t):
-//  - the warp walks its keys in tiles of 32; each key's score is a warp-wide dot product
-//    whose result lane (j - tile start) keeps, so a tile's online-softmax step
-//    (max, rescale, sum) is one warp_max and one warp_sum;
-//  - the unnormalised context lives in ctx_acc (float/double workspace); each lane owns
-//    the same Dv chunks throughout, so only shuffles carry data between lanes;
-//  - with one split the warp also finalises (context, lse, weights); with several, each
-//    writes its partial (max, sum, context) and dot_attention_merge_kernel combines the
-//    splits in a fixed order.
+// The dot op's score, score_j = scale * <query_row, key_j>: a warp-wide dot product over
+// D. Its forward kernel is the shared online-softmax pass with this score,
+// online_softmax_forward_kernel<DotScorer<...>> (online_softmax_forward.cuh, which also
+// holds the split-S merge); the backward rows kernel recomputes the scores with it.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 
-#include "attention_ext/math.h"
 #include "dot_attention_params.cuh"
+#include "online_softmax_forward.cuh"
 #include "vector_io.cuh"
 #include "warp_ops.cuh"
 
 namespace attention_ext {
 
-constexpr int kForwardWarpsPerBlock = 4;
-
-// weights[row, j] = exp(score_j - lse), 0 where j does not attend. Lane l handles
-// j = l, l + 32, ...: the lanes that wrote those raw scores in the split-free kernel.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void write_weights(const DotForwardParams<scalar_t, acc_t>& p,
-                                              int64_t row, int64_t b, acc_t lse, int lane) {
-  const int64_t end = p.keymask.end(b);
-  scalar_t* w = p.weights + row * p.S;
-  const acc_t* s = p.scores + row * p.S;
-  for (int64_t j = lane; j < p.S; j += kWarpSize) {
-    const bool att = j < end && p.keymask.attends(b, j);
-    w[j] = static_cast<scalar_t>(att ? prob_from_lse(s[j], lse) : acc_t(0));
-  }
-}
-
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void dot_attention_forward_kernel(const DotForwardParams<scalar_t, acc_t> p) {
-  const int lane = lane_id();
-  const int64_t task = global_warp_id(kForwardWarpsPerBlock);
-  if (task >= p.B * p.Tq * p.splits) return;  // whole warps only
-  const int64_t row = task / p.splits;
-  const int64_t split = task % p.splits;
-  const int64_t b = row / p.Tq;
+struct DotScorer {
+  using ForwardParams = DotForwardParams<scalar_t, acc_t>;
+  static constexpr int kVec = VEC;
 
-  const int64_t j_begin = split * p.split_len;
-  const int64_t j_end = std::min(j_begin + p.split_len, p.keymask.end(b));
-  const scalar_t* q = p.query + row * p.D;
-  const scalar_t* keys = p.keys + b * p.S * p.D;
-  const scalar_t* values = p.values + b * p.S * p.Dv;
-  acc_t* acc = p.ctx_acc + task * p.Dv;
-  const int64_t d_chunks = p.D / VEC;
-  const int64_t v_chunks = p.Dv / VEC;
+  // For row (b, t) of p, a DotForwardParams or DotBackwardParams.
+  template <typename Params>
+  __device__ __forceinline__ DotScorer(const Params& p, int64_t row, int lane_)
+      : q(p.query + row * p.D), keys(p.keys + row / p.Tq * p.S * p.D), D(p.D),
+        scale(p.scale), lane(lane_) {}
 
-  SoftmaxState<acc_t> state = softmax_init<acc_t>();
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += kWarpSize) {
-    const int tile = static_cast<int>(std::min<int64_t>(kWarpSize, j_end - j0));
-    const bool my_att = lane < tile && p.keymask.attends(b, j0 + lane);
-    acc_t my_score = neg_inf<acc_t>();
-    for (int jj = 0; jj < tile; ++jj) {
-      if (!p.keymask.attends(b, j0 + jj)) continue;  // same for all lanes
-      const acc_t s =
-          p.scale * warp_sum(lane_dot<VEC, scalar_t, acc_t>(q, keys + (j0 + jj) * p.D,
-                                                             d_chunks, lane));
-      if (lane == jj) my_score = s;
-    }
-    if (my_att && p.scores != nullptr) p.scores[row * p.S + j0 + lane] = my_score;
-
-    const acc_t tile_max = warp_max(my_score);
-    if (tile_max == neg_inf<acc_t>()) continue;  // nothing attends in this tile
-    const bool had_keys = state.max != neg_inf<acc_t>();
-    const acc_t alpha = softmax_raise_max(state, tile_max);
-    const acc_t my_p = my_att ? ae_exp(my_score - state.max) : acc_t(0);
-    state.sum += warp_sum(my_p);
-
-    // acc = acc * alpha + sum_jj p_jj * v_jj, one read and one write of acc per tile.
-    for (int64_t r = 0; r < warp_rounds(v_chunks); ++r) {
-      const int64_t c = r * kWarpSize + lane;
-      const bool active = c < v_chunks;
-      acc_t a[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        a[i] = (active && had_keys) ? acc[c * VEC + i] * alpha : acc_t(0);
-      }
-      for (int jj = 0; jj < tile; ++jj) {
-        const acc_t pj = __shfl_sync(kFullWarpMask, my_p, jj);
-        // pj == 0: masked (never read its value row) or underflowed (adds nothing).
-        if (!active || pj == acc_t(0)) continue;
-        acc_t v[VEC];
-        load_chunk<VEC>(values + (j0 + jj) * p.Dv, c, v);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) a[i] += pj * v[i];
-      }
-      if (active) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[c * VEC + i] = a[i];
-      }
-    }
+  // Called by every lane of the warp together; the same score in every lane.
+  __device__ __forceinline__ acc_t operator()(int64_t j) const {
+    return scale * warp_sum(lane_dot<VEC, scalar_t, acc_t>(q, keys + j * D, D / VEC, lane));
   }
 
-  if (p.splits > 1) {
-    if (lane == 0) {
-      p.part_max[task] = state.max;
-      p.part_sum[task] = state.sum;
-    }
-    return;
-  }
-  // Single split: finalise. acc was written only if some key attended (sum > 0).
-  const acc_t inv_sum = softmax_inv_sum(state);
-  const bool any = state.sum > acc_t(0);
-  scalar_t* out = p.context + row * p.Dv;
-  for (int64_t c = lane; c < v_chunks; c += kWarpSize) {
-    acc_t a[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = any ? acc[c * VEC + i] * inv_sum : acc_t(0);
-    store_chunk<VEC>(out, c, a);
-  }
-  const acc_t lse = softmax_lse(state);
-  if (lane == 0) p.lse[row] = lse;
-  if (p.weights != nullptr) write_weights(p, row, b, lse, lane);
-}
-
-// One warp per row: merges the row's split partials in split order (deterministic).
-// Lane k holds split k's rescale factor exp(max_k - max); the context is
-// sum_k factor_k * acc_k / sum.
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void dot_attention_merge_kernel(const DotForwardParams<scalar_t, acc_t> p) {
-  const int lane = lane_id();
-  const int64_t row = global_warp_id(kForwardWarpsPerBlock);
-  if (row >= p.B * p.Tq) return;
-  const int64_t b = row / p.Tq;
-  const int splits = static_cast<int>(p.splits);  // <= kMaxSplits = warp size
-  const acc_t* part_max = p.part_max + row * p.splits;
-  const acc_t* part_sum = p.part_sum + row * p.splits;
-
-  SoftmaxState<acc_t> state = softmax_init<acc_t>();
-  for (int k = 0; k < splits; ++k) {
-    const SoftmaxState<acc_t> part{part_max[k], part_sum[k]};
-    acc_t scale_state, scale_part;
-    softmax_merge(state, part, scale_state, scale_part);
-  }
-  // Empty splits (sum 0) never wrote their acc: factor 0 makes the loop below skip them.
-  const acc_t my_factor = (lane < splits && part_sum[lane] > acc_t(0))
-                              ? rescale_factor(part_max[lane], state.max)
-                              : acc_t(0);
-  const acc_t inv_sum = softmax_inv_sum(state);
-  const int64_t v_chunks = p.Dv / VEC;
-  const acc_t* acc = p.ctx_acc + row * p.splits * p.Dv;
-  scalar_t* out = p.context + row * p.Dv;
-  for (int64_t r = 0; r < warp_rounds(v_chunks); ++r) {
-    const int64_t c = r * kWarpSize + lane;
-    const bool active = c < v_chunks;
-    acc_t a[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = acc_t(0);
-    for (int k = 0; k < splits; ++k) {
-      const acc_t f = __shfl_sync(kFullWarpMask, my_factor, k);
-      if (!active || f == acc_t(0)) continue;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) a[i] += f * acc[k * p.Dv + c * VEC + i];
-    }
-    if (active) {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) a[i] *= inv_sum;
-      store_chunk<VEC>(out, c, a);
-    }
-  }
-  const acc_t lse = softmax_lse(state);
-  if (lane == 0) p.lse[row] = lse;
-  if (p.weights != nullptr) write_weights(p, row, b, lse, lane);
-}
+  const scalar_t* q;
+  const scalar_t* keys;
+  int64_t D;
+  acc_t scale;
+  int lane;
+};
 
 }  // namespace attention_ext

@@ -1,0 +1,125 @@
+// Backward kernels of the additive op; deterministic (no atomics), three launches.
+//  rows, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh, scores
+//    recomputed by AdditiveScorer), then per A-chunk
+//    grad_query_proj[a] = v[a] sum_j ds_j (1 - tanh_ja^2) and this row's share of
+//    grad_v[a] = sum_j ds_j tanh_ja; the block adds its warps' shares in warp order
+//    (shared memory) and writes one partial per block;
+//  keys, one warp per key (b, j): grad_keys_proj[a] = v[a] sum_t ds_tj (1 - tanh_ta^2)
+//    and grad_values_j = sum_t p_tj grad_ctx_t, summing t in order;
+//  grad_v, one thread per a: the block partials summed in block order.
+// tanh is recomputed every time (additive_tanh.cuh); scratch is (B, Tq, S), partials
+// (blocks, A): never B x Tq x S x A.
+#pragma once
+
+#include <cstdint>
+
+#include "additive_attention_forward.cuh"
+#include "additive_attention_params.cuh"
+#include "additive_tanh.cuh"
+#include "softmax_backward.cuh"
+#include "vector_io.cuh"
+#include "warp_ops.cuh"
+#include "weighted_row_sum.cuh"
+
+namespace attention_ext {
+
+constexpr int kGradVThreads = 128;
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void additive_attention_backward_rows_kernel(
+    const AdditiveBackwardParams<scalar_t, acc_t> p) {
+  // Shares of grad_v per warp for one round of A-chunks.
+  __shared__ acc_t block_dv[kBackwardWarpsPerBlock][kWarpSize][VEC];
+  const int lane = lane_id();
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int64_t row = global_warp_id(kBackwardWarpsPerBlock);
+  // No early return: every warp takes part in the block's barriers. A warp past the last
+  // row has no keys and contributes zeros.
+  const bool valid = row < p.B * p.Tq;
+  const int64_t b = valid ? row / p.Tq : 0;
+  const int64_t end = valid ? p.keymask.end(b) : 0;
+  const scalar_t* q = p.query_proj + (valid ? row : 0) * p.A;
+  const scalar_t* keys = p.keys_proj + b * p.S * p.A;
+  const int64_t A = p.A;
+  const int64_t a_chunks = A / VEC;
+  if (valid) {
+    softmax_backward_row<VEC>(p, row, lane, AdditiveScorer<scalar_t, acc_t, VEC>(p, row, lane));
+  }
+
+  const KeyMask km = p.keymask;
+  const acc_t* dscores = p.dscores + (valid ? row : 0) * p.S;
+  for (int64_t r = 0; r < warp_rounds(a_chunks); ++r) {
+    const int64_t c = r * kWarpSize + lane;
+    const bool active = valid && c < a_chunks;
+    acc_t dv[VEC];
+    tanh_grad_chunk<VEC>(
+        q, p.v, p.grad_query_proj + row * A, c, active, end, lane,
+        [=](int64_t j) { return km.attends(b, j) ? dscores[j] : acc_t(0); },
+        [=](int64_t j) { return keys + j * A; }, dv);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) block_dv[warp][lane][i] = dv[i];  // 0 when inactive
+    __syncthreads();
+    if (warp == 0 && c < a_chunks) {
+      acc_t sum[VEC] = {};
+      for (int w = 0; w < kBackwardWarpsPerBlock; ++w) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) sum[i] += block_dv[w][lane][i];
+      }
+      acc_t* out = p.grad_v_partials + static_cast<int64_t>(blockIdx.x) * A + c * VEC;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] = sum[i];
+    }
+    __syncthreads();  // block_dv is overwritten by the next round
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void additive_attention_backward_keys_kernel(
+    const AdditiveBackwardParams<scalar_t, acc_t> p) {
+  const int lane = lane_id();
+  const int64_t key = global_warp_id(kBackwardWarpsPerBlock);
+  if (key >= p.B * p.S) return;
+  const int64_t b = key / p.S;
+  const int64_t j = key % p.S;
+  const int64_t A = p.A, S = p.S, Dv = p.Dv;
+  const int64_t a_chunks = A / VEC;
+  const int64_t v_chunks = Dv / VEC;
+  scalar_t* gk = p.grad_keys_proj + key * A;
+  scalar_t* gv = p.grad_values + key * Dv;
+
+  if (j >= p.keymask.end(b) || !p.keymask.attends(b, j)) {
+    const acc_t zero[VEC] = {};
+    for (int64_t c = lane; c < a_chunks; c += kWarpSize) store_chunk<VEC>(gk, c, zero);
+    for (int64_t c = lane; c < v_chunks; c += kWarpSize) store_chunk<VEC>(gv, c, zero);
+    return;
+  }
+  // Column j of the (Tq, S) scratch of batch b, summed over t in order.
+  const acc_t* dscores = p.dscores + b * p.Tq * S + j;
+  const acc_t* probs = p.probs + b * p.Tq * S + j;
+  const scalar_t* q = p.query_proj + b * p.Tq * A;
+  const scalar_t* k = p.keys_proj + key * A;
+  const scalar_t* g = p.grad_context + b * p.Tq * Dv;
+  for (int64_t r = 0; r < warp_rounds(a_chunks); ++r) {
+    const int64_t c = r * kWarpSize + lane;
+    acc_t dv[VEC];  // unused: grad_v is the rows kernel's
+    tanh_grad_chunk<VEC>(
+        k, p.v, gk, c, c < a_chunks, p.Tq, lane, [=](int64_t t) { return dscores[t * S]; },
+        [=](int64_t t) { return q + t * A; }, dv);
+  }
+  weighted_row_sum<VEC>(
+      gv, v_chunks, p.Tq, acc_t(1), lane, [=](int64_t t) { return probs[t * S]; },
+      [=](int64_t t) { return g + t * Dv; });
+}
+
+// grad_v[a] = sum over the rows kernel's blocks of their partials, in block order.
+template <typename scalar_t, typename acc_t>
+__global__ void additive_grad_v_kernel(const acc_t* partials, int64_t blocks, int64_t A,
+                                       scalar_t* grad_v) {
+  const int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a >= A) return;
+  acc_t sum = acc_t(0);
+  for (int64_t k = 0; k < blocks; ++k) sum += partials[k * A + a];
+  grad_v[a] = static_cast<scalar_t>(sum);
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,143 @@
+// CUDA implementation of attention_ext::additive_attention and its backward: argument
+// checks, contiguous inputs, workspace, split-S plan, dtype and vector-width dispatch,
+// launches. The kernels: online_softmax_forward.cuh with the score of
+// additive_attention_forward.cuh, and additive_attention_backward.cuh; what this op
+// shares with the dot op is in host_helpers.cuh and the softmax_* / online_* headers.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "additive_attention_backward.cuh"
+#include "additive_attention_forward.cuh"
+#include "attention_ext/checks.h"
+#include "attention_ext/inputs.h"
+#include "device_context.cuh"
+#include "host_helpers.cuh"
+#include "launch.cuh"
+
+namespace attention_ext {
+namespace {
+
+// Rows, then keys (they read the rows kernel's scratch), then grad_v from the rows
+// kernel's per-block partials; stream order is the only synchronisation needed.
+template <typename scalar_t, typename acc_t, int VEC>
+void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, int64_t row_blocks,
+                     scalar_t* grad_v, cudaStream_t stream) {
+  const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
+  launch_kernel(additive_attention_backward_rows_kernel<scalar_t, acc_t, VEC>,
+                warp_grid(p.B * p.Tq, kBackwardWarpsPerBlock), block, 0, stream, p);
+  launch_kernel(additive_attention_backward_keys_kernel<scalar_t, acc_t, VEC>,
+                warp_grid(p.B * p.S, kBackwardWarpsPerBlock), block, 0, stream, p);
+  launch_kernel(additive_grad_v_kernel<scalar_t, acc_t>,
+                dim3(static_cast<unsigned>(ceil_div(p.A, kGradVThreads))), dim3(kGradVThreads),
+                0, stream, static_cast<const acc_t*>(p.grad_v_partials), row_blocks, p.A,
+                grad_v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
+    const at::Tensor& query_proj_in, const at::Tensor& keys_proj_in, const at::Tensor& v_in,
+    const at::Tensor& values_in, const std::optional<at::Tensor>& lengths_in,
+    const std::optional<at::Tensor>& mask_in, bool need_weights) {
+  const AdditiveShapes s =
+      check_additive_inputs(query_proj_in, keys_proj_in, v_in, values_in, lengths_in, mask_in);
+  const DeviceGuard guard(query_proj_in.device());
+  const AdditiveInputs in = contiguous_additive_inputs(query_proj_in, keys_proj_in, v_in,
+                                                       values_in, lengths_in, mask_in);
+
+  const ForwardBuffers buffers(in.query_proj, s.B, s.Tq, s.S, s.Dv, need_weights);
+  if (buffers.done()) return buffers.outputs();
+  const cudaStream_t stream = current_stream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.query_proj.scalar_type(),
+                                  "additive_attention_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AdditiveForwardParams<scalar_t, acc_t> p{};
+    buffers.bind(p, in.values, in.lengths, in.mask);
+    p.query_proj = in.query_proj.data_ptr<scalar_t>();
+    p.keys_proj = in.keys_proj.data_ptr<scalar_t>();
+    p.v = in.v.data_ptr<scalar_t>();
+    p.A = s.A;
+    constexpr int kVec = vec_width<scalar_t>();
+    if (can_vectorize(kVec, s.A, s.Dv,
+                      {in.query_proj, in.keys_proj, in.v, in.values, buffers.context()})) {
+      launch_online_softmax_forward<AdditiveScorer, kVec>(p, stream);
+    } else {
+      launch_online_softmax_forward<AdditiveScorer, 1>(p, stream);
+    }
+  });
+  return buffers.outputs();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_backward_cuda(
+    const at::Tensor& grad_context_in, const std::optional<at::Tensor>& grad_weights_in,
+    const at::Tensor& query_proj_in, const at::Tensor& keys_proj_in, const at::Tensor& v_in,
+    const at::Tensor& values_in, const std::optional<at::Tensor>& lengths_in,
+    const std::optional<at::Tensor>& mask_in, const at::Tensor& lse_in) {
+  const AdditiveShapes s =
+      check_additive_inputs(query_proj_in, keys_proj_in, v_in, values_in, lengths_in, mask_in);
+  check_additive_backward_extras(grad_context_in, grad_weights_in, lse_in, query_proj_in, s);
+  const DeviceGuard guard(query_proj_in.device());
+  const AdditiveInputs in = contiguous_additive_inputs(query_proj_in, keys_proj_in, v_in,
+                                                       values_in, lengths_in, mask_in);
+  const at::Tensor grad_context = grad_context_in.contiguous();
+  const auto grad_weights = contiguous_opt(grad_weights_in);
+  const at::Tensor lse = lse_in.contiguous();
+
+  const auto opts = in.query_proj.options();
+  at::Tensor grad_query_proj = at::empty({s.B, s.Tq, s.A}, opts);
+  at::Tensor grad_keys_proj = at::empty({s.B, s.S, s.A}, opts);
+  at::Tensor grad_v = at::empty({s.A}, opts);
+  at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, opts);
+  const int64_t rows = s.B * s.Tq;
+  if (rows == 0 || s.S == 0) {  // nothing attends anywhere: all gradients are zero
+    for (at::Tensor* t : {&grad_query_proj, &grad_keys_proj, &grad_v, &grad_values}) t->zero_();
+    return {grad_query_proj, grad_keys_proj, grad_v, grad_values};
+  }
+  const BackwardScratch scratch(in.query_proj, rows, s.S);
+  const int64_t row_blocks = ceil_div(rows, kBackwardWarpsPerBlock);
+  const at::Tensor grad_v_partials =
+      at::empty({row_blocks, s.A}, opts.dtype(acc_dtype_for(in.query_proj.scalar_type())));
+  const cudaStream_t stream = current_stream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.query_proj.scalar_type(),
+                                  "additive_attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AdditiveBackwardParams<scalar_t, acc_t> p{};
+    scratch.bind(p, grad_context, grad_weights, in.values, in.lengths, in.mask, lse,
+                 grad_values);
+    p.query_proj = in.query_proj.data_ptr<scalar_t>();
+    p.keys_proj = in.keys_proj.data_ptr<scalar_t>();
+    p.v = in.v.data_ptr<scalar_t>();
+    p.grad_query_proj = grad_query_proj.data_ptr<scalar_t>();
+    p.grad_keys_proj = grad_keys_proj.data_ptr<scalar_t>();
+    p.grad_v_partials = grad_v_partials.data_ptr<acc_t>();
+    p.A = s.A;
+    scalar_t* gv = grad_v.data_ptr<scalar_t>();
+    constexpr int kVec = vec_width<scalar_t>();
+    if (can_vectorize(kVec, s.A, s.Dv,
+                      {in.query_proj, in.keys_proj, in.v, in.values, grad_context,
+                       grad_query_proj, grad_keys_proj, grad_values})) {
+      launch_backward<scalar_t, acc_t, kVec>(p, row_blocks, gv, stream);
+    } else {
+      launch_backward<scalar_t, acc_t, 1>(p, row_blocks, gv, stream);
+    }
+  });
+  return {grad_query_proj, grad_keys_proj, grad_v, grad_values};
+}
+
+}  // namespace
+}  // namespace attention_ext
+
+// Under the CPU emulation (tests) csrc/emulated/ registers these functions as CPU ops of
+// their own instead: they must never stand in for the real CUDA kernels.
+#ifndef ATTENTION_EXT_CUDA_EMULATION
+TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
+  m.impl("additive_attention", &attention_ext::additive_attention_cuda);
+  m.impl("_additive_attention_backward", &attention_ext::additive_attention_backward_cuda);
+}
+#endif
