@@ -12,6 +12,10 @@
 
 #define ATTENTION_EXT_VERSION "0.1.0"
 
+namespace attention_ext::cpu {
+at::Tensor fast_tanh(const at::Tensor& x);  // csrc/cpu/additive_attention_kernel.cpp
+}
+
 // values = None means the keys are also the values (Luong: both are the encoder states);
 // the backward then returns one combined gradient in grad_keys and an empty grad_values,
 // which saves writing, and autograd adding, a second (B, S, D) gradient.
@@ -56,4 +60,6 @@ PYBIND11_MODULE(_C, mod) {
       },
       "Test-only: force the number of split-S chunks (0 = automatic).");
   mod.def("_forced_splits", &attention_ext::forced_splits);
+  mod.def("_fast_tanh", &attention_ext::cpu::fast_tanh,
+          "Test-only: the CPU kernels' vectorised float32 tanh, elementwise.");
 }

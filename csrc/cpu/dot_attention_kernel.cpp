@@ -1,14 +1,12 @@
 // CPU kernels of attention_ext::dot_attention and its backward.
 //
-// Forward: one pass per (batch, query) row with a blocked online softmax: scores of a block
-// of keys, one rescale of the running context per block, then the block's context updates
-// while its rows are still in L1 (PERF_NOTES item 4). Positions past `lengths` are never
-// read. Rows are spread over threads; when there are fewer rows than threads the source is
-// split and the partial states merged by log-sum-exp in a fixed order.
+// Forward: the blocked online softmax of blocked_softmax.h with the scaled dot product as
+// its score (register-blocked query x key tiles, gemm_tiles.h).
 //
-// Backward (deterministic, no atomics): phase 1, per row, recomputes the probabilities from
-// the saved log-sum-exp, writes P and dS (B x Tq x S) and grad_query; phase 2, per source
-// position, sums over the queries for grad_keys and grad_values.
+// Backward (deterministic, no atomics): phase 1, per query tile, recomputes the
+// probabilities from the saved log-sum-exp, writes P and dS (B x Tq x S) and grad_query;
+// phase 2, per tile of source positions, sums over the queries for grad_keys and
+// grad_values.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,250 +18,23 @@
 
 #include "attention_ext/checks.h"
 #include "attention_ext/inputs.h"
-#include "attention_ext/math.h"
-#include "attention_ext/tuning.h"
-#include "gemm_tiles.h"
-#include "vec_ops.h"
+#include "blocked_softmax.h"
 
 namespace attention_ext {
 namespace cpu {
 namespace {
 
-// Keys per online-softmax block: 16 rows of D=512 floats (32 KB) stay in L1 between the
-// score and the context pass.
-constexpr int64_t kBlock = 16;
-// Fewest keys worth a split of their own when rows are too few to fill the threads.
-constexpr int64_t kMinKeysPerSplit = 32;
-
-// Which source positions attend: j < lengths[b], or mask[b, j], or all.
-struct Positions {
-  const int64_t* lengths;
-  const bool* mask;
-  int64_t S;
-
-  int64_t limit(int64_t b) const { return lengths ? lengths[b] : S; }
-
-  // Attending positions in [j0, j1), compacted into idx; returns how many.
-  int64_t gather(int64_t b, int64_t j0, int64_t j1, int64_t* idx) const {
-    int64_t n = 0;
-    if (mask) {
-      const bool* m = mask + b * S;
-      for (int64_t j = j0; j < j1; ++j)
-        if (m[j]) idx[n++] = j;
-    } else {
-      for (int64_t j = j0; j < j1; ++j) idx[n++] = j;
-    }
-    return n;
-  }
-};
-
-template <typename scalar_t>
-struct Problem {
-  const scalar_t* q;  // (B, Tq, D)
-  const scalar_t* k;  // (B, S, D)
-  const scalar_t* v;  // (B, S, Dv)
-  bool v_is_k;
-  int64_t B, Tq, S, D, Dv;
-  Positions pos;
-};
-
-// Pointers to rows idx[0..n) of a (S, width) matrix in the accumulation type: the rows
-// themselves when no conversion is needed, else converted copies in buf.
-template <typename scalar_t, typename acc_t>
-inline void rows_as_acc(const scalar_t* mat, const int64_t* idx, int64_t n, int64_t width,
-                        acc_t* buf, const acc_t** rows) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* src = mat + idx[i] * width;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      rows[i] = src;
-    } else {
-      to_acc(src, buf + i * width, width);
-      rows[i] = buf + i * width;
-    }
-  }
-}
-
-// The row in the accumulation type (a pointer into the input when no conversion).
-template <typename scalar_t, typename acc_t>
-inline const acc_t* row_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    to_acc(src, buf, n);
-    return buf;
-  }
-}
-
-// A tile is up to kTile consecutive query rows of one batch element: they share every
-// key block loaded into cache.
-constexpr int64_t kTile = 4;
-
-// Per-thread working memory, sized once per parallel chunk.
+// score = scale * <q, k> for a tile of query rows against a block of key rows.
 template <typename acc_t>
-struct Scratch {
-  std::vector<int64_t> idx;
-  std::vector<acc_t> s, p, kbuf, vbuf, q, g, acc;
-  std::vector<const acc_t*> krows, vrows, qrows, grows;
-  std::vector<acc_t*> accrows;
-  Scratch(int64_t D, int64_t Dv)
-      : idx(kBlock), s(kTile * kBlock), p(kTile * kBlock), kbuf(kBlock * D),
-        vbuf(kBlock * Dv), q(kTile * D), g(kTile * Dv), acc(kTile * Dv), krows(kBlock),
-        vrows(kBlock), qrows(kTile), grows(kTile), accrows(kTile) {
-    for (int64_t m = 0; m < kTile; ++m) accrows[m] = acc.data() + m * Dv;
+struct DotScore {
+  acc_t scale;
+  void operator()(const acc_t* const* q, int64_t M, const acc_t* const* k, int64_t n,
+                  int64_t D, acc_t* out) const {
+    nt_tile(q, M, k, n, D, out, kBlock);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < n; ++i) out[m * kBlock + i] *= scale;
   }
 };
-
-// Loads the attending key (and value) rows of block [jb, je) of batch b into w.krows /
-// w.vrows; returns how many.
-template <typename scalar_t, typename acc_t>
-inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, int64_t je,
-                          bool with_values, Scratch<acc_t>& w) {
-  const int64_t n = pb.pos.gather(b, jb, je, w.idx.data());
-  if (n == 0) return 0;
-  rows_as_acc(pb.k + b * pb.S * pb.D, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
-  if (!with_values) return n;
-  if (pb.v_is_k) {
-    std::copy(w.krows.begin(), w.krows.begin() + n, w.vrows.begin());
-  } else {
-    rows_as_acc(pb.v + b * pb.S * pb.Dv, w.idx.data(), n, pb.Dv, w.vbuf.data(),
-                w.vrows.data());
-  }
-  return n;
-}
-
-// Online softmax over the attending keys of [j0, j1) for the M query rows w.qrows of batch
-// b. Accumulates the unnormalised contexts into w.accrows (zeroed by the caller), leaves
-// each row's state in st, and, when scores is given (row stride S), stores each attending
-// score at its position.
-template <typename scalar_t, typename acc_t>
-void forward_range(const Problem<scalar_t>& pb, int64_t b, int64_t M, acc_t scale, int64_t j0,
-                   int64_t j1, acc_t* scores, SoftmaxState<acc_t>* st, Scratch<acc_t>& w) {
-  for (int64_t m = 0; m < M; ++m) st[m] = softmax_init<acc_t>();
-  for (int64_t jb = j0; jb < j1; jb += kBlock) {
-    const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, j1), true, w);
-    if (n == 0) continue;
-    nt_tile(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data(), kBlock);
-    for (int64_t m = 0; m < M; ++m) {
-      acc_t* sm = w.s.data() + m * kBlock;
-      acc_t* pm = w.p.data() + m * kBlock;
-      acc_t block_max = neg_inf<acc_t>();
-      for (int64_t i = 0; i < n; ++i) {
-        sm[i] *= scale;
-        block_max = ae_max(block_max, sm[i]);
-        if (scores) scores[m * pb.S + w.idx[i]] = sm[i];
-      }
-      const acc_t alpha = softmax_raise_max(st[m], block_max);
-      if (alpha != acc_t(1)) scale_inplace(w.accrows[m], alpha, pb.Dv);
-      std::copy(sm, sm + n, pm);
-      exp_shifted_inplace(pm, st[m].max, n);
-      for (int64_t i = 0; i < n; ++i) st[m].sum += pm[i];
-    }
-    nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data());
-  }
-}
-
-// weights[j] = exp(score_j - lse) for attending j, 0 elsewhere; scores_row holds -inf at
-// positions that do not attend.
-template <typename scalar_t, typename acc_t>
-void write_weights(acc_t* scores_row, acc_t lse, int64_t limit, int64_t S, scalar_t* out) {
-  if (lse == neg_inf<acc_t>()) {
-    std::fill(out, out + S, scalar_t(0));
-    return;
-  }
-  exp_shifted_inplace(scores_row, lse, limit);
-  from_acc_scaled(scores_row, acc_t(1), out, limit);
-  std::fill(out + limit, out + S, scalar_t(0));
-}
-
-// Points w.qrows at the M query rows starting at row r (converted when needed).
-template <typename scalar_t, typename acc_t>
-inline void load_queries(const scalar_t* rows, int64_t r, int64_t M, int64_t width,
-                         acc_t* buf, const acc_t** out) {
-  for (int64_t m = 0; m < M; ++m) {
-    out[m] = row_as_acc<scalar_t, acc_t>(rows + (r + m) * width, width, buf + m * width);
-  }
-}
-
-template <typename scalar_t>
-void forward_impl(const Problem<scalar_t>& pb, double scale_d, scalar_t* context,
-                  scalar_t* weights, at::opmath_type<scalar_t>* lse) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t scale = static_cast<acc_t>(scale_d);
-  const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
-  const int64_t tiles = pb.B * tiles_per_b;
-  const int64_t threads = at::get_num_threads();
-
-  int64_t splits = forced_splits();
-  if (splits == 0) {
-    splits = tiles >= threads ? 1
-                              : std::min((threads + tiles - 1) / tiles,
-                                         (pb.S + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
-  }
-  splits = std::max<int64_t>(1, std::min(splits, pb.S));
-  // Row r's scores: per-thread when one task owns the row, shared across splits otherwise.
-  std::vector<acc_t> shared_scores(weights && splits > 1 ? pb.B * pb.Tq * pb.S : 0);
-  std::vector<SoftmaxState<acc_t>> part_state(splits > 1 ? pb.B * pb.Tq * splits : 0);
-  std::vector<acc_t> part_acc(splits > 1 ? pb.B * pb.Tq * splits * pb.Dv : 0);
-
-  at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> w(pb.D, pb.Dv);
-    std::vector<acc_t> own_scores(weights && splits == 1 ? kTile * pb.S : 0);
-    SoftmaxState<acc_t> st[kTile];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t tile = task / splits, sp = task % splits;
-      const int64_t b = tile / tiles_per_b;
-      const int64_t t0 = (tile % tiles_per_b) * kTile;
-      const int64_t M = std::min(kTile, pb.Tq - t0);
-      const int64_t r0 = b * pb.Tq + t0;
-      const int64_t limit = pb.pos.limit(b);
-      const int64_t chunk = (limit + splits - 1) / splits;
-      const int64_t j0 = std::min(limit, sp * chunk), j1 = std::min(limit, j0 + chunk);
-      load_queries(pb.q, r0, M, pb.D, w.q.data(), w.qrows.data());
-      std::fill(w.acc.begin(), w.acc.end(), acc_t(0));
-      acc_t* scores = nullptr;
-      if (weights) {
-        scores = splits == 1 ? own_scores.data() : shared_scores.data() + r0 * pb.S;
-        for (int64_t m = 0; m < M; ++m)
-          std::fill(scores + m * pb.S + j0, scores + m * pb.S + j1, neg_inf<acc_t>());
-      }
-      forward_range(pb, b, M, scale, j0, j1, scores, st, w);
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t r = r0 + m;
-        if (splits == 1) {
-          lse[r] = softmax_lse(st[m]);
-          from_acc_scaled(w.accrows[m], softmax_inv_sum(st[m]), context + r * pb.Dv, pb.Dv);
-          if (weights)
-            write_weights(scores + m * pb.S, lse[r], limit, pb.S, weights + r * pb.S);
-        } else {
-          part_state[r * splits + sp] = st[m];
-          std::copy_n(w.accrows[m], pb.Dv, part_acc.begin() + (r * splits + sp) * pb.Dv);
-        }
-      }
-    }
-  });
-  if (splits == 1) return;
-
-  // Split-S merge: each row walks its splits in order (deterministic).
-  at::parallel_for(0, pb.B * pb.Tq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(pb.Dv);
-    for (int64_t r = begin; r < end; ++r) {
-      SoftmaxState<acc_t> st = part_state[r * splits];
-      std::copy_n(part_acc.begin() + r * splits * pb.Dv, pb.Dv, acc.begin());
-      for (int64_t sp = 1; sp < splits; ++sp) {
-        acc_t scale_a, scale_b;
-        softmax_merge(st, part_state[r * splits + sp], scale_a, scale_b);
-        scale_inplace(acc.data(), scale_a, pb.Dv);
-        axpy1(acc.data(), scale_b, part_acc.data() + (r * splits + sp) * pb.Dv, pb.Dv);
-      }
-      lse[r] = softmax_lse(st);
-      from_acc_scaled(acc.data(), softmax_inv_sum(st), context + r * pb.Dv, pb.Dv);
-      if (weights) {
-        write_weights(shared_scores.data() + r * pb.S, lse[r], pb.pos.limit(r / pb.Tq), pb.S,
-                      weights + r * pb.S);
-      }
-    }
-  });
-}
 
 // Phase 1 of backward for the query tiles [begin, end): P, dS and grad_query. q_acc/g_acc
 // receive the rows in the accumulation type when phase 2 needs converted copies.
@@ -276,8 +47,9 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
                     int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
+  const DotScore<acc_t> score{scale};
   Scratch<acc_t> w(pb.D, pb.Dv);
-  std::vector<acc_t> dq(kTile * pb.D), dp(kTile * kBlock);
+  std::vector<acc_t> dq(kTile * pb.D);
   acc_t* dqrows[kTile];
   for (int64_t m = 0; m < kTile; ++m) dqrows[m] = dq.data() + m * pb.D;
   for (int64_t tile = begin; tile < end; ++tile) {
@@ -286,101 +58,20 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
     const int64_t M = std::min(kTile, pb.Tq - t0);
     const int64_t r0 = b * pb.Tq + t0;
     const int64_t limit = pb.pos.limit(b);
-    std::fill(P + r0 * pb.S, P + (r0 + M) * pb.S, acc_t(0));
-    std::fill(dS + r0 * pb.S, dS + (r0 + M) * pb.S, acc_t(0));
-    load_queries(pb.q, r0, M, pb.D, q_acc ? q_acc + r0 * pb.D : w.q.data(), w.qrows.data());
-    load_queries(grad_ctx, r0, M, pb.Dv, g_acc ? g_acc + r0 * pb.Dv : w.g.data(), w.grows.data());
-    acc_t delta[kTile] = {};
-    for (int64_t jb = 0; jb < limit; jb += kBlock) {
-      const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, limit), true, w);
-      if (n == 0) continue;
-      nt_tile(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data(), kBlock);
-      nt_tile(w.grows.data(), M, w.vrows.data(), n, pb.Dv, dp.data(), kBlock);
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t r = r0 + m;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t j = w.idx[i];
-          const acc_t p = prob_from_lse(w.s[m * kBlock + i] * scale, lse[r]);
-          acc_t dpi = dp[m * kBlock + i];
-          if (grad_w) dpi += static_cast<acc_t>(grad_w[r * pb.S + j]);
-          P[r * pb.S + j] = p;
-          dS[r * pb.S + j] = dpi;  // becomes dS once delta is known
-          delta[m] += p * dpi;
-        }
-      }
-    }
+    softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS,
+                      q_acc ? q_acc + r0 * pb.D : w.q.data(),
+                      g_acc ? g_acc + r0 * pb.Dv : w.g.data(), w);
+    // grad_query = scale * dS K, a block of keys at a time.
     std::fill(dq.begin(), dq.end(), acc_t(0));
     for (int64_t jb = 0; jb < limit; jb += kBlock) {
       const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, limit), false, w);
       if (n == 0) continue;
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t r = r0 + m;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t j = w.idx[i];
-          dS[r * pb.S + j] = softmax_backward(P[r * pb.S + j], dS[r * pb.S + j], delta[m]);
-          w.p[m * kBlock + i] = dS[r * pb.S + j];
-        }
-      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < n; ++i) w.p[m * kBlock + i] = dS[(r0 + m) * pb.S + w.idx[i]];
       nn_tile(M, n, w.p.data(), kBlock, 1, w.krows.data(), pb.D, dqrows);
     }
     for (int64_t m = 0; m < M; ++m)
       from_acc_scaled(dqrows[m], scale, grad_q + (r0 + m) * pb.D, pb.D);
-  }
-}
-
-// Phase 2 of backward for tiles of kTile source positions of one batch element:
-// grad_keys[b, j] = scale * sum_t dS[b, t, j] q[b, t]; grad_values[b, j] = sum_t P g.
-// grad_v == nullptr: the keys are the values and grad_keys receives both sums.
-template <typename scalar_t>
-void backward_sources(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale,
-                      const at::opmath_type<scalar_t>* q_rows,
-                      const at::opmath_type<scalar_t>* g_rows,
-                      const at::opmath_type<scalar_t>* P, const at::opmath_type<scalar_t>* dS,
-                      scalar_t* grad_k, scalar_t* grad_v, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tiles_per_b = (pb.S + kTile - 1) / kTile;
-  std::vector<acc_t> gk(kTile * pb.D), gv(kTile * pb.Dv);
-  std::vector<const acc_t*> qr(pb.Tq), gr(pb.Tq);
-  acc_t* gkrows[kTile];
-  acc_t* gvrows[kTile];
-  for (int64_t m = 0; m < kTile; ++m) {
-    gkrows[m] = gk.data() + m * pb.D;
-    gvrows[m] = gv.data() + m * pb.Dv;
-  }
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const int64_t b = tile / tiles_per_b;
-    const int64_t j0 = (tile % tiles_per_b) * kTile;
-    const int64_t limit = pb.pos.limit(b);
-    // Positions past the length are never attended: zero gradient, nothing to read.
-    const int64_t M = std::max<int64_t>(0, std::min(kTile, limit - j0));
-    const int64_t last = std::min(kTile, pb.S - j0);
-    std::fill(grad_k + (b * pb.S + j0 + M) * pb.D, grad_k + (b * pb.S + j0 + last) * pb.D,
-              scalar_t(0));
-    if (grad_v) {
-      std::fill(grad_v + (b * pb.S + j0 + M) * pb.Dv, grad_v + (b * pb.S + j0 + last) * pb.Dv,
-                scalar_t(0));
-    }
-    if (M == 0) continue;
-    for (int64_t t = 0; t < pb.Tq; ++t) {
-      qr[t] = q_rows + (b * pb.Tq + t) * pb.D;
-      gr[t] = g_rows + (b * pb.Tq + t) * pb.Dv;
-    }
-    std::fill(gk.begin(), gk.end(), acc_t(0));
-    std::fill(gv.begin(), gv.end(), acc_t(0));
-    // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
-    const int64_t base = b * pb.Tq * pb.S + j0;
-    nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr.data(), pb.D, gkrows);
-    if (!grad_v) {
-      for (int64_t m = 0; m < M; ++m) scale_inplace(gkrows[m], scale, pb.D);
-      nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gkrows);
-    } else {
-      nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gvrows);
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t bj = b * pb.S + j0 + m;
-      from_acc_scaled(gkrows[m], grad_v ? scale : acc_t(1), grad_k + bj * pb.D, pb.D);
-      if (grad_v) from_acc_scaled(gvrows[m], acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
-    }
   }
 }
 
@@ -418,9 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
                                   "dot_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto pb = make_problem<scalar_t>(in, s);
-    forward_impl<scalar_t>(pb, scale, context.data_ptr<scalar_t>(),
-                           need_weights ? weights.data_ptr<scalar_t>() : nullptr,
-                           lse.data_ptr<acc_t>());
+    blocked_softmax_forward(pb, DotScore<acc_t>{static_cast<acc_t>(scale)},
+                            context.data_ptr<scalar_t>(),
+                            need_weights ? weights.data_ptr<scalar_t>() : nullptr,
+                            lse.data_ptr<acc_t>());
   });
   return {context, weights, lse};
 }
@@ -471,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
                               convert ? g_acc.data() : nullptr, begin, end);
     };
     auto phase2 = [&](int64_t begin, int64_t end) {
-      backward_sources<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(),
+      source_grad_tiles<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(),
                                  grad_k.data_ptr<scalar_t>(),
                                  combined ? nullptr : grad_v.data_ptr<scalar_t>(),
                                  begin, end);

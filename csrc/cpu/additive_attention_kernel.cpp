@@ -1,0 +1,248 @@
+// CPU kernels of attention_ext::additive_attention and its backward.
+//
+// Forward: the blocked online softmax of blocked_softmax.h with v . tanh(q + k) as its
+// score (vec_tanh.h): per tile of up to kTile queries and block of keys, each key vector is
+// loaded once for the whole tile. No B x Tq x S x A tensor exists: tanh is consumed where
+// it is computed.
+//
+// Backward (deterministic, no atomics), tanh recomputed from the inputs:
+//   1. per query tile: P from the saved log-sum-exp and dS (B x Tq x S), as the dot op;
+//   2. per (batch element, column block of A): grad_query_proj and grad_keys_proj of those
+//      columns, and that batch element's partial of grad_v; one task owns each output
+//      element, and the partials of grad_v are summed over the batch in a fixed order;
+//   3. per tile of source positions: grad_values = P^T grad_context.
+// float16/bfloat16 are converted to float32 once for the backward (O(inputs) memory).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention_ext/checks.h"
+#include "attention_ext/inputs.h"
+#include "blocked_softmax.h"
+#include "vec_tanh.h"
+
+namespace attention_ext {
+namespace cpu {
+namespace {
+
+// Columns of A per backward task: several vectors, so a task amortises its setup, and
+// B x A / kGradColumns tasks balance the threads.
+constexpr int64_t kGradColumns = 64;
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const AdditiveInputs& in, const AdditiveShapes& s) {
+  return Problem<scalar_t>{in.query_proj.data_ptr<scalar_t>(),
+                           in.keys_proj.data_ptr<scalar_t>(),
+                           in.values.data_ptr<scalar_t>(),
+                           false,
+                           s.B,
+                           s.Tq,
+                           s.S,
+                           s.A,
+                           s.Dv,
+                           Positions{in.lengths ? in.lengths->data_ptr<int64_t>() : nullptr,
+                                     in.mask ? in.mask->data_ptr<bool>() : nullptr, s.S}};
+}
+
+// Phase 2 for batch element b and columns [c0, c1) of A, h = tanh(q[t, a] + k[j, a]):
+//   grad_k[b, j, a] = sum_t dS[t, j] v[a] (1 - h^2)  (summed in registers, written once)
+//   grad_q[b, t, a] = sum_j dS[t, j] v[a] (1 - h^2)  (gq_buf: Tq x kGradColumns, in L1)
+//   gv_part[a]      = sum_j sum_t dS[t, j] h
+// Keys are walked in order, each row segment read once; keys that do not attend get a
+// zero gradient without being read.
+template <typename T>
+void tanh_grad_task(const Problem<T>& pb, const T* v, const T* dS, int64_t b, int64_t c0,
+                    int64_t c1, T* grad_q, T* grad_k, T* gv_part, T* gq_buf, T* gv_buf) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const int64_t A = pb.D, S = pb.S, Tq = pb.Tq;
+  const int64_t width = c1 - c0, limit = pb.pos.limit(b);
+  const T* q = pb.q + b * Tq * A + c0;
+  const T* dSb = dS + b * Tq * S;
+  std::fill(gq_buf, gq_buf + Tq * kGradColumns, T(0));
+  std::fill(gv_buf, gv_buf + kGradColumns, T(0));
+  for (int64_t j = 0; j < S; ++j) {
+    T* gk_row = grad_k + (b * S + j) * A + c0;
+    if (j >= limit || !pb.pos.attends(b, j)) {
+      std::fill(gk_row, gk_row + width, T(0));
+      continue;
+    }
+    const T* k_row = pb.k + (b * S + j) * A + c0;
+    for (int64_t c = 0; c < width; c += W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, width - c));
+      const V kv = V::loadu(k_row + c, lanes), vv = V::loadu(v + c0 + c, lanes);
+      V gk(T(0)), gv(T(0));
+      for (int64_t t = 0; t < Tq; ++t) {
+        const V d(dSb[t * S + j]);
+        const V h = vec_tanh(V::loadu(q + t * A + c, lanes) + kv);
+        gv = at::vec::fmadd(d, h, gv);
+        const V u = d * vv;
+        const V g = at::vec::fnmadd(u * h, h, u);  // dS v (1 - h^2)
+        gk = gk + g;
+        T* gq = gq_buf + t * kGradColumns + c;
+        (V::loadu(gq) + g).store(gq);
+      }
+      gk.store(gk_row + c, lanes);
+      (V::loadu(gv_buf + c) + gv).store(gv_buf + c);
+    }
+  }
+  for (int64_t t = 0; t < Tq; ++t)
+    std::copy_n(gq_buf + t * kGradColumns, width, grad_q + (b * Tq + t) * A + c0);
+  std::copy_n(gv_buf, width, gv_part + c0);
+}
+
+// The backward in the accumulation type T (float or double); inputs already contiguous
+// and converted. Gradients are written into T tensors of the inputs' shapes.
+template <typename T>
+void backward_impl(const Problem<T>& pb, const T* v, const T* grad_ctx, const T* grad_w,
+                   const T* lse, T* grad_q, T* grad_k, T* grad_v, T* grad_values) {
+  const int64_t B = pb.B, Tq = pb.Tq, S = pb.S, A = pb.D;
+  const int64_t rows = B * Tq;
+  const TanhScore<T> score{v};
+  std::vector<T> P(rows * S), dS(rows * S);
+
+  const int64_t q_tiles_per_b = (Tq + kTile - 1) / kTile;
+  const int64_t col_blocks = (A + kGradColumns - 1) / kGradColumns;
+  const int64_t src_tiles_per_b = (S + kTile - 1) / kTile;
+  std::vector<T> gv_part(B * A);
+
+  // 1. P and dS per query tile.
+  auto phase1 = [&](int64_t begin, int64_t end) {
+    Scratch<T> w(pb.D, pb.Dv);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P.data(), dS.data(),
+                        w.q.data(), w.g.data(), w);
+    }
+  };
+  // 2. The tanh backward per (b, column block), with grad_v's partial per batch element.
+  auto phase2 = [&](int64_t begin, int64_t end) {
+    std::vector<T> gq_buf(Tq * kGradColumns), gv_buf(kGradColumns);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / col_blocks, c0 = (task % col_blocks) * kGradColumns;
+      tanh_grad_task(pb, v, dS.data(), b, c0, std::min(A, c0 + kGradColumns), grad_q, grad_k,
+                     gv_part.data() + b * A, gq_buf.data(), gv_buf.data());
+    }
+  };
+  // 3. grad_values = P^T grad_context per tile of source positions.
+  auto phase3 = [&](int64_t begin, int64_t end) {
+    source_grad_tiles<T>(pb, T(1), nullptr, grad_ctx, P.data(), nullptr, nullptr, grad_values,
+                         begin, end);
+  };
+  if (B >= at::get_num_threads()) {
+    // A batch element's three phases run back to back on one thread, while its keys,
+    // values and P/dS rows are still in that core's L2.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        phase1(b * q_tiles_per_b, (b + 1) * q_tiles_per_b);
+        phase2(b * col_blocks, (b + 1) * col_blocks);
+        phase3(b * src_tiles_per_b, (b + 1) * src_tiles_per_b);
+      }
+    });
+  } else {
+    at::parallel_for(0, B * q_tiles_per_b, 1, phase1);
+    at::parallel_for(0, B * col_blocks, 1, phase2);
+    at::parallel_for(0, B * src_tiles_per_b, 1, phase3);
+  }
+  // grad_v = sum over b in order: the same bits for any thread count.
+  at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t a0 = begin * kGradColumns, a1 = std::min(A, end * kGradColumns);
+    std::fill(grad_v + a0, grad_v + a1, T(0));
+    for (int64_t b = 0; b < B; ++b) axpy1(grad_v + a0, T(1), gv_part.data() + b * A + a0, a1 - a0);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cpu(
+    const at::Tensor& query_proj, const at::Tensor& keys_proj, const at::Tensor& v,
+    const at::Tensor& values, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& mask, bool need_weights) {
+  const AdditiveShapes s = check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+  const auto opts = query_proj.options();
+  const auto acc_dtype = query_proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor context = at::empty({s.B, s.Tq, s.Dv}, opts);
+  at::Tensor weights = need_weights ? at::empty({s.B, s.Tq, s.S}, opts) : at::empty({0}, opts);
+  at::Tensor lse = at::empty({s.B, s.Tq}, opts.dtype(acc_dtype));
+  if (s.B * s.Tq == 0) return {context, weights, lse};
+
+  const AdditiveInputs in =
+      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+  const at::Tensor v_acc = in.v.to(acc_dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query_proj.scalar_type(),
+                                  "additive_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    blocked_softmax_forward(make_problem<scalar_t>(in, s), TanhScore<acc_t>{v_acc.data_ptr<acc_t>()},
+                            context.data_ptr<scalar_t>(),
+                            need_weights ? weights.data_ptr<scalar_t>() : nullptr,
+                            lse.data_ptr<acc_t>());
+  });
+  return {context, weights, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_backward_cpu(
+    const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& query_proj, const at::Tensor& keys_proj, const at::Tensor& v,
+    const at::Tensor& values, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& mask, const at::Tensor& lse) {
+  const AdditiveShapes s = check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+  check_additive_backward_extras(grad_context, grad_weights, lse, query_proj, s);
+  const auto dtype = query_proj.scalar_type();
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = query_proj.options().dtype(acc_dtype);
+  if (s.B * s.Tq == 0) {
+    return {at::empty_like(query_proj, at::MemoryFormat::Contiguous), at::zeros_like(keys_proj),
+            at::zeros_like(v), at::zeros_like(values)};
+  }
+  // Everything in the accumulation type: the tanh work dwarfs one conversion of the inputs.
+  auto acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
+  AdditiveInputs in = contiguous_additive_inputs(acc(query_proj), acc(keys_proj), acc(v),
+                                                 acc(values), lengths, mask);
+  const at::Tensor gc = acc(grad_context);
+  const auto gw = grad_weights ? std::optional<at::Tensor>(acc(*grad_weights)) : std::nullopt;
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor grad_q = at::empty({s.B, s.Tq, s.A}, acc_opts);
+  at::Tensor grad_k = at::empty({s.B, s.S, s.A}, acc_opts);
+  at::Tensor grad_v = at::empty({s.A}, acc_opts);
+  at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "additive_attention_backward_cpu", [&] {
+    backward_impl<scalar_t>(make_problem<scalar_t>(in, s), in.v.data_ptr<scalar_t>(),
+                            gc.data_ptr<scalar_t>(), gw ? gw->data_ptr<scalar_t>() : nullptr,
+                            lse_c.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
+                            grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
+                            grad_values.data_ptr<scalar_t>());
+  });
+  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_values.to(dtype)};
+}
+
+}  // namespace
+
+// Test hook (pybind: attention_ext._C._fast_tanh): the kernels' vectorised float32 tanh,
+// elementwise, so its accuracy can be checked against torch.tanh.
+at::Tensor fast_tanh(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  using V = Vectorized<float>;
+  const float* src = in.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = in.numel();
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) vec_tanh(V::loadu(src + i)).store(dst + i);
+  if (i < n) {
+    const int rest = static_cast<int>(n - i);
+    vec_tanh(V::loadu(src + i, rest)).store(dst + i, rest);
+  }
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace attention_ext
+
+TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
+  m.impl("additive_attention", &attention_ext::cpu::additive_attention_cpu);
+  m.impl("_additive_attention_backward", &attention_ext::cpu::additive_attention_backward_cpu);
+}
