@@ -306,17 +306,29 @@ SPLIT_SHAPES = [
 ]
 
 
+# lengths32 is left out here: the kernels see int64 lengths either way (inputs.h), and
+# test_parity covers the conversion.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=dtype_id)
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("mask_kind", ["none", "lengths64", "mask"])
 @pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES], ids=_ids(SPLIT_SHAPES))
 @pytest.mark.parametrize("forced_splits", [1, 2, 3, 7], indirect=True)
 def test_split_s_parity(forced_splits, shape, mask_kind, dtype, device):
     assert attention_ext._C._forced_splits() == forced_splits
     case = make_additive_case(**shape, dtype=dtype, device=device, seed=63, mask_kind=mask_kind)
     check_additive_parity(case)
-    check_additive_parity(case, need_weights=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("mask_kind", ["lengths64", "mask"])
+@pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES[:3]], ids=_ids(SPLIT_SHAPES[:3]))
+@pytest.mark.parametrize("forced_splits", [2, 7], indirect=True)
+def test_split_s_no_weights(forced_splits, shape, mask_kind, dtype, device):
+    """need_weights=False with splits: no weights written, the context merged alone."""
+    case = make_additive_case(**shape, dtype=dtype, device=device, seed=63, mask_kind=mask_kind)
+    assert check_additive_parity(case, need_weights=False)["weights"] is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
