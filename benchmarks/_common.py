@@ -118,6 +118,9 @@ def machine_info(device: str, build_info: dict | None = None) -> Dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "platform": platform.platform(),
     }
+    if hasattr(os, "getloadavg"):
+        # Other processes on the cores stretch every parallel region: say so in the table.
+        info["load average (1/5/15 min, at start)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if build_info is not None:
         info["attention_ext"] = ", ".join(f"{k}={v}" for k, v in build_info.items())
     if str(device).startswith("cuda") and torch.cuda.is_available():
