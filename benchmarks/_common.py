@@ -118,6 +118,9 @@ def machine_info(device: str, build_info: dict | None = None) -> Dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "platform": platform.platform(),
     }
+    if hasattr(os, "getloadavg"):
+        # Other processes on the cores stretch every parallel region: say so in the table.
+        info["load average (1/5/15 min, at start)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if build_info is not None:
         info["attention_ext"] = ", ".join(f"{k}={v}" for k, v in build_info.items())
     if str(device).startswith("cuda") and torch.cuda.is_available():
@@ -160,3 +163,38 @@ def set_compile_cache_limit(n: int = 64) -> None:
                  "accumulated_recompile_limit"):
         if hasattr(cfg, attr):
             setattr(cfg, attr, max(getattr(cfg, attr), n))
+
+
+# ----------------------------------------------------------------------------- peak memory
+# PERF_NOTES item 6: on CPU, reset the process's peak RSS by writing '5' to
+# /proc/self/clear_refs and read VmHWM after the work (ru_maxrss cannot be reset).
+
+def proc_status_kib(field: str) -> int:
+    """A `field:  N kB` line of /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_supported() -> bool:
+    return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs",
+                                                                  os.W_OK)
+
+
+def reset_peak_rss() -> int:
+    """Sets VmHWM to the current RSS; returns that RSS (KiB), the baseline of a rise."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_kib("VmHWM")
+
+
+def peak_rss_rise_kib(fn: Callable[[], object]) -> int:
+    """How far the peak RSS rises above the current RSS while fn runs (its result is kept
+    alive until the peak is read, so outputs count)."""
+    base = reset_peak_rss()
+    out = fn()
+    peak = proc_status_kib("VmHWM")
+    del out
+    return peak - base
