@@ -6,12 +6,13 @@
 // it is computed.
 //
 // Backward (deterministic, no atomics), tanh recomputed from the inputs:
-//   1. per query tile: P from the saved log-sum-exp and dS (B x Tq x S), as the dot op;
+//   1. per query tile: P from the saved log-sum-exp and dS (Tq x S), as the dot op;
 //   2. per (batch element, column block of A): grad_query_proj and grad_keys_proj of those
 //      columns, and that batch element's partial of grad_v; one task owns each output
 //      element, and the partials of grad_v are summed over the batch in a fixed order;
 //   3. per tile of source positions: grad_values = P^T grad_context.
-// float16/bfloat16 are converted to float32 once for the backward (O(inputs) memory).
+// With B >= threads a thread runs all three for whole batch elements (float16/bfloat16
+// rows converted per element); with fewer, each phase is spread over the threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -96,64 +97,144 @@ void tanh_grad_task(const Problem<T>& pb, const T* v, const T* dS, int64_t b, in
   std::copy_n(gv_buf, width, gv_part + c0);
 }
 
-// The backward in the accumulation type T (float or double); inputs already contiguous
-// and converted. Gradients are written into T tensors of the inputs' shapes.
+// The three phases of the backward over a Problem in the accumulation type T. Each phase
+// takes a range of its tasks; tasks of one batch element are contiguous.
 template <typename T>
-void backward_impl(const Problem<T>& pb, const T* v, const T* grad_ctx, const T* grad_w,
-                   const T* lse, T* grad_q, T* grad_k, T* grad_v, T* grad_values) {
-  const int64_t B = pb.B, Tq = pb.Tq, S = pb.S, A = pb.D;
-  const int64_t rows = B * Tq;
-  const TanhScore<T> score{v};
-  std::vector<T> P(rows * S), dS(rows * S);
+struct TanhBackward {
+  const Problem<T>& pb;
+  const T* v;         // (A,)
+  const T* grad_ctx;  // (B, Tq, Dv)
+  const T* grad_w;    // (B, Tq, S) or nullptr
+  const T* lse;       // (B, Tq)
+  T* P;               // (B, Tq, S) scratch
+  T* dS;              // (B, Tq, S) scratch
+  T* grad_q;
+  T* grad_k;
+  T* grad_values;
+  T* gv_part;  // (B, A): each batch element's share of grad_v
 
-  const int64_t q_tiles_per_b = (Tq + kTile - 1) / kTile;
-  const int64_t col_blocks = (A + kGradColumns - 1) / kGradColumns;
-  const int64_t src_tiles_per_b = (S + kTile - 1) / kTile;
-  std::vector<T> gv_part(B * A);
+  int64_t query_tiles() const { return (pb.Tq + kTile - 1) / kTile; }
+  int64_t column_blocks() const { return (pb.D + kGradColumns - 1) / kGradColumns; }
+  int64_t source_tiles() const { return (pb.S + kTile - 1) / kTile; }
 
   // 1. P and dS per query tile.
-  auto phase1 = [&](int64_t begin, int64_t end) {
+  void softmax_part(int64_t begin, int64_t end) const {
     Scratch<T> w(pb.D, pb.Dv);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P.data(), dS.data(),
-                        w.q.data(), w.g.data(), w);
-    }
-  };
-  // 2. The tanh backward per (b, column block), with grad_v's partial per batch element.
-  auto phase2 = [&](int64_t begin, int64_t end) {
-    std::vector<T> gq_buf(Tq * kGradColumns), gv_buf(kGradColumns);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / col_blocks, c0 = (task % col_blocks) * kGradColumns;
-      tanh_grad_task(pb, v, dS.data(), b, c0, std::min(A, c0 + kGradColumns), grad_q, grad_k,
-                     gv_part.data() + b * A, gq_buf.data(), gv_buf.data());
-    }
-  };
-  // 3. grad_values = P^T grad_context per tile of source positions.
-  auto phase3 = [&](int64_t begin, int64_t end) {
-    source_grad_tiles<T>(pb, T(1), nullptr, grad_ctx, P.data(), nullptr, nullptr, grad_values,
-                         begin, end);
-  };
-  if (B >= at::get_num_threads()) {
-    // A batch element's three phases run back to back on one thread, while its keys,
-    // values and P/dS rows are still in that core's L2.
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        phase1(b * q_tiles_per_b, (b + 1) * q_tiles_per_b);
-        phase2(b * col_blocks, (b + 1) * col_blocks);
-        phase3(b * src_tiles_per_b, (b + 1) * src_tiles_per_b);
-      }
-    });
-  } else {
-    at::parallel_for(0, B * q_tiles_per_b, 1, phase1);
-    at::parallel_for(0, B * col_blocks, 1, phase2);
-    at::parallel_for(0, B * src_tiles_per_b, 1, phase3);
+    const TanhScore<T> score{v};
+    for (int64_t tile = begin; tile < end; ++tile)
+      softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS, w.q.data(), w.g.data(), w);
   }
-  // grad_v = sum over b in order: the same bits for any thread count.
-  at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+  // 2. The tanh backward per (batch element, column block).
+  void tanh_part(int64_t begin, int64_t end) const {
+    std::vector<T> gq_buf(pb.Tq * kGradColumns), gv_buf(kGradColumns);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / column_blocks(), c0 = (task % column_blocks()) * kGradColumns;
+      tanh_grad_task(pb, v, dS, b, c0, std::min(pb.D, c0 + kGradColumns), grad_q, grad_k,
+                     gv_part + b * pb.D, gq_buf.data(), gv_buf.data());
+    }
+  }
+  // 3. grad_values = P^T grad_context per tile of source positions.
+  void values_part(int64_t begin, int64_t end) const {
+    source_grad_tiles<T>(pb, T(1), nullptr, grad_ctx, P, nullptr, nullptr, grad_values, begin,
+                         end);
+  }
+  void all_tasks_of_one_element() const {
+    softmax_part(0, query_tiles());
+    tanh_part(0, column_blocks());
+    values_part(0, source_tiles());
+  }
+};
+
+// grad_v = sum of the partials over b, in order: the same bits for any thread count.
+template <typename T>
+void reduce_grad_v(const T* gv_part, int64_t B, int64_t A, T* grad_v) {
+  const int64_t blocks = (A + kGradColumns - 1) / kGradColumns;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t a0 = begin * kGradColumns, a1 = std::min(A, end * kGradColumns);
     std::fill(grad_v + a0, grad_v + a1, T(0));
-    for (int64_t b = 0; b < B; ++b) axpy1(grad_v + a0, T(1), gv_part.data() + b * A + a0, a1 - a0);
+    for (int64_t b = 0; b < B; ++b) axpy1(grad_v + a0, T(1), gv_part + b * A + a0, a1 - a0);
   });
+}
+
+// Few batch elements (B < threads): every phase is spread over all threads, on inputs
+// converted to the accumulation type as a whole.
+template <typename T>
+void backward_by_phase(const Problem<T>& pb, const T* v, const T* grad_ctx, const T* grad_w,
+                       const T* lse, T* grad_q, T* grad_k, T* grad_v, T* grad_values) {
+  std::vector<T> P(pb.B * pb.Tq * pb.S), dS(P.size()), gv_part(pb.B * pb.D);
+  const TanhBackward<T> bw{pb, v, grad_ctx, grad_w, lse, P.data(), dS.data(), grad_q, grad_k,
+                           grad_values, gv_part.data()};
+  at::parallel_for(0, pb.B * bw.query_tiles(), 1,
+                   [&](int64_t b, int64_t e) { bw.softmax_part(b, e); });
+  at::parallel_for(0, pb.B * bw.column_blocks(), 1,
+                   [&](int64_t b, int64_t e) { bw.tanh_part(b, e); });
+  at::parallel_for(0, pb.B * bw.source_tiles(), 1,
+                   [&](int64_t b, int64_t e) { bw.values_part(b, e); });
+  reduce_grad_v(gv_part.data(), pb.B, pb.D, grad_v);
+}
+
+// A batch element's rows in the accumulation type: the input itself when no conversion is
+// needed, else a converted copy of its first `rows` rows in buf.
+template <typename scalar_t, typename acc_t>
+const acc_t* element_rows(const scalar_t* src, int64_t rows, int64_t width, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    to_acc(src, buf.data(), rows * width);
+    return buf.data();
+  }
+}
+
+// Writes a batch element's gradient rows back in the input dtype (no-op without conversion).
+template <typename scalar_t, typename acc_t>
+void store_element_rows(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) from_acc_scaled(src, acc_t(1), dst, n);
+}
+
+// Many batch elements (B >= threads): a thread takes whole batch elements and runs their
+// three phases back to back, while the element's rows are in its L2. P and dS are per
+// thread (Tq x S), and low-precision rows are converted per element, so the only memory
+// beyond the outputs is O(threads x element).
+template <typename scalar_t>
+void backward_by_element(const Problem<scalar_t>& pb, const at::opmath_type<scalar_t>* v,
+                         const scalar_t* grad_ctx, const scalar_t* grad_w,
+                         const at::opmath_type<scalar_t>* lse, scalar_t* grad_q,
+                         scalar_t* grad_k, at::opmath_type<scalar_t>* grad_v,
+                         scalar_t* grad_values) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t Tq = pb.Tq, S = pb.S, A = pb.D, Dv = pb.Dv;
+  std::vector<acc_t> gv_part(pb.B * A);
+  at::parallel_for(0, pb.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> P(Tq * S), dS(Tq * S);
+    auto sized = [&](int64_t n) { return std::vector<acc_t>(convert ? n : 0); };
+    std::vector<acc_t> q = sized(Tq * A), k = sized(S * A), val = sized(S * Dv),
+                       g = sized(Tq * Dv), gw = sized(grad_w ? Tq * S : 0),
+                       gq = sized(Tq * A), gk = sized(S * A), gval = sized(S * Dv);
+    for (int64_t b = b0; b < b1; ++b) {
+      // Rows past the length are never read (nor converted); their gradients are zeros.
+      const int64_t limit = pb.pos.limit(b);
+      const Problem<acc_t> one{
+          element_rows(pb.q + b * Tq * A, Tq, A, q),
+          element_rows(pb.k + b * S * A, limit, A, k),
+          element_rows(pb.v + b * S * Dv, limit, Dv, val),
+          false, 1, Tq, S, A, Dv,
+          Positions{pb.pos.lengths ? pb.pos.lengths + b : nullptr,
+                    pb.pos.mask ? pb.pos.mask + b * S : nullptr, S}};
+      acc_t* gq_b = convert ? gq.data() : reinterpret_cast<acc_t*>(grad_q + b * Tq * A);
+      acc_t* gk_b = convert ? gk.data() : reinterpret_cast<acc_t*>(grad_k + b * S * A);
+      acc_t* gval_b = convert ? gval.data() : reinterpret_cast<acc_t*>(grad_values + b * S * Dv);
+      const TanhBackward<acc_t> bw{
+          one, v, element_rows(grad_ctx + b * Tq * Dv, Tq, Dv, g),
+          grad_w ? element_rows(grad_w + b * Tq * S, Tq, S, gw) : nullptr, lse + b * Tq,
+          P.data(), dS.data(), gq_b, gk_b, gval_b, gv_part.data() + b * A};
+      bw.all_tasks_of_one_element();
+      store_element_rows(gq_b, Tq * A, grad_q + b * Tq * A);
+      store_element_rows(gk_b, S * A, grad_k + b * S * A);
+      store_element_rows(gval_b, S * Dv, grad_values + b * S * Dv);
+    }
+  });
+  reduce_grad_v(gv_part.data(), pb.B, A, grad_v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cpu(
@@ -196,23 +277,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     return {at::empty_like(query_proj, at::MemoryFormat::Contiguous), at::zeros_like(keys_proj),
             at::zeros_like(v), at::zeros_like(values)};
   }
-  // Everything in the accumulation type: the tanh work dwarfs one conversion of the inputs.
-  auto acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
-  AdditiveInputs in = contiguous_additive_inputs(acc(query_proj), acc(keys_proj), acc(v),
-                                                 acc(values), lengths, mask);
-  const at::Tensor gc = acc(grad_context);
-  const auto gw = grad_weights ? std::optional<at::Tensor>(acc(*grad_weights)) : std::nullopt;
+  const AdditiveInputs in =
+      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+  const at::Tensor gc = grad_context.contiguous();
+  const auto gw = contiguous_opt(grad_weights);
   const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor v_acc = in.v.to(acc_dtype);
+  at::Tensor grad_v = at::empty({s.A}, acc_opts);
+  if (s.B >= at::get_num_threads()) {
+    at::Tensor grad_q = at::empty({s.B, s.Tq, s.A}, query_proj.options());
+    at::Tensor grad_k = at::empty({s.B, s.S, s.A}, query_proj.options());
+    at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, query_proj.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
+                                    "additive_attention_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_by_element<scalar_t>(make_problem<scalar_t>(in, s), v_acc.data_ptr<acc_t>(),
+                                    gc.data_ptr<scalar_t>(),
+                                    gw ? gw->data_ptr<scalar_t>() : nullptr,
+                                    lse_c.data_ptr<acc_t>(), grad_q.data_ptr<scalar_t>(),
+                                    grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<acc_t>(),
+                                    grad_values.data_ptr<scalar_t>());
+    });
+    return {grad_q, grad_k, grad_v.to(dtype), grad_values};
+  }
+  // Few batch elements: convert as a whole (small B keeps this small).
+  auto acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
+  const AdditiveInputs in_acc = contiguous_additive_inputs(acc(in.query_proj), acc(in.keys_proj),
+                                                           v_acc, acc(in.values), in.lengths, in.mask);
+  const at::Tensor gc_acc = acc(gc);
+  const auto gw_acc = gw ? std::optional<at::Tensor>(acc(*gw)) : std::nullopt;
   at::Tensor grad_q = at::empty({s.B, s.Tq, s.A}, acc_opts);
   at::Tensor grad_k = at::empty({s.B, s.S, s.A}, acc_opts);
-  at::Tensor grad_v = at::empty({s.A}, acc_opts);
   at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "additive_attention_backward_cpu", [&] {
-    backward_impl<scalar_t>(make_problem<scalar_t>(in, s), in.v.data_ptr<scalar_t>(),
-                            gc.data_ptr<scalar_t>(), gw ? gw->data_ptr<scalar_t>() : nullptr,
-                            lse_c.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
-                            grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
-                            grad_values.data_ptr<scalar_t>());
+    backward_by_phase<scalar_t>(make_problem<scalar_t>(in_acc, s), v_acc.data_ptr<scalar_t>(),
+                                gc_acc.data_ptr<scalar_t>(),
+                                gw_acc ? gw_acc->data_ptr<scalar_t>() : nullptr,
+                                lse_c.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
+                                grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
+                                grad_values.data_ptr<scalar_t>());
   });
   return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_values.to(dtype)};
 }
