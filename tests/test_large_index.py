@@ -9,7 +9,7 @@ import torch
 
 import attention_ext as ae
 from attention_ext import reference
-from conftest import assert_rule, generator, randn
+from conftest import DEVICES, assert_rule, generator, randn
 
 pytestmark = pytest.mark.slow
 
@@ -39,52 +39,59 @@ def _compare(got, small_fn):
         assert_rule(name, got[name], lowp[name], oracle[name], DT)
 
 
-def test_dot_attention_beyond_2_pow_31():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dot_attention_beyond_2_pow_31(device):
     pos, mask = attending_positions()
     gen = generator(0)
-    keys = torch.empty(B, S, D, dtype=DT)
-    keys[:, pos] = randn((B, len(pos), D), gen, DT)
+    keys = torch.empty(B, S, D, dtype=DT, device=device)
+    keys[:, pos] = randn((B, len(pos), D), gen, DT, device)
     query = randn((B, 3, D), gen, DT, scale=1.5 / D**0.5)
     g_ctx = randn((B, 3, D), gen, DT)
 
-    q = query.clone().requires_grad_(True)
+    q = query.to(device).requires_grad_(True)
     k = keys.requires_grad_(True)
-    ctx, w = ae.dot_attention(q, k, mask=mask)
-    (ctx * g_ctx).sum().backward()
+    ctx, w = ae.dot_attention(q, k, mask=mask.to(device))
+    (ctx * g_ctx.to(device)).sum().backward()
     got = {"context": ctx.detach(), "weights": w.detach()[:, :, pos],
            "grad_query": q.grad, "grad_keys": k.grad[:, pos]}
     # Nothing outside the attending positions was written.
     assert not w[:, :, 1:7].any() and not k.grad[:, 1:7].any()
     assert not k.grad[:, S - 2999:S - 2].any()
+    key_rows = keys.detach()[:, pos].cpu()
+    del keys, k
 
     def small(dtype):
         qs = query.detach().to(dtype).requires_grad_(True)
-        ks = keys.detach()[:, pos].to(dtype).requires_grad_(True)
+        ks = key_rows.detach().to(dtype).requires_grad_(True)
         c, ww = reference.dot_attention(qs, ks)
         (c * g_ctx.to(dtype)).sum().backward()
         return {"context": c.detach(), "weights": ww.detach(), "grad_query": qs.grad,
                 "grad_keys": ks.grad}
 
-    _compare(got, small)
+    _compare({n: t.cpu() for n, t in got.items()}, small)
 
 
-def test_additive_attention_beyond_2_pow_31():
+@pytest.mark.parametrize("device", DEVICES)
+def test_additive_attention_beyond_2_pow_31(device):
     pos, mask = attending_positions()
     gen = generator(1)
     A, Dv = D, 8
-    keys_proj = torch.empty(B, S, A, dtype=DT)
-    keys_proj[:, pos] = randn((B, len(pos), A), gen, DT)
-    values = torch.empty(B, S, Dv, dtype=DT)
-    values[:, pos] = randn((B, len(pos), Dv), gen, DT)
+    keys_proj = torch.empty(B, S, A, dtype=DT, device=device)
+    keys_proj[:, pos] = randn((B, len(pos), A), gen, DT, device)
+    values = torch.empty(B, S, Dv, dtype=DT, device=device)
+    values[:, pos] = randn((B, len(pos), Dv), gen, DT, device)
     query_proj = randn((B, 2, A), gen, DT)
     v = randn((A,), gen, DT, scale=2.5 / A**0.5)
 
-    ctx, w = ae.additive_attention(query_proj, keys_proj, v, values, mask=mask)
-    got = {"context": ctx, "weights": w[:, :, pos]}
+    ctx, w = ae.additive_attention(query_proj.to(device), keys_proj, v.to(device), values,
+                                   mask=mask.to(device))
+    got = {"context": ctx.cpu(), "weights": w[:, :, pos].cpu()}
+    key_rows, value_rows = keys_proj[:, pos].cpu(), values[:, pos].cpu()
+    del keys_proj, values
 
     def small(dtype):
-        c, ww = reference.additive_attention(query_proj.to(dtype), keys_proj[:, pos].to(dtype),
-                                             v.to(dtype), values[:, pos].to(dtype))
+        c, ww = reference.additive_attention(query_proj.to(dtype), key_rows.to(dtype),
+                                             v.to(dtype), value_rows.to(dtype))
         return {"context": c, "weights": ww}
 
     _compare(got, small)

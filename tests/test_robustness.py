@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attention_ext as ae
-from conftest import make_additive_case, make_case, run_additive, run_attention, ours, ours_additive
+from conftest import DEVICES, make_additive_case, make_case, run_additive, run_attention, ours, ours_additive
 
 FUZZER = Path(__file__).with_name("fuzz_ops.py")
 
@@ -78,13 +78,14 @@ def test_nan_key_stays_in_its_batch_element(op):
     assert torch.isnan(ctx[2]).all()
 
 
-def _cases():
+def _cases(device="cpu"):
     """Forward + backward of both ops on a few different inputs, as callables."""
     jobs = []
     for seed in range(4):
-        dcase = make_case(4, 6, 23, 32, mask_kind="mask", seed=seed)
+        dcase = make_case(4, 6, 23, 32, mask_kind="mask", seed=seed, device=device)
         jobs.append(lambda c=dcase: run_attention(ours, c))
-        acase = make_additive_case(4, 6, 23, 32, 12, mask_kind="lengths64", seed=seed)
+        acase = make_additive_case(4, 6, 23, 32, 12, mask_kind="lengths64", seed=seed,
+                                   device=device)
         jobs.append(lambda c=acase: run_additive(ours_additive, c))
     return jobs
 
@@ -124,12 +125,13 @@ def test_eight_threads_give_the_serial_results():
         _assert_same(serial[j], got)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_ten_runs_are_bitwise_identical(threads):
+def test_ten_runs_are_bitwise_identical(threads, device):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        jobs = _cases()
+        jobs = _cases(device)
         first = [job() for job in jobs]
         for _ in range(9):
             for job, ref in zip(jobs, first):
