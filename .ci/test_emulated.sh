@@ -10,28 +10,10 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PY:-$ROOT/.venv/bin/python}"
-case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac
-test -x "$PY" || { echo "test_emulated: no python at $PY (run make install first)" >&2; exit 1; }
+source "$ROOT/.ci/build_copy.sh"
+build_in_copy emulated ATTENTION_EXT_EMULATE_CUDA=1
 
-# 1. A copy of the source tree: tracked files plus untracked ones git does not ignore.
-WORK="$(bash "$ROOT/.ci/copy_tree.sh" emulated)"
-if [ "${KEEP_BUILD:-0}" = 1 ]; then echo "== build directory: $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
-
-# 2. Build with the emulated CUDA ops.
-echo "== test_emulated: building with ATTENTION_EXT_EMULATE_CUDA=1"
-start=$(date +%s)
-(cd "$WORK" && ATTENTION_EXT_EMULATE_CUDA=1 "$PY" setup.py -q build_ext --inplace) \
-  > "$WORK/build.log" 2>&1 || {
-  tail -n 80 "$WORK/build.log" >&2
-  echo "test_emulated: FAILED to build the emulated extension" >&2
-  exit 1
-}
-echo "== built in $(( $(date +%s) - start )) s"
-
-# 3. The tests, against the copy (its module must be the one imported, or they would skip).
-cd "$WORK"
-export PYTHONPATH="$WORK"
+# The tests, against the copy (its module must be the one imported, or they would skip).
 "$PY" -c 'import sys, attention_ext as ae
 sys.exit(0 if ae.build_info()["emulated_cuda"] else
          "test_emulated: imported a build without the emulated ops: " + ae.__file__)'

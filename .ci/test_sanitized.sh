@@ -13,25 +13,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PY:-$ROOT/.venv/bin/python}"
-case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac
-test -x "$PY" || { echo "test_sanitized: no python at $PY (run make install first)" >&2; exit 1; }
+source "$ROOT/.ci/build_copy.sh"
+build_in_copy sanitized ATTENTION_EXT_SANITIZE=address,undefined
 
-WORK="$(bash "$ROOT/.ci/copy_tree.sh" sanitized)"
-if [ "${KEEP_BUILD:-0}" = 1 ]; then echo "== build directory: $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
-
-echo "== test_sanitized: building with ATTENTION_EXT_SANITIZE=address,undefined"
-start=$(date +%s)
-(cd "$WORK" && ATTENTION_EXT_SANITIZE=address,undefined "$PY" setup.py -q build_ext --inplace) \
-  > "$WORK/build.log" 2>&1 || {
-  tail -n 80 "$WORK/build.log" >&2
-  echo "test_sanitized: FAILED to build the sanitized extension" >&2
-  exit 1
-}
-echo "== built in $(( $(date +%s) - start )) s"
-
-cd "$WORK"
-export PYTHONPATH="$WORK"
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$WORK/report"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$WORK/report"

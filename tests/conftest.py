@@ -43,6 +43,11 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def case_ids(params) -> list:
+    """Test ids of a list of (name, kwargs) cases."""
+    return [p[0] for p in params]
+
+
 # ----------------------------------------------------------------------------- inputs
 
 def generator(seed: int) -> torch.Generator:

@@ -9,6 +9,7 @@ import torch
 
 import attention_ext
 from conftest import (
+    case_ids,
     ADDITIVE_OUTPUTS,
     DEVICES,
     DTYPES,
@@ -50,14 +51,10 @@ SHAPES = [
 ]
 
 
-def _ids(params):
-    return [p[0] for p in params]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("shape", [s[1] for s in SHAPES], ids=_ids(SHAPES))
+@pytest.mark.parametrize("shape", [s[1] for s in SHAPES], ids=case_ids(SHAPES))
 def test_parity(shape, mask_kind, dtype, device):
     case = make_additive_case(**shape, dtype=dtype, device=device, seed=51, mask_kind=mask_kind)
     check_additive_parity(case)
@@ -66,7 +63,7 @@ def test_parity(shape, mask_kind, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", ["none", "lengths64", "mask"])
-@pytest.mark.parametrize("shape", [s[1] for s in SHAPES[:4]], ids=_ids(SHAPES[:4]))
+@pytest.mark.parametrize("shape", [s[1] for s in SHAPES[:4]], ids=case_ids(SHAPES[:4]))
 def test_parity_context_only_loss(shape, mask_kind, dtype, device):
     """Weights returned but unused in the loss: backward gets grad_weights = None."""
     case = make_additive_case(**shape, dtype=dtype, device=device, seed=52, mask_kind=mask_kind)
@@ -312,7 +309,7 @@ SPLIT_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", ["none", "lengths64", "mask"])
-@pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES], ids=_ids(SPLIT_SHAPES))
+@pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES], ids=case_ids(SPLIT_SHAPES))
 @pytest.mark.parametrize("forced_splits", [1, 2, 3, 7], indirect=True)
 def test_split_s_parity(forced_splits, shape, mask_kind, dtype, device):
     assert attention_ext._C._forced_splits() == forced_splits
@@ -323,7 +320,7 @@ def test_split_s_parity(forced_splits, shape, mask_kind, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", ["lengths64", "mask"])
-@pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES[:3]], ids=_ids(SPLIT_SHAPES[:3]))
+@pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES[:3]], ids=case_ids(SPLIT_SHAPES[:3]))
 @pytest.mark.parametrize("forced_splits", [2, 7], indirect=True)
 def test_split_s_no_weights(forced_splits, shape, mask_kind, dtype, device):
     """need_weights=False with splits: no weights written, the context merged alone."""

@@ -5,6 +5,7 @@ import torch
 
 import attention_ext
 from conftest import (
+    case_ids,
     DEVICES,
     DTYPES,
     MASK_KINDS,
@@ -46,14 +47,10 @@ SHAPES = [
 ]
 
 
-def _ids(params):
-    return [p[0] for p in params]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("shape", [s[1] for s in SHAPES], ids=_ids(SHAPES))
+@pytest.mark.parametrize("shape", [s[1] for s in SHAPES], ids=case_ids(SHAPES))
 def test_parity(shape, mask_kind, dtype, device):
     case = make_case(**shape, dtype=dtype, device=device, seed=11, mask_kind=mask_kind)
     check_parity(case)
@@ -62,7 +59,7 @@ def test_parity(shape, mask_kind, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", ["none", "lengths64", "mask"])
-@pytest.mark.parametrize("shape", [s[1] for s in SHAPES[:4]], ids=_ids(SHAPES[:4]))
+@pytest.mark.parametrize("shape", [s[1] for s in SHAPES[:4]], ids=case_ids(SHAPES[:4]))
 def test_parity_context_only_loss(shape, mask_kind, dtype, device):
     """Weights returned but unused in the loss: backward gets grad_weights = None."""
     case = make_case(**shape, dtype=dtype, device=device, seed=12, mask_kind=mask_kind)
@@ -238,7 +235,7 @@ SPLIT_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", ["none", "lengths64", "lengths32", "mask"])
-@pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES], ids=_ids(SPLIT_SHAPES))
+@pytest.mark.parametrize("shape", [s[1] for s in SPLIT_SHAPES], ids=case_ids(SPLIT_SHAPES))
 @pytest.mark.parametrize("forced_splits", [2, 3, 7], indirect=True)
 def test_split_s_parity(forced_splits, shape, mask_kind, dtype, device):
     assert attention_ext._C._forced_splits() == forced_splits
