@@ -21,9 +21,10 @@ $(VENV)/.deps-installed: Makefile pyproject.toml
 install: $(VENV)/.deps-installed
 	$(PIP) install --no-build-isolation -e .
 
-# The main job: until the seq2seq demo lands, the dot-attention benchmark (quick run).
+# The main job: until the seq2seq demo lands, the quick runs of both ops' benchmarks.
 demo: install
 	$(PY) benchmarks/bench_dot.py --quick
+	$(PY) benchmarks/bench_additive.py --quick
 
 # The test suite, then the CUDA kernels under the CPU emulation (test-emulated).
 test: install
@@ -43,6 +44,7 @@ test-sanitized: $(VENV)/.deps-installed
 
 bench: install
 	$(PY) benchmarks/bench_dot.py
+	$(PY) benchmarks/bench_additive.py
 
 # Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
 cuda-build-check:
