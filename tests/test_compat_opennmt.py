@@ -1,0 +1,256 @@
+"""attention_ext.compat.GlobalAttention against an eager OpenNMT-py GlobalAttention.
+
+The oracle below is written from OpenNMT-py's published formulas and its code at commit
+97111d9 (2024-06-27, batch-first outputs): coverage replaces the encoder states by
+tanh(enc_out + linear_cover(coverage)) for scores and context; padding is masked to -inf
+before softmax/sparsemax; attn_h = linear_out([c, q]) (+ tanh for dot/general).
+Parity runs with src_len >= 1 (OpenNMT-py gives NaN for an empty row; ours gives 0).
+
+Tolerances: float64 1e-10 absolute (sizes are small, values O(1)); float32 1e-5 absolute
+(several matmuls and a fused softmax in a different summation order, values O(1)).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention_ext.compat import GlobalAttention
+from attention_ext.compat.opennmt import sparsemax
+
+
+def ref_sparsemax(z: torch.Tensor) -> torch.Tensor:
+    """Sparsemax over the last dim with the closed-form backward (Martins & Astudillo):
+    grad = g - mean(g over support) on the support, 0 elsewhere."""
+
+    class _Sparsemax(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            x = x - x.max(-1, keepdim=True).values
+            srt = x.sort(-1, descending=True).values
+            k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+            csum = srt.cumsum(-1) - 1
+            size = (k * srt > csum).sum(-1, keepdim=True)
+            tau = csum.gather(-1, size - 1) / size.to(x.dtype)
+            out = (x - tau).clamp(min=0)
+            ctx.save_for_backward(out, size)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            out, size = ctx.saved_tensors
+            g = torch.where(out > 0, g, torch.zeros_like(g))
+            mean = g.sum(-1, keepdim=True) / size.to(g.dtype)
+            return torch.where(out > 0, g - mean, g)
+
+    return _Sparsemax.apply(z)
+
+
+class RefGlobalAttention(nn.Module):
+    """Eager OpenNMT-py GlobalAttention (same parameter names and shapes)."""
+
+    def __init__(self, dim, coverage=False, attn_type="dot", attn_func="softmax"):
+        super().__init__()
+        self.dim, self.attn_type, self.attn_func = dim, attn_type, attn_func
+        if attn_type == "general":
+            self.linear_in = nn.Linear(dim, dim, bias=False)
+        elif attn_type == "mlp":
+            self.linear_context = nn.Linear(dim, dim, bias=False)
+            self.linear_query = nn.Linear(dim, dim, bias=True)
+            self.v = nn.Linear(dim, 1, bias=False)
+        self.linear_out = nn.Linear(dim * 2, dim, bias=attn_type == "mlp")
+        if coverage:
+            self.linear_cover = nn.Linear(1, dim, bias=False)
+
+    def score(self, h_t, h_s):
+        if self.attn_type in ("dot", "general"):
+            if self.attn_type == "general":
+                h_t = self.linear_in(h_t)
+            return torch.bmm(h_t, h_s.transpose(1, 2))
+        B, T, S, d = h_t.shape[0], h_t.shape[1], h_s.shape[1], self.dim
+        wq = self.linear_query(h_t).view(B, T, 1, d).expand(B, T, S, d)
+        uh = self.linear_context(h_s).view(B, 1, S, d).expand(B, T, S, d)
+        return self.v(torch.tanh(wq + uh)).view(B, T, S)
+
+    def forward(self, src, enc_out, src_len=None, coverage=None):
+        one_step = src.dim() == 2
+        if one_step:
+            src = src.unsqueeze(1)
+        B, S, d = enc_out.shape
+        T = src.shape[1]
+        if coverage is not None:
+            cover = self.linear_cover(coverage.reshape(-1, 1)).view_as(enc_out)
+            enc_out = torch.tanh(enc_out + cover)
+        align = self.score(src, enc_out)
+        if src_len is not None:
+            pad = torch.arange(S) >= src_len.unsqueeze(1)
+            align = align.masked_fill(pad.unsqueeze(1), float("-inf"))
+        flat = align.view(B * T, S)
+        a = F.softmax(flat, -1) if self.attn_func == "softmax" else ref_sparsemax(flat)
+        a = a.view(B, T, S)
+        c = torch.bmm(a, enc_out)
+        h = self.linear_out(torch.cat([c, src], 2).view(B * T, 2 * d)).view(B, T, d)
+        if self.attn_type in ("dot", "general"):
+            h = torch.tanh(h)
+        if one_step:
+            return h.squeeze(1), a.squeeze(1)
+        return h, a
+
+
+TYPES = ["dot", "general", "mlp"]
+FUNCS = ["softmax", "sparsemax"]
+B, S, D = 3, 7, 8
+
+
+def _pair(attn_type, attn_func, coverage, dtype, seed=0):
+    torch.manual_seed(seed)
+    ref = RefGlobalAttention(D, coverage, attn_type, attn_func).to(dtype)
+    ours = GlobalAttention(D, coverage, attn_type, attn_func).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _inputs(T, coverage, lengths, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn((B, D) if T is None else (B, T, D), generator=g, dtype=dtype)
+    enc = torch.randn(B, S, D, generator=g, dtype=dtype)
+    cov = torch.rand(B, S, generator=g, dtype=dtype) * 2 if coverage else None
+    ln = torch.tensor([S, 1, 4]) if lengths else None
+    return src, enc, ln, cov
+
+
+def _run(module, src, enc, ln, cov, seed=2):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (src, enc)]
+    cov_leaf = None if cov is None else cov.detach().clone().requires_grad_(True)
+    h, a = module(leaves[0], leaves[1], src_len=ln, coverage=cov_leaf)
+    g = torch.Generator().manual_seed(seed)
+    loss = (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum() \
+        + (a * torch.randn(a.shape, generator=g, dtype=a.dtype)).sum()
+    params = dict(module.named_parameters())
+    inputs = leaves + ([cov_leaf] if cov_leaf is not None else []) + list(params.values())
+    grads = torch.autograd.grad(loss, inputs)
+    names = ["src", "enc_out"] + (["coverage"] if cov is not None else []) + list(params)
+    return h.detach(), a.detach(), dict(zip(names, grads))
+
+
+CASES = list(itertools.product(TYPES, FUNCS, [False, True], [None, 5], [False, True]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "attn_type,attn_func,coverage,T,lengths", CASES,
+    ids=[f"{t}-{f}-{'cov' if c else 'nocov'}-{'T1step' if T is None else 'T5'}-"
+         f"{'len' if ln else 'full'}" for t, f, c, T, ln in CASES])
+def test_parity(attn_type, attn_func, coverage, T, lengths, dtype, tol):
+    ref, ours = _pair(attn_type, attn_func, coverage, dtype)
+    src, enc, ln, cov = _inputs(T, coverage, lengths, dtype)
+    h_r, a_r, g_r = _run(ref, src, enc, ln, cov)
+    h_o, a_o, g_o = _run(ours, src, enc, ln, cov)
+    out_shape = (B, D) if T is None else (B, T, D)
+    assert h_o.shape == h_r.shape == out_shape
+    assert a_o.shape == a_r.shape == out_shape[:-1] + (S,)
+    torch.testing.assert_close(h_o, h_r, rtol=0, atol=tol)
+    torch.testing.assert_close(a_o, a_r, rtol=0, atol=tol)
+    if lengths:  # padding gets exactly zero weight
+        assert (a_o[1, ..., 1:] == 0).all() and (a_o[2, ..., 4:] == 0).all()
+    if attn_func == "sparsemax":  # really sparse, and a distribution
+        assert (a_o == 0).any()
+        torch.testing.assert_close(a_o.sum(-1), torch.ones_like(a_o.sum(-1)))
+    assert g_o.keys() == g_r.keys()
+    for name in g_r:
+        torch.testing.assert_close(g_o[name], g_r[name], rtol=0, atol=tol,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("attn_type", TYPES)
+@pytest.mark.parametrize("coverage", [False, True])
+def test_state_dict_keys_and_shapes(attn_type, coverage):
+    ref = RefGlobalAttention(D, coverage, attn_type)
+    ours = GlobalAttention(D, coverage, attn_type)
+    sr, so = ref.state_dict(), ours.state_dict()
+    assert list(so) == list(sr)
+    assert {k: v.shape for k, v in so.items()} == {k: v.shape for k, v in sr.items()}
+    ours.load_state_dict(sr)  # strict
+
+
+def test_coverage_does_not_modify_enc_out():
+    _, ours = _pair("mlp", "softmax", True, torch.float64)
+    src, enc, ln, cov = _inputs(None, True, False, torch.float64)
+    before = enc.clone()
+    ours(src, enc, coverage=cov)
+    assert torch.equal(enc, before)
+
+
+@pytest.mark.parametrize("attn_type", TYPES)
+@pytest.mark.parametrize("attn_func", FUNCS)
+def test_empty_row_gives_zero_attention(attn_type, attn_func):
+    _, ours = _pair(attn_type, attn_func, False, torch.float64)
+    src, enc, _, _ = _inputs(4, False, False, torch.float64)
+    src.requires_grad_(True)
+    h, a = ours(src, enc, src_len=torch.tensor([0, 2, S]))
+    assert (a[0] == 0).all()
+    assert torch.isfinite(h).all()
+    # The context of an empty row is 0, so attn_h is linear_out([0, q]) (+ tanh).
+    expect = ours.linear_out(torch.cat([torch.zeros_like(src[0]), src[0]], -1))
+    if attn_type != "mlp":
+        expect = torch.tanh(expect)
+    torch.testing.assert_close(h[0], expect, rtol=0, atol=1e-12)
+    h.sum().backward()
+    assert torch.isfinite(src.grad).all()
+
+
+def test_sparsemax_values():
+    # Martins & Astudillo: sparsemax([1, 0.5, -3]) -> tau = 0.25 -> [0.75, 0.25, 0].
+    z = torch.tensor([[1.0, 0.5, -3.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(sparsemax(z), torch.tensor(
+        [[0.75, 0.25, 0.0], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64))
+    keep = torch.tensor([[True, False, True], [False, False, False]])
+    torch.testing.assert_close(sparsemax(z, keep), torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(attn_type="luong"), "attn_type"),
+    (dict(attn_func="entmax"), "attn_func"),
+])
+def test_bad_constructor(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GlobalAttention(D, **kwargs)
+
+
+def test_bad_inputs():
+    m = GlobalAttention(D, coverage=True, attn_type="mlp")
+    src, enc, _, cov = _inputs(None, True, False, torch.float32)
+    with pytest.raises(ValueError, match="src"):
+        m(src[:, :-1], enc)
+    with pytest.raises(ValueError, match="src"):
+        m(src.view(-1), enc)
+    with pytest.raises(ValueError, match="enc_out"):
+        m(src, enc[0])
+    with pytest.raises(ValueError, match="enc_out"):
+        m(src, enc[1:])
+    with pytest.raises(ValueError, match="src_len"):
+        m(src, enc, src_len=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="coverage"):
+        m(src, enc, coverage=cov[:, 1:])
+    with pytest.raises(ValueError, match="coverage"):
+        GlobalAttention(D)(src, enc, coverage=cov)
+
+
+@pytest.mark.parametrize("attn_type", TYPES)
+def test_compile_fullgraph(attn_type):
+    torch._dynamo.reset()
+    ref, ours = _pair(attn_type, "softmax", True, torch.float32)
+    src, enc, ln, cov = _inputs(5, True, True, torch.float32)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    h_c, a_c, g_c = _run(compiled, src, enc, ln, cov)
+    h_r, a_r, g_r = _run(ref, src, enc, ln, cov)
+    torch.testing.assert_close(h_c, h_r, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a_c, a_r, rtol=0, atol=1e-5)
+    for name in g_r:
+        key = name if name in g_c else f"_orig_mod.{name}"
+        torch.testing.assert_close(g_c[key], g_r[name], rtol=0, atol=1e-5)
