@@ -184,3 +184,21 @@ def test_exported_from_package():
 
     assert "compat" in attention_ext.__all__
     assert attention_ext.compat.BahdanauAttention is BahdanauAttention
+
+
+def test_inference_mode_bypasses_cache_and_keys_proj_argument():
+    ref, ours = _pair(torch.float64)
+    query, keys = _inputs(torch.float64)
+    with torch.inference_mode():
+        k = keys.clone()  # an inference tensor: no version counter
+        c1, _ = ours(query, k)
+        k.mul_(2)
+        c2, _ = ours(query, k)
+        assert (ours.cache_hits, ours.cache_misses) == (0, 0)
+        proj = ours.precompute(k)
+        c3, w3 = ours(query, k, keys_proj=proj)
+        c_r, w_r = ref(query, k)
+    torch.testing.assert_close(c2, c_r, rtol=0, atol=1e-10)
+    torch.testing.assert_close(c3, c_r, rtol=0, atol=1e-10)
+    torch.testing.assert_close(w3, w_r, rtol=0, atol=1e-10)
+    assert not torch.allclose(c1, c2)

@@ -29,8 +29,15 @@ class BahdanauAttention(nn.Module):
     ``keys._version``), ``Ua``'s parameters are the same objects at the same versions and
     the grad mode is the same. A projection that is part of an autograd graph is dropped
     as soon as a backward pass reaches it (its graph may be freed then). The cache is off
-    under ``torch.compile``. ``precompute(keys)`` fills it explicitly; ``clear_cache()``
-    empties it.
+    under ``torch.compile`` and for inference tensors (``torch.inference_mode``), which
+    have no version counter: there pass ``keys_proj=precompute(keys)`` to ``forward``
+    yourself. ``precompute(keys)`` also fills the cache; ``clear_cache()`` empties it.
+
+    Calls that hit the cache share one ``Ua(keys)`` graph node, as if it were computed
+    once before the decoder loop: gradients are the same as the tutorial's, but two
+    separate ``backward()`` calls through it need ``retain_graph=True`` (as they already
+    do for the encoder that produced ``keys``), or ``clear_cache()`` in between. The cache
+    holds the last projection (and so ``keys``) until other keys come or backward runs.
     """
 
     def __init__(self, hidden_size: int):
@@ -52,7 +59,9 @@ class BahdanauAttention(nn.Module):
 
     def precompute(self, keys: Tensor) -> Tensor:
         """``Ua(keys)`` (B, S, H), reused by later ``forward`` calls with these keys."""
-        if torch.compiler.is_compiling():
+        # Inference tensors have no version counter, so in-place changes can't be seen.
+        if torch.compiler.is_compiling() or keys.is_inference() \
+                or self.Ua.weight.is_inference():
             return self.Ua(keys)
         key = self._cache_key(keys)
         if self._cache is not None and self._cache[0] == key and self._cache[1]() is keys:
@@ -75,18 +84,22 @@ class BahdanauAttention(nn.Module):
         return proj
 
     def forward(self, query: Tensor, keys: Tensor, *, mask: Optional[Tensor] = None,
-                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                lengths: Optional[Tensor] = None,
+                keys_proj: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """
         Args:
             query: (B, 1, H) decoder state (also (B, T, H) or (B, H)).
             keys: (B, S, H) encoder outputs; also the values.
             mask: optional bool (B, S), True = attend.
             lengths: optional integer (B,); positions j < lengths[b] attend.
+            keys_proj: optional ``precompute(keys)`` (B, S, H), used as given.
 
         Returns:
             context (B, 1, H) and weights (B, 1, S) (following the query's rank).
         """
         # Multiplying by 0 keeps Va.bias in the graph, so its gradient is 0, not None.
         query_proj = self.Wa(query) + self.Va.bias * 0
-        return additive_attention(query_proj, self.precompute(keys), self.Va.weight.view(-1),
+        if keys_proj is None:
+            keys_proj = self.precompute(keys)
+        return additive_attention(query_proj, keys_proj, self.Va.weight.view(-1),
                                   keys, lengths=lengths, mask=mask)
