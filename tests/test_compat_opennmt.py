@@ -256,3 +256,21 @@ def test_compile_fullgraph(attn_type):
     assert g_c.keys() == g_r.keys()
     for name in g_r:
         torch.testing.assert_close(g_c[name], g_r[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("attn_type", TYPES)
+def test_low_precision_rule(attn_type, dtype):
+    """DESIGN.md rule: error vs the float64 oracle <= 2x the eager oracle's own error in
+    the same dtype, plus a floor (conftest.tolerance)."""
+    from conftest import assert_rule
+
+    ref64, _ = _pair(attn_type, "softmax", True, torch.float64)
+    ref_lp, ours = _pair(attn_type, "softmax", True, dtype)
+    ref64.load_state_dict(ref_lp.state_dict())  # the oracle uses the rounded parameters
+    src, enc, ln, cov = _inputs(5, True, True, dtype)  # rounded to dtype, then widened
+    h64, a64 = ref64(src.double(), enc.double(), src_len=ln, coverage=cov.double())
+    h_lp, a_lp = ref_lp(src, enc, src_len=ln, coverage=cov)
+    h, a = ours(src, enc, src_len=ln, coverage=cov)
+    assert_rule("attn_h", h.detach(), h_lp.detach(), h64.detach(), dtype)
+    assert_rule("align", a.detach(), a_lp.detach(), a64.detach(), dtype)
