@@ -274,3 +274,30 @@ def test_low_precision_rule(attn_type, dtype):
     h, a = ours(src, enc, src_len=ln, coverage=cov)
     assert_rule("attn_h", h.detach(), h_lp.detach(), h64.detach(), dtype)
     assert_rule("align", a.detach(), a_lp.detach(), a64.detach(), dtype)
+
+
+@pytest.mark.parametrize("attn_type", TYPES)
+def test_decoder_loop_with_accumulated_coverage(attn_type):
+    """One-step queries as in OpenNMT-py's RNN decoder, coverage = sum of past attention,
+    so gradients also flow from later steps into earlier ones through the coverage."""
+    ref, ours = _pair(attn_type, "softmax", True, torch.float64)
+    g = torch.Generator().manual_seed(3)
+    steps = torch.randn(4, B, D, generator=g, dtype=torch.float64)
+    enc = torch.randn(B, S, D, generator=g, dtype=torch.float64)
+    ln = torch.tensor([S, 2, 5])
+
+    def run(module):
+        q = steps.clone().requires_grad_(True)
+        e = enc.clone().requires_grad_(True)
+        cov = torch.zeros(B, S, dtype=torch.float64)
+        outs = []
+        for t in range(q.shape[0]):
+            h, a = module(q[t], e, src_len=ln, coverage=cov)
+            cov = cov + a
+            outs.append(h)
+        loss = torch.stack(outs).pow(2).sum() + cov.pow(2).sum()
+        params = list(module.parameters())
+        return [loss.detach()] + list(torch.autograd.grad(loss, [q, e] + params))
+
+    for got, want in zip(run(ours), run(ref)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
