@@ -3,10 +3,11 @@ from ._loader import _C  # noqa: F401  (loads the operators into torch.ops.atten
 from . import ops  # noqa: F401  (fake kernels and autograd registrations)
 from . import reference  # noqa: F401
 from .functional import additive_attention, dot_attention
+from . import nn  # noqa: E402  (layers on top of the functional ops)
 
 __version__ = _C.__version__
 
-__all__ = ["dot_attention", "additive_attention", "reference", "build_info", "__version__"]
+__all__ = ["dot_attention", "additive_attention", "nn", "reference", "build_info", "__version__"]
 
 
 def build_info() -> dict:
