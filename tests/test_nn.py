@@ -255,11 +255,18 @@ COMPILE_CONFIGS = [c for c in CONFIGS if c[0] in (
     "general_learned_bias", "concat_learned_noattn", "bahdanau_norm")]
 
 
+# aot_eager checks the graph (no breaks, fake kernels, autograd) on every layer kind;
+# inductor (~8 s to compile on 2 cores) on one.
+COMPILE_CASES = [(c, "aot_eager") for c in COMPILE_CONFIGS] + [(COMPILE_CONFIGS[0], "inductor")]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,kind,kw", COMPILE_CONFIGS, ids=[c[0] for c in COMPILE_CONFIGS])
-def test_compile_fullgraph_forward_backward(name, kind, kw, device, dynamo_reset):
+@pytest.mark.parametrize("config,backend", COMPILE_CASES,
+                         ids=[f"{c[0]}-{b}" for c, b in COMPILE_CASES])
+def test_compile_fullgraph_forward_backward(config, backend, device, dynamo_reset):
     """A decoder step (precompute + forward + loss) compiled without graph breaks gives the
     eager values and gradients."""
+    name, kind, kw = config
     layer = make_layer(kind, kw, device=device, seed=11)
     query, memory, lengths, _ = make_inputs(layer, 3, None, 5, "lengths64", torch.float32,
                                             device, seed=12)
@@ -269,7 +276,7 @@ def test_compile_fullgraph_forward_backward(name, kind, kw, device, dynamo_reset
         out, w = layer(q, pre)
         return (out * out).sum() + (w * w).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=False)
+    compiled = torch.compile(step, fullgraph=True, backend=backend, dynamic=False)
     results = []
     for fn in (step, compiled):
         q, m = query.clone().requires_grad_(), memory.clone().requires_grad_()
