@@ -78,17 +78,16 @@ class _AttentionLayer(nn.Module):
             raise ValueError(f"memory was precomputed by another layer "
                              f"({type(memory.owner).__name__}); its projection only fits "
                              f"that layer: call this layer's precompute()")
-        if (lengths is not None or mask is not None) and (
-                memory.lengths is not None or memory.mask is not None):
+        if lengths is None and mask is None:
+            return memory
+        if memory.lengths is not None or memory.mask is not None:
             name = "lengths" if lengths is not None else "mask"
             raise ValueError(f"{name} given together with a precomputed memory that already "
                              f"has its masking; pass it to precompute() only")
-        if lengths is not None or mask is not None:
-            # Masking given per call to a memory precomputed without it: keep the projection.
-            if lengths is not None and mask is not None:
-                raise ValueError("pass either lengths or mask, not both")
-            return PrecomputedMemory(memory.memory, memory.keys, lengths, mask, self)
-        return memory
+        if lengths is not None and mask is not None:
+            raise ValueError("pass either lengths or mask, not both")
+        # Masking per call on a memory precomputed without any: keep the projection.
+        return PrecomputedMemory(memory.memory, memory.keys, lengths, mask, self)
 
     def forward(self, query: Tensor, memory: MemoryArg, lengths: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None,

@@ -71,7 +71,10 @@ def eager_step(layer, query, pre):
         q = layer.W_a(query) if layer.score == "general" else query
         scores = torch.bmm(q, keys.transpose(1, 2))
     if isinstance(layer, LuongAttention) and layer.scale == "sqrt":
-        scores = scores / math.sqrt(layer.memory_dim)
+        scores = scores / math.sqrt(layer.query_dim if layer.score == "concat"
+                                    else layer.memory_dim)
+    if isinstance(layer, LuongAttention) and layer.g is not None:
+        scores = layer.g * scores
     weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
     context = torch.bmm(weights, memory)
     if isinstance(layer, LuongAttention) and layer.W_c is not None:
@@ -131,8 +134,10 @@ def check_agreement(outs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", default=",".join(LAYERS), help=f"comma-separated: {','.join(LAYERS)}")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated: {','.join(SHAPES)}")
+    p.add_argument("--layers", default=",".join(LAYERS),
+                   help=f"comma-separated: {','.join(LAYERS)}")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated: {','.join(SHAPES)}")
     p.add_argument("--repeats", type=int, default=None, help="samples (default 40, 10 --quick)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of sampling per row (default 6, 1.5 with --quick)")
@@ -152,7 +157,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     info = C.machine_info("cpu", attention_ext.build_info())
-    info["benchmark"] = f"repeats={repeats} (budget {budget:g} s per row), float32, seed={args.seed}"
+    info["benchmark"] = (f"repeats={repeats} (budget {budget:g} s per row), float32, "
+                         f"seed={args.seed}")
     C.print_machine_info(info)
     print()
     headers = ["layer", "mode (B, Tq, S, D)", "samples", "ours ms/step", "eager ms/step",
