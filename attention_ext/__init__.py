@@ -3,12 +3,14 @@ from ._loader import _C  # noqa: F401  (loads the operators into torch.ops.atten
 from . import ops  # noqa: F401  (fake kernels and autograd registrations)
 from . import reference  # noqa: F401
 from .functional import additive_attention, dot_attention
-from . import compat  # noqa: F401  (light: nn.Modules on the functional ops)
+from . import nn  # noqa: F401  (layers on top of the functional ops)
+from . import compat  # noqa: F401  (drop-in replacements of published layers)
 
 __version__ = _C.__version__
 
 __all__ = [
-    "dot_attention", "additive_attention", "reference", "compat", "build_info", "__version__",
+    "dot_attention", "additive_attention", "nn", "compat", "reference", "build_info",
+    "__version__",
 ]
 
 
