@@ -45,6 +45,7 @@ test-sanitized: $(VENV)/.deps-installed
 bench: install
 	$(PY) benchmarks/bench_dot.py
 	$(PY) benchmarks/bench_additive.py
+	$(PY) benchmarks/bench_layers.py
 
 # Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
 cuda-build-check:
