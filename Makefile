@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/bench_dot.py
 	$(PY) benchmarks/bench_additive.py
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_compat.py
 
 # Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
 cuda-build-check:

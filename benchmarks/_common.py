@@ -198,3 +198,65 @@ def peak_rss_rise_kib(fn: Callable[[], object]) -> int:
     peak = proc_status_kib("VmHWM")
     del out
     return peak - base
+
+
+def per_step_main(doc: str, layers: Sequence[str], shapes: Dict[str, tuple],
+                  build_fns: Callable[[str, tuple, int], Dict[str, Callable[[], object]]],
+                  check: Callable | None = None, argv=None) -> None:
+    """The command line of the per-decoder-step layer benchmarks (bench_layers.py,
+    bench_compat.py): for each layer and shape (B, Tq, S, D), build_fns(layer, shape, seed)
+    gives {"ours", "eager"} callables, sampled interleaved; medians divided by Tq."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--layers", default=",".join(layers), help=f"comma-separated: {','.join(layers)}")
+    p.add_argument("--shapes", default=",".join(shapes), help=f"comma-separated: {','.join(shapes)}")
+    p.add_argument("--repeats", type=int, default=None, help="samples (default 40, 10 --quick)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of sampling per row (default 6, 1.5 with --quick)")
+    p.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="write the markdown table and machine info")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (10 if args.quick else 40)
+    budget = args.budget or (1.5 if args.quick else 6.0)
+    chosen = [x for x in args.layers.split(",") if x]
+    chosen_shapes = [x for x in args.shapes.split(",") if x]
+    for name in chosen + chosen_shapes:
+        if name not in layers and name not in shapes:
+            p.error(f"unknown layer or shape {name!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import attention_ext
+
+    info = machine_info("cpu", attention_ext.build_info())
+    info["benchmark"] = (f"repeats={repeats} (budget {budget:g} s per row), float32, "
+                         f"seed={args.seed}")
+    print_machine_info(info)
+    print()
+    headers = ["layer", "mode (B, Tq, S, D)", "samples", "ours ms/step", "eager ms/step",
+               "ours/eager"]
+    rows = []
+    for name in chosen:
+        for shape_name in chosen_shapes:
+            shape = shapes[shape_name]
+            torch.manual_seed(args.seed)
+            fns = build_fns(name, shape, args.seed)
+            samples = interleaved(fns, repeats, "cpu", budget_s=budget, check=check)
+            med = {k: median(s) / shape[1] for k, s in samples.items()}
+            row = [name, f"{shape_name} {shape}", str(len(samples["ours"])),
+                   fmt_ms(med["ours"]), fmt_ms(med["eager"]),
+                   fmt_ratio(med["ours"] / med["eager"])]
+            rows.append(row)
+            print("  ".join(row), flush=True)
+    table = markdown_table(headers, rows)
+    note = ("Medians of interleaved samples, per decoder step (train: forward + backward of "
+            "the Tq steps, divided by Tq). ours/eager < 1 means ours is faster.")
+    print("\n" + table + "\n\n" + note)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("\n".join(f"- {k}: {v}" for k, v in info.items()))
+            f.write("\n\n" + table + "\n\n" + note + "\n")
+        print(f"wrote {args.output}")

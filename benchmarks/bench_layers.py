@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_layers.py [--quick] [--layers ...] [--output FILE
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -28,7 +27,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-import attention_ext  # noqa: E402
 from attention_ext.nn import BahdanauAttention, LuongAttention  # noqa: E402
 
 # name -> (B, Tq, S, D): D is query_dim = memory_dim = units.
@@ -136,59 +134,10 @@ def check_agreement(outs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", default=",".join(LAYERS),
-                   help=f"comma-separated: {','.join(LAYERS)}")
-    p.add_argument("--shapes", default=",".join(SHAPES),
-                   help=f"comma-separated: {','.join(SHAPES)}")
-    p.add_argument("--repeats", type=int, default=None, help="samples (default 40, 10 --quick)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds of sampling per row (default 6, 1.5 with --quick)")
-    p.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="write the markdown table and machine info")
-    args = p.parse_args(argv)
-    repeats = args.repeats or (10 if args.quick else 40)
-    budget = args.budget or (1.5 if args.quick else 6.0)
-    layers = [x for x in args.layers.split(",") if x]
-    shapes = [x for x in args.shapes.split(",") if x]
-    for name in layers + shapes:
-        if name not in LAYERS and name not in SHAPES:
-            p.error(f"unknown layer or shape {name!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def build(name, shape, seed):
+        return build_fns(LAYERS[name](shape[3]), shape, seed)
 
-    info = C.machine_info("cpu", attention_ext.build_info())
-    info["benchmark"] = (f"repeats={repeats} (budget {budget:g} s per row), float32, "
-                         f"seed={args.seed}")
-    C.print_machine_info(info)
-    print()
-    headers = ["layer", "mode (B, Tq, S, D)", "samples", "ours ms/step", "eager ms/step",
-               "ours/eager"]
-    rows = []
-    for layer_name in layers:
-        for shape_name in shapes:
-            shape = SHAPES[shape_name]
-            torch.manual_seed(args.seed)
-            layer = LAYERS[layer_name](shape[3])
-            fns = build_fns(layer, shape, args.seed)
-            samples = C.interleaved(fns, repeats, "cpu", budget_s=budget, check=check_agreement)
-            med = {k: C.median(s) / shape[1] for k, s in samples.items()}
-            row = [layer_name, f"{shape_name} {shape}", str(len(samples["ours"])),
-                   C.fmt_ms(med["ours"]), C.fmt_ms(med["eager"]),
-                   C.fmt_ratio(med["ours"] / med["eager"])]
-            rows.append(row)
-            print("  ".join(row), flush=True)
-    table = C.markdown_table(headers, rows)
-    note = ("Medians of interleaved samples, per decoder step (train: time of precompute + "
-            "Tq-step forward + backward, divided by Tq). ours/eager < 1 means ours is faster.")
-    print("\n" + table + "\n\n" + note)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write("\n".join(f"- {k}: {v}" for k, v in info.items()))
-            f.write("\n\n" + table + "\n\n" + note + "\n")
-        print(f"wrote {args.output}")
+    C.per_step_main(__doc__, list(LAYERS), SHAPES, build, check=check_agreement, argv=argv)
 
 
 if __name__ == "__main__":

@@ -6,30 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from attention_ext.compat import BahdanauAttention
-
-
-class TutorialBahdanau(nn.Module):
-    """The tutorial's eager layer (intermediate/seq2seq_translation_tutorial), plus the
-    same mask/lengths convention as ours (True = attend) for the masked tests."""
-
-    def __init__(self, hidden_size):
-        super().__init__()
-        self.Wa = nn.Linear(hidden_size, hidden_size)
-        self.Ua = nn.Linear(hidden_size, hidden_size)
-        self.Va = nn.Linear(hidden_size, 1)
-
-    def forward(self, query, keys, keep=None):
-        scores = self.Va(torch.tanh(self.Wa(query) + self.Ua(keys)))
-        scores = scores.squeeze(2).unsqueeze(1)
-        if keep is not None:
-            scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
-        weights = F.softmax(scores, dim=-1)
-        context = torch.bmm(weights, keys)
-        return context, weights
+from attention_ext.compat.eager import EagerTutorialBahdanau as TutorialBahdanau
 
 
 B, S, H = 3, 6, 16
