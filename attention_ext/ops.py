@@ -13,6 +13,20 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_fake_like(ref, ref_name, named, lengths, mask):
+    """The named tensors share ref's device and dtype; lengths and mask (not both) are on
+    its device."""
+    for name, t in named:
+        torch._check(t.device == ref.device and t.dtype == ref.dtype,
+                     lambda: f"{name} must match {ref_name}'s device and dtype "
+                             f"({ref.device}, {ref.dtype}), got ({t.device}, {t.dtype})")
+    torch._check(lengths is None or mask is None, lambda: "pass either lengths or mask, not both")
+    for name, t in (("lengths", lengths), ("mask", mask)):
+        if t is not None:
+            torch._check(t.device == ref.device,
+                         lambda: f"{name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
+
+
 def _check_fake_dot_inputs(query, keys, values, lengths, mask):
     """The structural checks of checks.h for the fake kernels, which run in place of the
     real ones while tracing (torch.compile) and for meta tensors, so a mistake is not
@@ -29,15 +43,7 @@ def _check_fake_dot_inputs(query, keys, values, lengths, mask):
         torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
                      lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), got {tuple(values.shape)}")
         named.append(("values", values))
-    for name, t in named:
-        torch._check(t.device == query.device and t.dtype == query.dtype,
-                     lambda: f"{name} must match query's device and dtype ({query.device}, {query.dtype}), "
-                             f"got ({t.device}, {t.dtype})")
-    torch._check(lengths is None or mask is None, lambda: "pass either lengths or mask, not both")
-    for name, t in (("lengths", lengths), ("mask", mask)):
-        if t is not None:
-            torch._check(t.device == query.device,
-                         lambda: f"{name} must be on query's device ({query.device}), got {t.device}")
+    _check_fake_like(query, "query", named, lengths, mask)
 
 
 @torch.library.register_fake("attention_ext::dot_attention")
@@ -109,15 +115,8 @@ def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
                  lambda: f"v must have shape (A,) = ({A},), got {tuple(v.shape)}")
     torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
                  lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), got {tuple(values.shape)}")
-    for name, t in (("keys_proj", keys_proj), ("v", v), ("values", values)):
-        torch._check(t.device == query_proj.device and t.dtype == query_proj.dtype,
-                     lambda: f"{name} must match query_proj's device and dtype "
-                             f"({query_proj.device}, {query_proj.dtype}), got ({t.device}, {t.dtype})")
-    torch._check(lengths is None or mask is None, lambda: "pass either lengths or mask, not both")
-    for name, t in (("lengths", lengths), ("mask", mask)):
-        if t is not None:
-            torch._check(t.device == query_proj.device,
-                         lambda: f"{name} must be on query_proj's device ({query_proj.device}), got {t.device}")
+    _check_fake_like(query_proj, "query_proj",
+                     [("keys_proj", keys_proj), ("v", v), ("values", values)], lengths, mask)
 
 
 @torch.library.register_fake("attention_ext::additive_attention")

@@ -260,3 +260,54 @@ def per_step_main(doc: str, layers: Sequence[str], shapes: Dict[str, tuple],
             f.write("\n".join(f"- {k}: {v}" for k, v in info.items()))
             f.write("\n\n" + table + "\n\n" + note + "\n")
         print(f"wrote {args.output}")
+
+
+def add_op_benchmark_args(p, *, shapes, modes, impls, quick_help: str, quick_budget: float,
+                          quick_slow: float) -> None:
+    """The options the op benchmarks (bench_dot.py, bench_additive.py) share; their
+    sampling defaults depend on --quick and are filled in by finish_op_benchmark_args."""
+    import argparse
+
+    p.add_argument("--shapes", default=",".join(shapes), help=f"comma-separated: {','.join(shapes)}")
+    p.add_argument("--modes", default=",".join(modes), help=f"comma-separated: {','.join(modes)}")
+    p.add_argument("--impls", default=",".join(impls), help=f"comma-separated: {','.join(impls)}")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="samples per implementation (default 40, 10 with --quick)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of sampling per configuration before stopping early "
+                        f"(at least 3 samples; default 8, {quick_budget:g} with --quick)")
+    p.add_argument("--slow", type=float, default=None,
+                   help="an implementation whose warm-up call takes longer than this many "
+                        f"seconds is sampled once (default 10, {quick_slow:g} with --quick)")
+    p.add_argument("--need-weights", dest="need_weights", default=True,
+                   action=argparse.BooleanOptionalAction,
+                   help="every implementation returns the attention weights (default: yes)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="write the markdown tables (and machine info)")
+    p.set_defaults(_quick_budget=quick_budget, _quick_slow=quick_slow)
+
+
+def parse_list(p, field: str, value: str, allowed) -> list:
+    """A comma-separated option as a list, every item one of `allowed`."""
+    values = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        p.error(f"--{field}: unknown {bad}; choose from {list(allowed)}")
+    return values
+
+
+def finish_op_benchmark_args(p, args, *, shapes, modes, impls) -> None:
+    """Sampling defaults for --quick, the lists parsed and checked."""
+    if args.repeats is None:
+        args.repeats = 10 if args.quick else 40
+    if args.budget is None:
+        args.budget = args._quick_budget if args.quick else 8.0
+    if args.slow is None:
+        args.slow = args._quick_slow if args.quick else 10.0
+    args.shapes = parse_list(p, "shapes", args.shapes, shapes)
+    args.modes = parse_list(p, "modes", args.modes, modes)
+    args.impls = parse_list(p, "impls", args.impls, impls)
+    if "ours" not in args.impls:
+        p.error("--impls must include ours (the ratios are relative to it)")

@@ -69,70 +69,36 @@ MEMORY_TARGET = ("teacher", "eager", 1 / 10)  # extra peak of ours <= 1/10 of ea
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def _list(p, field, value, allowed):
-    values = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        p.error(f"--{field}: unknown {bad}; choose from {list(allowed)}")
-    return values
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtypes", default=None,
                    help="comma-separated: float32,bfloat16,float16,float64 "
                         "(default float32,bfloat16; float32 with --quick)")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated: {','.join(SHAPES)}")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd,fwd+bwd")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated: {','.join(IMPLS)}")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="samples per implementation (default 40, 10 with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer samples, float32 only, memory of teacher forcing for ours and "
-                        "eager only (a demo run, about 2 minutes)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds of sampling per configuration before stopping early "
-                        "(at least 3 samples; default 8, 2 with --quick)")
-    p.add_argument("--slow", type=float, default=None,
-                   help="an implementation whose warm-up call takes longer than this many "
-                        "seconds is sampled once (default 10, 0.5 with --quick)")
-    p.add_argument("--need-weights", dest="need_weights", default=True,
-                   action=argparse.BooleanOptionalAction,
-                   help="every implementation returns the attention weights (default: yes)")
+    C.add_op_benchmark_args(p, shapes=SHAPES, modes=MODES, impls=IMPLS,
+                            quick_help="fewer samples, float32 only, memory of teacher forcing "
+                                       "for ours and eager only (a demo run, about 2 minutes)",
+                            quick_budget=2.0, quick_slow=0.5)
     p.add_argument("--memory-shapes", default=None,
                    help="shapes whose fwd+bwd peak memory is measured, comma-separated, or "
                         "'none' (default: the --shapes; teacher with --quick)")
     p.add_argument("--memory-impls", default=None,
                    help="implementations measured for memory (default ours,eager,compiled; "
                         "ours,eager with --quick)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="write the markdown tables (and machine info)")
     p.add_argument("--memory-child", nargs=3, metavar=("IMPL", "SHAPE", "DTYPE"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 10 if args.quick else 40
-    if args.budget is None:
-        args.budget = 2.0 if args.quick else 8.0
-    if args.slow is None:
-        args.slow = 0.5 if args.quick else 10.0
+    C.finish_op_benchmark_args(p, args, shapes=SHAPES, modes=MODES, impls=IMPLS)
     if args.dtypes is None:
         args.dtypes = "float32" if args.quick else "float32,bfloat16"
-    args.dtypes = _list(p, "dtypes", args.dtypes, DTYPES)
-    args.shapes = _list(p, "shapes", args.shapes, SHAPES)
-    args.modes = _list(p, "modes", args.modes, MODES)
-    args.impls = _list(p, "impls", args.impls, IMPLS)
+    args.dtypes = C.parse_list(p, "dtypes", args.dtypes, DTYPES)
     if args.memory_shapes is None:
         args.memory_shapes = ",".join(s for s in args.shapes if s == "teacher") \
             if args.quick else ",".join(args.shapes)
-    args.memory_shapes = [] if args.memory_shapes == "none" else _list(
+    args.memory_shapes = [] if args.memory_shapes == "none" else C.parse_list(
         p, "memory-shapes", args.memory_shapes, SHAPES)
     if args.memory_impls is None:
         args.memory_impls = "ours,eager" if args.quick else ",".join(args.impls)
-    args.memory_impls = _list(p, "memory-impls", args.memory_impls, IMPLS)
-    if "ours" not in args.impls:
-        p.error("--impls must include ours (the ratios are relative to it)")
+    args.memory_impls = C.parse_list(p, "memory-impls", args.memory_impls, IMPLS)
     return args
 
 

@@ -54,40 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="comma-separated: float32,bfloat16,float16,float64")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated: {','.join(SHAPES)}")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd,fwd+bwd")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated: {','.join(IMPLS)}")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="samples per implementation (default 40, 10 with --quick)")
-    p.add_argument("--quick", action="store_true", help="fewer samples (demo run)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds of sampling per configuration before stopping early "
-                        "(at least 3 samples; default 8, 3 with --quick)")
-    p.add_argument("--slow", type=float, default=None,
-                   help="an implementation whose warm-up call takes longer than this many "
-                        "seconds is sampled once (default 10, 1 with --quick)")
-    p.add_argument("--need-weights", dest="need_weights", default=True,
-                   action=argparse.BooleanOptionalAction,
-                   help="ours/eager/compiled return the attention weights (default: yes)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="write the markdown table (and machine info)")
+    C.add_op_benchmark_args(p, shapes=SHAPES, modes=MODES, impls=IMPLS,
+                            quick_help="fewer samples (demo run)", quick_budget=3.0,
+                            quick_slow=1.0)
     args = p.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 10 if args.quick else 40
-    if args.budget is None:
-        args.budget = 3.0 if args.quick else 8.0
-    if args.slow is None:
-        args.slow = 1.0 if args.quick else 10.0
-    for field, allowed in (("dtypes", DTYPES), ("shapes", SHAPES), ("modes", MODES),
-                           ("impls", IMPLS)):
-        values = [v.strip() for v in getattr(args, field).split(",") if v.strip()]
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            p.error(f"--{field}: unknown {bad}; choose from {list(allowed)}")
-        setattr(args, field, values)
-    if "ours" not in args.impls:
-        p.error("--impls must include ours (the ratios are relative to it)")
+    C.finish_op_benchmark_args(p, args, shapes=SHAPES, modes=MODES, impls=IMPLS)
+    args.dtypes = C.parse_list(p, "dtypes", args.dtypes, DTYPES)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     return args
