@@ -37,6 +37,23 @@ def _follow_query_rank(context: Tensor, weights: Tensor, single: bool, need_weig
     return context, (weights if need_weights else None)
 
 
+def _call_op(op, *args):
+    """Calls op, skipping its Python autograd kernel when no gradient can flow.
+
+    With no input requiring grad (inference, decoding), the kernel registered by
+    torch.library.register_autograd only redispatches below autograd; doing that here saves
+    its Python round trip (about 10 us a call, 5% of a decode step). Under torch.compile the
+    op is called as is, so tracing sees the registered autograd.
+    """
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled()
+        and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    ):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _as_scale(scale) -> float:
     if scale is None:
         return 1.0
@@ -82,8 +99,9 @@ def dot_attention(
         weights 0 (and zero gradients), never NaN.
     """
     q, single = _as_3d_query(query, "query")
-    context, weights, _ = torch.ops.attention_ext.dot_attention(
-        q, keys, values, lengths, mask, _as_scale(scale), bool(need_weights)
+    context, weights, _ = _call_op(
+        torch.ops.attention_ext.dot_attention.default,
+        q, keys, values, lengths, mask, _as_scale(scale), bool(need_weights),
     )
     return _follow_query_rank(context, weights, single, need_weights)
 
@@ -124,7 +142,8 @@ def additive_attention(
         weights 0 and zero gradients, never NaN.
     """
     q, single = _as_3d_query(query_proj, "query_proj")
-    context, weights, _ = torch.ops.attention_ext.additive_attention(
-        q, keys_proj, v, values, lengths, mask, bool(need_weights)
+    context, weights, _ = _call_op(
+        torch.ops.attention_ext.additive_attention.default,
+        q, keys_proj, v, values, lengths, mask, bool(need_weights),
     )
     return _follow_query_rank(context, weights, single, need_weights)

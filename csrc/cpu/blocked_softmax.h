@@ -20,6 +20,7 @@
 
 #include "attention_ext/math.h"
 #include "attention_ext/tuning.h"
+#include "balanced_for.h"
 #include "gemm_tiles.h"
 #include "vec_ops.h"
 
@@ -109,8 +110,8 @@ inline void load_queries(const scalar_t* rows, int64_t r, int64_t M, int64_t wid
 // Per-thread working memory, sized once per parallel chunk.
 template <typename acc_t>
 struct Scratch {
-  std::vector<int64_t> idx;
-  std::vector<acc_t> s, p, dp, kbuf, vbuf, q, g, acc;
+  Buffer<int64_t> idx;
+  Buffer<acc_t> s, p, dp, kbuf, vbuf, q, g, acc;
   std::vector<const acc_t*> krows, vrows, qrows, grows;
   std::vector<acc_t*> accrows;
   Scratch(int64_t D, int64_t Dv)
@@ -148,8 +149,11 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
                    int64_t j0, int64_t j1, acc_t* scores, SoftmaxState<acc_t>* st,
                    Scratch<acc_t>& w) {
   for (int64_t m = 0; m < M; ++m) st[m] = softmax_init<acc_t>();
-  for (int64_t jb = j0; jb < j1; jb += kBlock) {
-    const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, j1), true, w);
+  // One query row (decode) loads each key once per pass and is bound by the context
+  // pass's loads: blocks of 8 keys (16 KB at D = 512) stay in L1 for it and fit axpy8.
+  const int64_t block = M == 1 ? 8 : kBlock;
+  for (int64_t jb = j0; jb < j1; jb += block) {
+    const int64_t n = load_block(pb, b, jb, std::min(jb + block, j1), true, w);
     if (n == 0) continue;
     score(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data());
     for (int64_t m = 0; m < M; ++m) {
@@ -166,7 +170,11 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
       exp_shifted_inplace(pm, st[m].max, n);
       for (int64_t i = 0; i < n; ++i) st[m].sum += pm[i];
     }
-    nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data());
+    if (M == 1 && n == 8) {
+      axpy8(w.accrows[0], w.p.data(), w.vrows.data(), pb.Dv);
+    } else {
+      nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data());
+    }
   }
 }
 
@@ -207,7 +215,7 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
   std::vector<SoftmaxState<acc_t>> part_state(splits > 1 ? pb.B * pb.Tq * splits : 0);
   std::vector<acc_t> part_acc(splits > 1 ? pb.B * pb.Tq * splits * pb.Dv : 0);
 
-  at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
+  auto run_tasks = [&](int64_t begin, int64_t end) {
     Scratch<acc_t> w(pb.D, pb.Dv);
     std::vector<acc_t> own_scores(weights && splits == 1 ? kTile * pb.S : 0);
     SoftmaxState<acc_t> st[kTile];
@@ -221,7 +229,7 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
       const int64_t chunk = (limit + splits - 1) / splits;
       const int64_t j0 = std::min(limit, sp * chunk), j1 = std::min(limit, j0 + chunk);
       load_queries(pb.q, r0, M, pb.D, w.q.data(), w.qrows.data());
-      std::fill(w.acc.begin(), w.acc.end(), acc_t(0));
+      std::fill(w.acc.begin(), w.acc.begin() + M * pb.Dv, acc_t(0));
       acc_t* scores = nullptr;
       if (weights) {
         scores = splits == 1 ? own_scores.data() : shared_scores.data() + r0 * pb.S;
@@ -242,8 +250,17 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
         }
       }
     }
-  });
-  if (splits == 1) return;
+  };
+  if (splits > 1) {
+    at::parallel_for(0, tiles * splits, 1, run_tasks);
+  } else {
+    // A tile's work grows with its batch element's attending length.
+    const int64_t rows = std::min(kTile, pb.Tq);
+    balanced_parallel_for(
+        tiles, [&](int64_t tile) { return rows * (pb.pos.limit(tile / tiles_per_b) + 4); },
+        run_tasks);
+    return;
+  }
 
   // Split-S merge: each row walks its splits in order (deterministic).
   at::parallel_for(0, pb.B * pb.Tq, 1, [&](int64_t begin, int64_t end) {

@@ -9,12 +9,40 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace attention_ext {
 namespace cpu {
 
 using at::vec::Vectorized;
+
+// An allocator that leaves trivially constructible elements uninitialised: scratch buffers
+// are written before they are read, and zero-filling them was ~15% of a short decode step.
+template <typename T>
+struct UninitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitAllocator<U>;
+  };
+  UninitAllocator() = default;
+  template <typename U>
+  UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// A std::vector whose elements start uninitialised.
+template <typename T>
+using Buffer = std::vector<T, UninitAllocator<T>>;
 
 template <typename T>
 inline T hsum(const Vectorized<T>& v) {
@@ -88,6 +116,32 @@ inline void axpy4(T* acc, const T w[4], const T* r0, const T* r1, const T* r2, c
     a.store(acc + d);
   }
   for (; d < n; ++d) acc[d] += w[0] * r0[d] + w[1] * r1[d] + w[2] * r2[d] + w[3] * r3[d];
+}
+
+// acc += sum_{i<8} w[i] r[i]: one read-modify-write of acc per eight rows, in two FMA
+// chains so consecutive columns overlap (measured 1.3x nn_tile's one-row case in L1).
+template <typename T>
+inline void axpy8(T* acc, const T w[8], const T* const* r, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]), w4(w[4]), w5(w[5]), w6(w[6]), w7(w[7]);
+  const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6],
+          *r7 = r[7];
+  int64_t d = 0;
+  for (; d + W <= n; d += W) {
+    V a = at::vec::fmadd(w0, V::loadu(r0 + d), V::loadu(acc + d));
+    V b = w1 * V::loadu(r1 + d);
+    a = at::vec::fmadd(w2, V::loadu(r2 + d), a);
+    b = at::vec::fmadd(w3, V::loadu(r3 + d), b);
+    a = at::vec::fmadd(w4, V::loadu(r4 + d), a);
+    b = at::vec::fmadd(w5, V::loadu(r5 + d), b);
+    a = at::vec::fmadd(w6, V::loadu(r6 + d), a);
+    b = at::vec::fmadd(w7, V::loadu(r7 + d), b);
+    (a + b).store(acc + d);
+  }
+  for (; d < n; ++d)
+    acc[d] += w[0] * r0[d] + w[1] * r1[d] + w[2] * r2[d] + w[3] * r3[d] + w[4] * r4[d] +
+              w[5] * r5[d] + w[6] * r6[d] + w[7] * r7[d];
 }
 
 template <typename T>
