@@ -345,8 +345,14 @@ void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_
                        scalar_t* grad_k, scalar_t* grad_v, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles_per_b = (pb.S + kTile - 1) / kTile;
-  std::vector<acc_t> gk(grad_k ? kTile * pb.D : 0), gv(kTile * pb.Dv);
-  std::vector<const acc_t*> qr(pb.Tq), gr(pb.Tq);
+  const bool combined = grad_k && !grad_v;
+  Buffer<acc_t> gk(grad_k ? kTile * pb.D : 0), gv(kTile * pb.Dv);
+  // Combined keys/values: grad_k = [k_scale dS; P]^T [Q; G], one product over 2 Tq terms
+  // (a longer reduction keeps the accumulators in registers for twice as long).
+  Buffer<acc_t> a2(combined ? kTile * 2 * pb.Tq : 0);
+  Buffer<const acc_t*> qgr(2 * pb.Tq);
+  const acc_t** qr = qgr.data();
+  const acc_t** gr = qgr.data() + pb.Tq;
   acc_t* gkrows[kTile];
   acc_t* gvrows[kTile];
   for (int64_t m = 0; m < kTile; ++m) {
@@ -375,21 +381,29 @@ void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_
     }
     // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
     const int64_t base = b * pb.Tq * pb.S + j0;
+    if (combined) {
+      const int64_t K2 = 2 * pb.Tq;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t t = 0; t < pb.Tq; ++t) {
+          a2[m * K2 + t] = k_scale * dS[base + t * pb.S + m];
+          a2[m * K2 + pb.Tq + t] = P[base + t * pb.S + m];
+        }
+      std::fill(gk.begin(), gk.end(), acc_t(0));
+      nn_tile(M, K2, a2.data(), K2, 1, qgr.data(), pb.D, gkrows);
+      for (int64_t m = 0; m < M; ++m)
+        from_acc_scaled(gkrows[m], acc_t(1), grad_k + (b * pb.S + j0 + m) * pb.D, pb.D);
+      continue;
+    }
     if (grad_k) {
       std::fill(gk.begin(), gk.end(), acc_t(0));
-      nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr.data(), pb.D, gkrows);
+      nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr, pb.D, gkrows);
     }
     std::fill(gv.begin(), gv.end(), acc_t(0));
-    if (grad_k && !grad_v) {
-      for (int64_t m = 0; m < M; ++m) scale_inplace(gkrows[m], k_scale, pb.D);
-      nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gkrows);
-    } else {
-      nn_tile(M, pb.Tq, P + base, 1, pb.S, gr.data(), pb.Dv, gvrows);
-    }
+    nn_tile(M, pb.Tq, P + base, 1, pb.S, gr, pb.Dv, gvrows);
     for (int64_t m = 0; m < M; ++m) {
       const int64_t bj = b * pb.S + j0 + m;
-      if (grad_k) from_acc_scaled(gkrows[m], grad_v ? k_scale : acc_t(1), grad_k + bj * pb.D, pb.D);
-      if (grad_v) from_acc_scaled(gvrows[m], acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
+      if (grad_k) from_acc_scaled(gkrows[m], k_scale, grad_k + bj * pb.D, pb.D);
+      from_acc_scaled(gvrows[m], acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
     }
   }
 }

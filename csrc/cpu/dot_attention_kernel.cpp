@@ -148,41 +148,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
     const auto pb = make_problem<scalar_t>(in, s);
     const acc_t sc = static_cast<acc_t>(scale);
-    std::vector<acc_t> P(rows * s.S), dS(rows * s.S);
     // Phase 2 reads every query and gradient row once per source position: keep
     // converted copies when the input is not already in the accumulation type.
-    std::vector<acc_t> q_acc(convert ? rows * s.D : 0), g_acc(convert ? rows * s.Dv : 0);
+    Buffer<acc_t> q_acc(convert ? rows * s.D : 0), g_acc(convert ? rows * s.Dv : 0);
+    const scalar_t* gc_ptr = gc.data_ptr<scalar_t>();
     const scalar_t* gw_ptr = gw ? gw->data_ptr<scalar_t>() : nullptr;
+    const acc_t* lse_ptr = lse_c.data_ptr<acc_t>();
+    scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
+    scalar_t* gk_ptr = grad_k.data_ptr<scalar_t>();
+    scalar_t* gv_ptr = combined ? nullptr : grad_v.data_ptr<scalar_t>();
     const acc_t* q_rows = convert ? q_acc.data() : reinterpret_cast<const acc_t*>(pb.q);
-    const acc_t* g_rows =
-        convert ? g_acc.data() : reinterpret_cast<const acc_t*>(gc.data_ptr<scalar_t>());
-    auto phase1 = [&](int64_t begin, int64_t end) {
-      backward_tiles<scalar_t>(pb, sc, gc.data_ptr<scalar_t>(), gw_ptr,
-                              lse_c.data_ptr<acc_t>(), P.data(), dS.data(),
-                              grad_q.data_ptr<scalar_t>(), convert ? q_acc.data() : nullptr,
-                              convert ? g_acc.data() : nullptr, begin, end);
-    };
-    auto phase2 = [&](int64_t begin, int64_t end) {
-      source_grad_tiles<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(),
-                                 grad_k.data_ptr<scalar_t>(),
-                                 combined ? nullptr : grad_v.data_ptr<scalar_t>(),
-                                 begin, end);
-    };
+    const acc_t* g_rows = convert ? g_acc.data() : reinterpret_cast<const acc_t*>(gc_ptr);
     const int64_t q_tiles_per_b = (s.Tq + kTile - 1) / kTile;
     const int64_t src_tiles_per_b = (s.S + kTile - 1) / kTile;
     if (s.B >= at::get_num_threads()) {
-      // A batch element's phase 2 runs right after its phase 1, on the same thread, while
-      // its keys, queries, gradients and P/dS rows are still in that core's L2.
-      at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          phase1(b * q_tiles_per_b, (b + 1) * q_tiles_per_b);
-          phase2(b * src_tiles_per_b, (b + 1) * src_tiles_per_b);
-        }
-      });
-    } else {
-      at::parallel_for(0, s.B * q_tiles_per_b, 1, phase1);
-      at::parallel_for(0, s.B * src_tiles_per_b, 1, phase2);
+      // A thread takes whole batch elements and runs phase 2 right after phase 1, while
+      // the element's keys, queries, gradients and its (Tq x S) P/dS are in that core's L2.
+      // Each element is a one-element problem, so P and dS are per thread.
+      const int64_t Tq = s.Tq, S = s.S, D = s.D, Dv = s.Dv;
+      balanced_parallel_for(
+          s.B, [&](int64_t b) { return (pb.pos.limit(b) + 2) * Tq; },
+          [&](int64_t b0, int64_t b1) {
+            Buffer<acc_t> P(Tq * S), dS(Tq * S);
+            for (int64_t b = b0; b < b1; ++b) {
+              const Problem<scalar_t> one{
+                  pb.q + b * Tq * D, pb.k + b * S * D, pb.v + b * S * Dv, pb.v_is_k, 1, Tq, S,
+                  D, Dv,
+                  Positions{pb.pos.lengths ? pb.pos.lengths + b : nullptr,
+                            pb.pos.mask ? pb.pos.mask + b * S : nullptr, S}};
+              backward_tiles<scalar_t>(one, sc, gc_ptr + b * Tq * Dv,
+                                      gw_ptr ? gw_ptr + b * Tq * S : nullptr, lse_ptr + b * Tq,
+                                      P.data(), dS.data(), gq_ptr + b * Tq * D,
+                                      convert ? q_acc.data() + b * Tq * D : nullptr,
+                                      convert ? g_acc.data() + b * Tq * Dv : nullptr, 0,
+                                      q_tiles_per_b);
+              source_grad_tiles<scalar_t>(one, sc, q_rows + b * Tq * D, g_rows + b * Tq * Dv,
+                                         P.data(), dS.data(), gk_ptr + b * S * D,
+                                         gv_ptr ? gv_ptr + b * S * Dv : nullptr, 0,
+                                         src_tiles_per_b);
+            }
+          });
+      return;
     }
+    Buffer<acc_t> P(rows * s.S), dS(rows * s.S);
+    at::parallel_for(0, s.B * q_tiles_per_b, 1, [&](int64_t begin, int64_t end) {
+      backward_tiles<scalar_t>(pb, sc, gc_ptr, gw_ptr, lse_ptr, P.data(), dS.data(), gq_ptr,
+                              convert ? q_acc.data() : nullptr, convert ? g_acc.data() : nullptr,
+                              begin, end);
+    });
+    at::parallel_for(0, s.B * src_tiles_per_b, 1, [&](int64_t begin, int64_t end) {
+      source_grad_tiles<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(), gk_ptr, gv_ptr,
+                                 begin, end);
+    });
   });
   return {grad_q, grad_k, grad_v};
 }
