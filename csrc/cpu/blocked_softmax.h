@@ -171,7 +171,13 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
       for (int64_t i = 0; i < n; ++i) st[m].sum += pm[i];
     }
     if (M == 1 && n == 8) {
-      axpy8(w.accrows[0], w.p.data(), w.vrows.data(), pb.Dv);
+      // The next block's key rows (positions, not necessarily attending: a prefetch
+      // reads nothing), so its score pass finds them in cache.
+      const int64_t nb = std::min(jb + block, j1), ne = std::min(jb + 2 * block, j1);
+      const scalar_t* keys_b = pb.k + b * pb.S * pb.D;
+      axpy8(w.accrows[0], w.p.data(), w.vrows.data(), pb.Dv,
+            reinterpret_cast<const char*>(keys_b + nb * pb.D),
+            reinterpret_cast<const char*>(keys_b + ne * pb.D));
     } else {
       nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data());
     }
