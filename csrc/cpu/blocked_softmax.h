@@ -309,8 +309,14 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
   const int64_t M = std::min(kTile, pb.Tq - t0);
   const int64_t r0 = b * pb.Tq + t0;
   const int64_t limit = pb.pos.limit(b);
-  std::fill(P + r0 * pb.S, P + (r0 + M) * pb.S, acc_t(0));
-  std::fill(dS + r0 * pb.S, dS + (r0 + M) * pb.S, acc_t(0));
+  // Readers only look at positions below the length; with a mask, those that do not
+  // attend must read as 0.
+  if (pb.pos.mask) {
+    for (int64_t m = 0; m < M; ++m) {
+      std::fill(P + (r0 + m) * pb.S, P + (r0 + m) * pb.S + limit, acc_t(0));
+      std::fill(dS + (r0 + m) * pb.S, dS + (r0 + m) * pb.S + limit, acc_t(0));
+    }
+  }
   load_queries(pb.q, r0, M, pb.D, q_buf, w.qrows.data());
   load_queries(grad_ctx, r0, M, pb.Dv, g_buf, w.grows.data());
   acc_t delta[kTile] = {};
@@ -321,9 +327,15 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
     nt_tile(w.grows.data(), M, w.vrows.data(), n, pb.Dv, w.dp.data(), kBlock);
     for (int64_t m = 0; m < M; ++m) {
       const int64_t r = r0 + m;
+      acc_t* pm = w.s.data() + m * kBlock;  // scores, then probabilities
+      if (lse[r] == neg_inf<acc_t>()) {
+        std::fill(pm, pm + n, acc_t(0));
+      } else {
+        exp_shifted_inplace(pm, lse[r], n);
+      }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t j = w.idx[i];
-        const acc_t p = prob_from_lse(w.s[m * kBlock + i], lse[r]);
+        const acc_t p = pm[i];
         acc_t dpi = w.dp[m * kBlock + i];
         if (grad_w) dpi += static_cast<acc_t>(grad_w[r * pb.S + j]);
         P[r * pb.S + j] = p;
@@ -394,18 +406,20 @@ void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_
           a2[m * K2 + t] = k_scale * dS[base + t * pb.S + m];
           a2[m * K2 + pb.Tq + t] = P[base + t * pb.S + m];
         }
-      std::fill(gk.begin(), gk.end(), acc_t(0));
-      nn_tile(M, K2, a2.data(), K2, 1, qgr.data(), pb.D, gkrows);
-      for (int64_t m = 0; m < M; ++m)
-        from_acc_scaled(gkrows[m], acc_t(1), grad_k + (b * pb.S + j0 + m) * pb.D, pb.D);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        // Written straight into the output rows.
+        acc_t* out[kTile];
+        for (int64_t m = 0; m < M; ++m) out[m] = grad_k + (b * pb.S + j0 + m) * pb.D;
+        nn_tile(M, K2, a2.data(), K2, 1, qgr.data(), pb.D, out, /*overwrite=*/true);
+      } else {
+        nn_tile(M, K2, a2.data(), K2, 1, qgr.data(), pb.D, gkrows, /*overwrite=*/true);
+        for (int64_t m = 0; m < M; ++m)
+          from_acc_scaled(gkrows[m], acc_t(1), grad_k + (b * pb.S + j0 + m) * pb.D, pb.D);
+      }
       continue;
     }
-    if (grad_k) {
-      std::fill(gk.begin(), gk.end(), acc_t(0));
-      nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr, pb.D, gkrows);
-    }
-    std::fill(gv.begin(), gv.end(), acc_t(0));
-    nn_tile(M, pb.Tq, P + base, 1, pb.S, gr, pb.Dv, gvrows);
+    if (grad_k) nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr, pb.D, gkrows, /*overwrite=*/true);
+    nn_tile(M, pb.Tq, P + base, 1, pb.S, gr, pb.Dv, gvrows, /*overwrite=*/true);
     for (int64_t m = 0; m < M; ++m) {
       const int64_t bj = b * pb.S + j0 + m;
       if (grad_k) from_acc_scaled(gkrows[m], k_scale, grad_k + bj * pb.D, pb.D);

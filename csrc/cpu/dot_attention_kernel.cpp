@@ -49,9 +49,10 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
   const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
   const DotScore<acc_t> score{scale};
   Scratch<acc_t> w(pb.D, pb.Dv);
-  std::vector<acc_t> dq(kTile * pb.D);
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  Buffer<acc_t> dq(convert ? kTile * pb.D : 0);
   acc_t* dqrows[kTile];
-  for (int64_t m = 0; m < kTile; ++m) dqrows[m] = dq.data() + m * pb.D;
+  for (int64_t m = 0; m < kTile; ++m) dqrows[m] = convert ? dq.data() + m * pb.D : nullptr;
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t b = tile / tiles_per_b;
     const int64_t t0 = (tile % tiles_per_b) * kTile;
@@ -61,17 +62,25 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
     softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS,
                       q_acc ? q_acc + r0 * pb.D : w.q.data(),
                       g_acc ? g_acc + r0 * pb.Dv : w.g.data(), w);
-    // grad_query = scale * dS K, a block of keys at a time.
-    std::fill(dq.begin(), dq.end(), acc_t(0));
+    // grad_query = (scale dS) K, a block of keys at a time; accumulated straight into the
+    // output rows when they are in the accumulation type.
+    acc_t* out[kTile];
+    for (int64_t m = 0; m < M; ++m)
+      out[m] = convert ? dqrows[m] : reinterpret_cast<acc_t*>(grad_q + (r0 + m) * pb.D);
+    bool first = true;
     for (int64_t jb = 0; jb < limit; jb += kBlock) {
       const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, limit), false, w);
       if (n == 0) continue;
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < n; ++i) w.p[m * kBlock + i] = dS[(r0 + m) * pb.S + w.idx[i]];
-      nn_tile(M, n, w.p.data(), kBlock, 1, w.krows.data(), pb.D, dqrows);
+        for (int64_t i = 0; i < n; ++i)
+          w.p[m * kBlock + i] = scale * dS[(r0 + m) * pb.S + w.idx[i]];
+      nn_tile(M, n, w.p.data(), kBlock, 1, w.krows.data(), pb.D, out, /*overwrite=*/first);
+      first = false;
     }
-    for (int64_t m = 0; m < M; ++m)
-      from_acc_scaled(dqrows[m], scale, grad_q + (r0 + m) * pb.D, pb.D);
+    for (int64_t m = 0; m < M; ++m) {
+      if (first) std::fill(out[m], out[m] + pb.D, acc_t(0));
+      if constexpr (convert) from_acc_scaled(dqrows[m], acc_t(1), grad_q + (r0 + m) * pb.D, pb.D);
+    }
   }
 }
 
