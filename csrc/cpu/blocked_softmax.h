@@ -156,6 +156,8 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
     const int64_t n = load_block(pb, b, jb, std::min(jb + block, j1), true, w);
     if (n == 0) continue;
     score(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data());
+    acc_t alpha[kTile];
+    bool rescale = false;
     for (int64_t m = 0; m < M; ++m) {
       const acc_t* sm = w.s.data() + m * kBlock;
       acc_t* pm = w.p.data() + m * kBlock;
@@ -164,13 +166,14 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
         block_max = ae_max(block_max, sm[i]);
         if (scores) scores[m * pb.S + w.idx[i]] = sm[i];
       }
-      const acc_t alpha = softmax_raise_max(st[m], block_max);
-      if (alpha != acc_t(1)) scale_inplace(w.accrows[m], alpha, pb.Dv);
+      alpha[m] = softmax_raise_max(st[m], block_max);
+      rescale = rescale || alpha[m] != acc_t(1);
       std::copy(sm, sm + n, pm);
       exp_shifted_inplace(pm, st[m].max, n);
       for (int64_t i = 0; i < n; ++i) st[m].sum += pm[i];
     }
     if (M == 1 && n == 8) {
+      if (rescale) scale_inplace(w.accrows[0], alpha[0], pb.Dv);
       // The next block's key rows (positions, not necessarily attending: a prefetch
       // reads nothing), so its score pass finds them in cache.
       const int64_t nb = std::min(jb + block, j1), ne = std::min(jb + 2 * block, j1);
@@ -179,7 +182,8 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
             reinterpret_cast<const char*>(keys_b + nb * pb.D),
             reinterpret_cast<const char*>(keys_b + ne * pb.D));
     } else {
-      nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data());
+      nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data(),
+              /*overwrite=*/false, rescale ? alpha : nullptr);
     }
   }
 }

@@ -83,7 +83,7 @@ inline void nt_tile(const T* const* a, int64_t M, const T* const* b, int64_t N, 
 // runtime lane count made GCC spill them around every call).
 template <typename T, int MR, int NR, bool kPartial = false>
 inline void nn_micro(int64_t K, const T* ap, const T* const* b, int64_t col, T* const* c,
-                     bool overwrite, int last = 0) {
+                     bool overwrite, const T* c_scale, int last = 0) {
   using V = Vectorized<T>;
   constexpr int W = V::size();
   static_assert(!kPartial || NR == 1, "only a single vector can be partial");
@@ -94,6 +94,7 @@ inline void nn_micro(int64_t K, const T* ap, const T* const* b, int64_t col, T* 
         acc[m][n] = V(T(0));
       } else {
         acc[m][n] = kPartial ? V::loadu(c[m] + col, last) : V::loadu(c[m] + col + n * W);
+        if (c_scale) acc[m][n] = acc[m][n] * V(c_scale[m]);
       }
     }
   for (int64_t k = 0; k < K; ++k) {
@@ -132,7 +133,7 @@ constexpr int64_t kPackK = 64;
 
 template <typename T, int MR>
 inline void nn_rows(int64_t K, const T* a, int64_t am, int64_t ak, const T* const* b,
-                    int64_t N, T* const* c, bool overwrite) {
+                    int64_t N, T* const* c, bool overwrite, const T* c_scale) {
   constexpr int64_t W = Vectorized<T>::size();
   // Wider column blocks for fewer rows: the MR x NR accumulators stay within the
   // registers while each vector of A feeds as many FMAs as possible.
@@ -143,35 +144,46 @@ inline void nn_rows(int64_t K, const T* a, int64_t am, int64_t ak, const T* cons
     pack_a<T, MR>(kn, a + k0 * ak, am, ak, ap);
     const T* const* bk = b + k0;
     const bool ow = overwrite && k0 == 0;
+    const T* cs = k0 == 0 ? c_scale : nullptr;
     int64_t col = 0;
-    for (; col + kWide * W <= N; col += kWide * W) nn_micro<T, MR, kWide>(kn, ap, bk, col, c, ow);
-    for (; col + 2 * W <= N; col += 2 * W) nn_micro<T, MR, 2>(kn, ap, bk, col, c, ow);
+    for (; col + kWide * W <= N; col += kWide * W)
+      nn_micro<T, MR, kWide>(kn, ap, bk, col, c, ow, cs);
+    for (; col + 2 * W <= N; col += 2 * W) nn_micro<T, MR, 2>(kn, ap, bk, col, c, ow, cs);
     if (col + W <= N) {
-      nn_micro<T, MR, 1>(kn, ap, bk, col, c, ow);
+      nn_micro<T, MR, 1>(kn, ap, bk, col, c, ow, cs);
       col += W;
     }
-    if (col < N) nn_micro<T, MR, 1, true>(kn, ap, bk, col, c, ow, static_cast<int>(N - col));
+    if (col < N) nn_micro<T, MR, 1, true>(kn, ap, bk, col, c, ow, cs, static_cast<int>(N - col));
   }
 }
 
 // C rows c[m] (length N) += sum_k A(m, k) B rows b[k], for M rows and K terms;
 // A(m, k) = a[m * am + k * ak]. overwrite: C = A B instead (C need not be initialised),
-// which spares callers a zero fill and a copy when C is the output itself.
+// which spares callers a zero fill and a copy when C is the output itself. c_scale (M
+// values, not with overwrite): C(m, :) = c_scale[m] C(m, :) + ..., the online softmax's
+// rescale of the running contexts folded into the load of C.
 template <typename T>
 inline void nn_tile(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak, const T* const* b,
-                    int64_t N, T* const* c, bool overwrite = false) {
+                    int64_t N, T* const* c, bool overwrite = false, const T* c_scale = nullptr) {
   if (N == 0) return;
   if (K == 0) {
-    if (overwrite)
-      for (int64_t m = 0; m < M; ++m) std::fill(c[m], c[m] + N, T(0));
+    for (int64_t m = 0; m < M; ++m) {
+      if (overwrite) {
+        std::fill(c[m], c[m] + N, T(0));
+      } else if (c_scale) {
+        scale_inplace(c[m], c_scale[m], N);
+      }
+    }
     return;
   }
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) nn_rows<T, 4>(K, a + m * am, am, ak, b, N, c + m, overwrite);
+  for (; m + 4 <= M; m += 4)
+    nn_rows<T, 4>(K, a + m * am, am, ak, b, N, c + m, overwrite, c_scale ? c_scale + m : nullptr);
+  const T* cs = c_scale ? c_scale + m : nullptr;
   switch (M - m) {
-    case 3: nn_rows<T, 3>(K, a + m * am, am, ak, b, N, c + m, overwrite); break;
-    case 2: nn_rows<T, 2>(K, a + m * am, am, ak, b, N, c + m, overwrite); break;
-    case 1: nn_rows<T, 1>(K, a + m * am, am, ak, b, N, c + m, overwrite); break;
+    case 3: nn_rows<T, 3>(K, a + m * am, am, ak, b, N, c + m, overwrite, cs); break;
+    case 2: nn_rows<T, 2>(K, a + m * am, am, ak, b, N, c + m, overwrite, cs); break;
+    case 1: nn_rows<T, 1>(K, a + m * am, am, ak, b, N, c + m, overwrite, cs); break;
     default: break;
   }
 }
