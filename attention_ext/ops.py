@@ -88,7 +88,7 @@ def _dot_backward(ctx, grad_context, grad_weights, grad_lse):
         grad_context = query.new_zeros((query.shape[0], query.shape[1], Dv))
     if not ctx.need_weights:
         grad_weights = None
-    grad_query, grad_keys, grad_values = torch.ops.attention_ext._dot_attention_backward(
+    grad_query, grad_keys, grad_values = torch.ops.attention_ext._dot_attention_backward.default(
         grad_context, grad_weights, query, keys, values, lengths, mask, ctx.scale, lse
     )
     if values is None:
@@ -160,7 +160,7 @@ def _additive_backward(ctx, grad_context, grad_weights, grad_lse):
             (query_proj.shape[0], query_proj.shape[1], values.shape[2]))
     if not ctx.need_weights:
         grad_weights = None
-    grads = torch.ops.attention_ext._additive_attention_backward(
+    grads = torch.ops.attention_ext._additive_attention_backward.default(
         grad_context, grad_weights, query_proj, keys_proj, v, values, lengths, mask, lse
     )
     return (*grads, None, None, None)
