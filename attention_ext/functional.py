@@ -45,9 +45,13 @@ def _call_op(op, *args):
     its Python round trip (about 10 us a call, 5% of a decode step). Under torch.compile the
     op is called as is, so tracing sees the registered autograd.
     """
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled()
-        and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if (
+        torch.compiler.is_compiling()
+        or torch.autograd.forward_ad._current_level >= 0  # dual tensors: let autograd see them
+        or (
+            torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        )
     ):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():

@@ -18,6 +18,9 @@ GRADCHECK_CASES = [
     ("2d_lengths", dict(B=3, Tq=1, S=5, D=4, query_2d=True, mask_kind="lengths64")),
     ("2d_mask", dict(B=3, Tq=1, S=5, D=4, query_2d=True, mask_kind="mask")),
     ("Dv", dict(B=2, Tq=2, S=4, D=3, Dv=6, mask_kind="lengths64")),
+    # Values of width 0 are separate values, not the keys (a combined-gradient mix-up
+    # once read the empty gradient rows as D wide).
+    ("Dv0", dict(B=2, Tq=2, S=4, D=3, Dv=0, mask_kind="lengths64")),
     ("values_none", dict(B=3, Tq=2, S=4, D=3, values_none=True, mask_kind="lengths64")),
     ("S1", dict(B=2, Tq=2, S=1, D=3)),
     ("scaled", dict(B=2, Tq=2, S=4, D=3, scale=0.37, mask_kind="mask")),

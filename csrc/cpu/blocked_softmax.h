@@ -358,7 +358,8 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
 
 // grad_values[b, j] = sum_t P[b, t, j] g[b, t] for tiles of kTile source positions; with
 // dS, q_rows and grad_k also grad_k[b, j] = k_scale * sum_t dS[b, t, j] q[b, t] (the dot
-// op's key gradient; grad_v == nullptr: the keys are the values and grad_k gets both).
+// op's key gradient; grad_v == nullptr and pb.v_is_k: the keys are the values and grad_k
+// gets both).
 template <typename scalar_t>
 void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_scale,
                        const at::opmath_type<scalar_t>* q_rows,
@@ -367,7 +368,7 @@ void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_
                        scalar_t* grad_k, scalar_t* grad_v, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles_per_b = (pb.S + kTile - 1) / kTile;
-  const bool combined = grad_k && !grad_v;
+  const bool combined = grad_k && !grad_v && pb.v_is_k;
   Buffer<acc_t> gk(grad_k ? kTile * pb.D : 0), gv(kTile * pb.Dv);
   // Combined keys/values: grad_k = [k_scale dS; P]^T [Q; G], one product over 2 Tq terms
   // (a longer reduction keeps the accumulators in registers for twice as long).

@@ -131,10 +131,14 @@ inline void axpy8(T* acc, const T w[8], const T* const* r, int64_t n,
   const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]), w4(w[4]), w5(w[5]), w6(w[6]), w7(w[7]);
   const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6],
           *r7 = r[7];
+  std::uintptr_t pf_next = reinterpret_cast<std::uintptr_t>(pf);
+  const std::uintptr_t pf_stop = reinterpret_cast<std::uintptr_t>(pf_end);
   int64_t d = 0;
   for (; d + W <= n; d += W) {
     if (d % (4 * W) == 0) {
-      for (int line = 0; line < 8 && pf < pf_end; ++line, pf += 64) __builtin_prefetch(pf);
+      // Integer addresses: the cursor may step past pf_end, which a pointer may not.
+      for (int line = 0; line < 8 && pf_next < pf_stop; ++line, pf_next += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(pf_next));
     }
     V a = at::vec::fmadd(w0, V::loadu(r0 + d), V::loadu(acc + d));
     V b = w1 * V::loadu(r1 + d);
