@@ -16,6 +16,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 
+# The op benchmarks' dtypes (by name) and modes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+MODES = ("fwd", "fwd+bwd")
+
+
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -296,6 +302,26 @@ def parse_list(p, field: str, value: str, allowed) -> list:
     if bad:
         p.error(f"--{field}: unknown {bad}; choose from {list(allowed)}")
     return values
+
+
+def print_op_benchmark_info(args, device: str, build_info: dict) -> Dict[str, str]:
+    """The machine and the sampling settings, printed before an op benchmark's table."""
+    info = machine_info(device, build_info)
+    info["benchmark"] = (f"repeats={args.repeats} (budget {args.budget:g} s per row, "
+                         f"1 sample for calls > {args.slow:g} s), "
+                         f"need_weights={args.need_weights}, "
+                         f"lengths uniform in [S/2, S], seed={args.seed}")
+    print_machine_info(info)
+    print()
+    return info
+
+
+def write_output(path: str, info: Dict[str, str], text: str) -> None:
+    """--output: the machine info as a list, then the benchmark's markdown."""
+    with open(path, "w") as f:
+        f.write("\n".join(f"- {k}: {v}" for k, v in info.items()))
+        f.write("\n\n" + text + "\n")
+    print(f"wrote {path}")
 
 
 def finish_op_benchmark_args(p, args, *, shapes, modes, impls) -> None:

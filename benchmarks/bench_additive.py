@@ -53,9 +53,8 @@ SHAPE_NOTES = {
     "gnmt_train": "MLPerf GNMT training",
     "teacher": "teacher forcing",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
-MODES = ("fwd", "fwd+bwd")
+DTYPES = C.DTYPES
+MODES = C.MODES
 IMPLS = ("ours", "eager", "compiled")
 
 # (shape, mode) -> [(baseline, ratio ours/baseline must not exceed)]: the targets,
@@ -217,13 +216,7 @@ def main(argv=None):
         memory_child(impl, shape_name, dtype_name, args.seed, args.need_weights)
         return
     C.set_compile_cache_limit(64)
-    info = C.machine_info("cpu", attention_ext.build_info())
-    info["benchmark"] = (f"repeats={args.repeats} (budget {args.budget:g} s per row, "
-                         f"1 sample for calls > {args.slow:g} s), "
-                         f"need_weights={args.need_weights}, "
-                         f"lengths uniform in [S/2, S], seed={args.seed}")
-    C.print_machine_info(info)
-    print()
+    info = C.print_op_benchmark_info(args, "cpu", attention_ext.build_info())
 
     t_start = time.perf_counter()
     headers = ["shape (B, Tq, S, A, Dv)", "dtype", "mode", "samples"]
@@ -312,10 +305,7 @@ def main(argv=None):
     print(text)
     print(f"\n(timing {t_time:.0f} s, total {elapsed:.0f} s)")
     if args.output:
-        with open(args.output, "w") as f:
-            f.write("\n".join(f"- {k}: {v}" for k, v in info.items()))
-            f.write("\n\n" + text + "\n")
-        print(f"wrote {args.output}")
+        C.write_output(args.output, info, text)
 
 
 if __name__ == "__main__":

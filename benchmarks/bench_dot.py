@@ -43,9 +43,8 @@ SHAPE_NOTES = {
     "gnmt": "MLPerf GNMT inference",
     "teacher": "teacher forcing",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
-MODES = ("fwd", "fwd+bwd")
+DTYPES = C.DTYPES
+MODES = C.MODES
 IMPLS = ("ours", "eager", "compiled", "sdpa")
 
 
@@ -154,13 +153,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     C.set_compile_cache_limit(64)
     device = args.device
-    info = C.machine_info(device, attention_ext.build_info())
-    info["benchmark"] = (f"repeats={args.repeats} (budget {args.budget:g} s per row, "
-                         f"1 sample for calls > {args.slow:g} s), "
-                         f"need_weights={args.need_weights}, "
-                         f"lengths uniform in [S/2, S], seed={args.seed}")
-    C.print_machine_info(info)
-    print()
+    info = C.print_op_benchmark_info(args, device, attention_ext.build_info())
 
     headers = ["shape (B, Tq, S, D)", "dtype", "mode", "samples"]
     headers += [f"{name} ms" + (" (no weights)" if name == "sdpa" else "")
@@ -204,10 +197,7 @@ def main(argv=None):
     print(note)
     print(f"\n(total {elapsed:.0f} s)")
     if args.output:
-        with open(args.output, "w") as f:
-            f.write("\n".join(f"- {k}: {v}" for k, v in info.items()))
-            f.write("\n\n" + table + "\n\n" + note + "\n")
-        print(f"wrote {args.output}")
+        C.write_output(args.output, info, table + "\n\n" + note)
 
 
 if __name__ == "__main__":

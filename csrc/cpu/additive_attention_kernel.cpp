@@ -219,8 +219,7 @@ void backward_by_element(const Problem<scalar_t>& pb, const at::opmath_type<scal
           element_rows(pb.k + b * S * A, limit, A, k),
           element_rows(pb.v + b * S * Dv, limit, Dv, val),
           false, 1, Tq, S, A, Dv,
-          Positions{pb.pos.lengths ? pb.pos.lengths + b : nullptr,
-                    pb.pos.mask ? pb.pos.mask + b * S : nullptr, S}};
+          pb.pos.element(b)};
       acc_t* gq_b = convert ? gq.data() : reinterpret_cast<acc_t*>(grad_q + b * Tq * A);
       acc_t* gk_b = convert ? gk.data() : reinterpret_cast<acc_t*>(grad_k + b * S * A);
       acc_t* gval_b = convert ? gval.data() : reinterpret_cast<acc_t*>(grad_values + b * S * Dv);

@@ -43,6 +43,10 @@ struct Positions {
   int64_t S;
 
   int64_t limit(int64_t b) const { return lengths ? lengths[b] : S; }
+  // Batch element b's positions, as those of a one-element problem.
+  Positions element(int64_t b) const {
+    return Positions{lengths ? lengths + b : nullptr, mask ? mask + b * S : nullptr, S};
+  }
   bool attends(int64_t b, int64_t j) const { return mask == nullptr || mask[b * S + j]; }
 
   // Attending positions in [j0, j1), compacted into idx; returns how many.

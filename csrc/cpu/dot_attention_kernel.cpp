@@ -180,11 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
           [&](int64_t b0, int64_t b1) {
             Buffer<acc_t> P(Tq * S), dS(Tq * S);
             for (int64_t b = b0; b < b1; ++b) {
-              const Problem<scalar_t> one{
-                  pb.q + b * Tq * D, pb.k + b * S * D, pb.v + b * S * Dv, pb.v_is_k, 1, Tq, S,
-                  D, Dv,
-                  Positions{pb.pos.lengths ? pb.pos.lengths + b : nullptr,
-                            pb.pos.mask ? pb.pos.mask + b * S : nullptr, S}};
+              const Problem<scalar_t> one{pb.q + b * Tq * D, pb.k + b * S * D,
+                                          pb.v + b * S * Dv, pb.v_is_k, 1, Tq, S, D, Dv,
+                                          pb.pos.element(b)};
               backward_tiles<scalar_t>(one, sc, gc_ptr + b * Tq * Dv,
                                       gw_ptr ? gw_ptr + b * Tq * S : nullptr, lse_ptr + b * Tq,
                                       P.data(), dS.data(), gq_ptr + b * Tq * D,
