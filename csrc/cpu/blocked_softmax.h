@@ -360,10 +360,69 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
   }
 }
 
+// Source positions per product in source_grad_tiles: enough rows for nn_tile's panel path,
+// while its buffers stay O(kSourceChunk x D) however long the source.
+constexpr int64_t kSourceChunk = 64;
+
+// Buffers of source_grad_rows, kept across calls.
+template <typename acc_t>
+struct SourceGradScratch {
+  Buffer<acc_t> a2, gk, gv;
+  acc_t* gkrows[kSourceChunk];
+  acc_t* gvrows[kSourceChunk];
+};
+
+// The key/value gradients of M (<= kSourceChunk) consecutive source positions of one batch
+// element, whose column in P/dS starts at `col` (row stride S). qg: the element's Tq query
+// rows, then its Tq gradient rows. grad_k / grad_v: the positions' output rows.
+template <typename scalar_t>
+void source_grad_rows(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_scale,
+                      bool combined, const at::opmath_type<scalar_t>* const* qg,
+                      const at::opmath_type<scalar_t>* P, const at::opmath_type<scalar_t>* dS,
+                      int64_t col, scalar_t* grad_k, scalar_t* grad_v, int64_t M,
+                      SourceGradScratch<at::opmath_type<scalar_t>>& w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  // Straight into the output rows when no conversion or scaling is left to do.
+  const bool gk_direct = !convert && (combined || k_scale == acc_t(1));
+  if (grad_k) {
+    if (!gk_direct) w.gk.resize(M * pb.D);
+    for (int64_t m = 0; m < M; ++m)
+      w.gkrows[m] = gk_direct ? reinterpret_cast<acc_t*>(grad_k + m * pb.D) : w.gk.data() + m * pb.D;
+  }
+  if (combined) {
+    // grad_k = [k_scale dS; P]^T [Q; G], one product over 2 Tq terms.
+    const int64_t K2 = 2 * pb.Tq;
+    w.a2.resize(M * K2);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t t = 0; t < pb.Tq; ++t) {
+        w.a2[m * K2 + t] = k_scale * dS[col + t * pb.S + m];
+        w.a2[m * K2 + pb.Tq + t] = P[col + t * pb.S + m];
+      }
+    nn_tile(M, K2, w.a2.data(), K2, 1, qg, pb.D, w.gkrows, /*overwrite=*/true);
+  } else {
+    // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
+    if (grad_k) nn_tile(M, pb.Tq, dS + col, 1, pb.S, qg, pb.D, w.gkrows, /*overwrite=*/true);
+    if (convert) w.gv.resize(M * pb.Dv);
+    for (int64_t m = 0; m < M; ++m)
+      w.gvrows[m] = convert ? w.gv.data() + m * pb.Dv : reinterpret_cast<acc_t*>(grad_v + m * pb.Dv);
+    nn_tile(M, pb.Tq, P + col, 1, pb.S, qg + pb.Tq, pb.Dv, w.gvrows, /*overwrite=*/true);
+    if constexpr (convert) {
+      for (int64_t m = 0; m < M; ++m)
+        from_acc_scaled(w.gvrows[m], acc_t(1), grad_v + m * pb.Dv, pb.Dv);
+    }
+  }
+  if (grad_k && !gk_direct) {
+    const acc_t sc = combined ? acc_t(1) : k_scale;
+    for (int64_t m = 0; m < M; ++m) from_acc_scaled(w.gkrows[m], sc, grad_k + m * pb.D, pb.D);
+  }
+}
+
 // grad_values[b, j] = sum_t P[b, t, j] g[b, t] for tiles of kTile source positions; with
 // dS, q_rows and grad_k also grad_k[b, j] = k_scale * sum_t dS[b, t, j] q[b, t] (the dot
 // op's key gradient; grad_v == nullptr and pb.v_is_k: the keys are the values and grad_k
-// gets both).
+// gets both). The tiles of [begin, end) that belong to one batch element are taken
+// kSourceChunk positions at a time, so their products take nn_tile's panel path.
 template <typename scalar_t>
 void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_scale,
                        const at::opmath_type<scalar_t>* q_rows,
@@ -373,66 +432,35 @@ void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles_per_b = (pb.S + kTile - 1) / kTile;
   const bool combined = grad_k && !grad_v && pb.v_is_k;
-  Buffer<acc_t> gk(grad_k ? kTile * pb.D : 0), gv(kTile * pb.Dv);
-  // Combined keys/values: grad_k = [k_scale dS; P]^T [Q; G], one product over 2 Tq terms
-  // (a longer reduction keeps the accumulators in registers for twice as long).
-  Buffer<acc_t> a2(combined ? kTile * 2 * pb.Tq : 0);
-  Buffer<const acc_t*> qgr(2 * pb.Tq);
-  const acc_t** qr = qgr.data();
-  const acc_t** gr = qgr.data() + pb.Tq;
-  acc_t* gkrows[kTile];
-  acc_t* gvrows[kTile];
-  for (int64_t m = 0; m < kTile; ++m) {
-    gkrows[m] = grad_k ? gk.data() + m * pb.D : nullptr;
-    gvrows[m] = gv.data() + m * pb.Dv;
-  }
-  for (int64_t tile = begin; tile < end; ++tile) {
+  Buffer<const acc_t*> qg(2 * pb.Tq);
+  SourceGradScratch<acc_t> w;
+  for (int64_t tile = begin; tile < end;) {
     const int64_t b = tile / tiles_per_b;
+    const int64_t run_end = std::min(end, (b + 1) * tiles_per_b);
     const int64_t j0 = (tile % tiles_per_b) * kTile;
-    const int64_t limit = pb.pos.limit(b);
+    const int64_t j1 = std::min(pb.S, (run_end - b * tiles_per_b) * kTile);
+    tile = run_end;
     // Positions past the length are never attended: zero gradient, nothing to read.
-    const int64_t M = std::max<int64_t>(0, std::min(kTile, limit - j0));
-    const int64_t last = std::min(kTile, pb.S - j0);
+    const int64_t M = std::max<int64_t>(0, std::min(j1, pb.pos.limit(b)) - j0);
     if (grad_k) {
-      std::fill(grad_k + (b * pb.S + j0 + M) * pb.D, grad_k + (b * pb.S + j0 + last) * pb.D,
+      std::fill(grad_k + (b * pb.S + j0 + M) * pb.D, grad_k + (b * pb.S + j1) * pb.D,
                 scalar_t(0));
     }
     if (grad_v) {
-      std::fill(grad_v + (b * pb.S + j0 + M) * pb.Dv, grad_v + (b * pb.S + j0 + last) * pb.Dv,
+      std::fill(grad_v + (b * pb.S + j0 + M) * pb.Dv, grad_v + (b * pb.S + j1) * pb.Dv,
                 scalar_t(0));
     }
     if (M == 0) continue;
     for (int64_t t = 0; t < pb.Tq; ++t) {
-      if (grad_k) qr[t] = q_rows + (b * pb.Tq + t) * pb.D;
-      gr[t] = g_rows + (b * pb.Tq + t) * pb.Dv;
+      qg[t] = grad_k ? q_rows + (b * pb.Tq + t) * pb.D : nullptr;
+      qg[pb.Tq + t] = g_rows + (b * pb.Tq + t) * pb.Dv;
     }
-    // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
-    const int64_t base = b * pb.Tq * pb.S + j0;
-    if (combined) {
-      const int64_t K2 = 2 * pb.Tq;
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t t = 0; t < pb.Tq; ++t) {
-          a2[m * K2 + t] = k_scale * dS[base + t * pb.S + m];
-          a2[m * K2 + pb.Tq + t] = P[base + t * pb.S + m];
-        }
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        // Written straight into the output rows.
-        acc_t* out[kTile];
-        for (int64_t m = 0; m < M; ++m) out[m] = grad_k + (b * pb.S + j0 + m) * pb.D;
-        nn_tile(M, K2, a2.data(), K2, 1, qgr.data(), pb.D, out, /*overwrite=*/true);
-      } else {
-        nn_tile(M, K2, a2.data(), K2, 1, qgr.data(), pb.D, gkrows, /*overwrite=*/true);
-        for (int64_t m = 0; m < M; ++m)
-          from_acc_scaled(gkrows[m], acc_t(1), grad_k + (b * pb.S + j0 + m) * pb.D, pb.D);
-      }
-      continue;
-    }
-    if (grad_k) nn_tile(M, pb.Tq, dS + base, 1, pb.S, qr, pb.D, gkrows, /*overwrite=*/true);
-    nn_tile(M, pb.Tq, P + base, 1, pb.S, gr, pb.Dv, gvrows, /*overwrite=*/true);
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t bj = b * pb.S + j0 + m;
-      if (grad_k) from_acc_scaled(gkrows[m], k_scale, grad_k + bj * pb.D, pb.D);
-      from_acc_scaled(gvrows[m], acc_t(1), grad_v + bj * pb.Dv, pb.Dv);
+    for (int64_t c0 = 0; c0 < M; c0 += kSourceChunk) {
+      const int64_t j = j0 + c0;
+      source_grad_rows(pb, k_scale, combined, qg.data(), P, dS, b * pb.Tq * pb.S + j,
+                       grad_k ? grad_k + (b * pb.S + j) * pb.D : nullptr,
+                       grad_v ? grad_v + (b * pb.S + j) * pb.Dv : nullptr,
+                       std::min(kSourceChunk, M - c0), w);
     }
   }
 }

@@ -36,8 +36,10 @@ struct DotScore {
   }
 };
 
-// Phase 1 of backward for the query tiles [begin, end): P, dS and grad_query. q_acc/g_acc
-// receive the rows in the accumulation type when phase 2 needs converted copies.
+// Phase 1 of backward for the query tiles [begin, end): P, dS (scaled by `scale`, so it is
+// the gradient of the unscaled dot products) and grad_query. q_acc/g_acc receive the rows
+// in the accumulation type when phase 2 needs converted copies. The tiles of one batch
+// element share one grad_query product, so its rows take nn_tile's panel path.
 template <typename scalar_t>
 void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale,
                     const scalar_t* grad_ctx, const scalar_t* grad_w,
@@ -50,36 +52,48 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
   const DotScore<acc_t> score{scale};
   Scratch<acc_t> w(pb.D, pb.Dv);
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-  Buffer<acc_t> dq(convert ? kTile * pb.D : 0);
-  acc_t* dqrows[kTile];
-  for (int64_t m = 0; m < kTile; ++m) dqrows[m] = convert ? dq.data() + m * pb.D : nullptr;
-  for (int64_t tile = begin; tile < end; ++tile) {
+  Buffer<acc_t> dq, kconv, a;
+  Buffer<int64_t> idx;
+  std::vector<const acc_t*> krows;
+  std::vector<acc_t*> out;
+  for (int64_t tile = begin; tile < end;) {
     const int64_t b = tile / tiles_per_b;
+    const int64_t run_end = std::min(end, (b + 1) * tiles_per_b);
     const int64_t t0 = (tile % tiles_per_b) * kTile;
-    const int64_t M = std::min(kTile, pb.Tq - t0);
+    const int64_t M = std::min(pb.Tq, (run_end - b * tiles_per_b) * kTile) - t0;
     const int64_t r0 = b * pb.Tq + t0;
-    const int64_t limit = pb.pos.limit(b);
-    softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS,
-                      q_acc ? q_acc + r0 * pb.D : w.q.data(),
-                      g_acc ? g_acc + r0 * pb.Dv : w.g.data(), w);
-    // grad_query = (scale dS) K, a block of keys at a time; accumulated straight into the
-    // output rows when they are in the accumulation type.
-    acc_t* out[kTile];
-    for (int64_t m = 0; m < M; ++m)
-      out[m] = convert ? dqrows[m] : reinterpret_cast<acc_t*>(grad_q + (r0 + m) * pb.D);
-    bool first = true;
-    for (int64_t jb = 0; jb < limit; jb += kBlock) {
-      const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, limit), false, w);
-      if (n == 0) continue;
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < n; ++i)
-          w.p[m * kBlock + i] = scale * dS[(r0 + m) * pb.S + w.idx[i]];
-      nn_tile(M, n, w.p.data(), kBlock, 1, w.krows.data(), pb.D, out, /*overwrite=*/first);
-      first = false;
+    for (; tile < run_end; ++tile) {
+      const int64_t rt = b * pb.Tq + (tile % tiles_per_b) * kTile;
+      softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS,
+                        q_acc ? q_acc + rt * pb.D : w.q.data(),
+                        g_acc ? g_acc + rt * pb.Dv : w.g.data(), w);
     }
-    for (int64_t m = 0; m < M; ++m) {
-      if (first) std::fill(out[m], out[m] + pb.D, acc_t(0));
-      if constexpr (convert) from_acc_scaled(dqrows[m], acc_t(1), grad_q + (r0 + m) * pb.D, pb.D);
+    const int64_t limit = pb.pos.limit(b);
+    for (int64_t m = 0; m < M; ++m) scale_inplace(dS + (r0 + m) * pb.S, scale, limit);
+    // grad_query = dS K over the attending keys (a mask's others may hold anything).
+    idx.resize(limit);
+    const int64_t n = pb.pos.gather(b, 0, limit, idx.data());
+    const scalar_t* keys_b = pb.k + b * pb.S * pb.D;
+    krows.resize(n);
+    if (convert) kconv.resize(n * pb.D);
+    rows_as_acc(keys_b, idx.data(), n, pb.D, kconv.data(), krows.data());
+    const acc_t* A = dS + r0 * pb.S;
+    int64_t lda = pb.S;
+    if (n < limit) {
+      a.resize(M * n);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < n; ++i) a[m * n + i] = dS[(r0 + m) * pb.S + idx[i]];
+      A = a.data();
+      lda = n;
+    }
+    out.resize(M);
+    if (convert) dq.resize(M * pb.D);
+    for (int64_t m = 0; m < M; ++m)
+      out[m] = convert ? dq.data() + m * pb.D : reinterpret_cast<acc_t*>(grad_q + (r0 + m) * pb.D);
+    nn_tile(M, n, A, lda, 1, krows.data(), pb.D, out.data(), /*overwrite=*/true);
+    if constexpr (convert) {
+      for (int64_t m = 0; m < M; ++m)
+        from_acc_scaled(out[m], acc_t(1), grad_q + (r0 + m) * pb.D, pb.D);
     }
   }
 }
@@ -189,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
                                       convert ? q_acc.data() + b * Tq * D : nullptr,
                                       convert ? g_acc.data() + b * Tq * Dv : nullptr, 0,
                                       q_tiles_per_b);
-              source_grad_tiles<scalar_t>(one, sc, q_rows + b * Tq * D, g_rows + b * Tq * Dv,
+              source_grad_tiles<scalar_t>(one, acc_t(1), q_rows + b * Tq * D, g_rows + b * Tq * Dv,
                                          P.data(), dS.data(), gk_ptr + b * S * D,
                                          gv_ptr ? gv_ptr + b * S * Dv : nullptr, 0,
                                          src_tiles_per_b);
@@ -204,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
                               begin, end);
     });
     at::parallel_for(0, s.B * src_tiles_per_b, 1, [&](int64_t begin, int64_t end) {
-      source_grad_tiles<scalar_t>(pb, sc, q_rows, g_rows, P.data(), dS.data(), gk_ptr, gv_ptr,
+      source_grad_tiles<scalar_t>(pb, acc_t(1), q_rows, g_rows, P.data(), dS.data(), gk_ptr, gv_ptr,
                                  begin, end);
     });
   });

@@ -157,6 +157,114 @@ inline void nn_rows(int64_t K, const T* a, int64_t am, int64_t ak, const T* cons
   }
 }
 
+// Panel path of nn_tile for many rows. B's rows are usually a power-of-two number of bytes
+// apart (D = 512 floats: 2 KB), so the same columns of K rows fall into two L1 sets and evict
+// each other: a column panel read in place does not stay in L1 for the next row block. A
+// contiguous copy of the panel (kPanelK x NR vectors) does, and serves every row block of C
+// (measured at B = 32, Tq = 30, S = 50, D = 512: +24-35% over reading B in place).
+constexpr int64_t kPanelK = 128;
+constexpr int kPanelNR = 3;
+
+// C(m, col + n W ...) over NR vectors for MR rows from a packed panel bp (k-major, NR
+// vectors per k); A(m, k) = a[m * am + k * ak] broadcast. kPartial: the last vector has
+// `last` valid lanes in C (the panel is zero-padded, so its loads stay whole).
+template <typename T, int MR, int NR, bool kPartial>
+inline void nn_panel_micro(int64_t K, const T* a, int64_t am, int64_t ak, const T* bp,
+                           int64_t col, T* const* c, bool overwrite, const T* c_scale,
+                           int last) {
+  using V = Vectorized<T>;
+  constexpr int W = V::size();
+  V acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      if (overwrite) {
+        acc[m][n] = V(T(0));
+      } else {
+        T* cp = c[m] + col + n * W;
+        acc[m][n] = (kPartial && n == NR - 1) ? V::loadu(cp, last) : V::loadu(cp);
+        if (c_scale) acc[m][n] = acc[m][n] * V(c_scale[m]);
+      }
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NR];
+    for (int n = 0; n < NR; ++n) bv[n] = V::loadu(bp + (k * NR + n) * W);
+    for (int m = 0; m < MR; ++m) {
+      const V av(a[m * am + k * ak]);
+      for (int n = 0; n < NR; ++n) acc[m][n] = at::vec::fmadd(av, bv[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      T* cp = c[m] + col + n * W;
+      if (kPartial && n == NR - 1) {
+        acc[m][n].store(cp, last);
+      } else {
+        acc[m][n].store(cp);
+      }
+    }
+}
+
+// Packs columns [col, col + NR W) of rows b[0..K) (valid up to N) into bp and runs every
+// row block of C against it.
+template <typename T, int NR, bool kPartial>
+inline void nn_panel_column(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak,
+                            const T* const* b, int64_t col, int last, T* const* c,
+                            bool overwrite, const T* c_scale, T* bp) {
+  using V = Vectorized<T>;
+  constexpr int W = V::size();
+  for (int64_t k = 0; k < K; ++k)
+    for (int n = 0; n < NR; ++n) {
+      const T* src = b[k] + col + n * W;
+      const V v = (kPartial && n == NR - 1) ? V::loadu(src, last) : V::loadu(src);
+      v.store(bp + (k * NR + n) * W);
+    }
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4)
+    nn_panel_micro<T, 4, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite,
+                                       c_scale ? c_scale + m : nullptr, last);
+  const T* cs = c_scale ? c_scale + m : nullptr;
+  switch (M - m) {
+    case 3: nn_panel_micro<T, 3, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite, cs, last); break;
+    case 2: nn_panel_micro<T, 2, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite, cs, last); break;
+    case 1: nn_panel_micro<T, 1, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite, cs, last); break;
+    default: break;
+  }
+}
+
+template <typename T>
+inline void nn_panels(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak,
+                      const T* const* b, int64_t N, T* const* c, bool overwrite,
+                      const T* c_scale) {
+  constexpr int64_t W = Vectorized<T>::size();
+  constexpr int64_t kWidth = kPanelNR * W;
+  alignas(64) T bp[kPanelK * kWidth];
+  for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
+    const int64_t kn = std::min(kPanelK, K - k0);
+    const T* ak0 = a + k0 * ak;
+    const T* const* bk = b + k0;
+    const bool ow = overwrite && k0 == 0;
+    const T* cs = k0 == 0 ? c_scale : nullptr;
+    int64_t col = 0;
+    for (; col + kWidth <= N; col += kWidth)
+      nn_panel_column<T, kPanelNR, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp);
+    const int64_t rest = N - col;
+    if (rest == 0) continue;
+    const int last = static_cast<int>(rest % W);
+    switch ((rest + W - 1) / W + (last ? 3 : 0)) {
+      case 1: nn_panel_column<T, 1, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp); break;
+      case 2: nn_panel_column<T, 2, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp); break;
+      case 4: nn_panel_column<T, 1, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp); break;
+      case 5: nn_panel_column<T, 2, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp); break;
+      case 6: nn_panel_column<T, 3, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp); break;
+      default: break;
+    }
+  }
+}
+
+// Rows of C at which nn_tile switches to the panel path: the copy of a panel pays off once
+// it serves a few row blocks.
+constexpr int64_t kPanelMinRows = 8;
+
 // C rows c[m] (length N) += sum_k A(m, k) B rows b[k], for M rows and K terms;
 // A(m, k) = a[m * am + k * ak]. overwrite: C = A B instead (C need not be initialised),
 // which spares callers a zero fill and a copy when C is the output itself. c_scale (M
@@ -174,6 +282,10 @@ inline void nn_tile(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak, co
         scale_inplace(c[m], c_scale[m], N);
       }
     }
+    return;
+  }
+  if (M >= kPanelMinRows) {
+    nn_panels(M, K, a, am, ak, b, N, c, overwrite, c_scale);
     return;
   }
   int64_t m = 0;
