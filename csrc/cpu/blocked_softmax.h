@@ -5,7 +5,7 @@
 //   score(q_rows, M, key_rows, n, D, out)   out[m * kBlock + i] = score(q_rows[m], key_rows[i])
 //
 // over rows of the accumulation type (dot: scale * <q, k>; additive: v . tanh(q + k)).
-// Forward: per tile of up to kTile query rows of one batch element and per block of kBlock
+// Forward: per tile of up to kMaxTileRows query rows of one batch element and per block of kBlock
 // keys, the scores, one rescale of the running contexts, then the block's context updates
 // while its rows are still in L1 (PERF_NOTES item 4). Positions past `lengths` are never read.
 #pragma once
@@ -27,12 +27,20 @@
 namespace attention_ext {
 namespace cpu {
 
-// Keys per online-softmax block for tiles of several query rows (blocks of 8, 15 and 32
-// measured no faster at D = 512); one-row tiles use blocks of 8 (forward_range).
-constexpr int64_t kBlock = 16;
-// A tile is up to kTile consecutive query rows of one batch element: they share every
-// key block loaded into cache.
+// Keys per online-softmax block for tiles of several query rows, and the row stride of the
+// score buffers: one block covers typical sentence lengths, so the context product runs once
+// over all of them (measured at Tq = 30, S = 50, D = 512: blocks of 64 take 0.94x the time
+// of blocks of 16). One-row tiles use blocks of 8 (forward_range).
+constexpr int64_t kBlock = 64;
+// Keys per block in the backward's softmax part, whose two score products per block share
+// the block's rows in L1.
+constexpr int64_t kGradBlock = 32;
+// A backward tile is up to kTile consecutive query rows of one batch element: they share
+// every key block loaded into cache.
 constexpr int64_t kTile = 4;
+// A forward tile has up to kMaxTileRows rows: with several row blocks the context product
+// takes nn_tile's panel path, each key block's panel serving all of them.
+constexpr int64_t kMaxTileRows = 32;
 // Fewest keys worth a split of their own when rows are too few to fill the threads.
 constexpr int64_t kMinKeysPerSplit = 32;
 
@@ -111,18 +119,20 @@ inline void load_queries(const scalar_t* rows, int64_t r, int64_t M, int64_t wid
   }
 }
 
-// Per-thread working memory, sized once per parallel chunk.
+// Per-thread working memory for tiles of up to `rows` query rows, sized once per parallel
+// chunk.
 template <typename acc_t>
 struct Scratch {
   Buffer<int64_t> idx;
-  Buffer<acc_t> s, p, dp, kbuf, vbuf, q, g, acc;
+  Buffer<acc_t> s, p, dp, kbuf, vbuf, q, g, acc, alpha;
   std::vector<const acc_t*> krows, vrows, qrows, grows;
   std::vector<acc_t*> accrows;
-  Scratch(int64_t D, int64_t Dv)
-      : idx(kBlock), s(kTile * kBlock), p(kTile * kBlock), dp(kTile * kBlock), kbuf(kBlock * D),
-        vbuf(kBlock * Dv), q(kTile * D), g(kTile * Dv), acc(kTile * Dv), krows(kBlock),
-        vrows(kBlock), qrows(kTile), grows(kTile), accrows(kTile) {
-    for (int64_t m = 0; m < kTile; ++m) accrows[m] = acc.data() + m * Dv;
+  std::vector<SoftmaxState<acc_t>> st;
+  Scratch(int64_t D, int64_t Dv, int64_t rows = kTile)
+      : idx(kBlock), s(rows * kBlock), p(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * D),
+        vbuf(kBlock * Dv), q(rows * D), g(rows * Dv), acc(rows * Dv), alpha(rows),
+        krows(kBlock), vrows(kBlock), qrows(rows), grows(rows), accrows(rows), st(rows) {
+    for (int64_t m = 0; m < rows; ++m) accrows[m] = acc.data() + m * Dv;
   }
 };
 
@@ -145,22 +155,24 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
 }
 
 // Online softmax over the attending keys of [j0, j1) for the M query rows w.qrows of batch
-// b. Accumulates the unnormalised contexts into w.accrows (zeroed by the caller), leaves
-// each row's state in st, and, when scores is given (row stride S), stores each attending
-// score at its position.
+// b. Leaves the unnormalised contexts in w.accrows, each row's state in w.st, and, when
+// scores is given (row stride S), stores each attending score at its position.
 template <typename scalar_t, typename acc_t, typename Score>
 void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, int64_t M,
-                   int64_t j0, int64_t j1, acc_t* scores, SoftmaxState<acc_t>* st,
-                   Scratch<acc_t>& w) {
+                   int64_t j0, int64_t j1, acc_t* scores, Scratch<acc_t>& w) {
+  SoftmaxState<acc_t>* st = w.st.data();
   for (int64_t m = 0; m < M; ++m) st[m] = softmax_init<acc_t>();
   // One query row (decode) loads each key once per pass and is bound by the context
   // pass's loads: blocks of 8 keys (16 KB at D = 512) stay in L1 for it and fit axpy8.
   const int64_t block = M == 1 ? 8 : kBlock;
+  // One row accumulates from zero; several rows overwrite on their first block (no fill).
+  if (M == 1) std::fill(w.accrows[0], w.accrows[0] + pb.Dv, acc_t(0));
+  bool first = M > 1;
   for (int64_t jb = j0; jb < j1; jb += block) {
     const int64_t n = load_block(pb, b, jb, std::min(jb + block, j1), true, w);
     if (n == 0) continue;
     score(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data());
-    acc_t alpha[kTile];
+    acc_t* alpha = w.alpha.data();
     bool rescale = false;
     for (int64_t m = 0; m < M; ++m) {
       const acc_t* sm = w.s.data() + m * kBlock;
@@ -187,9 +199,11 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
             reinterpret_cast<const char*>(keys_b + ne * pb.D));
     } else {
       nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data(),
-              /*overwrite=*/false, rescale ? alpha : nullptr);
+              /*overwrite=*/first, rescale && !first ? alpha : nullptr);
+      first = false;
     }
   }
+  if (first) std::fill(w.accrows[0], w.accrows[0] + M * pb.Dv, acc_t(0));
 }
 
 // weights[j] = exp(score_j - lse) for attending j, 0 elsewhere; scores_row holds -inf at
@@ -205,6 +219,15 @@ void write_weights(acc_t* scores_row, acc_t lse, int64_t limit, int64_t S, scala
   std::fill(out + limit, out + S, scalar_t(0));
 }
 
+// Query rows per forward tile: up to kMaxTileRows, fewer (down to kTile) while there would
+// be fewer than two tiles per thread.
+inline int64_t forward_tile_rows(int64_t B, int64_t Tq, int64_t threads) {
+  int64_t rows = std::min(kMaxTileRows, Tq);
+  while (rows > kTile && B * ((Tq + rows - 1) / rows) < 2 * threads)
+    rows = std::max(kTile, (rows / 2 + kTile - 1) / kTile * kTile);
+  return std::max<int64_t>(rows, 1);
+}
+
 // The whole forward: context (B, Tq, Dv), weights (B, Tq, S) when not null, lse (B, Tq).
 // Tiles are spread over threads; when there are fewer tiles than threads the source is
 // split and the partial states merged by log-sum-exp in a fixed order (deterministic).
@@ -213,9 +236,10 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
                              scalar_t* context, scalar_t* weights,
                              at::opmath_type<scalar_t>* lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
-  const int64_t tiles = pb.B * tiles_per_b;
   const int64_t threads = at::get_num_threads();
+  const int64_t tile_rows = forward_tile_rows(pb.B, pb.Tq, threads);
+  const int64_t tiles_per_b = (pb.Tq + tile_rows - 1) / tile_rows;
+  const int64_t tiles = pb.B * tiles_per_b;
 
   int64_t splits = forced_splits();
   if (splits == 0) {
@@ -230,27 +254,26 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
   std::vector<acc_t> part_acc(splits > 1 ? pb.B * pb.Tq * splits * pb.Dv : 0);
 
   auto run_tasks = [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> w(pb.D, pb.Dv);
-    std::vector<acc_t> own_scores(weights && splits == 1 ? kTile * pb.S : 0);
-    SoftmaxState<acc_t> st[kTile];
+    Scratch<acc_t> w(pb.D, pb.Dv, tile_rows);
+    std::vector<acc_t> own_scores(weights && splits == 1 ? tile_rows * pb.S : 0);
+    const SoftmaxState<acc_t>* st = w.st.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task / splits, sp = task % splits;
       const int64_t b = tile / tiles_per_b;
-      const int64_t t0 = (tile % tiles_per_b) * kTile;
-      const int64_t M = std::min(kTile, pb.Tq - t0);
+      const int64_t t0 = (tile % tiles_per_b) * tile_rows;
+      const int64_t M = std::min(tile_rows, pb.Tq - t0);
       const int64_t r0 = b * pb.Tq + t0;
       const int64_t limit = pb.pos.limit(b);
       const int64_t chunk = (limit + splits - 1) / splits;
       const int64_t j0 = std::min(limit, sp * chunk), j1 = std::min(limit, j0 + chunk);
       load_queries(pb.q, r0, M, pb.D, w.q.data(), w.qrows.data());
-      std::fill(w.acc.begin(), w.acc.begin() + M * pb.Dv, acc_t(0));
       acc_t* scores = nullptr;
       if (weights) {
         scores = splits == 1 ? own_scores.data() : shared_scores.data() + r0 * pb.S;
         for (int64_t m = 0; m < M; ++m)
           std::fill(scores + m * pb.S + j0, scores + m * pb.S + j1, neg_inf<acc_t>());
       }
-      forward_range(pb, score, b, M, j0, j1, scores, st, w);
+      forward_range(pb, score, b, M, j0, j1, scores, w);
       for (int64_t m = 0; m < M; ++m) {
         const int64_t r = r0 + m;
         if (splits == 1) {
@@ -269,7 +292,7 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
     at::parallel_for(0, tiles * splits, 1, run_tasks);
   } else {
     // A tile's work grows with its batch element's attending length.
-    const int64_t rows = std::min(kTile, pb.Tq);
+    const int64_t rows = std::min(tile_rows, pb.Tq);
     balanced_parallel_for(
         tiles, [&](int64_t tile) { return rows * (pb.pos.limit(tile / tiles_per_b) + 4); },
         run_tasks);
@@ -328,8 +351,8 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
   load_queries(pb.q, r0, M, pb.D, q_buf, w.qrows.data());
   load_queries(grad_ctx, r0, M, pb.Dv, g_buf, w.grows.data());
   acc_t delta[kTile] = {};
-  for (int64_t jb = 0; jb < limit; jb += kBlock) {
-    const int64_t n = load_block(pb, b, jb, std::min(jb + kBlock, limit), true, w);
+  for (int64_t jb = 0; jb < limit; jb += kGradBlock) {
+    const int64_t n = load_block(pb, b, jb, std::min(jb + kGradBlock, limit), true, w);
     if (n == 0) continue;
     score(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data());
     nt_tile(w.grows.data(), M, w.vrows.data(), n, pb.Dv, w.dp.data(), kBlock);
