@@ -32,6 +32,10 @@ namespace cpu {
 // over all of them (measured at Tq = 30, S = 50, D = 512: blocks of 64 take 0.94x the time
 // of blocks of 16). One-row tiles use blocks of 8 (forward_range).
 constexpr int64_t kBlock = 64;
+// Keys per online-softmax block of a tile of M query rows. One row (decode) loads each key
+// once per pass and is bound by the context pass's loads: blocks of 8 keys (16 KB at
+// D = 512) stay in L1 for it and fit axpy8.
+inline int64_t forward_block(int64_t M) { return M == 1 ? 8 : kBlock; }
 // Keys per block in the backward's softmax part, whose two score products per block share
 // the block's rows in L1.
 constexpr int64_t kGradBlock = 32;
@@ -156,15 +160,14 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
 
 // Online softmax over the attending keys of [j0, j1) for the M query rows w.qrows of batch
 // b. Leaves the unnormalised contexts in w.accrows, each row's state in w.st, and, when
-// scores is given (row stride S), stores each attending score at its position.
+// scores is given (row stride S), stores at each attending position its score, or with
+// `probs` (only for a range of one block) its exp(score - the row's max).
 template <typename scalar_t, typename acc_t, typename Score>
 void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, int64_t M,
-                   int64_t j0, int64_t j1, acc_t* scores, Scratch<acc_t>& w) {
+                   int64_t j0, int64_t j1, acc_t* scores, bool probs, Scratch<acc_t>& w) {
   SoftmaxState<acc_t>* st = w.st.data();
   for (int64_t m = 0; m < M; ++m) st[m] = softmax_init<acc_t>();
-  // One query row (decode) loads each key once per pass and is bound by the context
-  // pass's loads: blocks of 8 keys (16 KB at D = 512) stay in L1 for it and fit axpy8.
-  const int64_t block = M == 1 ? 8 : kBlock;
+  const int64_t block = forward_block(M);
   // One row accumulates from zero; several rows overwrite on their first block (no fill).
   if (M == 1) std::fill(w.accrows[0], w.accrows[0] + pb.Dv, acc_t(0));
   bool first = M > 1;
@@ -178,15 +181,16 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
       const acc_t* sm = w.s.data() + m * kBlock;
       acc_t* pm = w.p.data() + m * kBlock;
       acc_t block_max = neg_inf<acc_t>();
-      for (int64_t i = 0; i < n; ++i) {
-        block_max = ae_max(block_max, sm[i]);
-        if (scores) scores[m * pb.S + w.idx[i]] = sm[i];
-      }
+      for (int64_t i = 0; i < n; ++i) block_max = ae_max(block_max, sm[i]);
       alpha[m] = softmax_raise_max(st[m], block_max);
       rescale = rescale || alpha[m] != acc_t(1);
       std::copy(sm, sm + n, pm);
       exp_shifted_inplace(pm, st[m].max, n);
       for (int64_t i = 0; i < n; ++i) st[m].sum += pm[i];
+      if (scores) {
+        const acc_t* src = probs ? pm : sm;
+        for (int64_t i = 0; i < n; ++i) scores[m * pb.S + w.idx[i]] = src[i];
+      }
     }
     if (M == 1 && n == 8) {
       if (rescale) scale_inplace(w.accrows[0], alpha[0], pb.Dv);
@@ -268,19 +272,26 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
       const int64_t j0 = std::min(limit, sp * chunk), j1 = std::min(limit, j0 + chunk);
       load_queries(pb.q, r0, M, pb.D, w.q.data(), w.qrows.data());
       acc_t* scores = nullptr;
+      // A range of one block leaves each row's probabilities up to 1 / sum (no second exp).
+      const bool probs = splits == 1 && j1 - j0 <= forward_block(M);
       if (weights) {
         scores = splits == 1 ? own_scores.data() : shared_scores.data() + r0 * pb.S;
+        const acc_t fill = probs ? acc_t(0) : neg_inf<acc_t>();
         for (int64_t m = 0; m < M; ++m)
-          std::fill(scores + m * pb.S + j0, scores + m * pb.S + j1, neg_inf<acc_t>());
+          std::fill(scores + m * pb.S + j0, scores + m * pb.S + j1, fill);
       }
-      forward_range(pb, score, b, M, j0, j1, scores, w);
+      forward_range(pb, score, b, M, j0, j1, scores, probs, w);
       for (int64_t m = 0; m < M; ++m) {
         const int64_t r = r0 + m;
         if (splits == 1) {
           lse[r] = softmax_lse(st[m]);
           from_acc_scaled(w.accrows[m], softmax_inv_sum(st[m]), context + r * pb.Dv, pb.Dv);
-          if (weights)
+          if (weights && probs) {
+            from_acc_scaled(scores + m * pb.S, softmax_inv_sum(st[m]), weights + r * pb.S, limit);
+            std::fill(weights + r * pb.S + limit, weights + (r + 1) * pb.S, scalar_t(0));
+          } else if (weights) {
             write_weights(scores + m * pb.S, lse[r], limit, pb.S, weights + r * pb.S);
+          }
         } else {
           part_state[r * splits + sp] = st[m];
           std::copy_n(w.accrows[m], pb.Dv, part_acc.begin() + (r * splits + sp) * pb.Dv);
