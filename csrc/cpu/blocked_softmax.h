@@ -130,12 +130,12 @@ struct Scratch {
   Buffer<int64_t> idx;
   Buffer<acc_t> s, p, dp, kbuf, vbuf, q, g, acc, alpha;
   std::vector<const acc_t*> krows, vrows, qrows, grows;
-  std::vector<acc_t*> accrows;
+  std::vector<acc_t*> accrows, outrows;
   std::vector<SoftmaxState<acc_t>> st;
   Scratch(int64_t D, int64_t Dv, int64_t rows = kTile)
       : idx(kBlock), s(rows * kBlock), p(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * D),
         vbuf(kBlock * Dv), q(rows * D), g(rows * Dv), acc(rows * Dv), alpha(rows),
-        krows(kBlock), vrows(kBlock), qrows(rows), grows(rows), accrows(rows), st(rows) {
+        krows(kBlock), vrows(kBlock), qrows(rows), grows(rows), accrows(rows), outrows(rows), st(rows) {
     for (int64_t m = 0; m < rows; ++m) accrows[m] = acc.data() + m * Dv;
   }
 };
@@ -161,10 +161,14 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
 // Online softmax over the attending keys of [j0, j1) for the M query rows w.qrows of batch
 // b. Leaves the unnormalised contexts in w.accrows, each row's state in w.st, and, when
 // scores is given (row stride S), stores at each attending position its score, or with
-// `probs` (only for a range of one block) its exp(score - the row's max).
+// `probs` (only for a range of one block) its exp(score - the row's max). out (M > 1, a
+// range of one block): the tile's context rows in the accumulation type, which then get the
+// normalised contexts directly (the block's probabilities divided by their sum first), with
+// no pass over w.accrows.
 template <typename scalar_t, typename acc_t, typename Score>
 void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, int64_t M,
-                   int64_t j0, int64_t j1, acc_t* scores, bool probs, Scratch<acc_t>& w) {
+                   int64_t j0, int64_t j1, acc_t* scores, bool probs, acc_t* const* out,
+                   Scratch<acc_t>& w) {
   SoftmaxState<acc_t>* st = w.st.data();
   for (int64_t m = 0; m < M; ++m) st[m] = softmax_init<acc_t>();
   const int64_t block = forward_block(M);
@@ -201,13 +205,23 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
       axpy8(w.accrows[0], w.p.data(), w.vrows.data(), pb.Dv,
             reinterpret_cast<const char*>(keys_b + nb * pb.D),
             reinterpret_cast<const char*>(keys_b + ne * pb.D));
+    } else if (out) {
+      for (int64_t m = 0; m < M; ++m)
+        scale_inplace(w.p.data() + m * kBlock, softmax_inv_sum(st[m]), n);
+      nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, out, /*overwrite=*/true);
+      first = false;
     } else {
       nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data(),
               /*overwrite=*/first, rescale && !first ? alpha : nullptr);
       first = false;
     }
   }
-  if (first) std::fill(w.accrows[0], w.accrows[0] + M * pb.Dv, acc_t(0));
+  if (first) {
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t* row = out ? out[m] : w.accrows[m];
+      std::fill(row, row + pb.Dv, acc_t(0));
+    }
+  }
 }
 
 // weights[j] = exp(score_j - lse) for attending j, 0 elsewhere; scores_row holds -inf at
@@ -280,12 +294,20 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
         for (int64_t m = 0; m < M; ++m)
           std::fill(scores + m * pb.S + j0, scores + m * pb.S + j1, fill);
       }
-      forward_range(pb, score, b, M, j0, j1, scores, probs, w);
+      // Several rows in the accumulation type and one block: contexts written in place.
+      const bool direct = std::is_same_v<scalar_t, acc_t> && probs && M > 1;
+      if (direct) {
+        for (int64_t m = 0; m < M; ++m)
+          w.outrows[m] = reinterpret_cast<acc_t*>(context + (r0 + m) * pb.Dv);
+      }
+      forward_range(pb, score, b, M, j0, j1, scores, probs,
+                    direct ? w.outrows.data() : nullptr, w);
       for (int64_t m = 0; m < M; ++m) {
         const int64_t r = r0 + m;
         if (splits == 1) {
           lse[r] = softmax_lse(st[m]);
-          from_acc_scaled(w.accrows[m], softmax_inv_sum(st[m]), context + r * pb.Dv, pb.Dv);
+          if (!direct)
+            from_acc_scaled(w.accrows[m], softmax_inv_sum(st[m]), context + r * pb.Dv, pb.Dv);
           if (weights && probs) {
             from_acc_scaled(scores + m * pb.S, softmax_inv_sum(st[m]), weights + r * pb.S, limit);
             std::fill(weights + r * pb.S + limit, weights + (r + 1) * pb.S, scalar_t(0));
