@@ -119,7 +119,7 @@ struct TanhBackward {
 
   // 1. P and dS per query tile.
   void softmax_part(int64_t begin, int64_t end) const {
-    Scratch<T> w(pb.D, pb.Dv);
+    Scratch<T> w(pb.D, pb.Dv, kTile, /*convert=*/false);
     const TanhScore<T> score{v};
     for (int64_t tile = begin; tile < end; ++tile)
       softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS, w.q.data(), w.g.data(), w);

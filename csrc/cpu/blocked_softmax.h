@@ -124,7 +124,8 @@ inline void load_queries(const scalar_t* rows, int64_t r, int64_t M, int64_t wid
 }
 
 // Per-thread working memory for tiles of up to `rows` query rows, sized once per parallel
-// chunk.
+// chunk. convert: the inputs are not in the accumulation type, so key, value, query and
+// gradient rows need converted copies.
 template <typename acc_t>
 struct Scratch {
   Buffer<int64_t> idx;
@@ -132,10 +133,12 @@ struct Scratch {
   std::vector<const acc_t*> krows, vrows, qrows, grows;
   std::vector<acc_t*> accrows, outrows;
   std::vector<SoftmaxState<acc_t>> st;
-  Scratch(int64_t D, int64_t Dv, int64_t rows = kTile)
-      : idx(kBlock), s(rows * kBlock), p(rows * kBlock), dp(rows * kBlock), kbuf(kBlock * D),
-        vbuf(kBlock * Dv), q(rows * D), g(rows * Dv), acc(rows * Dv), alpha(rows),
-        krows(kBlock), vrows(kBlock), qrows(rows), grows(rows), accrows(rows), outrows(rows), st(rows) {
+  Scratch(int64_t D, int64_t Dv, int64_t rows, bool convert)
+      : idx(kBlock), s(rows * kBlock), p(rows * kBlock), dp(rows * kBlock),
+        kbuf(convert ? kBlock * D : 0), vbuf(convert ? kBlock * Dv : 0),
+        q(convert ? rows * D : 0), g(convert ? rows * Dv : 0), acc(rows * Dv), alpha(rows),
+        krows(kBlock), vrows(kBlock), qrows(rows), grows(rows), accrows(rows), outrows(rows),
+        st(rows) {
     for (int64_t m = 0; m < rows; ++m) accrows[m] = acc.data() + m * Dv;
   }
 };
@@ -272,7 +275,7 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
   std::vector<acc_t> part_acc(splits > 1 ? pb.B * pb.Tq * splits * pb.Dv : 0);
 
   auto run_tasks = [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> w(pb.D, pb.Dv, tile_rows);
+    Scratch<acc_t> w(pb.D, pb.Dv, tile_rows, !std::is_same_v<scalar_t, acc_t>);
     std::vector<acc_t> own_scores(weights && splits == 1 ? tile_rows * pb.S : 0);
     const SoftmaxState<acc_t>* st = w.st.data();
     for (int64_t task = begin; task < end; ++task) {

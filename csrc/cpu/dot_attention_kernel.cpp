@@ -50,8 +50,8 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
   const DotScore<acc_t> score{scale};
-  Scratch<acc_t> w(pb.D, pb.Dv);
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  Scratch<acc_t> w(pb.D, pb.Dv, kTile, convert);
   Buffer<acc_t> dq, kconv, a;
   Buffer<int64_t> idx;
   std::vector<const acc_t*> krows;
