@@ -44,6 +44,13 @@ SHAPES = [
     # queries by 4); D and Dv not multiples of any vector width.
     ("query_tiles", dict(B=2, Tq=9, S=37, D=19, Dv=21)),
     ("query_tiles_values_none", dict(B=2, Tq=6, S=21, D=24, values_none=True)),
+    # The CPU products' panel path (8 or more rows): forward tiles of 32 queries over
+    # several key blocks of 64 (rescaled contexts), more than 128 terms per product
+    # (chunked), source chunks of 64 positions, column panels with a partial last vector.
+    ("panels", dict(B=2, Tq=40, S=150, D=29, Dv=27)),
+    # Keys as values: the combined key gradient sums over 2 Tq = 140 terms; tiles of 32
+    # queries over one key block write their contexts in place.
+    ("panels_values_none", dict(B=2, Tq=70, S=20, D=40, values_none=True)),
 ]
 
 
