@@ -5,9 +5,10 @@
 //   score(q_rows, M, key_rows, n, D, out)   out[m * kBlock + i] = score(q_rows[m], key_rows[i])
 //
 // over rows of the accumulation type (dot: scale * <q, k>; additive: v . tanh(q + k)).
-// Forward: per tile of up to kMaxTileRows query rows of one batch element and per block of kBlock
-// keys, the scores, one rescale of the running contexts, then the block's context updates
-// while its rows are still in L1 (PERF_NOTES item 4). Positions past `lengths` are never read.
+// Forward: per tile of up to kMaxTileRows query rows of one batch element and per block of
+// kBlock keys, the scores, one rescale of the running contexts, then the block's context
+// updates while its rows are still in cache (PERF_NOTES item 4). Positions past `lengths` are
+// never read.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -29,15 +30,15 @@ namespace cpu {
 
 // Keys per online-softmax block for tiles of several query rows, and the row stride of the
 // score buffers: one block covers typical sentence lengths, so the context product runs once
-// over all of them (measured at Tq = 30, S = 50, D = 512: blocks of 64 take 0.94x the time
-// of blocks of 16). One-row tiles use blocks of 8 (forward_range).
+// over all of them (forward at B = 32, Tq = 30, S = 50, D = 512 with 32-row tiles: 0.75 ms
+// with blocks of 16, 0.67 with 32, 0.65 with 64). One-row tiles use blocks of 8.
 constexpr int64_t kBlock = 64;
 // Keys per online-softmax block of a tile of M query rows. One row (decode) loads each key
 // once per pass and is bound by the context pass's loads: blocks of 8 keys (16 KB at
 // D = 512) stay in L1 for it and fit axpy8.
 inline int64_t forward_block(int64_t M) { return M == 1 ? 8 : kBlock; }
-// Keys per block in the backward's softmax part, whose two score products per block share
-// the block's rows in L1.
+// Keys per block in the backward's softmax part (blocks of 16, 32 and 64 measured within
+// noise of each other).
 constexpr int64_t kGradBlock = 32;
 // A backward tile is up to kTile consecutive query rows of one batch element: they share
 // every key block loaded into cache.
@@ -447,7 +448,8 @@ void source_grad_rows(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_s
   if (grad_k) {
     if (!gk_direct) w.gk.resize(M * pb.D);
     for (int64_t m = 0; m < M; ++m)
-      w.gkrows[m] = gk_direct ? reinterpret_cast<acc_t*>(grad_k + m * pb.D) : w.gk.data() + m * pb.D;
+      w.gkrows[m] = gk_direct ? reinterpret_cast<acc_t*>(grad_k + m * pb.D)
+                              : w.gk.data() + m * pb.D;
   }
   if (combined) {
     // grad_k = [k_scale dS; P]^T [Q; G], one product over 2 Tq terms.
@@ -464,7 +466,8 @@ void source_grad_rows(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_s
     if (grad_k) nn_tile(M, pb.Tq, dS + col, 1, pb.S, qg, pb.D, w.gkrows, /*overwrite=*/true);
     if (convert) w.gv.resize(M * pb.Dv);
     for (int64_t m = 0; m < M; ++m)
-      w.gvrows[m] = convert ? w.gv.data() + m * pb.Dv : reinterpret_cast<acc_t*>(grad_v + m * pb.Dv);
+      w.gvrows[m] = convert ? w.gv.data() + m * pb.Dv
+                            : reinterpret_cast<acc_t*>(grad_v + m * pb.Dv);
     nn_tile(M, pb.Tq, P + col, 1, pb.S, qg + pb.Tq, pb.Dv, w.gvrows, /*overwrite=*/true);
     if constexpr (convert) {
       for (int64_t m = 0; m < M; ++m)

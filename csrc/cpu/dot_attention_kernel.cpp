@@ -4,9 +4,9 @@
 // its score (register-blocked query x key tiles, gemm_tiles.h).
 //
 // Backward (deterministic, no atomics): phase 1, per query tile, recomputes the
-// probabilities from the saved log-sum-exp, writes P and dS (B x Tq x S) and grad_query;
-// phase 2, per tile of source positions, sums over the queries for grad_keys and
-// grad_values.
+// probabilities from the saved log-sum-exp and writes P and dS (Tq x S per batch element),
+// then grad_query = dS K per batch element; phase 2, per run of source positions, sums over
+// the queries for grad_keys and grad_values.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

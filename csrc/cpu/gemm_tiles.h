@@ -6,7 +6,9 @@
 //   nn_tile:  C(m, :) += sum_k A(m, k) B(k, :)        (context / gradient accumulation)
 //
 // All operands are in the accumulation type; A(m, k) of nn_tile is read through two
-// strides so a transposed A (dS^T in the backward) needs no copy.
+// strides so a transposed A (dS^T in the backward) needs no copy. nn_tile with many rows
+// copies B's column panels contiguously first (nn_panels), so they stay in L1 while every
+// row block reads them.
 #pragma once
 
 #include <algorithm>
@@ -205,11 +207,11 @@ inline void nn_panel_micro(int64_t K, const T* a, int64_t am, int64_t ak, const 
 }
 
 // Packs columns [col, col + NR W) of rows b[0..K) (valid up to N) into bp and runs every
-// row block of C against it.
+// row block of C against it (ow: C = A B, overwritten).
 template <typename T, int NR, bool kPartial>
 inline void nn_panel_column(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak,
                             const T* const* b, int64_t col, int last, T* const* c,
-                            bool overwrite, const T* c_scale, T* bp) {
+                            bool ow, const T* c_scale, T* bp) {
   using V = Vectorized<T>;
   constexpr int W = V::size();
   for (int64_t k = 0; k < K; ++k)
@@ -220,13 +222,14 @@ inline void nn_panel_column(int64_t M, int64_t K, const T* a, int64_t am, int64_
     }
   int64_t m = 0;
   for (; m + 4 <= M; m += 4)
-    nn_panel_micro<T, 4, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite,
+    nn_panel_micro<T, 4, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, ow,
                                        c_scale ? c_scale + m : nullptr, last);
   const T* cs = c_scale ? c_scale + m : nullptr;
+  const T* am0 = a + m * am;
   switch (M - m) {
-    case 3: nn_panel_micro<T, 3, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite, cs, last); break;
-    case 2: nn_panel_micro<T, 2, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite, cs, last); break;
-    case 1: nn_panel_micro<T, 1, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, overwrite, cs, last); break;
+    case 3: nn_panel_micro<T, 3, NR, kPartial>(K, am0, am, ak, bp, col, c + m, ow, cs, last); break;
+    case 2: nn_panel_micro<T, 2, NR, kPartial>(K, am0, am, ak, bp, col, c + m, ow, cs, last); break;
+    case 1: nn_panel_micro<T, 1, NR, kPartial>(K, am0, am, ak, bp, col, c + m, ow, cs, last); break;
     default: break;
   }
 }
