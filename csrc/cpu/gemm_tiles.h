@@ -79,6 +79,40 @@ inline void nt_tile(const T* const* a, int64_t M, const T* const* b, int64_t N, 
   }
 }
 
+// The MR x NR accumulators of C's rows c[m] at columns col + n W: zero (overwrite), or C's
+// values, times c_scale[m] when given. kPartial: the last vector has `last` valid lanes.
+template <typename T, int MR, int NR, bool kPartial>
+inline void load_c(Vectorized<T> (&acc)[MR][NR], T* const* c, int64_t col, bool overwrite,
+                   const T* c_scale, int last) {
+  using V = Vectorized<T>;
+  constexpr int W = V::size();
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      if (overwrite) {
+        acc[m][n] = V(T(0));
+      } else {
+        const T* cp = c[m] + col + n * W;
+        acc[m][n] = (kPartial && n == NR - 1) ? V::loadu(cp, last) : V::loadu(cp);
+        if (c_scale) acc[m][n] = acc[m][n] * V(c_scale[m]);
+      }
+    }
+}
+
+// Stores what load_c loaded.
+template <typename T, int MR, int NR, bool kPartial>
+inline void store_c(const Vectorized<T> (&acc)[MR][NR], T* const* c, int64_t col, int last) {
+  constexpr int W = Vectorized<T>::size();
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      T* cp = c[m] + col + n * W;
+      if (kPartial && n == NR - 1) {
+        acc[m][n].store(cp, last);
+      } else {
+        acc[m][n].store(cp);
+      }
+    }
+}
+
 // C(m, cols) += sum_k A(m, k) B(k, cols) for MR rows and NR vectors of columns starting at
 // col, with A packed by pack_a. kPartial: one vector of which `last` lanes are valid; a
 // separate instantiation, so the full-width one keeps its accumulators in registers (a
@@ -90,15 +124,7 @@ inline void nn_micro(int64_t K, const T* ap, const T* const* b, int64_t col, T* 
   constexpr int W = V::size();
   static_assert(!kPartial || NR == 1, "only a single vector can be partial");
   V acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) {
-      if (overwrite) {
-        acc[m][n] = V(T(0));
-      } else {
-        acc[m][n] = kPartial ? V::loadu(c[m] + col, last) : V::loadu(c[m] + col + n * W);
-        if (c_scale) acc[m][n] = acc[m][n] * V(c_scale[m]);
-      }
-    }
+  load_c<T, MR, NR, kPartial>(acc, c, col, overwrite, c_scale, last);
   for (int64_t k = 0; k < K; ++k) {
     const T* bk = b[k] + col;
     V bv[NR];
@@ -108,14 +134,7 @@ inline void nn_micro(int64_t K, const T* ap, const T* const* b, int64_t col, T* 
       for (int n = 0; n < NR; ++n) acc[m][n] = at::vec::fmadd(av, bv[n], acc[m][n]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) {
-      if constexpr (kPartial) {
-        acc[m][n].store(c[m] + col, last);
-      } else {
-        acc[m][n].store(c[m] + col + n * W);
-      }
-    }
+  store_c<T, MR, NR, kPartial>(acc, c, col, last);
 }
 
 // A's terms per k as whole vectors (each A(m, k) in every lane): the micro-kernel then
@@ -177,16 +196,7 @@ inline void nn_panel_micro(int64_t K, const T* a, int64_t am, int64_t ak, const 
   using V = Vectorized<T>;
   constexpr int W = V::size();
   V acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) {
-      if (overwrite) {
-        acc[m][n] = V(T(0));
-      } else {
-        T* cp = c[m] + col + n * W;
-        acc[m][n] = (kPartial && n == NR - 1) ? V::loadu(cp, last) : V::loadu(cp);
-        if (c_scale) acc[m][n] = acc[m][n] * V(c_scale[m]);
-      }
-    }
+  load_c<T, MR, NR, kPartial>(acc, c, col, overwrite, c_scale, last);
   for (int64_t k = 0; k < K; ++k) {
     V bv[NR];
     for (int n = 0; n < NR; ++n) bv[n] = V::loadu(bp + (k * NR + n) * W);
@@ -195,15 +205,7 @@ inline void nn_panel_micro(int64_t K, const T* a, int64_t am, int64_t ak, const 
       for (int n = 0; n < NR; ++n) acc[m][n] = at::vec::fmadd(av, bv[n], acc[m][n]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) {
-      T* cp = c[m] + col + n * W;
-      if (kPartial && n == NR - 1) {
-        acc[m][n].store(cp, last);
-      } else {
-        acc[m][n].store(cp);
-      }
-    }
+  store_c<T, MR, NR, kPartial>(acc, c, col, last);
 }
 
 // Packs columns [col, col + NR W) of rows b[0..K) (valid up to N) into bp and runs every
