@@ -135,7 +135,7 @@ struct TanhBackward {
   }
   // 3. grad_values = P^T grad_context per tile of source positions.
   void values_part(int64_t begin, int64_t end) const {
-    source_grad_tiles<T>(pb, T(1), nullptr, grad_ctx, P, nullptr, nullptr, grad_values, begin,
+    source_grad_tiles<T>(pb, nullptr, grad_ctx, P, nullptr, nullptr, grad_values, begin,
                          end);
   }
   void all_tasks_of_one_element() const {

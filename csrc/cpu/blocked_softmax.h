@@ -432,62 +432,68 @@ struct SourceGradScratch {
   acc_t* gvrows[kSourceChunk];
 };
 
+// Row pointers for M output rows of `width` starting at out, in the accumulation type: the
+// rows themselves, or rows of buf when they need converting (store_rows converts them back).
+template <typename scalar_t, typename acc_t>
+inline void acc_rows(scalar_t* out, int64_t M, int64_t width, Buffer<acc_t>& buf, acc_t** rows) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) buf.resize(M * width);
+  for (int64_t m = 0; m < M; ++m) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      rows[m] = out + m * width;
+    } else {
+      rows[m] = buf.data() + m * width;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_rows(acc_t* const* rows, int64_t M, int64_t width, scalar_t* out) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t m = 0; m < M; ++m) from_acc_scaled(rows[m], acc_t(1), out + m * width, width);
+  }
+}
+
 // The key/value gradients of M (<= kSourceChunk) consecutive source positions of one batch
 // element, whose column in P/dS starts at `col` (row stride S). qg: the element's Tq query
 // rows, then its Tq gradient rows. grad_k / grad_v: the positions' output rows.
 template <typename scalar_t>
-void source_grad_rows(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_scale,
-                      bool combined, const at::opmath_type<scalar_t>* const* qg,
+void source_grad_rows(const Problem<scalar_t>& pb, bool combined,
+                      const at::opmath_type<scalar_t>* const* qg,
                       const at::opmath_type<scalar_t>* P, const at::opmath_type<scalar_t>* dS,
                       int64_t col, scalar_t* grad_k, scalar_t* grad_v, int64_t M,
                       SourceGradScratch<at::opmath_type<scalar_t>>& w) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-  // Straight into the output rows when no conversion or scaling is left to do.
-  const bool gk_direct = !convert && (combined || k_scale == acc_t(1));
   if (grad_k) {
-    if (!gk_direct) w.gk.resize(M * pb.D);
-    for (int64_t m = 0; m < M; ++m)
-      w.gkrows[m] = gk_direct ? reinterpret_cast<acc_t*>(grad_k + m * pb.D)
-                              : w.gk.data() + m * pb.D;
-  }
-  if (combined) {
-    // grad_k = [k_scale dS; P]^T [Q; G], one product over 2 Tq terms.
-    const int64_t K2 = 2 * pb.Tq;
-    w.a2.resize(M * K2);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t t = 0; t < pb.Tq; ++t) {
-        w.a2[m * K2 + t] = k_scale * dS[col + t * pb.S + m];
-        w.a2[m * K2 + pb.Tq + t] = P[col + t * pb.S + m];
-      }
-    nn_tile(M, K2, w.a2.data(), K2, 1, qg, pb.D, w.gkrows, /*overwrite=*/true);
-  } else {
-    // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
-    if (grad_k) nn_tile(M, pb.Tq, dS + col, 1, pb.S, qg, pb.D, w.gkrows, /*overwrite=*/true);
-    if (convert) w.gv.resize(M * pb.Dv);
-    for (int64_t m = 0; m < M; ++m)
-      w.gvrows[m] = convert ? w.gv.data() + m * pb.Dv
-                            : reinterpret_cast<acc_t*>(grad_v + m * pb.Dv);
-    nn_tile(M, pb.Tq, P + col, 1, pb.S, qg + pb.Tq, pb.Dv, w.gvrows, /*overwrite=*/true);
-    if constexpr (convert) {
+    acc_rows(grad_k, M, pb.D, w.gk, w.gkrows);
+    if (combined) {
+      // grad_k = [dS; P]^T [Q; G], one product over 2 Tq terms.
+      const int64_t K2 = 2 * pb.Tq;
+      w.a2.resize(M * K2);
       for (int64_t m = 0; m < M; ++m)
-        from_acc_scaled(w.gvrows[m], acc_t(1), grad_v + m * pb.Dv, pb.Dv);
+        for (int64_t t = 0; t < pb.Tq; ++t) {
+          w.a2[m * K2 + t] = dS[col + t * pb.S + m];
+          w.a2[m * K2 + pb.Tq + t] = P[col + t * pb.S + m];
+        }
+      nn_tile(M, K2, w.a2.data(), K2, 1, qg, pb.D, w.gkrows, /*overwrite=*/true);
+    } else {
+      // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
+      nn_tile(M, pb.Tq, dS + col, 1, pb.S, qg, pb.D, w.gkrows, /*overwrite=*/true);
     }
+    store_rows(w.gkrows, M, pb.D, grad_k);
   }
-  if (grad_k && !gk_direct) {
-    const acc_t sc = combined ? acc_t(1) : k_scale;
-    for (int64_t m = 0; m < M; ++m) from_acc_scaled(w.gkrows[m], sc, grad_k + m * pb.D, pb.D);
+  if (grad_v) {
+    acc_rows(grad_v, M, pb.Dv, w.gv, w.gvrows);
+    nn_tile(M, pb.Tq, P + col, 1, pb.S, qg + pb.Tq, pb.Dv, w.gvrows, /*overwrite=*/true);
+    store_rows(w.gvrows, M, pb.Dv, grad_v);
   }
 }
 
 // grad_values[b, j] = sum_t P[b, t, j] g[b, t] for tiles of kTile source positions; with
-// dS, q_rows and grad_k also grad_k[b, j] = k_scale * sum_t dS[b, t, j] q[b, t] (the dot
-// op's key gradient; grad_v == nullptr and pb.v_is_k: the keys are the values and grad_k
-// gets both). The tiles of [begin, end) that belong to one batch element are taken
+// dS, q_rows and grad_k also grad_k[b, j] = sum_t dS[b, t, j] q[b, t] (the dot op's key
+// gradient, dS already scaled; grad_v == nullptr and pb.v_is_k: the keys are the values and
+// grad_k gets both). The tiles of [begin, end) that belong to one batch element are taken
 // kSourceChunk positions at a time, so their products take nn_tile's panel path.
 template <typename scalar_t>
-void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_scale,
-                       const at::opmath_type<scalar_t>* q_rows,
+void source_grad_tiles(const Problem<scalar_t>& pb, const at::opmath_type<scalar_t>* q_rows,
                        const at::opmath_type<scalar_t>* g_rows,
                        const at::opmath_type<scalar_t>* P, const at::opmath_type<scalar_t>* dS,
                        scalar_t* grad_k, scalar_t* grad_v, int64_t begin, int64_t end) {
@@ -519,7 +525,7 @@ void source_grad_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> k_
     }
     for (int64_t c0 = 0; c0 < M; c0 += kSourceChunk) {
       const int64_t j = j0 + c0;
-      source_grad_rows(pb, k_scale, combined, qg.data(), P, dS, b * pb.Tq * pb.S + j,
+      source_grad_rows(pb, combined, qg.data(), P, dS, b * pb.Tq * pb.S + j,
                        grad_k ? grad_k + (b * pb.S + j) * pb.D : nullptr,
                        grad_v ? grad_v + (b * pb.S + j) * pb.Dv : nullptr,
                        std::min(kSourceChunk, M - c0), w);

@@ -87,14 +87,9 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
       lda = n;
     }
     out.resize(M);
-    if (convert) dq.resize(M * pb.D);
-    for (int64_t m = 0; m < M; ++m)
-      out[m] = convert ? dq.data() + m * pb.D : reinterpret_cast<acc_t*>(grad_q + (r0 + m) * pb.D);
+    acc_rows(grad_q + r0 * pb.D, M, pb.D, dq, out.data());
     nn_tile(M, n, A, lda, 1, krows.data(), pb.D, out.data(), /*overwrite=*/true);
-    if constexpr (convert) {
-      for (int64_t m = 0; m < M; ++m)
-        from_acc_scaled(out[m], acc_t(1), grad_q + (r0 + m) * pb.D, pb.D);
-    }
+    store_rows(out.data(), M, pb.D, grad_q + r0 * pb.D);
   }
 }
 
@@ -203,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
                                       convert ? q_acc.data() + b * Tq * D : nullptr,
                                       convert ? g_acc.data() + b * Tq * Dv : nullptr, 0,
                                       q_tiles_per_b);
-              source_grad_tiles<scalar_t>(one, acc_t(1), q_rows + b * Tq * D, g_rows + b * Tq * Dv,
+              source_grad_tiles<scalar_t>(one, q_rows + b * Tq * D, g_rows + b * Tq * Dv,
                                          P.data(), dS.data(), gk_ptr + b * S * D,
                                          gv_ptr ? gv_ptr + b * S * Dv : nullptr, 0,
                                          src_tiles_per_b);
@@ -218,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
                               begin, end);
     });
     at::parallel_for(0, s.B * src_tiles_per_b, 1, [&](int64_t begin, int64_t end) {
-      source_grad_tiles<scalar_t>(pb, acc_t(1), q_rows, g_rows, P.data(), dS.data(), gk_ptr, gv_ptr,
+      source_grad_tiles<scalar_t>(pb, q_rows, g_rows, P.data(), dS.data(), gk_ptr, gv_ptr,
                                  begin, end);
     });
   });
