@@ -51,6 +51,10 @@ SHAPES = [
     # Keys as values: the combined key gradient sums over 2 Tq = 140 terms; tiles of 32
     # queries over one key block write their contexts in place.
     ("panels_values_none", dict(B=2, Tq=70, S=20, D=40, values_none=True)),
+    # Row counts that are not multiples of 4 (the products' last rows in blocks of 3):
+    # forward tiles of 30 queries (for up to 8 threads) over three key blocks, so the
+    # rescale of the running contexts reaches the 3-row blocks too.
+    ("row_tails", dict(B=16, Tq=30, S=150, D=19, Dv=21)),
 ]
 
 

@@ -55,16 +55,18 @@ inline void nt_tile(const T* const* a, int64_t M, const T* const* b, int64_t N, 
   // 4 x 3 and 3 x 4 keep 12 accumulators in flight: fewer than about 12 independent FMA
   // chains leave the FMA units waiting on latency (measured: 2 x 4 runs at 60% of 4 x 3).
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
+  // Rows left over by blocks of 4 go in blocks of 3 where they can (M = 30: 6 x 4 + 2 x 3
+  // rather than 7 x 4 + 2).
+  const int64_t threes = (M % 4 == 2 && M >= 6) ? 2 : (M % 4 == 3 ? 1 : 0);
+  for (; m + 4 <= M - 3 * threes; m += 4) {
     int64_t n = 0;
     for (; n + 3 <= N; n += 3) nt_micro<T, 4, 3>(a + m, b + n, D, c + m * ldc + n, ldc);
     for (; n < N; ++n) nt_micro<T, 4, 1>(a + m, b + n, D, c + m * ldc + n, ldc);
   }
-  if (m + 3 <= M) {
+  for (; m + 3 <= M; m += 3) {
     int64_t n = 0;
     for (; n + 4 <= N; n += 4) nt_micro<T, 3, 4>(a + m, b + n, D, c + m * ldc + n, ldc);
     for (; n < N; ++n) nt_micro<T, 3, 1>(a + m, b + n, D, c + m * ldc + n, ldc);
-    m += 3;
   }
   for (; m + 2 <= M; m += 2) {
     int64_t n = 0;
@@ -223,8 +225,13 @@ inline void nn_panel_column(int64_t M, int64_t K, const T* a, int64_t am, int64_
       v.store(bp + (k * NR + n) * W);
     }
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
+  // M >= kPanelMinRows: rows left over by blocks of 4 go in blocks of 3 (never 1 or 2).
+  const int64_t threes = (4 - M % 4) % 4;
+  for (; m + 4 <= M - 3 * threes; m += 4)
     nn_panel_micro<T, 4, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, ow,
+                                       c_scale ? c_scale + m : nullptr, last);
+  for (; m + 3 <= M; m += 3)
+    nn_panel_micro<T, 3, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, ow,
                                        c_scale ? c_scale + m : nullptr, last);
   const T* cs = c_scale ? c_scale + m : nullptr;
   const T* am0 = a + m * am;
