@@ -54,9 +54,9 @@ inline void nt_tile(const T* const* a, int64_t M, const T* const* b, int64_t N, 
                     int64_t ldc) {
   // 4 x 3 and 3 x 4 keep 12 accumulators in flight: fewer than about 12 independent FMA
   // chains leave the FMA units waiting on latency (measured: 2 x 4 runs at 60% of 4 x 3).
-  int64_t m = 0;
   // Rows left over by blocks of 4 go in blocks of 3 where they can (M = 30: 6 x 4 + 2 x 3
   // rather than 7 x 4 + 2).
+  int64_t m = 0;
   const int64_t threes = (M % 4 == 2 && M >= 6) ? 2 : (M % 4 == 3 ? 1 : 0);
   for (; m + 4 <= M - 3 * threes; m += 4) {
     int64_t n = 0;
@@ -224,23 +224,16 @@ inline void nn_panel_column(int64_t M, int64_t K, const T* a, int64_t am, int64_
       const V v = (kPartial && n == NR - 1) ? V::loadu(src, last) : V::loadu(src);
       v.store(bp + (k * NR + n) * W);
     }
-  int64_t m = 0;
-  // M >= kPanelMinRows: rows left over by blocks of 4 go in blocks of 3 (never 1 or 2).
+  // Rows in blocks of 4, the rest in blocks of 3 (every M >= 6 is a sum of 4s and 3s, and
+  // this path has M >= kPanelMinRows), so no 1- or 2-row block runs short of FMA chains.
   const int64_t threes = (4 - M % 4) % 4;
+  int64_t m = 0;
   for (; m + 4 <= M - 3 * threes; m += 4)
     nn_panel_micro<T, 4, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, ow,
                                        c_scale ? c_scale + m : nullptr, last);
   for (; m + 3 <= M; m += 3)
     nn_panel_micro<T, 3, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, ow,
                                        c_scale ? c_scale + m : nullptr, last);
-  const T* cs = c_scale ? c_scale + m : nullptr;
-  const T* am0 = a + m * am;
-  switch (M - m) {
-    case 3: nn_panel_micro<T, 3, NR, kPartial>(K, am0, am, ak, bp, col, c + m, ow, cs, last); break;
-    case 2: nn_panel_micro<T, 2, NR, kPartial>(K, am0, am, ak, bp, col, c + m, ow, cs, last); break;
-    case 1: nn_panel_micro<T, 1, NR, kPartial>(K, am0, am, ak, bp, col, c + m, ow, cs, last); break;
-    default: break;
-  }
 }
 
 template <typename T>
@@ -276,6 +269,7 @@ inline void nn_panels(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak,
 // Rows of C at which nn_tile switches to the panel path: the copy of a panel pays off once
 // it serves a few row blocks.
 constexpr int64_t kPanelMinRows = 8;
+static_assert(kPanelMinRows >= 6, "nn_panel_column splits M into blocks of 4 and 3");
 
 // C rows c[m] (length N) += sum_k A(m, k) B rows b[k], for M rows and K terms;
 // A(m, k) = a[m * am + k * ak]. overwrite: C = A B instead (C need not be initialised),
