@@ -193,20 +193,18 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
       alpha[m] = softmax_raise_max(st[m], block_max);
       rescale = rescale || alpha[m] != acc_t(1);
       std::copy(sm, sm + n, pm);
-      exp_shifted_inplace(pm, st[m].max, n);
-      for (int64_t i = 0; i < n; ++i) st[m].sum += pm[i];
+      st[m].sum += exp_shifted_sum(pm, st[m].max, n);
       if (scores) {
         const acc_t* src = probs ? pm : sm;
         for (int64_t i = 0; i < n; ++i) scores[m * pb.S + w.idx[i]] = src[i];
       }
     }
     if (M == 1 && n == 8) {
-      if (rescale) scale_inplace(w.accrows[0], alpha[0], pb.Dv);
       // The next block's key rows (positions, not necessarily attending: a prefetch
       // reads nothing), so its score pass finds them in cache.
       const int64_t nb = std::min(jb + block, j1), ne = std::min(jb + 2 * block, j1);
       const scalar_t* keys_b = pb.k + b * pb.S * pb.D;
-      axpy8(w.accrows[0], w.p.data(), w.vrows.data(), pb.Dv,
+      axpy8(w.accrows[0], alpha[0], w.p.data(), w.vrows.data(), pb.Dv,
             reinterpret_cast<const char*>(keys_b + nb * pb.D),
             reinterpret_cast<const char*>(keys_b + ne * pb.D));
     } else if (out) {

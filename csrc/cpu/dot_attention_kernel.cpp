@@ -31,6 +31,7 @@ struct DotScore {
   void operator()(const acc_t* const* q, int64_t M, const acc_t* const* k, int64_t n,
                   int64_t D, acc_t* out) const {
     nt_tile(q, M, k, n, D, out, kBlock);
+    if (scale == acc_t(1)) return;  // Luong's unscaled dot, the default
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < n; ++i) out[m * kBlock + i] *= scale;
   }

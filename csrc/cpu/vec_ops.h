@@ -118,16 +118,18 @@ inline void axpy4(T* acc, const T w[4], const T* r0, const T* r1, const T* r2, c
   for (; d < n; ++d) acc[d] += w[0] * r0[d] + w[1] * r1[d] + w[2] * r2[d] + w[3] * r3[d];
 }
 
-// acc += sum_{i<8} w[i] r[i]: one read-modify-write of acc per eight rows, in two FMA
-// chains so consecutive columns overlap (measured 1.3x nn_tile's one-row case in L1).
+// acc = acc_scale acc + sum_{i<8} w[i] r[i]: one read-modify-write of acc per eight rows,
+// in two FMA chains so consecutive columns overlap (measured 1.3x nn_tile's one-row case in
+// L1); acc_scale is the online softmax's rescale, folded in rather than a pass of its own.
 // [pf, pf_end) is prefetched meanwhile (8 cache lines per 4 vectors): the rows come from
 // L1, so without it the memory system idles during this pass (measured -10% for a decode
 // step with the next block's keys).
 template <typename T>
-inline void axpy8(T* acc, const T w[8], const T* const* r, int64_t n,
+inline void axpy8(T* acc, T acc_scale, const T w[8], const T* const* r, int64_t n,
                   const char* pf = nullptr, const char* pf_end = nullptr) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
+  const V as(acc_scale);
   const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]), w4(w[4]), w5(w[5]), w6(w[6]), w7(w[7]);
   const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6],
           *r7 = r[7];
@@ -140,7 +142,7 @@ inline void axpy8(T* acc, const T w[8], const T* const* r, int64_t n,
       for (int line = 0; line < 8 && pf_next < pf_stop; ++line, pf_next += 64)
         __builtin_prefetch(reinterpret_cast<const char*>(pf_next));
     }
-    V a = at::vec::fmadd(w0, V::loadu(r0 + d), V::loadu(acc + d));
+    V a = at::vec::fmadd(w0, V::loadu(r0 + d), V::loadu(acc + d) * as);
     V b = w1 * V::loadu(r1 + d);
     a = at::vec::fmadd(w2, V::loadu(r2 + d), a);
     b = at::vec::fmadd(w3, V::loadu(r3 + d), b);
@@ -151,8 +153,8 @@ inline void axpy8(T* acc, const T w[8], const T* const* r, int64_t n,
     (a + b).store(acc + d);
   }
   for (; d < n; ++d)
-    acc[d] += w[0] * r0[d] + w[1] * r1[d] + w[2] * r2[d] + w[3] * r3[d] + w[4] * r4[d] +
-              w[5] * r5[d] + w[6] * r6[d] + w[7] * r7[d];
+    acc[d] = acc[d] * acc_scale + (w[0] * r0[d] + w[1] * r1[d] + w[2] * r2[d] + w[3] * r3[d] +
+                                   w[4] * r4[d] + w[5] * r5[d] + w[6] * r6[d] + w[7] * r7[d]);
 }
 
 template <typename T>
@@ -240,6 +242,37 @@ inline void exp_shifted_inplace(T* x, T shift, int64_t n) {
     }
   } else {
     for (int64_t d = 0; d < n; ++d) x[d] = std::exp(x[d] - shift);
+  }
+}
+
+// exp_shifted_inplace, returning the sum of the results (summed by vector lanes for float:
+// a scalar running sum is one long chain of dependent adds).
+template <typename T>
+inline T exp_shifted_sum(T* x, T shift, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Vectorized<float>;
+    constexpr int64_t W = V::size();
+    const V s(shift);
+    V acc(0.f);
+    int64_t d = 0;
+    for (; d + W <= n; d += W) {
+      const V e = (V::loadu(x + d) - s).exp_u20();
+      e.store(x + d);
+      acc = acc + e;
+    }
+    float sum = hsum(acc);
+    for (; d < n; ++d) {
+      x[d] = std::exp(x[d] - shift);
+      sum += x[d];
+    }
+    return sum;
+  } else {
+    T sum = 0;
+    for (int64_t d = 0; d < n; ++d) {
+      x[d] = std::exp(x[d] - shift);
+      sum += x[d];
+    }
+    return sum;
   }
 }
 
