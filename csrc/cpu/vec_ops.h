@@ -260,12 +260,13 @@ inline T exp_shifted_sum(T* x, T shift, int64_t n) {
       e.store(x + d);
       acc = acc + e;
     }
-    float sum = hsum(acc);
-    for (; d < n; ++d) {
-      x[d] = std::exp(x[d] - shift);
-      sum += x[d];
+    if (d < n) {
+      const int rest = static_cast<int>(n - d);
+      const V e = (V::loadu(x + d, rest) - s).exp_u20();
+      e.store(x + d, rest);
+      acc = acc + V::set(V(0.f), e, rest);  // the lanes past n hold exp(-shift)
     }
-    return sum;
+    return hsum(acc);
   } else {
     T sum = 0;
     for (int64_t d = 0; d < n; ++d) {
