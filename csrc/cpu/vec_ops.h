@@ -225,28 +225,10 @@ inline void from_acc_scaled(const acc_t* src, acc_t a, scalar_t* dst, int64_t n)
 namespace attention_ext {
 namespace cpu {
 
-// x[i] = exp(x[i] - shift). float uses ATen's polynomial exp_u20 (the one ATen's own CPU
-// flash attention uses; ~1e-6 relative error) because glibc's scalar expf would cost as
-// much as the dot products at decode sizes; double keeps the exact std::exp.
-template <typename T>
-inline void exp_shifted_inplace(T* x, T shift, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    using V = Vectorized<float>;
-    constexpr int64_t W = V::size();
-    const V s(shift);
-    int64_t d = 0;
-    for (; d + W <= n; d += W) (V::loadu(x + d) - s).exp_u20().store(x + d);
-    if (d < n) {
-      const int rest = static_cast<int>(n - d);
-      (V::loadu(x + d, rest) - s).exp_u20().store(x + d, rest);
-    }
-  } else {
-    for (int64_t d = 0; d < n; ++d) x[d] = std::exp(x[d] - shift);
-  }
-}
-
-// exp_shifted_inplace, returning the sum of the results (summed by vector lanes for float:
-// a scalar running sum is one long chain of dependent adds).
+// x[i] = exp(x[i] - shift), returning their sum. float uses ATen's polynomial exp_u20 (the
+// one ATen's own CPU flash attention uses; ~1e-6 relative error) because glibc's scalar
+// expf would cost as much as the dot products at decode sizes, and sums by vector lanes (a
+// scalar running sum is one long chain of dependent adds); double keeps the exact std::exp.
 template <typename T>
 inline T exp_shifted_sum(T* x, T shift, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -275,6 +257,12 @@ inline T exp_shifted_sum(T* x, T shift, int64_t n) {
     }
     return sum;
   }
+}
+
+// The same, for callers that need no sum (the few extra adds are not measurable).
+template <typename T>
+inline void exp_shifted_inplace(T* x, T shift, int64_t n) {
+  (void)exp_shifted_sum(x, shift, n);
 }
 
 }  // namespace cpu
