@@ -48,16 +48,19 @@ inline void nt_micro(const T* const* a, const T* const* b, int64_t D, T* c, int6
     for (int n = 0; n < NR; ++n) c[m * ldc + n] = hsum(acc[m][n]);
 }
 
+// Blocks of 3 rows to take after the blocks of 4 so that no block of 1 or 2 rows is left
+// where that can be avoided: every M >= 6 is a sum of 4s and 3s (M = 30: 6 x 4 + 2 x 3
+// rather than 7 x 4 + 2). Each output's sum runs in the same order whatever its block.
+inline int64_t blocks_of_three(int64_t M) { return M >= 6 ? (4 - M % 4) % 4 : (M == 3 ? 1 : 0); }
+
 // C (M x N, row stride ldc) = A B^T for M query rows a[m] and N key rows b[n].
 template <typename T>
 inline void nt_tile(const T* const* a, int64_t M, const T* const* b, int64_t N, int64_t D, T* c,
                     int64_t ldc) {
   // 4 x 3 and 3 x 4 keep 12 accumulators in flight: fewer than about 12 independent FMA
   // chains leave the FMA units waiting on latency (measured: 2 x 4 runs at 60% of 4 x 3).
-  // Rows left over by blocks of 4 go in blocks of 3 where they can (M = 30: 6 x 4 + 2 x 3
-  // rather than 7 x 4 + 2).
+  const int64_t threes = blocks_of_three(M);
   int64_t m = 0;
-  const int64_t threes = (M % 4 == 2 && M >= 6) ? 2 : (M % 4 == 3 ? 1 : 0);
   for (; m + 4 <= M - 3 * threes; m += 4) {
     int64_t n = 0;
     for (; n + 3 <= N; n += 3) nt_micro<T, 4, 3>(a + m, b + n, D, c + m * ldc + n, ldc);
@@ -224,9 +227,8 @@ inline void nn_panel_column(int64_t M, int64_t K, const T* a, int64_t am, int64_
       const V v = (kPartial && n == NR - 1) ? V::loadu(src, last) : V::loadu(src);
       v.store(bp + (k * NR + n) * W);
     }
-  // Rows in blocks of 4, the rest in blocks of 3 (every M >= 6 is a sum of 4s and 3s, and
-  // this path has M >= kPanelMinRows), so no 1- or 2-row block runs short of FMA chains.
-  const int64_t threes = (4 - M % 4) % 4;
+  // M >= kPanelMinRows: blocks of 4 and 3 cover every row, none runs short of FMA chains.
+  const int64_t threes = blocks_of_three(M);
   int64_t m = 0;
   for (; m + 4 <= M - 3 * threes; m += 4)
     nn_panel_micro<T, 4, NR, kPartial>(K, a + m * am, am, ak, bp, col, c + m, ow,
