@@ -118,6 +118,18 @@ def test_need_weights_false(dtype, splits):
 
 
 @pytest.mark.parametrize("splits", [1, 2], indirect=True, ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("mask_kind", ["none", "lengths64", "mask"])
+@pytest.mark.parametrize("seed", [3, 8, 9])
+def test_peaked_softmax_gradients(seed, mask_kind, splits):
+    """Nearly one-hot rows (as in test_dot_parity.py): delta normalised by the sum of the
+    recomputed probabilities."""
+    case = make_case(B=8, Tq=5, S=6, D=14, dtype=torch.float32, seed=seed,
+                     mask_kind=mask_kind, scale=8.0)
+    check_emulated(case, need_weights=False)
+    check_emulated(case)
+
+
+@pytest.mark.parametrize("splits", [1, 2], indirect=True, ids=lambda n: f"splits{n}")
 def test_all_masked_rows_are_zero(splits):
     """Nothing attends anywhere: context, weights and gradients are exactly 0, lse -inf."""
     case = make_case(B=2, Tq=2, S=5, D=8, dtype=torch.float32, seed=25)

@@ -385,7 +385,7 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
   }
   load_queries(pb.q, r0, M, pb.D, q_buf, w.qrows.data());
   load_queries(grad_ctx, r0, M, pb.Dv, g_buf, w.grows.data());
-  acc_t delta[kTile] = {};
+  acc_t delta[kTile] = {}, psum[kTile] = {};
   for (int64_t jb = 0; jb < limit; jb += kGradBlock) {
     const int64_t n = load_block(pb, b, jb, std::min(jb + kGradBlock, limit), true, w);
     if (n == 0) continue;
@@ -397,7 +397,7 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
       if (lse[r] == neg_inf<acc_t>()) {
         std::fill(pm, pm + n, acc_t(0));
       } else {
-        exp_shifted_inplace(pm, lse[r], n);
+        psum[m] += exp_shifted_sum(pm, lse[r], n);
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t j = w.idx[i];
@@ -413,8 +413,9 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
   // Positions that do not attend hold P = dP = 0, so they stay 0.
   for (int64_t m = 0; m < M; ++m) {
     const int64_t r = r0 + m;
+    const acc_t d = softmax_grad_delta(delta[m], psum[m]);
     for (int64_t j = 0; j < limit; ++j)
-      dS[r * pb.S + j] = softmax_backward(P[r * pb.S + j], dS[r * pb.S + j], delta[m]);
+      dS[r * pb.S + j] = softmax_backward(P[r * pb.S + j], dS[r * pb.S + j], d);
   }
 }
 

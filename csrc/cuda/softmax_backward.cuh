@@ -1,8 +1,9 @@
 // The first half of the rows kernel of both ops' backward, everything but the scores:
 // one warp per row (b, t) recomputes p_j = exp(s_j - lse) and
-// dp_j = <grad_ctx, values_j> + grad_weights_j, then ds_j = p_j (dp_j - delta), and writes
-// p and ds to the (B, Tq, S) scratch for the attending keys. Every lane later reads back
-// only the entries it wrote itself (j = lane, lane + 32, ...), so no barrier is needed.
+// dp_j = <grad_ctx, values_j> + grad_weights_j, then ds_j = p_j (dp_j - delta) with delta
+// from softmax_grad_delta, and writes p and ds to the (B, Tq, S) scratch for the attending
+// keys. Every lane later reads back only the entries it wrote itself (j = lane,
+// lane + 32, ...), so no barrier is needed.
 #pragma once
 
 #include <algorithm>
@@ -32,7 +33,7 @@ __device__ __forceinline__ void softmax_backward_row(
   const int64_t v_chunks = p.Dv / VEC;
 
   // p_j and dp_j; lane l keeps key j0 + l of each tile and stores dp in dscores for now.
-  acc_t my_delta = acc_t(0);
+  acc_t my_delta = acc_t(0), my_psum = acc_t(0);
   for (int64_t j0 = 0; j0 < end; j0 += kWarpSize) {
     const int tile = static_cast<int>(std::min<int64_t>(kWarpSize, end - j0));
     acc_t my_p = acc_t(0), my_dp = acc_t(0);
@@ -53,8 +54,9 @@ __device__ __forceinline__ void softmax_backward_row(
       dscores[j0 + lane] = my_dp;
     }
     my_delta += my_p * my_dp;
+    my_psum += my_p;
   }
-  const acc_t delta = warp_sum(my_delta);
+  const acc_t delta = softmax_grad_delta(warp_sum(my_delta), warp_sum(my_psum));
   for (int64_t j = lane; j < end; j += kWarpSize) {
     if (p.keymask.attends(b, j)) dscores[j] = softmax_backward(probs[j], dscores[j], delta);
   }
