@@ -124,13 +124,21 @@ def make_case(B, Tq, S, D, Dv=None, *, dtype=torch.float32, device="cpu", seed=0
 
 # ----------------------------------------------------------------------------- running
 
+def upstream_grad(out: torch.Tensor, gen: torch.Generator, case_dtype: torch.dtype):
+    """A seeded gradient for `out`: drawn in float32, rounded to the case's dtype, then in
+    out's. A run in another dtype (the float64 oracle) so differentiates the same loss as
+    the low-precision run; drawn straight in float64 it would differ by g's rounding, up to
+    half an ulp of bfloat16 in every gradient however exact the kernel."""
+    return randn(out.shape, gen, case_dtype, out.device).to(out.dtype)
+
+
 def run_attention(fn, case: Case, *, dtype=None, need_weights=True, weights_in_loss=True,
                   seed=1234):
     """Forward + backward of `fn` (ours or the reference) on `case` cast to `dtype`.
 
     Returns dict with context, weights and the gradients of query, keys (and values).
     The loss is <context, g_c> (+ <weights, g_w> when weights_in_loss) with seeded
-    upstream gradients drawn in float32 and cast to the same dtype.
+    upstream gradients (upstream_grad).
     """
     dtype = case.query.dtype if dtype is None else dtype
 
@@ -144,10 +152,10 @@ def run_attention(fn, case: Case, *, dtype=None, need_weights=True, weights_in_l
                 need_weights=need_weights)
     out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
     gen = generator(seed)
-    g_ctx = randn(ctx.shape, gen, dtype, ctx.device)
+    g_ctx = upstream_grad(ctx, gen, case.query.dtype)
     loss = (ctx * g_ctx).sum()
     if weights_in_loss and w is not None:
-        g_w = randn(w.shape, gen, dtype, w.device)
+        g_w = upstream_grad(w, gen, case.query.dtype)
         loss = loss + (w * g_w).sum()
     inputs = [q, k] + ([v] if v is not None else [])
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
@@ -257,9 +265,9 @@ def run_additive(fn, case: AdditiveCase, *, dtype=None, need_weights=True,
     ctx, w = fn(*leaves, lengths=case.lengths, mask=case.mask, need_weights=need_weights)
     out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
     gen = generator(seed)
-    loss = (ctx * randn(ctx.shape, gen, dtype, ctx.device)).sum()
+    loss = (ctx * upstream_grad(ctx, gen, case.query_proj.dtype)).sum()
     if weights_in_loss and w is not None:
-        loss = loss + (w * randn(w.shape, gen, dtype, w.device)).sum()
+        loss = loss + (w * upstream_grad(w, gen, case.query_proj.dtype)).sum()
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     for name, g, t in zip(ADDITIVE_INPUTS, grads, leaves):
         out["grad_" + name] = torch.zeros_like(t) if g is None else g
