@@ -15,9 +15,9 @@ from conftest import (
     dtype_id,
     generator,
     make_additive_case,
-    randn,
     ref_additive,
     run_additive,
+    upstream_grad,
 )
 
 if not attention_ext.build_info()["emulated_cuda"]:
@@ -42,8 +42,8 @@ def run_emulated(case, *, need_weights=True, seed=1234):
     ctx, w, lse = EMU._emulated_additive_attention(q, k, v, values, case.lengths, case.mask,
                                                    need_weights)
     gen = generator(seed)
-    g_ctx = randn(ctx.shape, gen, q.dtype)
-    g_w = randn(w.shape, gen, q.dtype) if need_weights else None
+    g_ctx = upstream_grad(ctx, gen, q.dtype)
+    g_w = upstream_grad(w, gen, q.dtype) if need_weights else None
     grads = EMU._emulated_additive_attention_backward(g_ctx, g_w, q, k, v, values,
                                                        case.lengths, case.mask, lse)
     out = {"context": ctx, "weights": w if need_weights else None, "lse": lse}

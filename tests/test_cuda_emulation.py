@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import attention_ext
-from conftest import OUTPUTS, assert_rule, dtype_id, generator, make_case, randn, ref, run_attention
+from conftest import (OUTPUTS, assert_rule, dtype_id, generator, make_case, ref, run_attention,
+                      upstream_grad)
 
 if not attention_ext.build_info()["emulated_cuda"]:
     pytest.skip(
@@ -33,8 +34,8 @@ def run_emulated(case, *, need_weights=True, seed=1234):
     ctx, w, lse = EMU._emulated_dot_attention(q, k, v, case.lengths, case.mask, scale,
                                               need_weights)
     gen = generator(seed)
-    g_ctx = randn(ctx.shape, gen, q.dtype)
-    g_w = randn(w.shape, gen, q.dtype) if need_weights else None
+    g_ctx = upstream_grad(ctx, gen, q.dtype)
+    g_w = upstream_grad(w, gen, q.dtype) if need_weights else None
     gq, gk, gv = EMU._emulated_dot_attention_backward(g_ctx, g_w, q, k, v, case.lengths,
                                                       case.mask, scale, lse)
     return {

@@ -10,7 +10,7 @@ import torch
 
 import attention_ext
 from attention_ext.nn import BahdanauAttention, LuongAttention, PrecomputedMemory
-from conftest import DEVICES, assert_rule, generator, make_masking, randn
+from conftest import DEVICES, assert_rule, generator, make_masking, randn, upstream_grad
 
 
 # ----------------------------------------------------------------------------- eager formulas
@@ -124,9 +124,11 @@ def make_inputs(layer, B, Tq, S, mask_kind, dtype, device, seed):
     return query, memory, lengths, mask
 
 
-def run(layer, fn, query, memory, lengths, mask, dtype, precompute=False, seed=99):
+def run(layer, fn, query, memory, lengths, mask, dtype, precompute=False, seed=99,
+        case_dtype=None):
     """Forward + backward of `fn(layer, query, memory, lengths, mask)` with everything cast
-    to `dtype` (the layer deep-copied); outputs, input grads and parameter grads."""
+    to `dtype` (the layer deep-copied); outputs, input grads and parameter grads. The
+    upstream gradients are rounded to `case_dtype` (default `dtype`), the dtype under test."""
     layer = copy.deepcopy(layer).to(dtype)
     q = query.detach().to(dtype).requires_grad_(True)
     m = memory.detach().to(dtype).requires_grad_(True)
@@ -136,8 +138,9 @@ def run(layer, fn, query, memory, lengths, mask, dtype, precompute=False, seed=9
     else:
         out, w = fn(layer, q, m, lengths, mask)
     gen = generator(seed)
-    loss = (out * randn(out.shape, gen, dtype, out.device)).sum() \
-        + (w * randn(w.shape, gen, dtype, w.device)).sum()
+    case_dtype = dtype if case_dtype is None else case_dtype
+    loss = (out * upstream_grad(out, gen, case_dtype)).sum() \
+        + (w * upstream_grad(w, gen, case_dtype)).sum()
     params = dict(layer.named_parameters())
     grads = torch.autograd.grad(loss, [q, m] + list(params.values()))
     res = {"output": out.detach(), "weights": w.detach(), "grad_query": grads[0],
@@ -154,7 +157,7 @@ def check_against_eager(layer, query, memory, lengths, mask, dtype, precompute=F
     got = run(layer, ours, query, memory, lengths, mask, dtype, precompute)
     eager = eager_of(layer)
     lowp = run(layer, eager, query, memory, lengths, mask, dtype)
-    oracle = run(layer, eager, query, memory, lengths, mask, torch.float64)
+    oracle = run(layer, eager, query, memory, lengths, mask, torch.float64, case_dtype=dtype)
     assert set(got) == set(oracle)
     for name in oracle:
         assert_rule(name, got[name], lowp[name], oracle[name], dtype)

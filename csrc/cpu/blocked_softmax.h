@@ -234,7 +234,7 @@ void write_weights(acc_t* scores_row, acc_t lse, int64_t limit, int64_t S, scala
     std::fill(out, out + S, scalar_t(0));
     return;
   }
-  exp_shifted_inplace(scores_row, lse, limit);
+  (void)exp_shifted_sum(scores_row, lse, limit);
   from_acc_scaled(scores_row, acc_t(1), out, limit);
   std::fill(out + limit, out + S, scalar_t(0));
 }

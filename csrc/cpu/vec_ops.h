@@ -259,11 +259,5 @@ inline T exp_shifted_sum(T* x, T shift, int64_t n) {
   }
 }
 
-// The same, for callers that need no sum (the few extra adds are not measurable).
-template <typename T>
-inline void exp_shifted_inplace(T* x, T shift, int64_t n) {
-  (void)exp_shifted_sum(x, shift, n);
-}
-
 }  // namespace cpu
 }  // namespace attention_ext
