@@ -2,7 +2,9 @@
 
 Shape, dtype, device and value checks live once, in C++ (csrc/include/attention_ext/checks.h),
 so the ops give the same messages whether called from here or from torch.ops directly.
-Python only checks what it must before it can reshape: the query's rank.
+The ops take the query as given, (B, D) for one decoder step or (B, Tq, D), and their
+outputs follow its rank, so nothing is reshaped here (a decode step spends no Python time
+on views).
 """
 from __future__ import annotations
 
@@ -16,24 +18,7 @@ from . import ops  # noqa: F401  (registers fake kernels and autograd)
 Tensor = torch.Tensor
 
 
-def _as_3d_query(query: Tensor, name: str) -> Tuple[Tensor, bool]:
-    if not isinstance(query, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(query).__name__}")
-    if query.dim() == 2:
-        return query.unsqueeze(1), True
-    if query.dim() == 3:
-        return query, False
-    raise ValueError(
-        f"{name} must have shape (B, D) for one decoder step or (B, Tq, D) for several, "
-        f"got {tuple(query.shape)}"
-    )
-
-
-def _follow_query_rank(context: Tensor, weights: Tensor, single: bool, need_weights: bool):
-    if single:
-        context = context.squeeze(1)
-        if need_weights:
-            weights = weights.squeeze(1)
+def _outputs(context: Tensor, weights: Tensor, need_weights: bool):
     return context, (weights if need_weights else None)
 
 
@@ -102,12 +87,11 @@ def dot_attention(
         following the query's rank. A row with nothing to attend to gives context 0 and
         weights 0 (and zero gradients), never NaN.
     """
-    q, single = _as_3d_query(query, "query")
     context, weights, _ = _call_op(
         torch.ops.attention_ext.dot_attention.default,
-        q, keys, values, lengths, mask, _as_scale(scale), bool(need_weights),
+        query, keys, values, lengths, mask, _as_scale(scale), bool(need_weights),
     )
-    return _follow_query_rank(context, weights, single, need_weights)
+    return _outputs(context, weights, need_weights)
 
 
 def additive_attention(
@@ -145,9 +129,8 @@ def additive_attention(
         following query_proj's rank. A row with nothing to attend to gives context 0,
         weights 0 and zero gradients, never NaN.
     """
-    q, single = _as_3d_query(query_proj, "query_proj")
     context, weights, _ = _call_op(
         torch.ops.attention_ext.additive_attention.default,
-        q, keys_proj, v, values, lengths, mask, bool(need_weights),
+        query_proj, keys_proj, v, values, lengths, mask, bool(need_weights),
     )
-    return _follow_query_rank(context, weights, single, need_weights)
+    return _outputs(context, weights, need_weights)

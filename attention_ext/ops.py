@@ -27,14 +27,26 @@ def _check_fake_like(ref, ref_name, named, lengths, mask):
                          lambda: f"{name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
 
 
+def _check_fake_query(query, name, feat):
+    torch._check(query.dim() in (2, 3),
+                 lambda: f"{name} must have shape (B, {feat}) for one decoder step or "
+                         f"(B, Tq, {feat}), got {tuple(query.shape)}")
+
+
+def _rows(query, *last):
+    """Sizes of a per-row tensor: the query's leading dimensions ((B,) for a (B, D) query,
+    one decoder step; (B, Tq) otherwise), then `last`. As QueryRows in checks.h."""
+    return (*query.shape[:-1], *last)
+
+
 def _check_fake_dot_inputs(query, keys, values, lengths, mask):
     """The structural checks of checks.h for the fake kernels, which run in place of the
     real ones while tracing (torch.compile) and for meta tensors, so a mistake is not
     silently given outputs there. Value checks (lengths in [0, S]) need data: the real
     kernels do them."""
-    torch._check(query.dim() == 3, lambda: f"query must have shape (B, Tq, D), got {tuple(query.shape)}")
+    _check_fake_query(query, "query", "D")
     torch._check(keys.dim() == 3, lambda: f"keys must have shape (B, S, D), got {tuple(keys.shape)}")
-    B, _, D = query.shape
+    B, D = query.shape[0], query.shape[-1]
     S = keys.shape[1]
     torch._check(keys.shape[0] == B and keys.shape[2] == D,
                  lambda: f"keys must have shape (B, S, D) = ({B}, S, {D}), got {tuple(keys.shape)}")
@@ -49,12 +61,11 @@ def _check_fake_dot_inputs(query, keys, values, lengths, mask):
 @torch.library.register_fake("attention_ext::dot_attention")
 def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights):
     _check_fake_dot_inputs(query, keys, values, lengths, mask)
-    B, Tq, _ = query.shape
     S = keys.shape[1]
     Dv = (keys if values is None else values).shape[2]
-    context = query.new_empty((B, Tq, Dv))
-    weights = query.new_empty((B, Tq, S) if need_weights else (0,))
-    lse = query.new_empty((B, Tq), dtype=_lse_dtype(query.dtype))
+    context = query.new_empty(_rows(query, Dv))
+    weights = query.new_empty(_rows(query, S) if need_weights else (0,))
+    lse = query.new_empty(_rows(query), dtype=_lse_dtype(query.dtype))
     return context, weights, lse
 
 
@@ -84,8 +95,7 @@ def _dot_setup_context(ctx, inputs, output):
 def _dot_backward(ctx, grad_context, grad_weights, grad_lse):
     query, keys, values, lengths, mask, lse = ctx.saved_tensors
     if grad_context is None:
-        Dv = (keys if values is None else values).shape[2]
-        grad_context = query.new_zeros((query.shape[0], query.shape[1], Dv))
+        grad_context = query.new_zeros(_rows(query, (keys if values is None else values).shape[2]))
     if not ctx.need_weights:
         grad_weights = None
     grad_query, grad_keys, grad_values = torch.ops.attention_ext._dot_attention_backward.default(
@@ -103,11 +113,10 @@ torch.library.register_autograd(
 
 def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask):
     """checks.h's structural checks of the additive op, for the fake kernels."""
-    torch._check(query_proj.dim() == 3,
-                 lambda: f"query_proj must have shape (B, Tq, A), got {tuple(query_proj.shape)}")
+    _check_fake_query(query_proj, "query_proj", "A")
     torch._check(keys_proj.dim() == 3,
                  lambda: f"keys_proj must have shape (B, S, A), got {tuple(keys_proj.shape)}")
-    B, _, A = query_proj.shape
+    B, A = query_proj.shape[0], query_proj.shape[-1]
     S = keys_proj.shape[1]
     torch._check(keys_proj.shape[0] == B and keys_proj.shape[2] == A,
                  lambda: f"keys_proj must have shape (B, S, A) = ({B}, S, {A}), got {tuple(keys_proj.shape)}")
@@ -122,11 +131,10 @@ def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
 @torch.library.register_fake("attention_ext::additive_attention")
 def _additive_attention_fake(query_proj, keys_proj, v, values, lengths, mask, need_weights):
     _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
-    B, Tq, _ = query_proj.shape
     S, Dv = values.shape[1], values.shape[2]
-    context = query_proj.new_empty((B, Tq, Dv))
-    weights = query_proj.new_empty((B, Tq, S) if need_weights else (0,))
-    lse = query_proj.new_empty((B, Tq), dtype=_lse_dtype(query_proj.dtype))
+    context = query_proj.new_empty(_rows(query_proj, Dv))
+    weights = query_proj.new_empty(_rows(query_proj, S) if need_weights else (0,))
+    lse = query_proj.new_empty(_rows(query_proj), dtype=_lse_dtype(query_proj.dtype))
     return context, weights, lse
 
 
@@ -156,8 +164,7 @@ def _additive_setup_context(ctx, inputs, output):
 def _additive_backward(ctx, grad_context, grad_weights, grad_lse):
     query_proj, keys_proj, v, values, lengths, mask, lse = ctx.saved_tensors
     if grad_context is None:
-        grad_context = query_proj.new_zeros(
-            (query_proj.shape[0], query_proj.shape[1], values.shape[2]))
+        grad_context = query_proj.new_zeros(_rows(query_proj, values.shape[2]))
     if not ctx.need_weights:
         grad_weights = None
     grads = torch.ops.attention_ext._additive_attention_backward.default(

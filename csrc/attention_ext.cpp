@@ -16,6 +16,9 @@ namespace attention_ext::cpu {
 at::Tensor fast_tanh(const at::Tensor& x);  // csrc/cpu/additive_attention_kernel.cpp
 }
 
+// Shapes as DESIGN.md section 1: a (B, D) query (query_proj (B, A)) is one decoder step and
+// every per-row tensor, lse and the gradients of the outputs included, then drops the Tq
+// dimension, so decoding loops call the ops without reshaping.
 // values = None means the keys are also the values (Luong: both are the encoder states);
 // the backward then returns one combined gradient in grad_keys and an empty grad_values,
 // which saves writing, and autograd adding, a second (B, S, D) gradient.

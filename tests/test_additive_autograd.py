@@ -93,9 +93,11 @@ def test_gradcheck_split_s(mask_kind, forced_splits, device):
 
 # ---------------------------------------------------------------------------- opcheck
 
-def _op_args(device, mask_kind, need_weights, requires_grad=True, seed=75, **shape):
+def _op_args(device, mask_kind, need_weights, requires_grad=True, seed=75, query_2d=False,
+             **shape):
     shape = {**dict(B=3, Tq=2, S=6, A=5, Dv=4), **shape}
-    case = make_additive_case(**shape, device=device, seed=seed, mask_kind=mask_kind)
+    case = make_additive_case(**shape, device=device, seed=seed, mask_kind=mask_kind,
+                              query_2d=query_2d)
     leaves = [getattr(case, n).clone().requires_grad_(requires_grad) for n in ADDITIVE_INPUTS]
     return (*leaves, case.lengths, case.mask, need_weights)
 
@@ -114,19 +116,22 @@ def test_opcheck_additive_attention(requires_grad, mask_kind, need_weights, devi
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_additive_attention_variants(device):
-    # 2-D queries arrive as Tq=1; B=0; Tq=0; S=1; widths off the vector size.
-    for kw in (dict(Tq=1), dict(B=0), dict(Tq=0), dict(S=1), dict(A=17, Dv=3),
-               dict(A=1, Dv=1)):
+    # Tq=1; a 2-D query_proj (one decoder step, per-row outputs without Tq); B=0; Tq=0;
+    # S=1; widths off the vector size.
+    for kw in (dict(Tq=1), dict(Tq=1, query_2d=True), dict(B=0), dict(B=0, query_2d=True),
+               dict(Tq=0), dict(S=1), dict(A=17, Dv=3), dict(A=1, Dv=1)):
         mask_kind = "none" if kw.get("B", 1) == 0 else "lengths64"
         torch.library.opcheck(OPS.additive_attention.default, _op_args(device, mask_kind,
                                                                        True, **kw))
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("query_2d", [False, True], ids=["3d", "2d"])
 @pytest.mark.parametrize("with_grad_weights", [True, False], ids=["gw", "no_gw"])
 @pytest.mark.parametrize("mask_kind", MASKS)
-def test_opcheck_additive_attention_backward(mask_kind, with_grad_weights, device):
-    q, k, v, values, lengths, mask, _ = _op_args(device, mask_kind, True, False)
+def test_opcheck_additive_attention_backward(mask_kind, with_grad_weights, query_2d, device):
+    q, k, v, values, lengths, mask, _ = _op_args(device, mask_kind, True, False,
+                                                 query_2d=query_2d)
     ctx, w, lse = OPS.additive_attention(q, k, v, values, lengths, mask, True)
     gen = generator(76)
     g_ctx = randn(ctx.shape, gen, device=device)
@@ -154,6 +159,34 @@ def test_ops_outputs(device):
                                          lengths, None, False)
     assert lse64.dtype == torch.float64
     torch.testing.assert_close(lse64[nonempty], want[nonempty], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_single_step_rank(device):
+    """A (B, A) query_proj is one decoder step: the ops give context (B, Dv), weights (B, S)
+    and lse (B,), and take gradients of those shapes, with the very values of a (B, 1, A)
+    query_proj."""
+    q, k, v, values, lengths, _, _ = _op_args(device, "lengths64", True, False, query_2d=True)
+    ctx, w, lse = OPS.additive_attention(q, k, v, values, lengths, None, True)
+    ctx3, w3, lse3 = OPS.additive_attention(q[:, None], k, v, values, lengths, None, True)
+    B, S, Dv = values.shape
+    assert ctx.shape == (B, Dv) and w.shape == (B, S) and lse.shape == (B,)
+    for got, want in ((ctx, ctx3), (w, w3), (lse, lse3)):
+        torch.testing.assert_close(got, want.squeeze(1), rtol=0, atol=0)
+    gen = generator(77)
+    g_ctx, g_w = randn(ctx.shape, gen, device=device), randn(w.shape, gen, device=device)
+    grads = OPS._additive_attention_backward(g_ctx, g_w, q, k, v, values, lengths, None, lse)
+    grads3 = OPS._additive_attention_backward(g_ctx[:, None], g_w[:, None], q[:, None], k, v,
+                                              values, lengths, None, lse3)
+    assert grads[0].shape == q.shape
+    torch.testing.assert_close(grads[0], grads3[0].squeeze(1), rtol=0, atol=0)
+    for got, want in zip(grads[1:], grads3[1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"grad_context must have shape \(B, Dv\)"):
+        OPS._additive_attention_backward(g_ctx[:, None], None, q, k, v, values, lengths, None,
+                                         lse)
+    with pytest.raises(ValueError, match=r"lse must have shape \(B,\)"):
+        OPS._additive_attention_backward(g_ctx, None, q, k, v, values, lengths, None, lse3)
 
 
 # ---------------------------------------------------------------------------- compile

@@ -53,8 +53,11 @@ def run_emulated(case, *, need_weights=True, seed=1234):
 
 def ref_lse(case, dtype):
     """log-sum-exp of the reference scores over the attending keys, computed in `dtype`
-    from the case's inputs; -inf for a row with nothing to attend."""
+    from the case's inputs; -inf for a row with nothing to attend. Shaped like the
+    query's rows: (B, Tq), or (B,) for a (B, A) query_proj."""
     q, k, v, _ = (t.to(dtype) for t in inputs(case))
+    rows = q.shape[:-1]
+    q = q.reshape(q.shape[0], -1, q.shape[-1])
     scores = (torch.tanh(q[:, :, None, :] + k[:, None, :, :]) * v).sum(-1)  # (B, Tq, S)
     B, S = k.shape[0], k.shape[1]
     if case.lengths is not None:
@@ -63,7 +66,8 @@ def ref_lse(case, dtype):
         valid = case.mask
     else:
         valid = torch.ones(B, S, dtype=torch.bool)
-    return torch.logsumexp(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+    return torch.logsumexp(scores.masked_fill(~valid[:, None, :], float("-inf")),
+                           dim=-1).reshape(rows)
 
 
 def check_lse(case, lse):
@@ -110,6 +114,8 @@ SHAPES = [
     ("A5_Dv8", dict(B=2, Tq=2, S=6, A=5, Dv=8)),
     ("S1", dict(B=2, Tq=3, S=1, A=8)),
     ("Tq1", dict(B=3, Tq=1, S=6, A=16)),
+    ("query_2d", dict(B=3, Tq=1, S=6, A=16, query_2d=True)),  # one decoder step, (B, A)
+    ("query_2d_odd", dict(B=2, Tq=1, S=5, A=3, Dv=5, query_2d=True)),
     ("key_tiles", dict(B=2, Tq=1, S=40, A=4, Dv=3)),    # 2 tiles of 32 keys, the last partial
     ("A_rounds", dict(B=1, Tq=2, S=4, A=40, Dv=3)),     # 40 scalar chunks: 2 rounds per lane
     ("query_tiles", dict(B=1, Tq=35, S=3, A=3, Dv=2)),  # 9 row blocks, the last with 3 rows

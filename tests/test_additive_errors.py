@@ -42,8 +42,10 @@ CALLERS = [pytest.param(call_functional, id="functional"), pytest.param(call_op,
 # (id, overrides, regex the message must match)
 BAD = [
     # wrong ranks
-    ("query_proj_1d", dict(query_proj=torch.randn(A)), r"query_proj must have shape"),
-    ("query_proj_4d", dict(query_proj=torch.randn(B, Tq, 1, A)), r"query_proj must have shape"),
+    ("query_proj_1d", dict(query_proj=torch.randn(A)),
+     r"query_proj must have shape \(B, A\) for one decoder step or \(B, Tq, A\), got \[4\]"),
+    ("query_proj_4d", dict(query_proj=torch.randn(B, Tq, 1, A)),
+     r"query_proj must have shape \(B, A\) for one decoder step or \(B, Tq, A\)"),
     ("keys_proj_2d", dict(keys_proj=torch.randn(B, A)),
      r"keys_proj must have shape \(B, S, A\)"),
     ("keys_proj_4d", dict(keys_proj=torch.randn(B, S, A, 1)),
@@ -126,8 +128,6 @@ BAD = [
 @pytest.mark.parametrize("over,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input(over, match, caller):
     kw = good(**over)
-    if caller is call_op and kw["query_proj"].dim() != 3:
-        match = r"query_proj must have shape \(B, Tq, A\)"
     with pytest.raises(ERRORS, match=match):
         caller(kw)
 
@@ -243,7 +243,10 @@ FAKE_BAD = [
     ("keys_proj_A", dict(keys_proj=torch.randn(B, S, A + 1)), r"keys_proj must have shape"),
     ("keys_proj_batch", dict(keys_proj=torch.randn(B + 1, S, A)), r"keys_proj must have shape"),
     ("keys_proj_rank", dict(keys_proj=torch.randn(B, A)), r"keys_proj must have shape"),
-    ("query_proj_rank", dict(query_proj=torch.randn(B, A)), r"query_proj must have shape"),
+    ("query_proj_1d", dict(query_proj=torch.randn(A)),
+     r"query_proj must have shape \(B, A\) for one decoder step"),
+    ("query_proj_4d", dict(query_proj=torch.randn(B, Tq, 1, A)),
+     r"query_proj must have shape \(B, A\)"),
     ("v_size", dict(v=torch.randn(A + 1)), r"\bv must have shape \(A,\)"),
     ("v_rank", dict(v=torch.randn(1, A)), r"\bv must have shape \(A,\)"),
     ("values_S", dict(values=torch.randn(B, S + 1, Dv)), r"values must have shape"),

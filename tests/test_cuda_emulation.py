@@ -84,6 +84,8 @@ SHAPES = [
     ("Dv_ne_D", dict(B=2, Tq=2, S=6, D=8, Dv=5)),
     ("S1", dict(B=2, Tq=3, S=1, D=8)),
     ("Tq1", dict(B=3, Tq=1, S=6, D=16)),
+    ("query_2d", dict(B=3, Tq=1, S=6, D=16, query_2d=True)),  # one decoder step, (B, D)
+    ("query_2d_odd", dict(B=2, Tq=1, S=5, D=3, Dv=5, query_2d=True)),
     ("key_tiles", dict(B=2, Tq=1, S=40, D=4)),   # 2 tiles of 32 keys, the last partial
     ("Dv_rounds", dict(B=1, Tq=2, S=4, D=3, Dv=40)),  # 40 scalar chunks: 2 rounds per lane
     ("values_none", dict(B=2, Tq=2, S=6, D=8, values_none=True)),

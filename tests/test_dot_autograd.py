@@ -69,9 +69,10 @@ def test_gradcheck_split_s(device):
 
 # ---------------------------------------------------------------------------- opcheck
 
-def _op_args(device, mask_kind, need_weights, query_requires_grad=True, seed=33, **shape):
+def _op_args(device, mask_kind, need_weights, query_requires_grad=True, seed=33,
+             query_2d=False, **shape):
     shape = {**dict(B=3, Tq=2, S=6, D=5, Dv=4), **shape}
-    case = make_case(**shape, device=device, seed=seed, mask_kind=mask_kind)
+    case = make_case(**shape, device=device, seed=seed, mask_kind=mask_kind, query_2d=query_2d)
     q = case.query.clone().requires_grad_(query_requires_grad)
     k = case.keys.clone().requires_grad_(query_requires_grad)
     v = case.values.clone().requires_grad_(query_requires_grad)
@@ -93,18 +94,21 @@ def test_opcheck_dot_attention(requires_grad, mask_kind, need_weights, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_dot_attention_variants(device):
-    # 2-D queries arrive as Tq=1; scale != 1; B=0; S=1.
-    for kw in (dict(Tq=1), dict(B=0), dict(S=1), dict(D=17, Dv=17)):
+    # Tq=1; a 2-D query (one decoder step, per-row outputs without Tq); scale != 1; B=0; S=1.
+    for kw in (dict(Tq=1), dict(Tq=1, query_2d=True), dict(B=0), dict(B=0, query_2d=True),
+               dict(S=1), dict(D=17, Dv=17)):
         args = list(_op_args(device, "lengths64" if kw.get("B", 1) else "none", True, **kw))
         args[5] = 0.3
         torch.library.opcheck(OPS.dot_attention.default, tuple(args))
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("query_2d", [False, True], ids=["3d", "2d"])
 @pytest.mark.parametrize("with_grad_weights", [True, False], ids=["gw", "no_gw"])
 @pytest.mark.parametrize("mask_kind", MASKS)
-def test_opcheck_dot_attention_backward(mask_kind, with_grad_weights, device):
-    q, k, v, lengths, mask, scale, _ = _op_args(device, mask_kind, True, False)
+def test_opcheck_dot_attention_backward(mask_kind, with_grad_weights, query_2d, device):
+    q, k, v, lengths, mask, scale, _ = _op_args(device, mask_kind, True, False,
+                                                query_2d=query_2d)
     ctx, w, lse = OPS.dot_attention(q, k, v, lengths, mask, scale, True)
     gen = generator(34)
     g_ctx = randn(ctx.shape, gen, device=device)
@@ -136,6 +140,39 @@ def test_ops_outputs(device):
     q64 = q.double()
     _, _, lse64 = OPS.dot_attention(q64, k.double(), v.double(), lengths, None, scale, False)
     assert lse64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("values_none", [False, True], ids=["values", "values_none"])
+def test_ops_single_step_rank(values_none, device):
+    """A (B, D) query is one decoder step: the ops give context (B, Dv), weights (B, S) and
+    lse (B,), and take gradients of those shapes, with the very values of a (B, 1, D) query."""
+    q, k, v, lengths, _, scale, _ = _op_args(device, "lengths64", True, False, query_2d=True)
+    v = None if values_none else v
+    ctx, w, lse = OPS.dot_attention(q, k, v, lengths, None, scale, True)
+    ctx3, w3, lse3 = OPS.dot_attention(q[:, None], k, v, lengths, None, scale, True)
+    B, S, Dv = k.shape[0], k.shape[1], (k if v is None else v).shape[2]
+    assert ctx.shape == (B, Dv) and w.shape == (B, S) and lse.shape == (B,)
+    for got, want in ((ctx, ctx3), (w, w3), (lse, lse3)):
+        torch.testing.assert_close(got, want.squeeze(1), rtol=0, atol=0)
+    gen = generator(35)
+    g_ctx, g_w = randn(ctx.shape, gen, device=device), randn(w.shape, gen, device=device)
+    grads = OPS._dot_attention_backward(g_ctx, g_w, q, k, v, lengths, None, scale, lse)
+    grads3 = OPS._dot_attention_backward(g_ctx[:, None], g_w[:, None], q[:, None], k, v,
+                                         lengths, None, scale, lse3)
+    assert grads[0].shape == q.shape
+    torch.testing.assert_close(grads[0], grads3[0].squeeze(1), rtol=0, atol=0)
+    for got, want in zip(grads[1:], grads3[1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The backward op wants the gradients and lse of the query's rank.
+    with pytest.raises(ValueError, match=rf"grad_context must have shape \(B, Dv\) = \[{B}, {Dv}\]"):
+        OPS._dot_attention_backward(g_ctx[:, None], None, q, k, v, lengths, None, scale, lse)
+    with pytest.raises(ValueError, match=r"grad_weights must have shape \(B, S\)"):
+        OPS._dot_attention_backward(g_ctx, g_w[:, None], q, k, v, lengths, None, scale, lse)
+    with pytest.raises(ValueError, match=rf"lse must have shape \(B,\) = \[{B}\]"):
+        OPS._dot_attention_backward(g_ctx, None, q, k, v, lengths, None, scale, lse3)
+    with pytest.raises(ValueError, match=r"grad_context must have shape \(B, Tq, Dv\)"):
+        OPS._dot_attention_backward(g_ctx, None, q[:, None], k, v, lengths, None, scale, lse3)
 
 
 # ---------------------------------------------------------------------------- compile

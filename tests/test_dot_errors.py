@@ -44,8 +44,10 @@ CALLERS = [pytest.param(call_functional, id="functional"), pytest.param(call_op,
 # (id, overrides, regex the message must match)
 BAD = [
     # wrong ranks
-    ("query_1d", dict(query=torch.randn(D)), r"query must have shape"),
-    ("query_4d", dict(query=torch.randn(B, Tq, 1, D)), r"query must have shape"),
+    ("query_1d", dict(query=torch.randn(D)),
+     r"query must have shape \(B, D\) for one decoder step or \(B, Tq, D\), got \[4\]"),
+    ("query_4d", dict(query=torch.randn(B, Tq, 1, D)),
+     r"query must have shape \(B, D\) for one decoder step or \(B, Tq, D\)"),
     ("keys_2d", dict(keys=torch.randn(B, D)), r"keys must have shape \(B, S, D\)"),
     ("keys_4d", dict(keys=torch.randn(B, S, D, 1)), r"keys must have shape \(B, S, D\)"),
     ("values_2d", dict(values=torch.randn(B, S)), r"values must have shape \(B, S, Dv\)"),
@@ -101,8 +103,6 @@ BAD = [
 @pytest.mark.parametrize("over,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input(over, match, caller):
     kw = good(**over)
-    if caller is call_op and kw["query"].dim() != 3:
-        match = r"query must have shape \(B, Tq, D\)"
     with pytest.raises(ERRORS, match=match):
         caller(kw)
 
@@ -195,8 +195,9 @@ def test_mixed_devices_meta(name):
 @pytest.mark.parametrize("over,match", [
     (dict(keys=torch.randn(B, S, D + 1)), "keys must have shape"),
     (dict(values=torch.randn(B, S + 1, Dv)), "values must have shape"),
-    (dict(query=torch.randn(B, D)), "query must have shape"),
-], ids=["keys_D", "values_S", "query_rank"])
+    (dict(query=torch.randn(D)), r"query must have shape \(B, D\) for one decoder step"),
+    (dict(query=torch.randn(B, Tq, 1, D)), r"query must have shape \(B, D\)"),
+], ids=["keys_D", "values_S", "query_1d", "query_4d"])
 def test_fake_kernel_shape_checks(over, match):
     kw = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in good(**over).items()}
     with pytest.raises(ERRORS, match=match):

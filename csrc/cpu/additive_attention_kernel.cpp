@@ -243,9 +243,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cpu(
   const AdditiveShapes s = check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
   const auto opts = query_proj.options();
   const auto acc_dtype = query_proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor context = at::empty({s.B, s.Tq, s.Dv}, opts);
-  at::Tensor weights = need_weights ? at::empty({s.B, s.Tq, s.S}, opts) : at::empty({0}, opts);
-  at::Tensor lse = at::empty({s.B, s.Tq}, opts.dtype(acc_dtype));
+  at::Tensor context = at::empty(s.row_sizes(s.Dv), opts);
+  at::Tensor weights = need_weights ? at::empty(s.row_sizes(s.S), opts) : at::empty({0}, opts);
+  at::Tensor lse = at::empty(s.row_sizes(), opts.dtype(acc_dtype));
   if (s.B * s.Tq == 0) return {context, weights, lse};
 
   const AdditiveInputs in =
@@ -284,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   const at::Tensor v_acc = in.v.to(acc_dtype);
   at::Tensor grad_v = at::empty({s.A}, acc_opts);
   if (s.B >= at::get_num_threads()) {
-    at::Tensor grad_q = at::empty({s.B, s.Tq, s.A}, query_proj.options());
+    at::Tensor grad_q = at::empty(s.row_sizes(s.A), query_proj.options());
     at::Tensor grad_k = at::empty({s.B, s.S, s.A}, query_proj.options());
     at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, query_proj.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
@@ -305,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
                                                            v_acc, acc(in.values), in.lengths, in.mask);
   const at::Tensor gc_acc = acc(gc);
   const auto gw_acc = gw ? std::optional<at::Tensor>(acc(*gw)) : std::nullopt;
-  at::Tensor grad_q = at::empty({s.B, s.Tq, s.A}, acc_opts);
+  at::Tensor grad_q = at::empty(s.row_sizes(s.A), acc_opts);
   at::Tensor grad_k = at::empty({s.B, s.S, s.A}, acc_opts);
   at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "additive_attention_backward_cpu", [&] {

@@ -117,10 +117,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
     double scale, bool need_weights) {
   const DotShapes s = check_dot_inputs(query, keys, values, lengths_in, mask_in, scale);
   const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor context = at::empty({s.B, s.Tq, s.Dv}, query.options());
-  at::Tensor weights = need_weights ? at::empty({s.B, s.Tq, s.S}, query.options())
+  at::Tensor context = at::empty(s.row_sizes(s.Dv), query.options());
+  at::Tensor weights = need_weights ? at::empty(s.row_sizes(s.S), query.options())
                                     : at::empty({0}, query.options());
-  at::Tensor lse = at::empty({s.B, s.Tq}, query.options().dtype(lse_dtype));
+  at::Tensor lse = at::empty(s.row_sizes(), query.options().dtype(lse_dtype));
   if (s.B * s.Tq == 0) return {context, weights, lse};
 
   const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in);
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     double scale, const at::Tensor& lse) {
   const DotShapes s = check_dot_inputs(query, keys, values, lengths_in, mask_in, scale);
   check_dot_backward_extras(grad_context, grad_weights, lse, query, s);
-  at::Tensor grad_q = at::empty({s.B, s.Tq, s.D}, query.options());
+  at::Tensor grad_q = at::empty(s.row_sizes(s.D), query.options());
   at::Tensor grad_k = at::empty({s.B, s.S, s.D}, keys.options());
   const bool combined = !values.has_value();
   at::Tensor grad_v = combined ? at::empty({0}, keys.options())

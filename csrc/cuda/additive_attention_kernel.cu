@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
   const AdditiveInputs in = contiguous_additive_inputs(query_proj_in, keys_proj_in, v_in,
                                                        values_in, lengths_in, mask_in);
 
-  const ForwardBuffers buffers(in.query_proj, s.B, s.Tq, s.S, s.Dv, need_weights);
+  const ForwardBuffers buffers(in.query_proj, s, s.S, s.Dv, need_weights);
   if (buffers.done()) return buffers.outputs();
   const cudaStream_t stream = current_stream();
 
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   const at::Tensor lse = lse_in.contiguous();
 
   const auto opts = in.query_proj.options();
-  at::Tensor grad_query_proj = at::empty({s.B, s.Tq, s.A}, opts);
+  at::Tensor grad_query_proj = at::empty(s.row_sizes(s.A), opts);
   at::Tensor grad_keys_proj = at::empty({s.B, s.S, s.A}, opts);
   at::Tensor grad_v = at::empty({s.A}, opts);
   at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, opts);
@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
                                   "additive_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AdditiveBackwardParams<scalar_t, acc_t> p{};
-    scratch.bind(p, grad_context, grad_weights, in.values, in.lengths, in.mask, lse,
+    scratch.bind(p, s, grad_context, grad_weights, in.values, in.lengths, in.mask, lse,
                  grad_values);
     p.query_proj = in.query_proj.data_ptr<scalar_t>();
     p.keys_proj = in.keys_proj.data_ptr<scalar_t>();

@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
   const auto& lengths = in.lengths;
   const auto& mask = in.mask;
 
-  const ForwardBuffers buffers(query, s.B, s.Tq, s.S, s.Dv, need_weights);
+  const ForwardBuffers buffers(query, s, s.S, s.Dv, need_weights);
   if (buffers.done()) return buffers.outputs();
   const cudaStream_t stream = current_stream();
 
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
   const at::Tensor lse = lse_in.contiguous();
 
   const auto opts = query.options();
-  at::Tensor grad_query = at::empty({s.B, s.Tq, s.D}, opts);
+  at::Tensor grad_query = at::empty(s.row_sizes(s.D), opts);
   at::Tensor grad_keys = at::empty({s.B, s.S, s.D}, opts);
   at::Tensor grad_values = combined ? at::empty({0}, opts) : at::empty({s.B, s.S, s.Dv}, opts);
   const int64_t rows = s.B * s.Tq;
@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
                                   "dot_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     DotBackwardParams<scalar_t, acc_t> p{};
-    scratch.bind(p, grad_context, grad_weights, values, lengths, mask, lse,
+    scratch.bind(p, s, grad_context, grad_weights, values, lengths, mask, lse,
                  combined ? std::nullopt : std::optional<at::Tensor>(grad_values));
     p.query = query.data_ptr<scalar_t>();
     p.keys = keys.data_ptr<scalar_t>();

@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "attention_ext/checks.h"
 #include "attention_ext/tuning.h"
 #include "device_context.cuh"
 #include "launch.cuh"
@@ -57,16 +58,16 @@ inline KeyMask make_keymask(const std::optional<at::Tensor>& lengths,
 // With no row or no key the outputs are final at once (done): nothing attends anywhere.
 class ForwardBuffers {
  public:
-  ForwardBuffers(const at::Tensor& like, int64_t B, int64_t Tq, int64_t S, int64_t Dv,
+  ForwardBuffers(const at::Tensor& like, const QueryRows& rows_of, int64_t S, int64_t Dv,
                  bool need_weights)
-      : B_(B), Tq_(Tq), S_(S), Dv_(Dv), need_weights_(need_weights) {
+      : B_(rows_of.B), Tq_(rows_of.Tq), S_(S), Dv_(Dv), need_weights_(need_weights) {
     const auto opts = like.options();
     const at::ScalarType acc = acc_dtype_for(like.scalar_type());
     const auto acc_opts = opts.dtype(acc);
-    context_ = at::empty({B, Tq, Dv}, opts);
-    weights_ = need_weights ? at::empty({B, Tq, S}, opts) : at::empty({0}, opts);
-    lse_ = at::empty({B, Tq}, acc_opts);
-    const int64_t rows = B * Tq;
+    context_ = at::empty(rows_of.row_sizes(Dv), opts);
+    weights_ = need_weights ? at::empty(rows_of.row_sizes(S), opts) : at::empty({0}, opts);
+    lse_ = at::empty(rows_of.row_sizes(), acc_opts);
+    const int64_t rows = B_ * Tq_;
     if (rows == 0) {
       done_ = true;
       return;
@@ -125,7 +126,7 @@ class ForwardBuffers {
   bool done_ = false;
 };
 
-// A backward's (B, Tq, S) scratch of probabilities and score gradients, in the
+// A backward's (B x Tq, S) scratch of probabilities and score gradients, in the
 // accumulation dtype: never B x Tq x S x D (or A).
 class BackwardScratch {
  public:
@@ -135,7 +136,8 @@ class BackwardScratch {
   // Points the softmax part of p at the scratch and at the inputs it reads; grad_values is
   // absent for the dot op with the keys as values (grad_keys then holds both gradients).
   template <typename scalar_t, typename acc_t>
-  void bind(SoftmaxBackwardParams<scalar_t, acc_t>& p, const at::Tensor& grad_context,
+  void bind(SoftmaxBackwardParams<scalar_t, acc_t>& p, const QueryRows& rows,
+            const at::Tensor& grad_context,
             const std::optional<at::Tensor>& grad_weights, const at::Tensor& values,
             const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
             const at::Tensor& lse, const std::optional<at::Tensor>& grad_values) const {
@@ -147,8 +149,8 @@ class BackwardScratch {
     p.grad_values = grad_values ? grad_values->data_ptr<scalar_t>() : nullptr;
     p.probs = scratch_[0].data_ptr<acc_t>();
     p.dscores = scratch_[1].data_ptr<acc_t>();
-    p.B = values.size(0);
-    p.Tq = grad_context.size(1);
+    p.B = rows.B;
+    p.Tq = rows.Tq;
     p.S = values.size(1);
     p.Dv = values.size(2);
   }

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 #include <utility>
 
 #include <cmath>
@@ -16,8 +17,38 @@
 
 namespace attention_ext {
 
-struct DotShapes {
-  int64_t B, Tq, S, D, Dv;
+// The B x Tq query rows of a call. A (B, D) query is one decoder step: Tq = 1 and
+// `single`, and every per-row tensor (outputs, their gradients, lse) drops the Tq
+// dimension, so a decode loop needs no reshaping around the op.
+struct QueryRows {
+  int64_t B, Tq;
+  bool single;
+
+  at::DimVector row_sizes() const {
+    return single ? at::DimVector{B} : at::DimVector{B, Tq};
+  }
+  at::DimVector row_sizes(int64_t last) const {
+    at::DimVector sizes = row_sizes();
+    sizes.push_back(last);
+    return sizes;
+  }
+  // "(B, Tq, X)" or "(B, X)" for messages.
+  std::string row_shape_name(const char* last) const {
+    return std::string(single ? "(B, " : "(B, Tq, ") + last + ")";
+  }
+};
+
+// query (B, Tq, feat) or (B, feat): the rows; `feat` names the feature size in messages.
+inline QueryRows query_rows(const at::Tensor& query, const char* name, const char* feat) {
+  TORCH_CHECK_VALUE(query.dim() == 2 || query.dim() == 3, name, " must have shape (B, ",
+                    feat, ") for one decoder step or (B, Tq, ", feat, "), got ",
+                    query.sizes());
+  const bool single = query.dim() == 2;
+  return QueryRows{query.size(0), single ? 1 : query.size(1), single};
+}
+
+struct DotShapes : QueryRows {
+  int64_t S, D, Dv;
 };
 
 inline void check_same_device_dtype(const at::Tensor& ref, const char* ref_name,
@@ -86,20 +117,20 @@ inline void check_mask_args(const std::optional<at::Tensor>& lengths,
   }
 }
 
-// query (B, Tq, D), keys (B, S, D), values (B, S, Dv) or None (= keys).
+// query (B, Tq, D) or (B, D), keys (B, S, D), values (B, S, Dv) or None (= keys).
 inline DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& keys,
                                   const std::optional<at::Tensor>& values_opt,
                                   const std::optional<at::Tensor>& lengths,
                                   const std::optional<at::Tensor>& mask, double scale) {
   const at::Tensor& values = values_opt.has_value() ? *values_opt : keys;
-  TORCH_CHECK_VALUE(query.dim() == 3, "query must have shape (B, Tq, D), got ", query.sizes());
+  const QueryRows rows = query_rows(query, "query", "D");
   TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (B, S, D), got ", keys.sizes());
   TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
                     values.sizes());
   check_float_dtype(query, "query");
   check_same_device_dtype(query, "query", keys, "keys");
   check_same_device_dtype(query, "query", values, "values");
-  const int64_t B = query.size(0), Tq = query.size(1), D = query.size(2);
+  const int64_t B = rows.B, D = query.size(-1);
   const int64_t S = keys.size(1), Dv = values.size(2);
   TORCH_CHECK_VALUE(keys.size(0) == B, "keys must have batch size B = ", B,
                     " like query, got shape ", keys.sizes());
@@ -111,21 +142,20 @@ inline DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& key
                     " like keys, got shape ", values.sizes());
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   check_mask_args(lengths, mask, query, "query", B, S);
-  return DotShapes{B, Tq, S, D, Dv};
+  return DotShapes{rows, S, D, Dv};
 }
 
-struct AdditiveShapes {
-  int64_t B, Tq, S, A, Dv;
+struct AdditiveShapes : QueryRows {
+  int64_t S, A, Dv;
 };
 
-// query_proj (B, Tq, A), keys_proj (B, S, A), v (A,), values (B, S, Dv).
+// query_proj (B, Tq, A) or (B, A), keys_proj (B, S, A), v (A,), values (B, S, Dv).
 inline AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
                                             const at::Tensor& keys_proj, const at::Tensor& v,
                                             const at::Tensor& values,
                                             const std::optional<at::Tensor>& lengths,
                                             const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK_VALUE(query_proj.dim() == 3, "query_proj must have shape (B, Tq, A), got ",
-                    query_proj.sizes());
+  const QueryRows rows = query_rows(query_proj, "query_proj", "A");
   TORCH_CHECK_VALUE(keys_proj.dim() == 3, "keys_proj must have shape (B, S, A), got ",
                     keys_proj.sizes());
   TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
@@ -134,7 +164,7 @@ inline AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
   check_same_device_dtype(query_proj, "query_proj", keys_proj, "keys_proj");
   check_same_device_dtype(query_proj, "query_proj", v, "v");
   check_same_device_dtype(query_proj, "query_proj", values, "values");
-  const int64_t B = query_proj.size(0), Tq = query_proj.size(1), A = query_proj.size(2);
+  const int64_t B = rows.B, A = query_proj.size(-1);
   const int64_t S = keys_proj.size(1), Dv = values.size(2);
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == A, "v must have shape (A,) = (", A,
                     ",) like query_proj's last dimension, got ", v.sizes());
@@ -147,49 +177,48 @@ inline AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
   TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S,
                     " like keys_proj, got shape ", values.sizes());
   check_mask_args(lengths, mask, query_proj, "query_proj", B, S);
-  return AdditiveShapes{B, Tq, S, A, Dv};
+  return AdditiveShapes{rows, S, A, Dv};
 }
 
 // Extra arguments of both backward ops: the incoming gradients and the forward's
-// log-sum-exp. `ref` is the query (dot) or query_proj (additive).
+// log-sum-exp, shaped by the query's rows. `ref` is the query (dot) or query_proj (additive).
 inline void check_backward_extras(const at::Tensor& grad_context,
                                   const std::optional<at::Tensor>& grad_weights,
                                   const at::Tensor& lse, const at::Tensor& ref,
-                                  const char* ref_name, int64_t B, int64_t Tq, int64_t S,
+                                  const char* ref_name, const QueryRows& rows, int64_t S,
                                   int64_t Dv) {
   check_same_device_dtype(ref, ref_name, grad_context, "grad_context");
-  TORCH_CHECK_VALUE(grad_context.dim() == 3 && grad_context.size(0) == B &&
-                        grad_context.size(1) == Tq && grad_context.size(2) == Dv,
-                    "grad_context must have shape (B, Tq, Dv) = (", B, ", ", Tq, ", ", Dv,
-                    "), got ", grad_context.sizes());
+  TORCH_CHECK_VALUE(grad_context.sizes() == at::IntArrayRef(rows.row_sizes(Dv)),
+                    "grad_context must have shape ", rows.row_shape_name("Dv"), " = ",
+                    at::IntArrayRef(rows.row_sizes(Dv)), ", got ", grad_context.sizes());
   if (grad_weights.has_value()) {
     check_same_device_dtype(ref, ref_name, *grad_weights, "grad_weights");
-    TORCH_CHECK_VALUE(grad_weights->dim() == 3 && grad_weights->size(0) == B &&
-                          grad_weights->size(1) == Tq && grad_weights->size(2) == S,
-                      "grad_weights must have shape (B, Tq, S) = (", B, ", ", Tq, ", ", S,
-                      "), got ", grad_weights->sizes());
+    TORCH_CHECK_VALUE(grad_weights->sizes() == at::IntArrayRef(rows.row_sizes(S)),
+                      "grad_weights must have shape ", rows.row_shape_name("S"), " = ",
+                      at::IntArrayRef(rows.row_sizes(S)), ", got ", grad_weights->sizes());
   }
   const auto lse_dtype = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.device() == ref.device() && lse.scalar_type() == lse_dtype,
               "lse must be a ", lse_dtype, " tensor on ", ref.device(), ", got ",
               lse.scalar_type(), " on ", lse.device());
-  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == Tq,
-                    "lse must have shape (B, Tq) = (", B, ", ", Tq, "), got ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(rows.row_sizes()),
+                    "lse must have shape ", rows.single ? "(B,)" : "(B, Tq)", " = ",
+                    at::IntArrayRef(rows.row_sizes()), ", got ", lse.sizes());
 }
 
 inline void check_dot_backward_extras(const at::Tensor& grad_context,
                                       const std::optional<at::Tensor>& grad_weights,
                                       const at::Tensor& lse, const at::Tensor& query,
                                       const DotShapes& s) {
-  check_backward_extras(grad_context, grad_weights, lse, query, "query", s.B, s.Tq, s.S, s.Dv);
+  check_backward_extras(grad_context, grad_weights, lse, query, "query", s, s.S, s.Dv);
 }
 
 inline void check_additive_backward_extras(const at::Tensor& grad_context,
                                            const std::optional<at::Tensor>& grad_weights,
                                            const at::Tensor& lse, const at::Tensor& query_proj,
                                            const AdditiveShapes& s) {
-  check_backward_extras(grad_context, grad_weights, lse, query_proj, "query_proj", s.B, s.Tq,
-                        s.S, s.Dv);
+  check_backward_extras(grad_context, grad_weights, lse, query_proj, "query_proj", s, s.S,
+                        s.Dv);
 }
 
 }  // namespace attention_ext
