@@ -173,6 +173,27 @@ def ref(query, keys, values=None, **kw):
     return reference.dot_attention(query, keys, values, **kw)
 
 
+def check_single_step(forward, backward, query, gen):
+    """A (B, F) query is one decoder step: forward(query) -> (context, weights, lse) gives
+    per-row tensors without the Tq dimension, and backward(g_ctx, g_w, query, lse) -> grads
+    (the query's first) takes gradients of those shapes, all with the very values of the
+    (B, 1, F) query's call. Returns the upstream gradients and both lse for further checks."""
+    ctx, w, lse = forward(query)
+    ctx3, w3, lse3 = forward(query[:, None])
+    assert ctx.dim() == 2 and w.dim() == 2 and lse.shape == query.shape[:1]
+    for got, want in ((ctx, ctx3), (w, w3), (lse, lse3)):
+        torch.testing.assert_close(got, want.squeeze(1), rtol=0, atol=0)
+    g_ctx = randn(ctx.shape, gen, device=query.device)
+    g_w = randn(w.shape, gen, device=query.device)
+    grads = backward(g_ctx, g_w, query, lse)
+    grads3 = backward(g_ctx[:, None], g_w[:, None], query[:, None], lse3)
+    assert grads[0].shape == query.shape
+    torch.testing.assert_close(grads[0], grads3[0].squeeze(1), rtol=0, atol=0)
+    for got, want in zip(grads[1:], grads3[1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    return g_ctx, g_w, lse, lse3
+
+
 def _amax(t: torch.Tensor) -> float:
     return t.abs().max().item() if t.numel() else 0.0
 

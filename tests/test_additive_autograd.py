@@ -8,6 +8,7 @@ from conftest import (
     ADDITIVE_INPUTS,
     ADDITIVE_OUTPUTS,
     DEVICES,
+    check_single_step,
     generator,
     make_additive_case,
     ours_additive,
@@ -167,21 +168,13 @@ def test_ops_single_step_rank(device):
     and lse (B,), and take gradients of those shapes, with the very values of a (B, 1, A)
     query_proj."""
     q, k, v, values, lengths, _, _ = _op_args(device, "lengths64", True, False, query_2d=True)
-    ctx, w, lse = OPS.additive_attention(q, k, v, values, lengths, None, True)
-    ctx3, w3, lse3 = OPS.additive_attention(q[:, None], k, v, values, lengths, None, True)
     B, S, Dv = values.shape
-    assert ctx.shape == (B, Dv) and w.shape == (B, S) and lse.shape == (B,)
-    for got, want in ((ctx, ctx3), (w, w3), (lse, lse3)):
-        torch.testing.assert_close(got, want.squeeze(1), rtol=0, atol=0)
-    gen = generator(77)
-    g_ctx, g_w = randn(ctx.shape, gen, device=device), randn(w.shape, gen, device=device)
-    grads = OPS._additive_attention_backward(g_ctx, g_w, q, k, v, values, lengths, None, lse)
-    grads3 = OPS._additive_attention_backward(g_ctx[:, None], g_w[:, None], q[:, None], k, v,
-                                              values, lengths, None, lse3)
-    assert grads[0].shape == q.shape
-    torch.testing.assert_close(grads[0], grads3[0].squeeze(1), rtol=0, atol=0)
-    for got, want in zip(grads[1:], grads3[1:]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g_ctx, g_w, lse, lse3 = check_single_step(
+        lambda q: OPS.additive_attention(q, k, v, values, lengths, None, True),
+        lambda gc, gw, q, lse: OPS._additive_attention_backward(gc, gw, q, k, v, values,
+                                                                lengths, None, lse),
+        q, generator(77))
+    assert g_ctx.shape == (B, Dv) and g_w.shape == (B, S)
     with pytest.raises(ValueError, match=r"grad_context must have shape \(B, Dv\)"):
         OPS._additive_attention_backward(g_ctx[:, None], None, q, k, v, values, lengths, None,
                                          lse)

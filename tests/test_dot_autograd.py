@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import attention_ext
-from conftest import DEVICES, generator, make_case, randn, run_attention, ours
+from conftest import (DEVICES, check_single_step, generator, make_case, randn,
+                      run_attention, ours)
 
 OPS = torch.ops.attention_ext
 
@@ -149,21 +150,13 @@ def test_ops_single_step_rank(values_none, device):
     lse (B,), and take gradients of those shapes, with the very values of a (B, 1, D) query."""
     q, k, v, lengths, _, scale, _ = _op_args(device, "lengths64", True, False, query_2d=True)
     v = None if values_none else v
-    ctx, w, lse = OPS.dot_attention(q, k, v, lengths, None, scale, True)
-    ctx3, w3, lse3 = OPS.dot_attention(q[:, None], k, v, lengths, None, scale, True)
     B, S, Dv = k.shape[0], k.shape[1], (k if v is None else v).shape[2]
-    assert ctx.shape == (B, Dv) and w.shape == (B, S) and lse.shape == (B,)
-    for got, want in ((ctx, ctx3), (w, w3), (lse, lse3)):
-        torch.testing.assert_close(got, want.squeeze(1), rtol=0, atol=0)
-    gen = generator(35)
-    g_ctx, g_w = randn(ctx.shape, gen, device=device), randn(w.shape, gen, device=device)
-    grads = OPS._dot_attention_backward(g_ctx, g_w, q, k, v, lengths, None, scale, lse)
-    grads3 = OPS._dot_attention_backward(g_ctx[:, None], g_w[:, None], q[:, None], k, v,
-                                         lengths, None, scale, lse3)
-    assert grads[0].shape == q.shape
-    torch.testing.assert_close(grads[0], grads3[0].squeeze(1), rtol=0, atol=0)
-    for got, want in zip(grads[1:], grads3[1:]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g_ctx, g_w, lse, lse3 = check_single_step(
+        lambda q: OPS.dot_attention(q, k, v, lengths, None, scale, True),
+        lambda gc, gw, q, lse: OPS._dot_attention_backward(gc, gw, q, k, v, lengths, None,
+                                                           scale, lse),
+        q, generator(35))
+    assert g_ctx.shape == (B, Dv) and g_w.shape == (B, S)
     # The backward op wants the gradients and lse of the query's rank.
     with pytest.raises(ValueError, match=rf"grad_context must have shape \(B, Dv\) = \[{B}, {Dv}\]"):
         OPS._dot_attention_backward(g_ctx[:, None], None, q, k, v, lengths, None, scale, lse)
