@@ -32,8 +32,9 @@ struct QueryRows {
     sizes.push_back(last);
     return sizes;
   }
-  // "(B, Tq, X)" or "(B, X)" for messages.
-  std::string row_shape_name(const char* last) const {
+  // Names of those shapes for messages: "(B, Tq, X)" / "(B, X)", or "(B, Tq)" / "(B,)".
+  std::string row_shape_name(const char* last = nullptr) const {
+    if (last == nullptr) return single ? "(B,)" : "(B, Tq)";
     return std::string(single ? "(B, " : "(B, Tq, ") + last + ")";
   }
 };
@@ -188,22 +189,25 @@ inline void check_backward_extras(const at::Tensor& grad_context,
                                   const char* ref_name, const QueryRows& rows, int64_t S,
                                   int64_t Dv) {
   check_same_device_dtype(ref, ref_name, grad_context, "grad_context");
-  TORCH_CHECK_VALUE(grad_context.sizes() == at::IntArrayRef(rows.row_sizes(Dv)),
+  const at::DimVector context_sizes = rows.row_sizes(Dv);
+  TORCH_CHECK_VALUE(grad_context.sizes() == at::IntArrayRef(context_sizes),
                     "grad_context must have shape ", rows.row_shape_name("Dv"), " = ",
-                    at::IntArrayRef(rows.row_sizes(Dv)), ", got ", grad_context.sizes());
+                    at::IntArrayRef(context_sizes), ", got ", grad_context.sizes());
   if (grad_weights.has_value()) {
     check_same_device_dtype(ref, ref_name, *grad_weights, "grad_weights");
-    TORCH_CHECK_VALUE(grad_weights->sizes() == at::IntArrayRef(rows.row_sizes(S)),
+    const at::DimVector weights_sizes = rows.row_sizes(S);
+    TORCH_CHECK_VALUE(grad_weights->sizes() == at::IntArrayRef(weights_sizes),
                       "grad_weights must have shape ", rows.row_shape_name("S"), " = ",
-                      at::IntArrayRef(rows.row_sizes(S)), ", got ", grad_weights->sizes());
+                      at::IntArrayRef(weights_sizes), ", got ", grad_weights->sizes());
   }
   const auto lse_dtype = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.device() == ref.device() && lse.scalar_type() == lse_dtype,
               "lse must be a ", lse_dtype, " tensor on ", ref.device(), ", got ",
               lse.scalar_type(), " on ", lse.device());
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(rows.row_sizes()),
-                    "lse must have shape ", rows.single ? "(B,)" : "(B, Tq)", " = ",
-                    at::IntArrayRef(rows.row_sizes()), ", got ", lse.sizes());
+  const at::DimVector lse_sizes = rows.row_sizes();
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_sizes), "lse must have shape ",
+                    rows.row_shape_name(), " = ", at::IntArrayRef(lse_sizes), ", got ",
+                    lse.sizes());
 }
 
 inline void check_dot_backward_extras(const at::Tensor& grad_context,
