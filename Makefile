@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-emulated test-sanitized bench cuda-build-check clean
+.PHONY: install demo test test-emulated test-sanitized bench cuda-build-check gpu-check clean
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,9 @@ test: install
 	$(PY) -m pytest -q tests
 	$(MAKE) test-emulated
 
-# The CUDA kernels run on the CPU under an emulation of CUDA's execution model and are
-# tested against reference.py; built in a temporary copy of the tree (the normal build
-# here is left alone), with this .venv.
+# The suite again with the CUDA host code and kernels as the ops' CPU kernels, run under
+# the CPU emulation of CUDA's execution model; built in a temporary copy of the tree (the
+# normal build here is left alone), with this .venv.
 test-emulated: $(VENV)/.deps-installed
 	PY=$(PY) bash .ci/test_emulated.sh
 
@@ -51,6 +51,11 @@ bench: install
 # Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
 cuda-build-check:
 	bash .ci/cuda_build_check.sh
+
+# On a machine with a CUDA GPU and a CUDA build of torch (PY, default python3): build for
+# that GPU in place, run the CUDA tests and the CUDA benchmark; logs in gpu-check-logs/.
+gpu-check:
+	bash .ci/gpu_check.sh
 
 clean:
 	rm -rf build attention_ext/_C*.so *.egg-info

@@ -10,9 +10,10 @@ Environment:
   DEBUG=1                          -O0 -g, no NDEBUG
   ATTENTION_EXT_CPU_CAPABILITY     AVX512 | AVX2 | DEFAULT; default: the build machine's best.
                                    DEFAULT is the portable build (scalar at::vec).
-  ATTENTION_EXT_EMULATE_CUDA=1     test build: also compile csrc/cuda/*.cu as C++ against the
-                                   CPU emulation of CUDA (csrc/emulated/), registered as the
-                                   CPU ops attention_ext::_emulated_* (make test-emulated)
+  ATTENTION_EXT_EMULATE_CUDA=1     test build: the ops' CPU kernels are csrc/cuda/*.cu compiled
+                                   as C++ against the CPU emulation of CUDA (csrc/emulated/)
+                                   instead of csrc/cpu, so the suite runs the CUDA code
+                                   (make test-emulated)
   ATTENTION_EXT_SANITIZE=address,undefined
                                    test build: compile and link with -fsanitize=... (UB aborts
                                    instead of recovering); run with the sanitizer runtime
@@ -68,16 +69,19 @@ def cpu_capability() -> str:
 def extension():
     with_cuda = want_cuda()
     cap = cpu_capability()
-    sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
-    sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
-    if with_cuda:
-        sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
     emulated = want_emulated_cuda()
     if emulated and with_cuda:
         # The same kernel templates would be compiled twice, once per meaning of __global__.
         raise SystemExit("ATTENTION_EXT_EMULATE_CUDA=1 is for CPU builds; unset FORCE_CUDA")
-    if emulated:
-        sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "emulated").glob("*.cpp"))]
+
+    def files(folder, pattern):
+        return [str(p.relative_to(ROOT)) for p in sorted((ROOT / folder).glob(pattern))]
+
+    sources = files("csrc", "*.cpp")
+    # The emulated CUDA code takes the CPU kernels' place (csrc/cuda/device_context.cuh).
+    sources += files("csrc/emulated", "*.cpp") if emulated else files("csrc/cpu", "*.cpp")
+    if with_cuda:
+        sources += files("csrc/cuda", "*.cu")
 
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
     defines = [

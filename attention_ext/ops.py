@@ -14,17 +14,20 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_fake_like(ref, ref_name, named, lengths, mask):
-    """The named tensors share ref's device and dtype; lengths and mask (not both) are on
-    its device."""
+    """The named tensors share ref's device and dtype; lengths (on the CPU or ref's device)
+    and mask (on ref's device), not both."""
     for name, t in named:
         torch._check(t.device == ref.device and t.dtype == ref.dtype,
                      lambda: f"{name} must match {ref_name}'s device and dtype "
                              f"({ref.device}, {ref.dtype}), got ({t.device}, {t.dtype})")
     torch._check(lengths is None or mask is None, lambda: "pass either lengths or mask, not both")
-    for name, t in (("lengths", lengths), ("mask", mask)):
-        if t is not None:
-            torch._check(t.device == ref.device,
-                         lambda: f"{name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
+    if lengths is not None:
+        torch._check(lengths.device == ref.device or lengths.device.type == "cpu",
+                     lambda: f"lengths must be on the CPU or on {ref_name}'s device "
+                             f"({ref.device}), got {lengths.device}")
+    if mask is not None:
+        torch._check(mask.device == ref.device,
+                     lambda: f"mask must be on {ref_name}'s device ({ref.device}), got {mask.device}")
 
 
 def _check_fake_query(query, name, feat):

@@ -12,10 +12,6 @@
 
 #define ATTENTION_EXT_VERSION "0.1.0"
 
-namespace attention_ext::cpu {
-at::Tensor fast_tanh(const at::Tensor& x);  // csrc/cpu/additive_attention_kernel.cpp
-}
-
 // Shapes as DESIGN.md section 1: a (B, D) query (query_proj (B, A)) is one decoder step and
 // every per-row tensor, lse and the gradients of the outputs included, then drops the Tq
 // dimension, so decoding loops call the ops without reshaping.
@@ -50,7 +46,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("with_cuda") = false;
 #endif
 #ifdef ATTENTION_EXT_WITH_EMULATED_CUDA
-  mod.attr("emulated_cuda") = true;  // the _emulated_* test ops (csrc/emulated/) are built in
+  mod.attr("emulated_cuda") = true;  // the ops' CPU kernels are the CUDA code, emulated
 #else
   mod.attr("emulated_cuda") = false;
 #endif
@@ -63,6 +59,4 @@ PYBIND11_MODULE(_C, mod) {
       },
       "Test-only: force the number of split-S chunks (0 = automatic).");
   mod.def("_forced_splits", &attention_ext::forced_splits);
-  mod.def("_fast_tanh", &attention_ext::cpu::fast_tanh,
-          "Test-only: the CPU kernels' vectorised float32 tanh, elementwise.");
 }

@@ -24,6 +24,21 @@ from attention_ext import reference
 
 HAS_CUDA = torch.cuda.is_available() and bool(attention_ext.build_info()["with_cuda"])
 
+# The test build (make test-emulated): the ops' CPU kernels are the CUDA host code and
+# kernels under the CPU emulation, so every "cpu" case below runs the CUDA code.
+EMULATED_CUDA = bool(attention_ext.build_info()["emulated_cuda"])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests about the CPU kernels alone (marker cpu_kernels) have nothing to test where the
+    CUDA code takes their place."""
+    if not EMULATED_CUDA:
+        return
+    skip = pytest.mark.skip(reason="about the CPU kernels; this build runs the emulated CUDA code")
+    for item in items:
+        if "cpu_kernels" in item.keywords:
+            item.add_marker(skip)
+
 DEVICES = [
     "cpu",
     pytest.param(
@@ -325,6 +340,15 @@ def forced_splits(request):
         yield n
     finally:
         attention_ext._C._set_forced_splits(0)
+
+
+def proc_rss_mib() -> float:
+    """The process's resident memory (VmRSS), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not in /proc/self/status")
 
 
 @pytest.fixture

@@ -1,18 +1,20 @@
-"""The kernels' vectorised float32 tanh (attention_ext._C._fast_tanh, the function the CPU
-kernels apply) against torch.tanh: within 1e-6 absolute everywhere (the additive op's
+"""The CPU kernels' vectorised float32 tanh (torch.ops.attention_ext._fast_tanh, the function
+they apply) against torch.tanh: within 1e-6 absolute everywhere (the additive op's
 promise), exact at the special values, odd-symmetric, and the same on vector tails."""
 import math
 
 import pytest
 import torch
 
-import attention_ext
+import attention_ext  # noqa: F401  (registers the ops)
+
+pytestmark = pytest.mark.cpu_kernels
 
 TOL = 1e-6
 
 
 def fast_tanh(x):
-    return attention_ext._C._fast_tanh(x)
+    return torch.ops.attention_ext._fast_tanh(x)
 
 
 def _max_err(x: torch.Tensor):

@@ -249,7 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cpu(
   if (s.B * s.Tq == 0) return {context, weights, lse};
 
   const AdditiveInputs in =
-      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask,
+                                 DeviceLengths::kHostChecks);
   const at::Tensor v_acc = in.v.to(acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query_proj.scalar_type(),
                                   "additive_attention_cpu", [&] {
@@ -277,7 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
             at::zeros_like(v), at::zeros_like(values)};
   }
   const AdditiveInputs in =
-      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask,
+                                 DeviceLengths::kHostChecks);
   const at::Tensor gc = grad_context.contiguous();
   const auto gw = contiguous_opt(grad_weights);
   const at::Tensor lse_c = lse.contiguous();
@@ -301,8 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   }
   // Few batch elements: convert as a whole (small B keeps this small).
   auto acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
-  const AdditiveInputs in_acc = contiguous_additive_inputs(acc(in.query_proj), acc(in.keys_proj),
-                                                           v_acc, acc(in.values), in.lengths, in.mask);
+  const AdditiveInputs in_acc =
+      contiguous_additive_inputs(acc(in.query_proj), acc(in.keys_proj), v_acc, acc(in.values),
+                                 in.lengths, in.mask, DeviceLengths::kHostChecks);
   const at::Tensor gc_acc = acc(gc);
   const auto gw_acc = gw ? std::optional<at::Tensor>(acc(*gw)) : std::nullopt;
   at::Tensor grad_q = at::empty(s.row_sizes(s.A), acc_opts);
@@ -321,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
 
 }  // namespace
 
-// Test hook (pybind: attention_ext._C._fast_tanh): the kernels' vectorised float32 tanh,
+// Test hook (torch.ops.attention_ext._fast_tanh): the kernels' vectorised float32 tanh,
 // elementwise, so its accuracy can be checked against torch.tanh.
 at::Tensor fast_tanh(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
@@ -344,7 +347,12 @@ at::Tensor fast_tanh(const at::Tensor& x) {
 }  // namespace cpu
 }  // namespace attention_ext
 
+TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
+  m.def("_fast_tanh(Tensor x) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
+  m.impl("_fast_tanh", &attention_ext::cpu::fast_tanh);
   m.impl("additive_attention", &attention_ext::cpu::additive_attention_cpu);
   m.impl("_additive_attention_backward", &attention_ext::cpu::additive_attention_backward_cpu);
 }

@@ -123,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
   at::Tensor lse = at::empty(s.row_sizes(), query.options().dtype(lse_dtype));
   if (s.B * s.Tq == 0) return {context, weights, lse};
 
-  const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in);
+  const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in,
+                                             DeviceLengths::kHostChecks);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
                                   "dot_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -155,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     return {grad_q, grad_k, grad_v};
   }
 
-  const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in);
+  const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in,
+                                             DeviceLengths::kHostChecks);
   const at::Tensor gc = grad_context.contiguous();
   const auto gw = contiguous_opt(grad_weights);
   const at::Tensor lse_c = lse.contiguous();

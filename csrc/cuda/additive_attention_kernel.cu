@@ -47,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
       check_additive_inputs(query_proj_in, keys_proj_in, v_in, values_in, lengths_in, mask_in);
   const DeviceGuard guard(query_proj_in.device());
   const AdditiveInputs in = contiguous_additive_inputs(query_proj_in, keys_proj_in, v_in,
-                                                       values_in, lengths_in, mask_in);
+                                                       values_in, lengths_in, mask_in,
+                                                       DeviceLengths::kKernelsCheck);
 
   const ForwardBuffers buffers(in.query_proj, s, s.S, s.Dv, need_weights);
   if (buffers.done()) return buffers.outputs();
@@ -83,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   check_additive_backward_extras(grad_context_in, grad_weights_in, lse_in, query_proj_in, s);
   const DeviceGuard guard(query_proj_in.device());
   const AdditiveInputs in = contiguous_additive_inputs(query_proj_in, keys_proj_in, v_in,
-                                                       values_in, lengths_in, mask_in);
+                                                       values_in, lengths_in, mask_in,
+                                                       DeviceLengths::kKernelsCheck);
   const at::Tensor grad_context = grad_context_in.contiguous();
   const auto grad_weights = contiguous_opt(grad_weights_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -133,11 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
 }  // namespace
 }  // namespace attention_ext
 
-// Under the CPU emulation (tests) csrc/emulated/ registers these functions as CPU ops of
-// their own instead: they must never stand in for the real CUDA kernels.
-#ifndef ATTENTION_EXT_CUDA_EMULATION
-TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(attention_ext, ATTENTION_EXT_KERNEL_DISPATCH_KEY, m) {
   m.impl("additive_attention", &attention_ext::additive_attention_cuda);
   m.impl("_additive_attention_backward", &attention_ext::additive_attention_backward_cuda);
 }
-#endif

@@ -1,6 +1,6 @@
-// The host code's only contact with the CUDA runtime: device guard, current stream and
-// multiprocessor count. Kept in one header so a CPU emulation of the execution model
-// (tests) has one small thing to replace.
+// The host code's only contact with the CUDA runtime: the dispatch key its entry points
+// serve, device guard, current stream and multiprocessor count. Kept in one header so a
+// CPU emulation of the execution model (tests) has one small thing to replace.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -10,6 +10,10 @@
 #if defined(ATTENTION_EXT_CUDA_EMULATION)
 
 #include "emulation.h"
+
+// The test build's CPU ops are the CUDA entry points: every CPU call of the ops runs the
+// CUDA host code and kernels under the emulation.
+#define ATTENTION_EXT_KERNEL_DISPATCH_KEY CPU
 
 namespace attention_ext {
 
@@ -33,6 +37,8 @@ inline int64_t multiprocessor_count(c10::DeviceIndex) { return kEmulatedMultipro
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+#define ATTENTION_EXT_KERNEL_DISPATCH_KEY CUDA
 
 namespace attention_ext {
 

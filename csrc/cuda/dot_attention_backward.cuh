@@ -47,12 +47,12 @@ __global__ void dot_attention_backward_keys_kernel(const DotBackwardParams<scala
   const int64_t d_chunks = p.D / VEC;
   const int64_t v_chunks = p.Dv / VEC;
   scalar_t* gk = p.grad_keys + key * p.D;
-  scalar_t* gv = p.grad_values ? p.grad_values + key * p.Dv : nullptr;
+  scalar_t* gv = p.values_are_keys ? nullptr : p.grad_values + key * p.Dv;
 
   if (j >= p.keymask.end(b) || !p.keymask.attends(b, j)) {
     const acc_t zero[VEC] = {};
     for (int64_t c = lane; c < d_chunks; c += kWarpSize) store_chunk<VEC>(gk, c, zero);
-    if (gv) {
+    if (!p.values_are_keys) {
       for (int64_t c = lane; c < v_chunks; c += kWarpSize) store_chunk<VEC>(gv, c, zero);
     }
     return;
@@ -63,7 +63,7 @@ __global__ void dot_attention_backward_keys_kernel(const DotBackwardParams<scala
   const scalar_t* q = p.query + b * p.Tq * p.D;
   const scalar_t* g = p.grad_context + b * p.Tq * p.Dv;
   const int64_t S = p.S, D = p.D, Dv = p.Dv, Tq = p.Tq;
-  if (!gv) {
+  if (p.values_are_keys) {
     // Keys are the values (D == Dv): one sum over 2 Tq terms, dS-weighted queries then
     // p-weighted output gradients.
     const acc_t scale = p.scale;

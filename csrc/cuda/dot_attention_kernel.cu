@@ -37,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
     const std::optional<at::Tensor>& mask_in, double scale, bool need_weights) {
   const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
   const DeviceGuard guard(query_in.device());
-  const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in);
+  const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in,
+                                             DeviceLengths::kKernelsCheck);
   const at::Tensor& query = in.query;
   const at::Tensor& keys = in.keys;
   const at::Tensor& values = in.values;
@@ -75,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
   const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
   check_dot_backward_extras(grad_context_in, grad_weights_in, lse_in, query_in, s);
   const DeviceGuard guard(query_in.device());
-  const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in);
+  const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in,
+                                             DeviceLengths::kKernelsCheck);
   const at::Tensor& query = in.query;
   const at::Tensor& keys = in.keys;
   const at::Tensor& values = in.values;
@@ -113,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
     p.grad_keys = grad_keys.data_ptr<scalar_t>();
     p.D = s.D;
     p.scale = static_cast<acc_t>(scale);
+    p.values_are_keys = combined;
     constexpr int kVec = vec_width<scalar_t>();
     if (can_vectorize(kVec, s.D, s.Dv,
                       {query, keys, values, grad_context, grad_query, grad_keys, grad_values})) {
@@ -127,11 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
 }  // namespace
 }  // namespace attention_ext
 
-// Under the CPU emulation (tests) csrc/emulated/ registers these functions as CPU ops of
-// their own instead: they must never stand in for the real CUDA kernels.
-#ifndef ATTENTION_EXT_CUDA_EMULATION
-TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(attention_ext, ATTENTION_EXT_KERNEL_DISPATCH_KEY, m) {
   m.impl("dot_attention", &attention_ext::dot_attention_cuda);
   m.impl("_dot_attention_backward", &attention_ext::dot_attention_backward_cuda);
 }
-#endif

@@ -22,9 +22,13 @@ struct DotBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t> {
   const scalar_t* query;
   const scalar_t* keys;
   scalar_t* grad_query;  // (B, Tq, D)
-  scalar_t* grad_keys;   // (B, S, D); also the values' gradient when grad_values is nullptr
+  scalar_t* grad_keys;   // (B, S, D); also the values' gradient when values_are_keys
   int64_t D;
   acc_t scale;
+  // No values were given: the keys are the values and grad_keys takes both gradients
+  // (grad_values is unused). A flag, not a null grad_values: zero-width values (Dv = 0)
+  // have a null data pointer too.
+  bool values_are_keys;
 };
 
 }  // namespace attention_ext

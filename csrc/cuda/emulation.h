@@ -190,6 +190,18 @@ T shuffle(unsigned mask, T v, int src) {
   return out;
 }
 
+// The first failed ATTENTION_EXT_DEVICE_CHECK of the launch in progress (launches are
+// serialised); launch_kernel raises it once the grid has run.
+inline std::atomic<const char*>& failed_device_check() {
+  static std::atomic<const char*> msg{nullptr};
+  return msg;
+}
+
+inline void device_check_failed(const char* msg) {
+  const char* none = nullptr;
+  failed_device_check().compare_exchange_strong(none, msg);
+}
+
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;

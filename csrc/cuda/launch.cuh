@@ -28,17 +28,23 @@ inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
 
 #elif defined(ATTENTION_EXT_CUDA_EMULATION)
 
+#include <c10/util/Exception.h>
+
 #include "emulation.h"
 
 namespace attention_ext {
 
 // Same signature as above; runs the grid on CPU threads, synchronously, so the stream
-// and the launch check have nothing to do.
+// has nothing to do. A failed device check (device_check.cuh) raises here, where a GPU
+// would fail the launch.
 template <typename... KernelArgs, typename... Args>
 inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
                           cudaStream_t /*stream*/, Args&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   emu::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
+  if (const char* msg = emu::failed_device_check().exchange(nullptr)) {
+    TORCH_CHECK_VALUE(false, msg, " (a device-side check of the emulated CUDA kernels)");
+  }
 }
 
 }  // namespace attention_ext

@@ -35,7 +35,7 @@ struct SoftmaxBackwardParams {
   const scalar_t* values;        // (B, S, Dv)
   KeyMask keymask;
   const acc_t* lse;       // (B, Tq)
-  scalar_t* grad_values;  // (B, S, Dv); dot: nullptr when keys are the values
+  scalar_t* grad_values;  // (B, S, Dv); dot: unused when the keys are the values
   // Scratch (B, Tq, S), written by the rows kernel for attending keys only, read after it.
   acc_t* probs;
   acc_t* dscores;

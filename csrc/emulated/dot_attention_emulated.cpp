@@ -1,7 +1,8 @@
 // Test build only (ATTENTION_EXT_EMULATE_CUDA=1, see setup.py): the CUDA dot attention
 // source compiled as C++ against the CPU emulation of the CUDA execution model
-// (csrc/cuda/emulation.h), registered as CPU ops of its own so tests can run the very
-// kernels the GPU runs and compare them with reference.py. Never part of a normal build.
+// (csrc/cuda/emulation.h). Its entry points register as the ops' CPU kernels
+// (device_context.cuh), so the whole test suite runs the very host code and kernels the
+// GPU runs. Never part of a normal build.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 
 // Torch's headers first, so they are parsed without the emulation's CUDA keywords.
@@ -13,21 +14,3 @@
 
 #include "../cuda/emulation.h"
 #include "../cuda/dot_attention_kernel.cu"
-
-// Same schemas as dot_attention / _dot_attention_backward (csrc/attention_ext.cpp), no
-// autograd or fake kernels: the tests call forward and backward directly.
-TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
-  m.def(
-      "_emulated_dot_attention(Tensor query, Tensor keys, Tensor? values, Tensor? lengths, "
-      "Tensor? mask, float scale, bool need_weights) -> (Tensor context, Tensor weights, "
-      "Tensor lse)");
-  m.def(
-      "_emulated_dot_attention_backward(Tensor grad_context, Tensor? grad_weights, "
-      "Tensor query, Tensor keys, Tensor? values, Tensor? lengths, Tensor? mask, float scale, "
-      "Tensor lse) -> (Tensor grad_query, Tensor grad_keys, Tensor grad_values)");
-}
-
-TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
-  m.impl("_emulated_dot_attention", &attention_ext::dot_attention_cuda);
-  m.impl("_emulated_dot_attention_backward", &attention_ext::dot_attention_backward_cuda);
-}

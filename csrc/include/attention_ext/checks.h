@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <limits>
 #include <string>
-#include <utility>
 
 #include <cmath>
 #include <optional>
@@ -66,27 +65,26 @@ inline void check_float_dtype(const at::Tensor& t, const char* name) {
               name, " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
-// (min, max) of an int32/int64 tensor. A plain loop on CPU (an ATen reduction costs more
-// than a decode step's kernel); on CUDA one reduction that synchronises, the price of
-// raising instead of reading out of bounds.
-inline std::pair<int64_t, int64_t> min_max(const at::Tensor& t) {
-  if (t.device().is_cpu()) {
-    const at::Tensor c = t.contiguous();
-    int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
-    AT_DISPATCH_INDEX_TYPES(c.scalar_type(), "min_max", [&] {
-      const index_t* p = c.data_ptr<index_t>();
-      for (int64_t i = 0; i < c.numel(); ++i) {
-        lo = std::min<int64_t>(lo, p[i]);
-        hi = std::max<int64_t>(hi, p[i]);
-      }
-    });
-    return {lo, hi};
-  }
-  const auto mm = at::aminmax(t);
-  return {std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>()};
+// lengths read on the host (a CPU tensor): every value in [0, S]. A plain loop: an ATen
+// reduction costs more than a decode step's kernel.
+inline void check_lengths_range(const at::Tensor& lengths, int64_t S) {
+  TORCH_INTERNAL_ASSERT(lengths.device().is_cpu());
+  const at::Tensor c = lengths.contiguous();
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  AT_DISPATCH_INDEX_TYPES(c.scalar_type(), "check_lengths_range", [&] {
+    const index_t* p = c.data_ptr<index_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      lo = std::min<int64_t>(lo, p[i]);
+      hi = std::max<int64_t>(hi, p[i]);
+    }
+  });
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= S, "lengths must lie in [0, S] = [0, ", S,
+                    "], got values in [", lo, ", ", hi, "]");
 }
 
-// lengths: integer (B,), 0 <= lengths[b] <= S. mask: bool (B, S), True = attend.
+// lengths: integer (B,), 0 <= lengths[b] <= S, on the CPU or on ref's device. mask: bool
+// (B, S), True = attend, on ref's device. The values of lengths are checked where they are
+// read (inputs.h: kernel_lengths), so that no call waits for a GPU.
 inline void check_mask_args(const std::optional<at::Tensor>& lengths,
                             const std::optional<at::Tensor>& mask, const at::Tensor& ref,
                             const char* ref_name, int64_t B, int64_t S) {
@@ -94,18 +92,14 @@ inline void check_mask_args(const std::optional<at::Tensor>& lengths,
                     "pass either lengths or mask, not both");
   if (lengths.has_value()) {
     const auto& l = *lengths;
-    TORCH_CHECK(l.device() == ref.device(), "lengths must be on the same device as ", ref_name,
-                " (", ref.device(), "), got ", l.device());
+    TORCH_CHECK(l.device() == ref.device() || l.device().is_cpu(),
+                "lengths must be on the CPU or on the same device as ", ref_name, " (",
+                ref.device(), "), got ", l.device());
     TORCH_CHECK_VALUE(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt,
                       "lengths must be an int64 or int32 tensor of shape (B,) = (", B,
                       ",), got dtype ", l.scalar_type());
     TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must have shape (B,) = (", B,
                       ",), got ", l.sizes());
-    if (B > 0) {
-      const auto [lo, hi] = min_max(l);
-      TORCH_CHECK_VALUE(lo >= 0 && hi <= S, "lengths must lie in [0, S] = [0, ", S,
-                        "], got values in [", lo, ", ", hi, "]");
-    }
   }
   if (mask.has_value()) {
     const auto& m = *mask;

@@ -1,0 +1,197 @@
+"""The ops inside a decoding loop, on every backend: no call reads a device value on the
+host, a decode step (forward, or forward + backward of a training step) replays from a
+CUDA graph with reference.py's values, lengths may stay on the CPU beside CUDA inputs, and
+10,000 steps keep memory flat."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attention_ext
+from attention_ext import reference
+from conftest import (DEVICES, EMULATED_CUDA, HAS_CUDA, generator, make_additive_case,
+                      make_case, proc_rss_mib, randn)
+
+OPS = ("dot", "additive")
+GRAPH_MASKS = ("lengths64", "mask", "none")
+
+
+def step_inputs(op, device, *, seed=0, mask_kind="lengths64", B=4, S=9, F=16, Dv=8,
+                requires_grad=False):
+    """One decoder step's inputs as keyword arguments of the functional op: a (B, F) query
+    (query_proj) against (B, S, F) keys (keys_proj)."""
+    if op == "dot":
+        c = make_case(B=B, Tq=1, S=S, D=F, Dv=Dv, device=device, seed=seed, query_2d=True,
+                      mask_kind=mask_kind)
+        tensors = dict(query=c.query, keys=c.keys, values=c.values)
+    else:
+        c = make_additive_case(B=B, Tq=1, S=S, A=F, Dv=Dv, device=device, seed=seed,
+                               query_2d=True, mask_kind=mask_kind)
+        tensors = dict(query_proj=c.query_proj, keys_proj=c.keys_proj, v=c.v, values=c.values)
+    for t in tensors.values():
+        t.requires_grad_(requires_grad)
+    return tensors, dict(lengths=c.lengths, mask=c.mask)
+
+
+def call(op, impl, tensors, masking):
+    fn = {("dot", "ours"): attention_ext.dot_attention,
+          ("dot", "ref"): reference.dot_attention,
+          ("additive", "ours"): attention_ext.additive_attention,
+          ("additive", "ref"): reference.additive_attention}[op, impl]
+    return fn(*tensors.values(), **masking)
+
+
+def training_step(op, impl, tensors, masking, g_ctx, g_w):
+    """context, weights and the gradients of <context, g_ctx> + <weights, g_w>."""
+    ctx, w = call(op, impl, tensors, masking)
+    grads = torch.autograd.grad((ctx * g_ctx).sum() + (w * g_w).sum(), list(tensors.values()))
+    return (ctx, w) + grads
+
+
+# ------------------------------------------------------------------- no host reads
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_no_host_reads_of_device_values(op, device):
+    """Forward and backward with lengths on the device: no aten::item or
+    _local_scalar_dense, and on a GPU no device-to-host copy and no synchronisation. On the
+    CPU this holds for the emulated CUDA code, whose lengths count as device values (the
+    CPU kernels read their host lengths directly)."""
+    if device == "cpu" and not EMULATED_CUDA:
+        pytest.skip("the CPU kernels' lengths are host values; the emulated build runs this")
+    tensors, masking = step_inputs(op, device, requires_grad=True)
+    gen = generator(5)
+    g_ctx, g_w = randn((4, 8), gen, device=device), randn((4, 9), gen, device=device)
+    training_step(op, "ours", tensors, masking, g_ctx, g_w)  # warm-up outside the profile
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        training_step(op, "ours", tensors, masking, g_ctx, g_w)
+    names = [e.name for e in prof.events()]
+    assert any("attention_ext::" in n for n in names), "the profile missed the op"
+    host_reads = [n for n in names
+                  if n in ("aten::item", "aten::_local_scalar_dense")
+                  or "DtoH" in n or "Device -> Pageable" in n
+                  or n in ("cudaStreamSynchronize", "cudaDeviceSynchronize")]
+    assert not host_reads, host_reads
+
+
+# ------------------------------------------------------------------- CUDA graphs
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
+@pytest.mark.parametrize("mask_kind", GRAPH_MASKS)
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_graph_replays_a_decode_step(op, mask_kind, train):
+    """A step captured once, then replayed on new inputs copied into its static buffers:
+    the outputs (and gradients) match reference.py on those inputs."""
+    static, masking = step_inputs(op, "cuda", seed=1, mask_kind=mask_kind, requires_grad=train)
+    gen = generator(6)
+    g_ctx, g_w = randn((4, 8), gen, device="cuda"), randn((4, 9), gen, device="cuda")
+
+    def step():
+        if train:
+            return training_step(op, "ours", static, masking, g_ctx, g_w)
+        return call(op, "ours", static, masking)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+
+    for seed in (2, 3):
+        fresh, fresh_masking = step_inputs(op, "cuda", seed=seed, mask_kind=mask_kind,
+                                           requires_grad=train)
+        with torch.no_grad():
+            for name, t in fresh.items():
+                static[name].copy_(t)
+            for name, t in fresh_masking.items():
+                if t is not None:
+                    masking[name].copy_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = (training_step(op, "ref", fresh, fresh_masking, g_ctx, g_w) if train
+                else call(op, "ref", fresh, fresh_masking))
+        for got, expected in zip(outs, want):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- lengths' device
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_lengths_with_cuda_inputs(op):
+    """Lengths on the CPU (as pack_padded_sequence takes them) beside CUDA inputs: the same
+    values as lengths on the GPU, forward and backward; out of range, a ValueError from
+    the host check."""
+    tensors, masking = step_inputs(op, "cuda", requires_grad=True)
+    gen = generator(7)
+    g_ctx, g_w = randn((4, 8), gen, device="cuda"), randn((4, 9), gen, device="cuda")
+    on_gpu = training_step(op, "ours", tensors, masking, g_ctx, g_w)
+    on_cpu = training_step(op, "ours", tensors, dict(lengths=masking["lengths"].cpu()),
+                           g_ctx, g_w)
+    for got, want in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    bad = masking["lengths"].cpu().clone()
+    bad[1] = 10
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, S\] = \[0, 9\]"):
+        call(op, "ours", tensors, dict(lengths=bad))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_out_of_range_gpu_lengths_fail_on_the_device(op):
+    """Lengths on the GPU are checked by the kernels (no host wait): a length > S fails the
+    launch with a device-side assertion naming lengths. It leaves the CUDA context
+    unusable, so it runs in a subprocess."""
+    fn = "dot_attention(x, k" if op == "dot" else "additive_attention(x, k, k[0, 0], k"
+    code = ("import torch, attention_ext\n"
+            "x = torch.randn(2, 8, device='cuda'); k = torch.randn(2, 5, 8, device='cuda')\n"
+            f"attention_ext.{fn}, lengths=torch.tensor([2, 6], device='cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "lengths must lie in [0, S]" in out, out[-2000:]
+
+
+# ------------------------------------------------------------------- memory
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_decode_steps_keep_memory_flat(op, device):
+    """10,000 decode steps (300 under the emulation, whose launches start OS threads): the
+    CUDA allocator's memory is the same after as before, the process's resident memory
+    on the CPU within 32 MiB."""
+    steps = 300 if EMULATED_CUDA else 10_000
+    tensors, masking = step_inputs(op, device, B=16, S=40, F=64, Dv=64)
+    for _ in range(20):
+        call(op, "ours", tensors, masking)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = proc_rss_mib()
+    for _ in range(steps):
+        ctx, w = call(op, "ours", tensors, masking)
+    del ctx, w
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before
+    else:
+        assert proc_rss_mib() - before < 32

@@ -1,0 +1,48 @@
+"""The CPU emulation of CUDA's execution model itself (csrc/cuda/emulation.h), on what the
+attention kernels rely on, and that the test build's ops are the emulated CUDA code.
+
+Only the test build has it: `make test-emulated` (ATTENTION_EXT_EMULATE_CUDA=1). There every
+other test of the suite runs the CUDA host code and kernels through the ops' CPU kernels.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import EMULATED_CUDA, generator, make_case
+
+pytestmark = pytest.mark.skipif(
+    not EMULATED_CUDA,
+    reason="the emulation is only in the test build: run `make test-emulated`",
+)
+
+OPS = torch.ops.attention_ext
+
+
+def test_ops_are_the_emulated_cuda_code():
+    """Lengths on the kernels' device are checked by the CUDA kernels as they read them: the
+    error comes from the emulated launch, not from a host-side check."""
+    case = make_case(B=2, Tq=1, S=5, D=8, seed=3)
+    bad = torch.tensor([2, 6])
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, S\] \(a device-side check"):
+        OPS.dot_attention(case.query, case.keys, case.values, bad, None, 1.0, True)
+
+
+def test_shared_memory_barriers_and_shfl_down():
+    """A block sum through __shfl_down_sync, __shared__ and two __syncthreads (3 blocks,
+    the last one partial)."""
+    x = torch.randn(300, generator=generator(26))
+    got = OPS._emulation_block_sum(x)
+    padded = torch.cat([x, x.new_zeros(84)]).view(3, 128).double().sum(1)
+    expected = padded.repeat_interleave(128)[:300].float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shuffle_with_an_exited_lane_is_refused():
+    """Undefined behaviour on a GPU must stop the emulation, not return a value."""
+    code = "import torch, attention_ext; torch.ops.attention_ext._emulation_early_exit_shuffle()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "shuffle mask names a lane that did not take part" in proc.stderr
