@@ -96,7 +96,11 @@ def extension():
     # torch 2.14, whose ATen.h rejects C++17).
     sanitize = sanitizer_flags()
     cxx = opt + ["-fopenmp", "-fno-math-errno"] + CAPABILITY_FLAGS[cap] + defines + sanitize
-    link = ["-fopenmp"] + sanitize
+    # libstdc++ named here links it as a shared library even where the compiler driver adds
+    # -static-libstdc++ (the H100 machines' g++ wrapper does): a private static copy gives
+    # the extension its own std::num_put<char>::id, unknown to the locale of the process's
+    # libstdc++, and every integer in an error message then prints nothing or crashes.
+    link = ["-fopenmp", "-lstdc++"] + sanitize
     kwargs = dict(
         include_dirs=[str(ROOT / "csrc" / "include")],
         extra_link_args=link,

@@ -10,6 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for the benchmark
 LOG_DIR="${LOG_DIR:-gpu-check-logs}"
 mkdir -p "$LOG_DIR"
 

@@ -55,28 +55,28 @@ def training_step(op, impl, tensors, masking, g_ctx, g_w):
 @pytest.mark.parametrize("op", OPS)
 def test_no_host_reads_of_device_values(op, device):
     """Forward and backward with lengths on the device: no aten::item or
-    _local_scalar_dense, and on a GPU no device-to-host copy and no synchronisation. On the
-    CPU this holds for the emulated CUDA code, whose lengths count as device values (the
-    CPU kernels read their host lengths directly)."""
+    _local_scalar_dense in the profile, and on a GPU no synchronising call (torch's sync
+    debug mode raises on one). On the CPU this holds for the emulated CUDA code, whose
+    lengths count as device values (the CPU kernels read their host lengths directly)."""
     if device == "cpu" and not EMULATED_CUDA:
         pytest.skip("the CPU kernels' lengths are host values; the emulated build runs this")
     tensors, masking = step_inputs(op, device, requires_grad=True)
     gen = generator(5)
     g_ctx, g_w = randn((4, 8), gen, device=device), randn((4, 9), gen, device=device)
-    training_step(op, "ours", tensors, masking, g_ctx, g_w)  # warm-up outside the profile
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof:
+    training_step(op, "ours", tensors, masking, g_ctx, g_w)  # warm-up outside the checks
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         training_step(op, "ours", tensors, masking, g_ctx, g_w)
     names = [e.name for e in prof.events()]
     assert any("attention_ext::" in n for n in names), "the profile missed the op"
-    host_reads = [n for n in names
-                  if n in ("aten::item", "aten::_local_scalar_dense")
-                  or "DtoH" in n or "Device -> Pageable" in n
-                  or n in ("cudaStreamSynchronize", "cudaDeviceSynchronize")]
+    host_reads = [n for n in names if n in ("aten::item", "aten::_local_scalar_dense")]
     assert not host_reads, host_reads
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            training_step(op, "ours", tensors, masking, g_ctx, g_w)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 # ------------------------------------------------------------------- CUDA graphs
@@ -175,10 +175,10 @@ def test_out_of_range_gpu_lengths_fail_on_the_device(op):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_decode_steps_keep_memory_flat(op, device):
-    """10,000 decode steps (300 under the emulation, whose launches start OS threads): the
+    """10,000 decode steps (100 under the emulation, whose launches start OS threads): the
     CUDA allocator's memory is the same after as before, the process's resident memory
     on the CPU within 32 MiB."""
-    steps = 300 if EMULATED_CUDA else 10_000
+    steps = 100 if EMULATED_CUDA else 10_000
     tensors, masking = step_inputs(op, device, B=16, S=40, F=64, Dv=64)
     for _ in range(20):
         call(op, "ours", tensors, masking)

@@ -1,0 +1,183 @@
+// The argument checks declared in attention_ext/checks.h (see there for why they live in a
+// .cpp file).
+#include "attention_ext/checks.h"
+
+#include <ATen/Dispatch.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace attention_ext {
+
+// query (B, Tq, feat) or (B, feat): the rows; `feat` names the feature size in messages.
+static QueryRows query_rows(const at::Tensor& query, const char* name, const char* feat) {
+  TORCH_CHECK_VALUE(query.dim() == 2 || query.dim() == 3, name, " must have shape (B, ",
+                    feat, ") for one decoder step or (B, Tq, ", feat, "), got ",
+                    query.sizes());
+  const bool single = query.dim() == 2;
+  return QueryRows{query.size(0), single ? 1 : query.size(1), single};
+}
+
+static void check_same_device_dtype(const at::Tensor& ref, const char* ref_name,
+                                    const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+static void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+void check_lengths_range(const at::Tensor& lengths, int64_t S) {
+  TORCH_INTERNAL_ASSERT(lengths.device().is_cpu());
+  const at::Tensor c = lengths.contiguous();
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  AT_DISPATCH_INDEX_TYPES(c.scalar_type(), "check_lengths_range", [&] {
+    const index_t* p = c.data_ptr<index_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      lo = std::min<int64_t>(lo, p[i]);
+      hi = std::max<int64_t>(hi, p[i]);
+    }
+  });
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= S, "lengths must lie in [0, S] = [0, ", S,
+                    "], got values in [", lo, ", ", hi, "]");
+}
+
+// lengths: integer (B,), 0 <= lengths[b] <= S, on the CPU or on ref's device. mask: bool
+// (B, S), True = attend, on ref's device. The values of lengths are checked where they are
+// read (inputs.h: kernel_lengths), so that no call waits for a GPU.
+static void check_mask_args(const std::optional<at::Tensor>& lengths,
+                            const std::optional<at::Tensor>& mask, const at::Tensor& ref,
+                            const char* ref_name, int64_t B, int64_t S) {
+  TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()),
+                    "pass either lengths or mask, not both");
+  if (lengths.has_value()) {
+    const auto& l = *lengths;
+    TORCH_CHECK(l.device() == ref.device() || l.device().is_cpu(),
+                "lengths must be on the CPU or on the same device as ", ref_name, " (",
+                ref.device(), "), got ", l.device());
+    TORCH_CHECK_VALUE(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt,
+                      "lengths must be an int64 or int32 tensor of shape (B,) = (", B,
+                      ",), got dtype ", l.scalar_type());
+    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must have shape (B,) = (", B,
+                      ",), got ", l.sizes());
+  }
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.device() == ref.device(), "mask must be on the same device as ", ref_name,
+                " (", ref.device(), "), got ", m.device());
+    TORCH_CHECK_VALUE(m.scalar_type() == at::kBool,
+                      "mask must be a bool tensor (True = attend), got dtype ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == S,
+                      "mask must have shape (B, S) = (", B, ", ", S, "), got ", m.sizes());
+  }
+}
+
+DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& keys,
+                           const std::optional<at::Tensor>& values_opt,
+                           const std::optional<at::Tensor>& lengths,
+                           const std::optional<at::Tensor>& mask, double scale) {
+  const at::Tensor& values = values_opt.has_value() ? *values_opt : keys;
+  const QueryRows rows = query_rows(query, "query", "D");
+  TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (B, S, D), got ", keys.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
+                    values.sizes());
+  check_float_dtype(query, "query");
+  check_same_device_dtype(query, "query", keys, "keys");
+  check_same_device_dtype(query, "query", values, "values");
+  const int64_t B = rows.B, D = query.size(-1);
+  const int64_t S = keys.size(1), Dv = values.size(2);
+  TORCH_CHECK_VALUE(keys.size(0) == B, "keys must have batch size B = ", B,
+                    " like query, got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B,
+                    " like query, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(keys.size(2) == D, "keys must have feature size D = ", D,
+                    " like query, got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S,
+                    " like keys, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_mask_args(lengths, mask, query, "query", B, S);
+  return DotShapes{rows, S, D, Dv};
+}
+
+AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
+                                     const at::Tensor& keys_proj, const at::Tensor& v,
+                                     const at::Tensor& values,
+                                     const std::optional<at::Tensor>& lengths,
+                                     const std::optional<at::Tensor>& mask) {
+  const QueryRows rows = query_rows(query_proj, "query_proj", "A");
+  TORCH_CHECK_VALUE(keys_proj.dim() == 3, "keys_proj must have shape (B, S, A), got ",
+                    keys_proj.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
+                    values.sizes());
+  check_float_dtype(query_proj, "query_proj");
+  check_same_device_dtype(query_proj, "query_proj", keys_proj, "keys_proj");
+  check_same_device_dtype(query_proj, "query_proj", v, "v");
+  check_same_device_dtype(query_proj, "query_proj", values, "values");
+  const int64_t B = rows.B, A = query_proj.size(-1);
+  const int64_t S = keys_proj.size(1), Dv = values.size(2);
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == A, "v must have shape (A,) = (", A,
+                    ",) like query_proj's last dimension, got ", v.sizes());
+  TORCH_CHECK_VALUE(keys_proj.size(0) == B, "keys_proj must have batch size B = ", B,
+                    " like query_proj, got shape ", keys_proj.sizes());
+  TORCH_CHECK_VALUE(keys_proj.size(2) == A, "keys_proj must have size A = ", A,
+                    " in its last dimension like query_proj, got shape ", keys_proj.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B,
+                    " like query_proj, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S,
+                    " like keys_proj, got shape ", values.sizes());
+  check_mask_args(lengths, mask, query_proj, "query_proj", B, S);
+  return AdditiveShapes{rows, S, A, Dv};
+}
+
+// Extra arguments of both backward ops: the incoming gradients and the forward's
+// log-sum-exp, shaped by the query's rows. `ref` is the query (dot) or query_proj (additive).
+static void check_backward_extras(const at::Tensor& grad_context,
+                                  const std::optional<at::Tensor>& grad_weights,
+                                  const at::Tensor& lse, const at::Tensor& ref,
+                                  const char* ref_name, const QueryRows& rows, int64_t S,
+                                  int64_t Dv) {
+  check_same_device_dtype(ref, ref_name, grad_context, "grad_context");
+  const at::DimVector context_sizes = rows.row_sizes(Dv);
+  TORCH_CHECK_VALUE(grad_context.sizes() == at::IntArrayRef(context_sizes),
+                    "grad_context must have shape ", rows.row_shape_name("Dv"), " = ",
+                    at::IntArrayRef(context_sizes), ", got ", grad_context.sizes());
+  if (grad_weights.has_value()) {
+    check_same_device_dtype(ref, ref_name, *grad_weights, "grad_weights");
+    const at::DimVector weights_sizes = rows.row_sizes(S);
+    TORCH_CHECK_VALUE(grad_weights->sizes() == at::IntArrayRef(weights_sizes),
+                      "grad_weights must have shape ", rows.row_shape_name("S"), " = ",
+                      at::IntArrayRef(weights_sizes), ", got ", grad_weights->sizes());
+  }
+  const auto lse_dtype = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.device() == ref.device() && lse.scalar_type() == lse_dtype,
+              "lse must be a ", lse_dtype, " tensor on ", ref.device(), ", got ",
+              lse.scalar_type(), " on ", lse.device());
+  const at::DimVector lse_sizes = rows.row_sizes();
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_sizes), "lse must have shape ",
+                    rows.row_shape_name(), " = ", at::IntArrayRef(lse_sizes), ", got ",
+                    lse.sizes());
+}
+
+void check_dot_backward_extras(const at::Tensor& grad_context,
+                               const std::optional<at::Tensor>& grad_weights,
+                               const at::Tensor& lse, const at::Tensor& query,
+                               const DotShapes& s) {
+  check_backward_extras(grad_context, grad_weights, lse, query, "query", s, s.S, s.Dv);
+}
+
+void check_additive_backward_extras(const at::Tensor& grad_context,
+                                    const std::optional<at::Tensor>& grad_weights,
+                                    const at::Tensor& lse, const at::Tensor& query_proj,
+                                    const AdditiveShapes& s) {
+  check_backward_extras(grad_context, grad_weights, lse, query_proj, "query_proj", s, s.S,
+                        s.Dv);
+}
+
+}  // namespace attention_ext
