@@ -37,10 +37,12 @@ test: install
 test-emulated: $(VENV)/.deps-installed
 	PY=$(PY) bash .ci/test_emulated.sh
 
-# The CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer, op tests run
-# under them (in a temporary copy, with this .venv); any report fails.
+# The suite under AddressSanitizer + UndefinedBehaviorSanitizer, against the CPU kernels
+# and against the emulated CUDA kernels (each in a temporary copy, with this .venv); any
+# report fails.
 test-sanitized: $(VENV)/.deps-installed
-	PY=$(PY) bash .ci/test_sanitized.sh
+	PY=$(PY) bash .ci/test_sanitized.sh cpu
+	PY=$(PY) bash .ci/test_sanitized.sh emulated-cuda
 
 bench: install
 	$(PY) benchmarks/bench_dot.py

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer
-# (ATTENTION_EXT_SANITIZE=address,undefined) and the op tests run under them: any report
+# A build with AddressSanitizer and UndefinedBehaviorSanitizer
+# (ATTENTION_EXT_SANITIZE=address,undefined) and the suite run under it: any report
 # (out-of-bounds access, use after free, undefined behaviour) aborts and fails the run.
-# The build happens in a temporary copy of the tree; it uses the repo's .venv.
+# $1 picks the ops' kernels: `cpu` (csrc/cpu, the default) or `emulated-cuda` (csrc/cuda
+# under the CPU emulation, as make test-emulated). The build happens in a temporary copy of
+# the tree; it uses the repo's .venv.
 #
 # Python and torch are not instrumented, so the ASan runtime is preloaded (with libstdc++,
 # or ASan cannot intercept C++ throws); leak detection is off because the interpreter's own
@@ -10,11 +12,20 @@
 # and an abort loses what it captured) and are printed when the run fails.
 #
 # Environment: PY (default .venv/bin/python), KEEP_BUILD=1 keeps the temporary directory.
+# Further arguments go to pytest.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 source "$ROOT/.ci/build_copy.sh"
-build_in_copy sanitized ATTENTION_EXT_SANITIZE=address,undefined
+kernels="${1:-cpu}"
+[ "$#" -gt 0 ] && shift
+case "$kernels" in
+  cpu) build_in_copy sanitized ATTENTION_EXT_SANITIZE=address,undefined ;;
+  emulated-cuda)
+    build_in_copy sanitized_emulated ATTENTION_EXT_SANITIZE=address,undefined \
+      ATTENTION_EXT_EMULATE_CUDA=1 ;;
+  *) echo "test_sanitized: unknown kernels '$kernels' (cpu or emulated-cuda)" >&2; exit 2 ;;
+esac
 
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$WORK/report"
@@ -34,6 +45,5 @@ trap show_reports EXIT
 sys.exit(0 if attention_ext.__file__.startswith(sys.argv[1]) else
          "test_sanitized: imported another build: " + attention_ext.__file__)' "$WORK"
 # The suite but the slow tests (the 64-bit one needs 9 GB, more with ASan's shadow) and the
-# torch.compile ones (they add only Python-side tracing and take long under ASan); the
-# emulated-CUDA tests skip in this build.
+# torch.compile ones (they add only Python-side tracing and take long under ASan).
 "$PY" -m pytest -q -p no:cacheprovider -x -m "not slow" -k "not compile" "$@" tests

@@ -342,6 +342,14 @@ def forced_splits(request):
         attention_ext._C._set_forced_splits(0)
 
 
+def on_device(kw: dict, device) -> dict:
+    """An op's keyword arguments with every tensor moved to `device`, but lengths, which stay
+    on the CPU (accepted beside inputs on any device and checked on the host, so a bad
+    value raises at the call; on a GPU, lengths there are checked by the kernels)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "lengths" else v
+            for k, v in kw.items()}
+
+
 def proc_rss_mib() -> float:
     """The process's resident memory (VmRSS), in MiB."""
     with open("/proc/self/status") as f:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attention_ext
-from conftest import HAS_CUDA
+from conftest import DEVICES, HAS_CUDA, on_device
 
 OPS = torch.ops.attention_ext
 ERRORS = (ValueError, RuntimeError)
@@ -124,10 +124,11 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("over,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_input(over, match, caller):
-    kw = good(**over)
+def test_bad_input(over, match, caller, device):
+    kw = on_device(good(**over), device)
     with pytest.raises(ERRORS, match=match):
         caller(kw)
 
@@ -204,9 +205,10 @@ BAD_BACKWARD = [
 
 @pytest.mark.parametrize("over,match", [b[1:] for b in BAD_BACKWARD],
                          ids=[b[0] for b in BAD_BACKWARD])
-def test_bad_input_backward_op(over, match):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_backward_op(device, over, match):
     with pytest.raises(ERRORS, match=match):
-        _call_backward(_backward_args(**over))
+        _call_backward(on_device(_backward_args(**over), device))
 
 
 # ----------------------------------------------------------------------------- devices

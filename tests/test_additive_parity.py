@@ -48,6 +48,7 @@ SHAPES = [
     # (4 or 8 queries): 9 = 8 + 1 = 2*4 + 1, 13 = 8 + 5 = 3*4 + 1.
     ("query_tiles_9", dict(B=2, Tq=9, S=37, A=19, Dv=21)),
     ("query_tiles_13", dict(B=3, Tq=13, S=10, A=40, Dv=24)),
+    ("query_tiles_35", dict(B=1, Tq=35, S=3, A=3, Dv=2)),  # CUDA: 9 blocks of 4 rows, the last 3
 ]
 
 

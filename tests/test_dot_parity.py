@@ -39,6 +39,7 @@ SHAPES = [
     ("values_none_2d", dict(B=4, Tq=1, S=8, D=24, values_none=True, query_2d=True)),
     ("B0", dict(B=0, Tq=3, S=5, D=8)),
     ("B0_2d", dict(B=0, Tq=1, S=5, D=8, query_2d=True)),
+    ("key_tiles", dict(B=2, Tq=1, S=40, D=4)),  # CUDA: 2 tiles of 32 keys, the last partial
     ("long_S", dict(B=2, Tq=2, S=130, D=20)),
     # Several query tiles per batch element, the last one partial (the CPU kernel tiles
     # queries by 4); D and Dv not multiples of any vector width.

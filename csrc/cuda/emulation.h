@@ -1,13 +1,19 @@
 // CPU emulation of the CUDA execution model, for tests only: the .cu sources compiled as
 // plain C++ with ATTENTION_EXT_CUDA_EMULATION defined (csrc/emulated/). Each CUDA thread
-// of a block runs as its own OS thread, so __syncthreads() and the warp shuffles are real
-// rendezvous of the threads involved, not sequential approximations; blocks run one
-// after another. Only what this project's kernels use is provided: anything else
-// (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX) fails to compile.
+// of a block runs as its own fiber (a stack of its own, switched cooperatively on one OS
+// thread, csrc/emulated/fiber_switch.cpp), so __syncthreads() and the warp shuffles are
+// real rendezvous of the threads involved, not sequential approximations; blocks run one
+// after another. Fibers rather than OS threads: a shuffle is then 32 stack switches of a
+// few nanoseconds instead of 32 futex wake-ups, which lets the whole test suite run
+// through the emulated kernels. Only what this project's kernels use is provided:
+// anything else (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX)
+// fails to compile.
 //
 // Not emulated: the GPU memory model, concurrency between blocks, timing. Shuffles check
 // that every lane named in the mask took part; they do not check that the lanes reached
-// the *same* shuffle call (divergent shuffles are undefined behaviour on a GPU too).
+// the *same* shuffle call (divergent shuffles are undefined behaviour on a GPU too). A
+// block whose threads all wait and none can go on (a barrier or shuffle some thread never
+// reaches) stops the process with a message.
 #pragma once
 
 #if !defined(ATTENTION_EXT_CUDA_EMULATION) || defined(__CUDACC__)
@@ -16,18 +22,22 @@
 
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 // Execution-space qualifiers mean nothing on the host. __restrict__ is a GCC/Clang keyword.
 #define __global__
@@ -51,7 +61,7 @@ struct dim3 {
 // The stream is opaque to the host code; the emulation runs launches synchronously.
 using cudaStream_t = struct CUstream_st*;
 
-// Per emulated thread, set by the launcher before the kernel body runs.
+// The running CUDA thread's indices: set by the scheduler before it resumes a fiber.
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
 inline thread_local dim3 blockDim;
@@ -63,8 +73,64 @@ constexpr int kWarpLanes = 32;
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "CUDA emulation: %s\n", what);
-  std::abort();  // a broken kernel contract: no sane way to unwind 128 threads
+  std::abort();  // a broken kernel contract: no sane way to unwind a block of fibers
 }
+
+// Stack switching (csrc/emulated/fiber_switch.cpp). switch_stack saves the callee-saved
+// state on the current stack, stores its stack pointer in *save and resumes the stack at
+// `load`. new_stack prepares a stack whose first resumption calls entry(arg).
+extern "C" void attention_ext_emu_switch_stack(void** save, void* load);
+void* new_stack(char* base, std::size_t size, void (*entry)(void*), void* arg);
+
+// AddressSanitizer tracks which stack is current; every switch between stacks tells it,
+// or a noreturn call on a fiber (fail's abort) makes it warn of false positives.
+// start_switch(save, bottom, size) before switching to the stack [bottom, bottom + size)
+// (save = nullptr when the current stack is never resumed), finish_switch after arriving.
+#if defined(__SANITIZE_ADDRESS__)
+inline void start_switch(void** save, const void* bottom, std::size_t size) {
+  __sanitizer_start_switch_fiber(save, bottom, size);
+}
+inline void finish_switch(void* saved, const void** bottom_old, std::size_t* size_old) {
+  __sanitizer_finish_switch_fiber(saved, bottom_old, size_old);
+}
+#else
+inline void start_switch(void**, const void*, std::size_t) {}
+inline void finish_switch(void*, const void**, std::size_t*) {}
+#endif
+
+// The fibers of one block and the loop that runs them: each resumption runs a fiber until
+// it waits (yield) or returns from the kernel. `progress` counts the events that can let
+// a waiting fiber go on; a full round without one is a deadlock.
+class Scheduler {
+ public:
+  static constexpr std::size_t kStackBytes = 256 * 1024;  // sanitizer builds need room
+
+  // Runs body() once per thread of a block of `threads` threads, as fibers.
+  void run_block(unsigned threads, const dim3& block, const std::function<void()>& body);
+
+  void yield() { switch_out(); }
+  void note_progress() { ++progress_; }
+  unsigned current() const { return current_; }
+
+ private:
+  struct Fiber {
+    std::unique_ptr<char[]> stack;
+    void* sp = nullptr;
+    void* sanitizer_state = nullptr;
+    bool done = false;
+  };
+  static void fiber_main(void* self);
+  void switch_out();
+  void arrived_on_fiber();
+
+  std::vector<Fiber> fibers_;
+  void* scheduler_sp_ = nullptr;
+  const void* scheduler_stack_bottom_ = nullptr;  // learnt from the sanitizer, if any
+  std::size_t scheduler_stack_size_ = 0;
+  const std::function<void()>* body_ = nullptr;
+  unsigned current_ = 0;
+  uint64_t progress_ = 0;
+};
 
 // A rendezvous of a set of threads that shrinks as threads return from the kernel (CUDA
 // counts exited threads as arrived). `slots` carry one 8-byte value per member, double
@@ -79,17 +145,16 @@ class Rendezvous {
 
   // Publishes `bits` as member `id`'s slot, waits for all live members; returns the
   // phase's buffer index. `who` receives the members that took part.
-  int exchange(int id, uint64_t bits, uint64_t& who) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint32_t phase = phase_.load(std::memory_order_relaxed);
+  int exchange(Scheduler& sched, int id, uint64_t bits, uint64_t& who) {
+    const uint32_t phase = phase_;
     const int buf = static_cast<int>(phase & 1u);
     if (id < kWarpLanes) slots_[buf][id] = bits;
     arrived_ |= uint64_t(1) << id;
+    sched.note_progress();
     if (arrived_ == members_) {
-      complete(lock, buf);
+      complete(sched, buf);
     } else {
-      lock.unlock();
-      while (phase_.load(std::memory_order_acquire) == phase) phase_.wait(phase);
+      while (phase_ == phase) sched.yield();
     }
     who = took_part_[buf];
     return buf;
@@ -98,25 +163,20 @@ class Rendezvous {
   uint64_t slot(int buf, int id) const { return slots_[buf][id]; }
 
   // Member `id` returned from the kernel; the others no longer wait for it.
-  void leave(int id) {
-    std::unique_lock<std::mutex> lock(mutex_);
+  void leave(Scheduler& sched, int id) {
     members_ &= ~(uint64_t(1) << id);
-    if (arrived_ != 0 && arrived_ == members_) {
-      complete(lock, static_cast<int>(phase_.load(std::memory_order_relaxed) & 1u));
-    }
+    if (arrived_ != 0 && arrived_ == members_) complete(sched, static_cast<int>(phase_ & 1u));
   }
 
  private:
-  void complete(std::unique_lock<std::mutex>& lock, int buf) {
+  void complete(Scheduler& sched, int buf) {
     took_part_[buf] = arrived_;
     arrived_ = 0;
-    phase_.fetch_add(1, std::memory_order_release);
-    lock.unlock();
-    phase_.notify_all();
+    ++phase_;
+    sched.note_progress();
   }
 
-  std::mutex mutex_;
-  std::atomic<uint32_t> phase_{0};
+  uint32_t phase_ = 0;
   uint64_t members_ = 0, arrived_ = 0;
   uint64_t took_part_[2] = {0, 0};
   uint64_t slots_[2][kWarpLanes] = {};
@@ -130,42 +190,38 @@ class BlockBarrier {
     members_ = members;
     arrived_ = 0;
   }
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint32_t phase = phase_.load(std::memory_order_relaxed);
+  void arrive_and_wait(Scheduler& sched) {
+    const uint32_t phase = phase_;
+    sched.note_progress();
     if (++arrived_ == members_) {
-      complete(lock);
+      complete(sched);
     } else {
-      lock.unlock();
-      while (phase_.load(std::memory_order_acquire) == phase) phase_.wait(phase);
+      while (phase_ == phase) sched.yield();
     }
   }
-  void leave() {
-    std::unique_lock<std::mutex> lock(mutex_);
+  void leave(Scheduler& sched) {
     --members_;
-    if (arrived_ != 0 && arrived_ == members_) complete(lock);
+    if (arrived_ != 0 && arrived_ == members_) complete(sched);
   }
 
  private:
-  void complete(std::unique_lock<std::mutex>& lock) {
+  void complete(Scheduler& sched) {
     arrived_ = 0;
-    phase_.fetch_add(1, std::memory_order_release);
-    lock.unlock();
-    phase_.notify_all();
+    ++phase_;
+    sched.note_progress();
   }
-  std::mutex mutex_;
-  std::atomic<uint32_t> phase_{0};
+  uint32_t phase_ = 0;
   unsigned members_ = 0, arrived_ = 0;
 };
 
 struct Block {
+  Scheduler scheduler;
   BlockBarrier barrier;
   std::unique_ptr<Rendezvous[]> warps;
-  unsigned threads = 0;
 };
 
 inline thread_local Block* tl_block = nullptr;
-inline thread_local unsigned tl_linear = 0;  // linear thread index within the block
+inline thread_local unsigned tl_linear = 0;  // the running thread's linear index in its block
 
 // One shuffle: every lane publishes `v`, then reads lane `src`'s value. Lanes in `mask`
 // that did not take part (returned early, or diverged away) and sources outside the mask
@@ -174,13 +230,14 @@ template <typename T>
 T shuffle(unsigned mask, T v, int src) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
                 "emulated shuffles carry values of at most 8 bytes");
-  const int lane = static_cast<int>(tl_linear % kWarpLanes);
+  const unsigned linear = tl_linear;
+  const int lane = static_cast<int>(linear % kWarpLanes);
   if (!((mask >> lane) & 1u)) fail("shuffle by a lane outside its own mask");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   uint64_t who = 0;
-  Rendezvous& warp = tl_block->warps[tl_linear / kWarpLanes];
-  const int buf = warp.exchange(lane, bits, who);
+  Rendezvous& warp = tl_block->warps[linear / kWarpLanes];
+  const int buf = warp.exchange(tl_block->scheduler, lane, bits, who);
   if ((uint64_t(mask) & ~who) != 0) fail("shuffle mask names a lane that did not take part");
   // CUDA leaves a read from a lane outside the mask undefined: refuse it.
   if (!((mask >> src) & 1u)) fail("shuffle reads a lane outside its mask");
@@ -207,8 +264,15 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
-// Runs `kernel(args...)` over the grid: one OS thread per CUDA thread of a block, the same
-// threads for every block, blocks in order (x fastest), separated by a full barrier.
+// The one block in flight (launches are serialised); its fibers' stacks are kept from
+// launch to launch.
+inline Block& launch_state() {
+  static Block state;
+  return state;
+}
+
+// Runs `kernel(args...)` over the grid: one fiber per CUDA thread of a block, blocks in
+// order (x fastest), each block's fibers run to completion before the next block starts.
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t smem,
             Args&&... args) {
@@ -220,49 +284,101 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t sm
   // One launch at a time in the process: __shared__ variables are process-wide statics.
   const std::lock_guard<std::mutex> guard(launch_mutex());
 
-  Block state;
+  Block& state = launch_state();
   const unsigned warps = (threads + kWarpLanes - 1) / kWarpLanes;
   state.warps = std::make_unique<Rendezvous[]>(warps);
-  state.threads = threads;
-  auto reset = [&]() noexcept {
+  tl_block = &state;
+  blockDim = block;
+  gridDim = grid;
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  const std::function<void()> body = [&] {
+    std::apply(kernel, packed);
+    // Returned: the rest of the block no longer waits for this thread.
+    const unsigned linear = tl_linear;
+    state.warps[linear / kWarpLanes].leave(state.scheduler, static_cast<int>(linear % kWarpLanes));
+    state.barrier.leave(state.scheduler);
+  };
+  for (uint64_t n = 0; n < blocks; ++n) {
+    blockIdx = uint3{static_cast<unsigned>(n % grid.x),
+                     static_cast<unsigned>((n / grid.x) % grid.y),
+                     static_cast<unsigned>(n / (uint64_t(grid.x) * grid.y))};
     state.barrier.reset(threads);
     for (unsigned w = 0; w < warps; ++w) {
       const unsigned lanes = std::min<unsigned>(kWarpLanes, threads - w * kWarpLanes);
       state.warps[w].reset((uint64_t(1) << lanes) - 1);
     }
-  };
-  reset();
-  std::barrier between_blocks(static_cast<std::ptrdiff_t>(threads), reset);
-  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    state.scheduler.run_block(threads, block, body);
+  }
+  tl_block = nullptr;
+}
 
-  auto body = [&](unsigned linear) {
-    tl_block = &state;
-    tl_linear = linear;
-    blockDim = block;
-    gridDim = grid;
-    threadIdx = uint3{linear % block.x, (linear / block.x) % block.y, linear / (block.x * block.y)};
-    for (uint64_t n = 0; n < blocks; ++n) {
-      blockIdx = uint3{static_cast<unsigned>(n % grid.x),
-                       static_cast<unsigned>((n / grid.x) % grid.y),
-                       static_cast<unsigned>(n / (uint64_t(grid.x) * grid.y))};
-      std::apply(kernel, packed);
-      // Returned: the rest of the block no longer waits for this thread.
-      state.warps[linear / kWarpLanes].leave(static_cast<int>(linear % kWarpLanes));
-      state.barrier.leave();
-      between_blocks.arrive_and_wait();  // the last arrival resets the block state
+// The scheduler's loop and fiber entry, header-only so that every emulated translation
+// unit shares one definition (inline).
+inline void Scheduler::run_block(unsigned threads, const dim3& block,
+                                 const std::function<void()>& body) {
+  if (fibers_.size() < threads) fibers_.resize(threads);
+  body_ = &body;
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = fibers_[t];
+    if (!f.stack) f.stack.reset(new char[kStackBytes]);  // untouched until used
+    f.done = false;
+    f.sp = new_stack(f.stack.get(), kStackBytes, &Scheduler::fiber_main, this);
+  }
+  unsigned live = threads;
+  while (live > 0) {
+    const uint64_t before = progress_;
+    for (unsigned t = 0; t < threads; ++t) {
+      Fiber& f = fibers_[t];
+      if (f.done) continue;
+      current_ = t;
+      tl_linear = t;
+      threadIdx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      void* sanitizer_state = nullptr;
+      start_switch(&sanitizer_state, f.stack.get(), kStackBytes);
+      attention_ext_emu_switch_stack(&scheduler_sp_, f.sp);
+      finish_switch(sanitizer_state, nullptr, nullptr);
+      if (f.done) --live;
     }
-    tl_block = nullptr;
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (unsigned t = 0; t < threads; ++t) pool.emplace_back(body, t);
-  for (auto& t : pool) t.join();
+    if (live > 0 && progress_ == before) {
+      fail("deadlock: every live thread of the block waits at a barrier or shuffle that "
+           "the others never reach");
+    }
+  }
+  body_ = nullptr;
+}
+
+inline void Scheduler::arrived_on_fiber() {
+  finish_switch(fibers_[current_].sanitizer_state, &scheduler_stack_bottom_,
+                &scheduler_stack_size_);
+}
+
+inline void Scheduler::switch_out() {
+  Fiber& f = fibers_[current_];
+  // A finished fiber's stack is never resumed: the next block prepares a new one.
+  start_switch(f.done ? nullptr : &f.sanitizer_state, scheduler_stack_bottom_,
+               scheduler_stack_size_);
+  attention_ext_emu_switch_stack(&f.sp, scheduler_sp_);
+  arrived_on_fiber();
+}
+
+inline void Scheduler::fiber_main(void* self) {
+  auto* sched = static_cast<Scheduler*>(self);
+  sched->fibers_[sched->current_].sanitizer_state = nullptr;
+  sched->arrived_on_fiber();
+  (*sched->body_)();
+  sched->fibers_[sched->current_].done = true;
+  sched->note_progress();
+  sched->switch_out();
+  fail("a finished fiber was resumed");
 }
 
 }  // namespace attention_ext::emu
 
 // The CUDA intrinsics the kernels use, with their CUDA semantics (width = 32).
-inline void __syncthreads() { attention_ext::emu::tl_block->barrier.arrive_and_wait(); }
+inline void __syncthreads() {
+  auto* block = attention_ext::emu::tl_block;
+  block->barrier.arrive_and_wait(block->scheduler);
+}
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane) {

@@ -103,9 +103,9 @@ __device__ __forceinline__ void online_softmax_task(const SoftmaxForwardParams<s
     }
     return;
   }
-  // Single split: finalise. acc was written only if some key attended (sum > 0).
+  // Single split: finalise. acc was written only if some key attended.
   const acc_t inv_sum = softmax_inv_sum(state);
-  const bool any = state.sum > acc_t(0);
+  const bool any = softmax_saw_keys(state);
   scalar_t* out = p.context + row * p.Dv;
   for (int64_t c = lane; c < v_chunks; c += kWarpSize) {
     acc_t a[VEC];
@@ -148,9 +148,10 @@ __global__ void split_merge_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p
     softmax_merge(state, part, scale_state, scale_part);
   }
   // Empty splits (sum 0) never wrote their acc: factor 0 makes the loop below skip them.
-  const acc_t my_factor = (lane < splits && part_sum[lane] > acc_t(0))
-                              ? rescale_factor(part_max[lane], state.max)
-                              : acc_t(0);
+  const acc_t my_factor =
+      (lane < splits && softmax_saw_keys(SoftmaxState<acc_t>{part_max[lane], part_sum[lane]}))
+          ? rescale_factor(part_max[lane], state.max)
+          : acc_t(0);
   const acc_t inv_sum = softmax_inv_sum(state);
   const int64_t v_chunks = p.Dv / VEC;
   const acc_t* acc = p.ctx_acc + row * p.splits * p.Dv;

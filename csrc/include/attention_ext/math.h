@@ -23,8 +23,11 @@ HOST_DEVICE_INLINE float ae_exp(float x) { return ::expf(x); }
 HOST_DEVICE_INLINE double ae_exp(double x) { return ::exp(x); }
 HOST_DEVICE_INLINE float ae_log(float x) { return ::logf(x); }
 HOST_DEVICE_INLINE double ae_log(double x) { return ::log(x); }
-HOST_DEVICE_INLINE float ae_max(float a, float b) { return a > b ? a : b; }
-HOST_DEVICE_INLINE double ae_max(double a, double b) { return a > b ? a : b; }
+// max that propagates a NaN from either side. Commutative, so a warp's butterfly
+// (warp_max) leaves the same value in every lane and branches on it stay uniform; with
+// `a > b ? a : b` a NaN score gave some lanes NaN and others a number.
+HOST_DEVICE_INLINE float ae_max(float a, float b) { return (a > b || a != a) ? a : b; }
+HOST_DEVICE_INLINE double ae_max(double a, double b) { return (a > b || a != a) ? a : b; }
 
 // Running max and sum of exp(score - max) over the keys seen so far. A row that has
 // seen no key has max = -inf and sum = 0; every function below keeps that case NaN-free.
@@ -65,6 +68,14 @@ HOST_DEVICE_INLINE void softmax_merge(SoftmaxState<T>& a, const SoftmaxState<T>&
   scale_b = rescale_factor(b.max, new_max);
   a.sum = a.sum * scale_a + b.sum * scale_b;
   a.max = new_max;
+}
+
+// Whether a row (or split) saw an attending key: its sum is then at least exp(0) = 1, or
+// NaN after a NaN score, which must reach the row's outputs; only a row that saw no key
+// has a sum of exactly 0.
+template <typename T>
+HOST_DEVICE_INLINE bool softmax_saw_keys(const SoftmaxState<T>& s) {
+  return !(s.sum == T(0));
 }
 
 // log(sum_j exp(score_j)); -inf for a row with nothing to attend to.
