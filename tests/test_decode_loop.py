@@ -2,6 +2,7 @@
 host, a decode step (forward, or forward + backward of a training step) replays from a
 CUDA graph with reference.py's values, lengths may stay on the CPU beside CUDA inputs, and
 10,000 steps keep memory flat."""
+import os
 import subprocess
 import sys
 
@@ -141,8 +142,13 @@ def test_cpu_lengths_with_cuda_inputs(op):
     gen = generator(7)
     g_ctx, g_w = randn((4, 8), gen, device="cuda"), randn((4, 9), gen, device="cuda")
     on_gpu = training_step(op, "ours", tensors, masking, g_ctx, g_w)
-    on_cpu = training_step(op, "ours", tensors, dict(lengths=masking["lengths"].cpu()),
-                           g_ctx, g_w)
+    cpu_lengths = masking["lengths"].cpu()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the copy to the GPU must not wait for it
+    try:
+        on_cpu = training_step(op, "ours", tensors, dict(lengths=cpu_lengths), g_ctx, g_w)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     for got, want in zip(on_cpu, on_gpu):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     bad = masking["lengths"].cpu().clone()
@@ -175,9 +181,11 @@ def test_out_of_range_gpu_lengths_fail_on_the_device(op):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_decode_steps_keep_memory_flat(op, device):
-    """10,000 decode steps (100 under the emulation, whose launches start OS threads): the
-    CUDA allocator's memory is the same after as before, the process's resident memory
-    on the CPU within 32 MiB."""
+    """10,000 decode steps (100 under the emulation, whose launches switch 128 fibers per
+    block): the CUDA allocator's memory is the same after as before, the process's
+    resident memory on the CPU within 32 MiB."""
+    if device == "cpu" and "libasan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("AddressSanitizer keeps freed memory in quarantine: resident memory grows")
     steps = 100 if EMULATED_CUDA else 10_000
     tensors, masking = step_inputs(op, device, B=16, S=40, F=64, Dv=64)
     for _ in range(20):

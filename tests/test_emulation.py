@@ -39,10 +39,16 @@ def test_shared_memory_barriers_and_shfl_down():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_shuffle_with_an_exited_lane_is_refused():
-    """Undefined behaviour on a GPU must stop the emulation, not return a value."""
-    code = "import torch, attention_ext; torch.ops.attention_ext._emulation_early_exit_shuffle()"
+@pytest.mark.parametrize("kernel,message", [
+    ("early_exit_shuffle", "shuffle mask names a lane that did not take part"),
+    ("divergent_wait", "deadlock: every live thread of the block waits"),
+], ids=["exited_lane", "deadlock"])
+def test_undefined_behaviour_stops_the_process(kernel, message):
+    """Undefined behaviour on a GPU (a shuffle naming a lane that returned; lanes waiting
+    at different rendezvous, which hangs a GPU) must stop the emulation with a message,
+    not return a value or hang."""
+    code = f"import torch, attention_ext; torch.ops.attention_ext._emulation_{kernel}()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "shuffle mask names a lane that did not take part" in proc.stderr
+    assert message in proc.stderr

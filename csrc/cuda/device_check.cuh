@@ -8,15 +8,18 @@
 
 #include <c10/macros/Macros.h>
 
-#define ATTENTION_EXT_DEVICE_CHECK(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
+#define ATTENTION_EXT_DEVICE_CHECK(cond, msg) \
+  do {                                        \
+    CUDA_KERNEL_ASSERT_MSG(cond, msg);        \
+  } while (0)
 
 #elif defined(ATTENTION_EXT_CUDA_EMULATION)
 
 #include "emulation.h"
 
-#define ATTENTION_EXT_DEVICE_CHECK(cond, msg) \
-  do {                                        \
-    if (!(cond)) ::attention_ext::emu::device_check_failed(msg); \
+#define ATTENTION_EXT_DEVICE_CHECK(cond, msg)                      \
+  do {                                                             \
+    if (!(cond)) ::attention_ext::emu::device_check_failed(msg);   \
   } while (0)
 
 #else

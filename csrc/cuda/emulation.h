@@ -248,7 +248,7 @@ T shuffle(unsigned mask, T v, int src) {
 }
 
 // The first failed ATTENTION_EXT_DEVICE_CHECK of the launch in progress (launches are
-// serialised); launch_kernel raises it once the grid has run.
+// serialised); launch returns it once the grid has run.
 inline std::atomic<const char*>& failed_device_check() {
   static std::atomic<const char*> msg{nullptr};
   return msg;
@@ -273,9 +273,10 @@ inline Block& launch_state() {
 
 // Runs `kernel(args...)` over the grid: one fiber per CUDA thread of a block, blocks in
 // order (x fastest), each block's fibers run to completion before the next block starts.
+// Returns the message of the launch's first failed device check, or nullptr.
 template <typename... KernelArgs, typename... Args>
-void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t smem,
-            Args&&... args) {
+const char* launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t smem,
+                   Args&&... args) {
   if (smem != 0) fail("dynamic shared memory is not emulated");
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || threads > 1024) fail("block size must be in [1, 1024]");
@@ -310,6 +311,7 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t sm
     state.scheduler.run_block(threads, block, body);
   }
   tl_block = nullptr;
+  return failed_device_check().exchange(nullptr);
 }
 
 // The scheduler's loop and fiber entry, header-only so that every emulated translation

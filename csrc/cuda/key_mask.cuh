@@ -16,7 +16,8 @@ struct KeyMask {
 
   // Lengths on the GPU are checked here, where the kernels read them, rather than on the
   // host, which would wait for the device on every call. A length outside [0, S] fails
-  // the launch; under the emulation the clamped value lets the grid finish first.
+  // the launch; under the emulation the clamped value lets the grid finish first. A call
+  // with no query row or no key launches nothing and so reads (and checks) no length.
   __device__ __forceinline__ int64_t end(int64_t b) const {
     if (lengths == nullptr) return S;
     const int64_t e = lengths[b];

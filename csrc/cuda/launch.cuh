@@ -41,8 +41,7 @@ template <typename... KernelArgs, typename... Args>
 inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
                           cudaStream_t /*stream*/, Args&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  emu::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
-  if (const char* msg = emu::failed_device_check().exchange(nullptr)) {
+  if (const char* msg = emu::launch(kernel, grid, block, smem, std::forward<Args>(args)...)) {
     TORCH_CHECK_VALUE(false, msg, " (a device-side check of the emulated CUDA kernels)");
   }
 }

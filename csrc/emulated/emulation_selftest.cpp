@@ -1,7 +1,8 @@
 // Test build only: tiny kernels that check the emulation layer itself (csrc/cuda/
 // emulation.h) on what the attention kernels do not use today, so it is known to work
-// before a kernel relies on it: __shared__, __syncthreads(), __shfl_down_sync, and the
-// refusal of a shuffle whose mask names a lane that has already returned.
+// before a kernel relies on it: __shared__, __syncthreads(), __shfl_down_sync, the refusal
+// of a shuffle whose mask names a lane that has already returned, and the report of a
+// block whose threads wait for each other forever.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 
 #include <ATen/ATen.h>
@@ -45,6 +46,16 @@ __global__ void early_exit_shuffle_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
 }
 
+// Undefined on a GPU (it hangs there): lane 0 waits at the block barrier, the other lanes
+// at a shuffle that needs lane 0. The emulation must report the deadlock and stop.
+__global__ void divergent_wait_kernel(float* out) {
+  if (threadIdx.x == 0) {
+    __syncthreads();
+    return;
+  }
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
 at::Tensor block_sum(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x must be float32");
   const at::Tensor x = x_in.contiguous();
@@ -61,12 +72,18 @@ void early_exit_shuffle() {
   launch_kernel(early_exit_shuffle_kernel, dim3(1), dim3(32), 0, nullptr, out.data_ptr<float>());
 }
 
+void divergent_wait() {
+  at::Tensor out = at::zeros({32}, at::kFloat);
+  launch_kernel(divergent_wait_kernel, dim3(1), dim3(32), 0, nullptr, out.data_ptr<float>());
+}
+
 }  // namespace
 }  // namespace attention_ext
 
 TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
   m.def("_emulation_block_sum(Tensor x) -> Tensor");
   m.def("_emulation_early_exit_shuffle() -> ()");
+  m.def("_emulation_divergent_wait() -> ()");
 }
 
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
@@ -76,4 +93,5 @@ TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
 // No tensor argument, so no dispatch key to pick a CPU kernel by.
 TORCH_LIBRARY_IMPL(attention_ext, CompositeExplicitAutograd, m) {
   m.impl("_emulation_early_exit_shuffle", &attention_ext::early_exit_shuffle);
+  m.impl("_emulation_divergent_wait", &attention_ext::divergent_wait);
 }

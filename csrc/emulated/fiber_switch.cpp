@@ -20,7 +20,7 @@
 // attention_ext_emu_fiber_start: where a new stack's first switch returns; r12 holds the
 // entry function and r13 its argument (new_stack puts them there).
 asm(R"(
-  .text
+  .pushsection .text
   .globl attention_ext_emu_switch_stack
   .type attention_ext_emu_switch_stack, @function
 attention_ext_emu_switch_stack:
@@ -55,6 +55,7 @@ attention_ext_emu_fiber_start:
   callq *%r12
   ud2
   .size attention_ext_emu_fiber_start, .-attention_ext_emu_fiber_start
+  .popsection
 )");
 
 extern "C" void attention_ext_emu_fiber_start();

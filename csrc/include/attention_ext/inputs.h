@@ -27,10 +27,17 @@ inline std::optional<at::Tensor> kernel_lengths(const std::optional<at::Tensor>&
                                                 c10::Device device, int64_t S,
                                                 DeviceLengths who) {
   if (!lengths) return std::nullopt;
-  if (lengths->device() != device || who == DeviceLengths::kHostChecks) {
-    check_lengths_range(*lengths, S);
+  if (lengths->device() == device) {
+    if (who == DeviceLengths::kHostChecks) check_lengths_range(*lengths, S);
+    return lengths->to(at::kLong).contiguous();
   }
-  return lengths->to(device, at::kLong, /*non_blocking=*/true).contiguous();
+  // On the CPU beside inputs on a GPU: a private copy is checked and sent, so the copy
+  // to the device (asynchronous from pinned memory) never reads values the caller changes
+  // after the call.
+  const at::Tensor host =
+      lengths->to(at::kLong, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  check_lengths_range(host, S);
+  return host.to(device, /*non_blocking=*/true);
 }
 
 struct DotInputs {

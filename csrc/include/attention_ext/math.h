@@ -78,16 +78,17 @@ HOST_DEVICE_INLINE bool softmax_saw_keys(const SoftmaxState<T>& s) {
   return !(s.sum == T(0));
 }
 
-// log(sum_j exp(score_j)); -inf for a row with nothing to attend to.
+// log(sum_j exp(score_j)); -inf for a row with nothing to attend to, NaN after a NaN score
+// (so its weights and gradients are NaN too, not hidden).
 template <typename T>
 HOST_DEVICE_INLINE T softmax_lse(const SoftmaxState<T>& s) {
-  return s.sum > T(0) ? s.max + ae_log(s.sum) : neg_inf<T>();
+  return softmax_saw_keys(s) ? s.max + ae_log(s.sum) : neg_inf<T>();
 }
 
 // 1 / sum, or 0 for an empty row so its context is 0, not NaN.
 template <typename T>
 HOST_DEVICE_INLINE T softmax_inv_sum(const SoftmaxState<T>& s) {
-  return s.sum > T(0) ? T(1) / s.sum : T(0);
+  return softmax_saw_keys(s) ? T(1) / s.sum : T(0);
 }
 
 // Probability of a score given the row's log-sum-exp (recomputation in backward).
