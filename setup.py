@@ -96,11 +96,12 @@ def extension():
     # torch 2.14, whose ATen.h rejects C++17).
     sanitize = sanitizer_flags()
     cxx = opt + ["-fopenmp", "-fno-math-errno"] + CAPABILITY_FLAGS[cap] + defines + sanitize
-    # libstdc++ named here links it as a shared library even where the compiler driver adds
-    # -static-libstdc++ (the H100 machines' g++ wrapper does): a private static copy gives
-    # the extension its own std::num_put<char>::id, unknown to the locale of the process's
-    # libstdc++, and every integer in an error message then prints nothing or crashes.
-    link = ["-fopenmp", "-lstdc++"] + sanitize
+    # libstdc++ is named by its shared object's file name: a toolchain whose own library
+    # directory holds only libstdc++.a (the H100 machines' /opt/gcc) resolves -lstdc++ to the
+    # archive and gives the extension a private copy, whose std::num_put<char>::id the
+    # locale of the process's libstdc++ does not know, so every integer in an error message
+    # crashes the process.
+    link = ["-fopenmp", "-l:libstdc++.so.6"] + sanitize
     kwargs = dict(
         include_dirs=[str(ROOT / "csrc" / "include")],
         extra_link_args=link,
