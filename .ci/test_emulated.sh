@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite with the CUDA kernels in place of the CPU kernels: csrc/cuda compiled as
-# C++ against the CPU emulation of CUDA's execution model (csrc/cuda/emulation.h,
+# C++ against the CPU emulation of CUDA's execution model (csrc/emulated/emulation.h,
 # ATTENTION_EXT_EMULATE_CUDA=1), registered as the ops' CPU kernels. No GPU, no CUDA
 # toolkit needed. Tests marked cpu_kernels skip themselves in this build.
 # The build happens in a temporary copy of the source tree, so the normal build in the

@@ -4,7 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "attention_ext/tuning.h"
+#include "attention_ext/test_hooks.h"
 
 #ifndef ATTENTION_EXT_CPU_CAPABILITY_NAME
 #define ATTENTION_EXT_CPU_CAPABILITY_NAME "DEFAULT"
@@ -12,7 +12,7 @@
 
 #define ATTENTION_EXT_VERSION "0.1.0"
 
-// Shapes as DESIGN.md section 1: a (B, D) query (query_proj (B, A)) is one decoder step and
+// Shapes (docs/design.md, section 1): a (B, D) query (query_proj (B, A)) is one decoder step and
 // every per-row tensor, lse and the gradients of the outputs included, then drops the Tq
 // dimension, so decoding loops call the ops without reshaping.
 // values = None means the keys are also the values (Luong: both are the encoder states);
@@ -51,12 +51,18 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("emulated_cuda") = false;
 #endif
   mod.attr("cpu_capability") = ATTENTION_EXT_CPU_CAPABILITY_NAME;
-  mod.def(
-      "_set_forced_splits",
+  // The test hook (test_hooks.h): nothing a user calls.
+  auto testing = mod.def_submodule("_testing", "Test hook: not part of the API");
+  testing.def(
+      "set_forced_splits",
       [](int64_t n) {
         TORCH_CHECK_VALUE(n >= 0, "splits must be >= 0 (0 = automatic), got ", n);
         attention_ext::forced_splits_storage().store(n);
       },
-      "Test-only: force the number of split-S chunks (0 = automatic).");
-  mod.def("_forced_splits", &attention_ext::forced_splits);
+      "Force the number of split-S chunks of every later call (0 = automatic).");
+  testing.def("forced_splits", &attention_ext::forced_splits);
+#ifndef ATTENTION_EXT_WITH_EMULATED_CUDA
+  testing.def("fast_tanh", &attention_ext::cpu::fast_tanh,
+              "The CPU kernels' float32 tanh, elementwise.");
+#endif
 }

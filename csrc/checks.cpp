@@ -1,6 +1,7 @@
 // The argument checks declared in attention_ext/checks.h (see there for why they live in a
 // .cpp file).
 #include "attention_ext/checks.h"
+#include "attention_ext/forward_outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
@@ -155,7 +156,7 @@ static void check_backward_extras(const at::Tensor& grad_context,
                       "grad_weights must have shape ", rows.row_shape_name("S"), " = ",
                       at::IntArrayRef(weights_sizes), ", got ", grad_weights->sizes());
   }
-  const auto lse_dtype = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse_dtype = acc_dtype(ref.scalar_type());
   TORCH_CHECK(lse.device() == ref.device() && lse.scalar_type() == lse_dtype,
               "lse must be a ", lse_dtype, " tensor on ", ref.device(), ", got ",
               lse.scalar_type(), " on ", lse.device());

@@ -23,7 +23,9 @@
 #include <vector>
 
 #include "attention_ext/checks.h"
+#include "attention_ext/forward_outputs.h"
 #include "attention_ext/inputs.h"
+#include "attention_ext/test_hooks.h"
 #include "blocked_softmax.h"
 #include "vec_tanh.h"
 
@@ -46,8 +48,7 @@ Problem<scalar_t> make_problem(const AdditiveInputs& in, const AdditiveShapes& s
                            s.S,
                            s.A,
                            s.Dv,
-                           Positions{in.lengths ? in.lengths->data_ptr<int64_t>() : nullptr,
-                                     in.mask ? in.mask->data_ptr<bool>() : nullptr, s.S}};
+                           key_positions(in.lengths, in.mask, s.S)};
 }
 
 // Phase 2 for batch element b and columns [c0, c1) of A, h = tanh(q[t, a] + k[j, a]):
@@ -62,7 +63,7 @@ void tanh_grad_task(const Problem<T>& pb, const T* v, const T* dS, int64_t b, in
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const int64_t A = pb.D, S = pb.S, Tq = pb.Tq;
-  const int64_t width = c1 - c0, limit = pb.pos.limit(b);
+  const int64_t width = c1 - c0, limit = pb.pos.end(b);
   const T* q = pb.q + b * Tq * A + c0;
   const T* dSb = dS + b * Tq * S;
   std::fill(gq_buf, gq_buf + Tq * kGradColumns, T(0));
@@ -113,9 +114,9 @@ struct TanhBackward {
   T* grad_values;
   T* gv_part;  // (B, A): each batch element's share of grad_v
 
-  int64_t query_tiles() const { return (pb.Tq + kTile - 1) / kTile; }
-  int64_t column_blocks() const { return (pb.D + kGradColumns - 1) / kGradColumns; }
-  int64_t source_tiles() const { return (pb.S + kTile - 1) / kTile; }
+  int64_t query_tiles() const { return ceil_div(pb.Tq, kTile); }
+  int64_t column_blocks() const { return ceil_div(pb.D, kGradColumns); }
+  int64_t source_tiles() const { return ceil_div(pb.S, kTile); }
 
   // 1. P and dS per query tile.
   void softmax_part(int64_t begin, int64_t end) const {
@@ -148,7 +149,7 @@ struct TanhBackward {
 // grad_v = sum of the partials over b, in order: the same bits for any thread count.
 template <typename T>
 void reduce_grad_v(const T* gv_part, int64_t B, int64_t A, T* grad_v) {
-  const int64_t blocks = (A + kGradColumns - 1) / kGradColumns;
+  const int64_t blocks = ceil_div(A, kGradColumns);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t a0 = begin * kGradColumns, a1 = std::min(A, end * kGradColumns);
     std::fill(grad_v + a0, grad_v + a1, T(0));
@@ -213,7 +214,7 @@ void backward_by_element(const Problem<scalar_t>& pb, const at::opmath_type<scal
                        gq = sized(Tq * A), gk = sized(S * A), gval = sized(S * Dv);
     for (int64_t b = b0; b < b1; ++b) {
       // Rows past the length are never read (nor converted); their gradients are zeros.
-      const int64_t limit = pb.pos.limit(b);
+      const int64_t limit = pb.pos.end(b);
       const Problem<acc_t> one{
           element_rows(pb.q + b * Tq * A, Tq, A, q),
           element_rows(pb.k + b * S * A, limit, A, k),
@@ -241,26 +242,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cpu(
     const at::Tensor& values, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& mask, bool need_weights) {
   const AdditiveShapes s = check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
-  const auto opts = query_proj.options();
-  const auto acc_dtype = query_proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor context = at::empty(s.row_sizes(s.Dv), opts);
-  at::Tensor weights = need_weights ? at::empty(s.row_sizes(s.S), opts) : at::empty({0}, opts);
-  at::Tensor lse = at::empty(s.row_sizes(), opts.dtype(acc_dtype));
-  if (s.B * s.Tq == 0) return {context, weights, lse};
+  const ForwardOutputs out(query_proj, s, s.S, s.Dv, need_weights);
+  if (s.B * s.Tq == 0) return out.as_tuple();
 
   const AdditiveInputs in =
       contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask,
                                  DeviceLengths::kHostChecks);
-  const at::Tensor v_acc = in.v.to(acc_dtype);
+  const at::Tensor v_acc = in.v.to(acc_dtype(query_proj.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query_proj.scalar_type(),
                                   "additive_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     blocked_softmax_forward(make_problem<scalar_t>(in, s), TanhScore<acc_t>{v_acc.data_ptr<acc_t>()},
-                            context.data_ptr<scalar_t>(),
-                            need_weights ? weights.data_ptr<scalar_t>() : nullptr,
-                            lse.data_ptr<acc_t>());
+                            out.context.data_ptr<scalar_t>(),
+                            need_weights ? out.weights.data_ptr<scalar_t>() : nullptr,
+                            out.lse.data_ptr<acc_t>());
   });
-  return {context, weights, lse};
+  return out.as_tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_backward_cpu(
@@ -271,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   const AdditiveShapes s = check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
   check_additive_backward_extras(grad_context, grad_weights, lse, query_proj, s);
   const auto dtype = query_proj.scalar_type();
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc_opts = query_proj.options().dtype(acc_dtype);
+  const at::ScalarType acc_type = acc_dtype(dtype);
+  const auto acc_opts = query_proj.options().dtype(acc_type);
   if (s.B * s.Tq == 0) {
     return {at::empty_like(query_proj, at::MemoryFormat::Contiguous), at::zeros_like(keys_proj),
             at::zeros_like(v), at::zeros_like(values)};
@@ -283,9 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   const at::Tensor gc = grad_context.contiguous();
   const auto gw = contiguous_opt(grad_weights);
   const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor v_acc = in.v.to(acc_dtype);
+  const at::Tensor v_acc = in.v.to(acc_type);
   at::Tensor grad_v = at::empty({s.A}, acc_opts);
-  if (s.B >= at::get_num_threads()) {
+  if (backward_schedule(s.B) == BackwardSchedule::kByElement) {
     at::Tensor grad_q = at::empty(s.row_sizes(s.A), query_proj.options());
     at::Tensor grad_k = at::empty({s.B, s.S, s.A}, query_proj.options());
     at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, query_proj.options());
@@ -302,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     return {grad_q, grad_k, grad_v.to(dtype), grad_values};
   }
   // Few batch elements: convert as a whole (small B keeps this small).
-  auto acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
+  auto acc = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
   const AdditiveInputs in_acc =
       contiguous_additive_inputs(acc(in.query_proj), acc(in.keys_proj), v_acc, acc(in.values),
                                  in.lengths, in.mask, DeviceLengths::kHostChecks);
@@ -311,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   at::Tensor grad_q = at::empty(s.row_sizes(s.A), acc_opts);
   at::Tensor grad_k = at::empty({s.B, s.S, s.A}, acc_opts);
   at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "additive_attention_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "additive_attention_backward_cpu", [&] {
     backward_by_phase<scalar_t>(make_problem<scalar_t>(in_acc, s), v_acc.data_ptr<scalar_t>(),
                                 gc_acc.data_ptr<scalar_t>(),
                                 gw_acc ? gw_acc->data_ptr<scalar_t>() : nullptr,
@@ -324,8 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
 
 }  // namespace
 
-// Test hook (torch.ops.attention_ext._fast_tanh): the kernels' vectorised float32 tanh,
-// elementwise, so its accuracy can be checked against torch.tanh.
+// The kernels' vectorised float32 tanh, elementwise (test_hooks.h).
 at::Tensor fast_tanh(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
@@ -347,12 +343,7 @@ at::Tensor fast_tanh(const at::Tensor& x) {
 }  // namespace cpu
 }  // namespace attention_ext
 
-TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
-  m.def("_fast_tanh(Tensor x) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
-  m.impl("_fast_tanh", &attention_ext::cpu::fast_tanh);
   m.impl("additive_attention", &attention_ext::cpu::additive_attention_cpu);
   m.impl("_additive_attention_backward", &attention_ext::cpu::additive_attention_backward_cpu);
 }

@@ -1,14 +1,14 @@
-// The score-agnostic half of the CPU attention kernels: which positions attend, a blocked
-// online softmax forward (with split-S and a fixed-order log-sum-exp merge), and the softmax
-// part of the backward (P and dS per query tile). The score itself is a functor:
+// The score-agnostic half of the CPU attention kernels: a blocked online softmax forward
+// (with split-S and a fixed-order log-sum-exp merge), and the softmax part of the backward
+// (P and dS per query tile). The score itself is a functor:
 //
 //   score(q_rows, M, key_rows, n, D, out)   out[m * kBlock + i] = score(q_rows[m], key_rows[i])
 //
 // over rows of the accumulation type (dot: scale * <q, k>; additive: v . tanh(q + k)).
 // Forward: per tile of up to kMaxTileRows query rows of one batch element and per block of
 // kBlock keys, the scores, one rescale of the running contexts, then the block's context
-// updates while its rows are still in cache (PERF_NOTES item 4). Positions past `lengths` are
-// never read.
+// updates while its rows are still in cache (a rescale after every key, or a second pass
+// over all keys, costs 1.4x at decode sizes). Positions past `lengths` are never read.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -19,8 +19,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_ext/key_positions.h"
 #include "attention_ext/math.h"
-#include "attention_ext/tuning.h"
+#include "attention_ext/test_hooks.h"
 #include "balanced_for.h"
 #include "gemm_tiles.h"
 #include "vec_ops.h"
@@ -30,8 +31,8 @@ namespace cpu {
 
 // Keys per online-softmax block for tiles of several query rows, and the row stride of the
 // score buffers: one block covers typical sentence lengths, so the context product runs once
-// over all of them (forward at B = 32, Tq = 30, S = 50, D = 512 with 32-row tiles: 0.75 ms
-// with blocks of 16, 0.67 with 32, 0.65 with 64). One-row tiles use blocks of 8.
+// over all of them (the forward at B = 32, Tq = 30, S = 50, D = 512 is 1.15x faster than
+// with blocks of 16). One-row tiles use blocks of 8.
 constexpr int64_t kBlock = 64;
 // Keys per online-softmax block of a tile of M query rows. One row (decode) loads each key
 // once per pass and is bound by the context pass's loads: blocks of 8 keys (16 KB at
@@ -46,35 +47,9 @@ constexpr int64_t kTile = 4;
 // A forward tile has up to kMaxTileRows rows: with several row blocks the context product
 // takes nn_tile's panel path, each key block's panel serving all of them.
 constexpr int64_t kMaxTileRows = 32;
-// Fewest keys worth a split of their own when rows are too few to fill the threads.
-constexpr int64_t kMinKeysPerSplit = 32;
-
-// Which source positions attend: j < lengths[b], or mask[b, j], or all.
-struct Positions {
-  const int64_t* lengths;
-  const bool* mask;
-  int64_t S;
-
-  int64_t limit(int64_t b) const { return lengths ? lengths[b] : S; }
-  // Batch element b's positions, as those of a one-element problem.
-  Positions element(int64_t b) const {
-    return Positions{lengths ? lengths + b : nullptr, mask ? mask + b * S : nullptr, S};
-  }
-  bool attends(int64_t b, int64_t j) const { return mask == nullptr || mask[b * S + j]; }
-
-  // Attending positions in [j0, j1), compacted into idx; returns how many.
-  int64_t gather(int64_t b, int64_t j0, int64_t j1, int64_t* idx) const {
-    int64_t n = 0;
-    if (mask) {
-      const bool* m = mask + b * S;
-      for (int64_t j = j0; j < j1; ++j)
-        if (m[j]) idx[n++] = j;
-    } else {
-      for (int64_t j = j0; j < j1; ++j) idx[n++] = j;
-    }
-    return n;
-  }
-};
+// Fewest keys worth a thread's task of their own when query tiles are too few to fill the
+// threads (a task costs a merge of one context row).
+constexpr int64_t kMinKeysPerThreadSplit = 32;
 
 // q (B, Tq, D) scored against k (B, S, D); v (B, S, Dv) are the values. For the additive
 // op q and k are the projections and D is A.
@@ -85,7 +60,7 @@ struct Problem {
   const scalar_t* v;
   bool v_is_k;
   int64_t B, Tq, S, D, Dv;
-  Positions pos;
+  KeyPositions pos;
 };
 
 // Pointers to rows idx[0..n) of a (S, width) matrix in the accumulation type: the rows
@@ -162,23 +137,55 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
   return n;
 }
 
+// How a task's context rows take each block of keys. Chosen in forward_mode only.
+enum class ContextUpdate {
+  // One query row (decode): axpy8 for each full block of 8 keys, the next block's keys
+  // prefetched meanwhile (1.3x nn_tile's one-row product); nn_tile for a block the
+  // length or the mask leaves short.
+  kOneRow,
+  // Several rows whose keys fit one block, inputs in the accumulation type: the block's
+  // probabilities, divided by their sum, times its values go straight into the output
+  // rows (no running context and no final pass over it).
+  kTileIntoOutput,
+  // Several rows otherwise: nn_tile into the running contexts, rescaled by the online
+  // softmax as the max rises (the rescale folded into the product's load of C).
+  kTileAccumulate,
+};
+
+struct ForwardMode {
+  ContextUpdate update;
+  // The task has its rows to itself and its keys fit one block: the scores buffer keeps
+  // exp(score - max) and the weights are those over their sum (no second exp).
+  bool weights_from_probs;
+};
+
+// The mode of a task of M query rows over `keys` key positions, the source cut in `splits`.
+template <typename scalar_t>
+inline ForwardMode forward_mode(int64_t M, int64_t keys, int64_t splits) {
+  const bool one_block = splits == 1 && keys <= forward_block(M);
+  if (M == 1) return {ContextUpdate::kOneRow, one_block};
+  if (one_block && std::is_same_v<scalar_t, at::opmath_type<scalar_t>>)
+    return {ContextUpdate::kTileIntoOutput, true};
+  return {ContextUpdate::kTileAccumulate, one_block};
+}
+
 // Online softmax over the attending keys of [j0, j1) for the M query rows w.qrows of batch
-// b. Leaves the unnormalised contexts in w.accrows, each row's state in w.st, and, when
-// scores is given (row stride S), stores at each attending position its score, or with
-// `probs` (only for a range of one block) its exp(score - the row's max). out (M > 1, a
-// range of one block): the tile's context rows in the accumulation type, which then get the
-// normalised contexts directly (the block's probabilities divided by their sum first), with
-// no pass over w.accrows.
+// b, updating the context as `mode` says. Leaves each row's state in w.st and, but with
+// kTileIntoOutput, the unnormalised contexts in w.accrows; with kTileIntoOutput, `out`
+// holds the tile's output rows (in the accumulation type), which get the normalised
+// contexts. scores (row stride S), when given, receives at each attending position its
+// score, or with mode.weights_from_probs its exp(score - the row's max).
 template <typename scalar_t, typename acc_t, typename Score>
 void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, int64_t M,
-                   int64_t j0, int64_t j1, acc_t* scores, bool probs, acc_t* const* out,
+                   int64_t j0, int64_t j1, ForwardMode mode, acc_t* scores, acc_t* const* out,
                    Scratch<acc_t>& w) {
   SoftmaxState<acc_t>* st = w.st.data();
   for (int64_t m = 0; m < M; ++m) st[m] = softmax_init<acc_t>();
   const int64_t block = forward_block(M);
   // One row accumulates from zero; several rows overwrite on their first block (no fill).
-  if (M == 1) std::fill(w.accrows[0], w.accrows[0] + pb.Dv, acc_t(0));
-  bool first = M > 1;
+  const bool one_row = mode.update == ContextUpdate::kOneRow;
+  if (one_row) std::fill(w.accrows[0], w.accrows[0] + pb.Dv, acc_t(0));
+  bool first = !one_row;
   for (int64_t jb = j0; jb < j1; jb += block) {
     const int64_t n = load_block(pb, b, jb, std::min(jb + block, j1), true, w);
     if (n == 0) continue;
@@ -195,32 +202,41 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
       std::copy(sm, sm + n, pm);
       st[m].sum += exp_shifted_sum(pm, st[m].max, n);
       if (scores) {
-        const acc_t* src = probs ? pm : sm;
+        const acc_t* src = mode.weights_from_probs ? pm : sm;
         for (int64_t i = 0; i < n; ++i) scores[m * pb.S + w.idx[i]] = src[i];
       }
     }
-    if (M == 1 && n == 8) {
-      // The next block's key rows (positions, not necessarily attending: a prefetch
-      // reads nothing), so its score pass finds them in cache.
-      const int64_t nb = std::min(jb + block, j1), ne = std::min(jb + 2 * block, j1);
-      const scalar_t* keys_b = pb.k + b * pb.S * pb.D;
-      axpy8(w.accrows[0], alpha[0], w.p.data(), w.vrows.data(), pb.Dv,
-            reinterpret_cast<const char*>(keys_b + nb * pb.D),
-            reinterpret_cast<const char*>(keys_b + ne * pb.D));
-    } else if (out) {
-      for (int64_t m = 0; m < M; ++m)
-        scale_inplace(w.p.data() + m * kBlock, softmax_inv_sum(st[m]), n);
-      nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, out, /*overwrite=*/true);
-      first = false;
-    } else {
-      nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data(),
-              /*overwrite=*/first, rescale && !first ? alpha : nullptr);
-      first = false;
+    switch (mode.update) {
+      case ContextUpdate::kOneRow:
+        if (n == 8) {
+          // The next block's key rows (positions, not necessarily attending: a prefetch
+          // reads nothing), so its score pass finds them in cache.
+          const int64_t nb = std::min(jb + block, j1), ne = std::min(jb + 2 * block, j1);
+          const scalar_t* keys_b = pb.k + b * pb.S * pb.D;
+          axpy8(w.accrows[0], alpha[0], w.p.data(), w.vrows.data(), pb.Dv,
+                reinterpret_cast<const char*>(keys_b + nb * pb.D),
+                reinterpret_cast<const char*>(keys_b + ne * pb.D));
+        } else {
+          nn_tile(1, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data(),
+                  /*overwrite=*/false, rescale ? alpha : nullptr);
+        }
+        break;
+      case ContextUpdate::kTileIntoOutput:
+        for (int64_t m = 0; m < M; ++m)
+          scale_inplace(w.p.data() + m * kBlock, softmax_inv_sum(st[m]), n);
+        nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, out, /*overwrite=*/true);
+        first = false;
+        break;
+      case ContextUpdate::kTileAccumulate:
+        nn_tile(M, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data(),
+                /*overwrite=*/first, rescale && !first ? alpha : nullptr);
+        first = false;
+        break;
     }
   }
-  if (first) {
+  if (first) {  // several rows and no attending key
     for (int64_t m = 0; m < M; ++m) {
-      acc_t* row = out ? out[m] : w.accrows[m];
+      acc_t* row = mode.update == ContextUpdate::kTileIntoOutput ? out[m] : w.accrows[m];
       std::fill(row, row + pb.Dv, acc_t(0));
     }
   }
@@ -243,8 +259,8 @@ void write_weights(acc_t* scores_row, acc_t lse, int64_t limit, int64_t S, scala
 // be fewer than two tiles per thread.
 inline int64_t forward_tile_rows(int64_t B, int64_t Tq, int64_t threads) {
   int64_t rows = std::min(kMaxTileRows, Tq);
-  while (rows > kTile && B * ((Tq + rows - 1) / rows) < 2 * threads)
-    rows = std::max(kTile, (rows / 2 + kTile - 1) / kTile * kTile);
+  while (rows > kTile && B * ceil_div(Tq, rows) < 2 * threads)
+    rows = std::max(kTile, ceil_div(rows / 2, kTile) * kTile);
   return std::max<int64_t>(rows, 1);
 }
 
@@ -258,14 +274,14 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t threads = at::get_num_threads();
   const int64_t tile_rows = forward_tile_rows(pb.B, pb.Tq, threads);
-  const int64_t tiles_per_b = (pb.Tq + tile_rows - 1) / tile_rows;
+  const int64_t tiles_per_b = ceil_div(pb.Tq, tile_rows);
   const int64_t tiles = pb.B * tiles_per_b;
 
   int64_t splits = forced_splits();
   if (splits == 0) {
     splits = tiles >= threads ? 1
-                              : std::min((threads + tiles - 1) / tiles,
-                                         (pb.S + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+                              : std::min(ceil_div(threads, tiles),
+                                         ceil_div(pb.S, kMinKeysPerThreadSplit));
   }
   splits = std::max<int64_t>(1, std::min(splits, pb.S));
   // Row r's scores: per-thread when one task owns the row, shared across splits otherwise.
@@ -283,34 +299,32 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
       const int64_t t0 = (tile % tiles_per_b) * tile_rows;
       const int64_t M = std::min(tile_rows, pb.Tq - t0);
       const int64_t r0 = b * pb.Tq + t0;
-      const int64_t limit = pb.pos.limit(b);
-      const int64_t chunk = (limit + splits - 1) / splits;
+      const int64_t limit = pb.pos.end(b);
+      const int64_t chunk = ceil_div(limit, splits);
       const int64_t j0 = std::min(limit, sp * chunk), j1 = std::min(limit, j0 + chunk);
       load_queries(pb.q, r0, M, pb.D, w.q.data(), w.qrows.data());
+      const ForwardMode mode = forward_mode<scalar_t>(M, j1 - j0, splits);
       acc_t* scores = nullptr;
-      // A range of one block leaves each row's probabilities up to 1 / sum (no second exp).
-      const bool probs = splits == 1 && j1 - j0 <= forward_block(M);
       if (weights) {
         scores = splits == 1 ? own_scores.data() : shared_scores.data() + r0 * pb.S;
-        const acc_t fill = probs ? acc_t(0) : neg_inf<acc_t>();
+        const acc_t fill = mode.weights_from_probs ? acc_t(0) : neg_inf<acc_t>();
         for (int64_t m = 0; m < M; ++m)
           std::fill(scores + m * pb.S + j0, scores + m * pb.S + j1, fill);
       }
-      // Several rows in the accumulation type and one block: contexts written in place.
-      const bool direct = std::is_same_v<scalar_t, acc_t> && probs && M > 1;
-      if (direct) {
+      const bool into_output = mode.update == ContextUpdate::kTileIntoOutput;
+      if (into_output) {
         for (int64_t m = 0; m < M; ++m)
           w.outrows[m] = reinterpret_cast<acc_t*>(context + (r0 + m) * pb.Dv);
       }
-      forward_range(pb, score, b, M, j0, j1, scores, probs,
-                    direct ? w.outrows.data() : nullptr, w);
+      forward_range(pb, score, b, M, j0, j1, mode, scores,
+                    into_output ? w.outrows.data() : nullptr, w);
       for (int64_t m = 0; m < M; ++m) {
         const int64_t r = r0 + m;
         if (splits == 1) {
           lse[r] = softmax_lse(st[m]);
-          if (!direct)
+          if (!into_output)
             from_acc_scaled(w.accrows[m], softmax_inv_sum(st[m]), context + r * pb.Dv, pb.Dv);
-          if (weights && probs) {
+          if (weights && mode.weights_from_probs) {
             from_acc_scaled(scores + m * pb.S, softmax_inv_sum(st[m]), weights + r * pb.S, limit);
             std::fill(weights + r * pb.S + limit, weights + (r + 1) * pb.S, scalar_t(0));
           } else if (weights) {
@@ -329,7 +343,7 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
     // A tile's work grows with its batch element's attending length.
     const int64_t rows = std::min(tile_rows, pb.Tq);
     balanced_parallel_for(
-        tiles, [&](int64_t tile) { return rows * (pb.pos.limit(tile / tiles_per_b) + 4); },
+        tiles, [&](int64_t tile) { return rows * (pb.pos.end(tile / tiles_per_b) + 4); },
         run_tasks);
     return;
   }
@@ -349,11 +363,24 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
       lse[r] = softmax_lse(st);
       from_acc_scaled(acc.data(), softmax_inv_sum(st), context + r * pb.Dv, pb.Dv);
       if (weights) {
-        write_weights(shared_scores.data() + r * pb.S, lse[r], pb.pos.limit(r / pb.Tq), pb.S,
+        write_weights(shared_scores.data() + r * pb.S, lse[r], pb.pos.end(r / pb.Tq), pb.S,
                       weights + r * pb.S);
       }
     }
   });
+}
+
+// How both ops' backward spreads its work over the threads. Chosen in backward_schedule only.
+enum class BackwardSchedule {
+  // A thread takes whole batch elements and runs all phases of one back to back, while the
+  // element's rows and its (Tq x S) P and dS are in that core's L2; scratch is per thread.
+  kByElement,
+  // Each phase in turn is spread over all threads, with (B x Tq x S) P and dS.
+  kByPhase,
+};
+
+inline BackwardSchedule backward_schedule(int64_t B) {
+  return B >= at::get_num_threads() ? BackwardSchedule::kByElement : BackwardSchedule::kByPhase;
 }
 
 // The softmax part of the backward for query tile `tile` (rows r0 .. r0 + M of batch b):
@@ -369,12 +396,12 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
                        at::opmath_type<scalar_t>* g_buf,
                        Scratch<at::opmath_type<scalar_t>>& w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
+  const int64_t tiles_per_b = ceil_div(pb.Tq, kTile);
   const int64_t b = tile / tiles_per_b;
   const int64_t t0 = (tile % tiles_per_b) * kTile;
   const int64_t M = std::min(kTile, pb.Tq - t0);
   const int64_t r0 = b * pb.Tq + t0;
-  const int64_t limit = pb.pos.limit(b);
+  const int64_t limit = pb.pos.end(b);
   // Readers only look at positions below the length; with a mask, those that do not
   // attend must read as 0.
   if (pb.pos.mask) {
@@ -497,7 +524,7 @@ void source_grad_tiles(const Problem<scalar_t>& pb, const at::opmath_type<scalar
                        const at::opmath_type<scalar_t>* P, const at::opmath_type<scalar_t>* dS,
                        scalar_t* grad_k, scalar_t* grad_v, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tiles_per_b = (pb.S + kTile - 1) / kTile;
+  const int64_t tiles_per_b = ceil_div(pb.S, kTile);
   const bool combined = grad_k && !grad_v && pb.v_is_k;
   Buffer<const acc_t*> qg(2 * pb.Tq);
   SourceGradScratch<acc_t> w;
@@ -508,7 +535,7 @@ void source_grad_tiles(const Problem<scalar_t>& pb, const at::opmath_type<scalar
     const int64_t j1 = std::min(pb.S, (run_end - b * tiles_per_b) * kTile);
     tile = run_end;
     // Positions past the length are never attended: zero gradient, nothing to read.
-    const int64_t M = std::max<int64_t>(0, std::min(j1, pb.pos.limit(b)) - j0);
+    const int64_t M = std::max<int64_t>(0, std::min(j1, pb.pos.end(b)) - j0);
     if (grad_k) {
       std::fill(grad_k + (b * pb.S + j0 + M) * pb.D, grad_k + (b * pb.S + j1) * pb.D,
                 scalar_t(0));

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attention_ext/checks.h"
+#include "attention_ext/forward_outputs.h"
 #include "attention_ext/inputs.h"
 #include "blocked_softmax.h"
 
@@ -49,7 +50,7 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
                     at::opmath_type<scalar_t>* q_acc, at::opmath_type<scalar_t>* g_acc,
                     int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tiles_per_b = (pb.Tq + kTile - 1) / kTile;
+  const int64_t tiles_per_b = ceil_div(pb.Tq, kTile);
   const DotScore<acc_t> score{scale};
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   Scratch<acc_t> w(pb.D, pb.Dv, kTile, convert);
@@ -69,7 +70,7 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
                         q_acc ? q_acc + rt * pb.D : w.q.data(),
                         g_acc ? g_acc + rt * pb.Dv : w.g.data(), w);
     }
-    const int64_t limit = pb.pos.limit(b);
+    const int64_t limit = pb.pos.end(b);
     for (int64_t m = 0; m < M; ++m) scale_inplace(dS + (r0 + m) * pb.S, scale, limit);
     // grad_query = dS K over the attending keys (a mask's others may hold anything).
     idx.resize(limit);
@@ -96,8 +97,6 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
 
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const DotInputs& in, const DotShapes& s) {
-  const auto& lengths = in.lengths;
-  const auto& mask = in.mask;
   return Problem<scalar_t>{in.query.data_ptr<scalar_t>(),
                            in.keys.data_ptr<scalar_t>(),
                            in.values.data_ptr<scalar_t>(),
@@ -107,8 +106,7 @@ Problem<scalar_t> make_problem(const DotInputs& in, const DotShapes& s) {
                            s.S,
                            s.D,
                            s.Dv,
-                           Positions{lengths ? lengths->data_ptr<int64_t>() : nullptr,
-                                     mask ? mask->data_ptr<bool>() : nullptr, s.S}};
+                           key_positions(in.lengths, in.mask, s.S)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
@@ -116,12 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
     const std::optional<at::Tensor>& lengths_in, const std::optional<at::Tensor>& mask_in,
     double scale, bool need_weights) {
   const DotShapes s = check_dot_inputs(query, keys, values, lengths_in, mask_in, scale);
-  const auto lse_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor context = at::empty(s.row_sizes(s.Dv), query.options());
-  at::Tensor weights = need_weights ? at::empty(s.row_sizes(s.S), query.options())
-                                    : at::empty({0}, query.options());
-  at::Tensor lse = at::empty(s.row_sizes(), query.options().dtype(lse_dtype));
-  if (s.B * s.Tq == 0) return {context, weights, lse};
+  const ForwardOutputs out(query, s, s.S, s.Dv, need_weights);
+  if (s.B * s.Tq == 0) return out.as_tuple();
 
   const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in,
                                              DeviceLengths::kHostChecks);
@@ -130,11 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto pb = make_problem<scalar_t>(in, s);
     blocked_softmax_forward(pb, DotScore<acc_t>{static_cast<acc_t>(scale)},
-                            context.data_ptr<scalar_t>(),
-                            need_weights ? weights.data_ptr<scalar_t>() : nullptr,
-                            lse.data_ptr<acc_t>());
+                            out.context.data_ptr<scalar_t>(),
+                            need_weights ? out.weights.data_ptr<scalar_t>() : nullptr,
+                            out.lse.data_ptr<acc_t>());
   });
-  return {context, weights, lse};
+  return out.as_tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
@@ -180,15 +174,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     scalar_t* gv_ptr = combined ? nullptr : grad_v.data_ptr<scalar_t>();
     const acc_t* q_rows = convert ? q_acc.data() : reinterpret_cast<const acc_t*>(pb.q);
     const acc_t* g_rows = convert ? g_acc.data() : reinterpret_cast<const acc_t*>(gc_ptr);
-    const int64_t q_tiles_per_b = (s.Tq + kTile - 1) / kTile;
-    const int64_t src_tiles_per_b = (s.S + kTile - 1) / kTile;
-    if (s.B >= at::get_num_threads()) {
-      // A thread takes whole batch elements and runs phase 2 right after phase 1, while
-      // the element's keys, queries, gradients and its (Tq x S) P/dS are in that core's L2.
-      // Each element is a one-element problem, so P and dS are per thread.
+    const int64_t q_tiles_per_b = ceil_div(s.Tq, kTile);
+    const int64_t src_tiles_per_b = ceil_div(s.S, kTile);
+    if (backward_schedule(s.B) == BackwardSchedule::kByElement) {
+      // Each element is a one-element problem with the thread's own P and dS.
       const int64_t Tq = s.Tq, S = s.S, D = s.D, Dv = s.Dv;
       balanced_parallel_for(
-          s.B, [&](int64_t b) { return (pb.pos.limit(b) + 2) * Tq; },
+          s.B, [&](int64_t b) { return (pb.pos.end(b) + 2) * Tq; },
           [&](int64_t b0, int64_t b1) {
             Buffer<acc_t> P(Tq * S), dS(Tq * S);
             for (int64_t b = b0; b < b1; ++b) {

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "attention_ext/math.h"
 #include "vec_ops.h"
 
 namespace attention_ext {
@@ -256,14 +257,18 @@ inline void nn_panels(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak,
       nn_panel_column<T, kPanelNR, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp);
     const int64_t rest = N - col;
     if (rest == 0) continue;
+    static_assert(kPanelNR == 3, "the dispatch below covers tails of up to 3 vectors");
+    // The last columns: 1 to kPanelNR - 1 whole vectors, or up to kPanelNR vectors of
+    // which the last is partial (`last` of its lanes).
+    const int64_t vectors = ceil_div(rest, W);
     const int last = static_cast<int>(rest % W);
-    switch ((rest + W - 1) / W + (last ? 3 : 0)) {
-      case 1: nn_panel_column<T, 1, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp); break;
-      case 2: nn_panel_column<T, 2, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp); break;
-      case 4: nn_panel_column<T, 1, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp); break;
-      case 5: nn_panel_column<T, 2, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp); break;
-      case 6: nn_panel_column<T, 3, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp); break;
-      default: break;
+    if (last == 0) {
+      if (vectors == 1) nn_panel_column<T, 1, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp);
+      if (vectors == 2) nn_panel_column<T, 2, false>(M, kn, ak0, am, ak, bk, col, 0, c, ow, cs, bp);
+    } else {
+      if (vectors == 1) nn_panel_column<T, 1, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp);
+      if (vectors == 2) nn_panel_column<T, 2, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp);
+      if (vectors == 3) nn_panel_column<T, 3, true>(M, kn, ak0, am, ak, bk, col, last, c, ow, cs, bp);
     }
   }
 }

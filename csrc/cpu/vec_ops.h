@@ -20,7 +20,8 @@ namespace cpu {
 using at::vec::Vectorized;
 
 // An allocator that leaves trivially constructible elements uninitialised: scratch buffers
-// are written before they are read, and zero-filling them was ~15% of a short decode step.
+// are written before they are read, and zero-filling them would cost about 15% of a short
+// decode step.
 template <typename T>
 struct UninitAllocator : std::allocator<T> {
   template <typename U>
@@ -55,75 +56,12 @@ inline Vectorized<T> load_tail(const T* p, int64_t d, int64_t n) {
   return Vectorized<T>::loadu(p + d, static_cast<int>(n - d));
 }
 
-// dot(q, k) for four rows at once: q is loaded once per step and the four independent
-// FMA chains hide the FMA latency.
-template <typename T>
-inline void dot4(const T* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t n,
-                 T out[4]) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-  int64_t d = 0;
-  for (; d + W <= n; d += W) {
-    const V qv = V::loadu(q + d);
-    a0 = at::vec::fmadd(qv, V::loadu(k0 + d), a0);
-    a1 = at::vec::fmadd(qv, V::loadu(k1 + d), a1);
-    a2 = at::vec::fmadd(qv, V::loadu(k2 + d), a2);
-    a3 = at::vec::fmadd(qv, V::loadu(k3 + d), a3);
-  }
-  if (d < n) {
-    const V qv = load_tail(q, d, n);
-    a0 = at::vec::fmadd(qv, load_tail(k0, d, n), a0);
-    a1 = at::vec::fmadd(qv, load_tail(k1, d, n), a1);
-    a2 = at::vec::fmadd(qv, load_tail(k2, d, n), a2);
-    a3 = at::vec::fmadd(qv, load_tail(k3, d, n), a3);
-  }
-  out[0] = hsum(a0);
-  out[1] = hsum(a1);
-  out[2] = hsum(a2);
-  out[3] = hsum(a3);
-}
-
-template <typename T>
-inline T dot1(const T* q, const T* k, int64_t n) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  V a0(T(0)), a1(T(0));
-  int64_t d = 0;
-  for (; d + 2 * W <= n; d += 2 * W) {
-    a0 = at::vec::fmadd(V::loadu(q + d), V::loadu(k + d), a0);
-    a1 = at::vec::fmadd(V::loadu(q + d + W), V::loadu(k + d + W), a1);
-  }
-  for (; d + W <= n; d += W) a0 = at::vec::fmadd(V::loadu(q + d), V::loadu(k + d), a0);
-  if (d < n) a1 = at::vec::fmadd(load_tail(q, d, n), load_tail(k, d, n), a1);
-  return hsum(a0 + a1);
-}
-
-// acc += w0 r0 + w1 r1 + w2 r2 + w3 r3: one read-modify-write of acc per four rows.
-template <typename T>
-inline void axpy4(T* acc, const T w[4], const T* r0, const T* r1, const T* r2, const T* r3,
-                  int64_t n) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
-  int64_t d = 0;
-  for (; d + W <= n; d += W) {
-    V a = V::loadu(acc + d);
-    a = at::vec::fmadd(w0, V::loadu(r0 + d), a);
-    a = at::vec::fmadd(w1, V::loadu(r1 + d), a);
-    a = at::vec::fmadd(w2, V::loadu(r2 + d), a);
-    a = at::vec::fmadd(w3, V::loadu(r3 + d), a);
-    a.store(acc + d);
-  }
-  for (; d < n; ++d) acc[d] += w[0] * r0[d] + w[1] * r1[d] + w[2] * r2[d] + w[3] * r3[d];
-}
-
 // acc = acc_scale acc + sum_{i<8} w[i] r[i]: one read-modify-write of acc per eight rows,
-// in two FMA chains so consecutive columns overlap (measured 1.3x nn_tile's one-row case in
-// L1); acc_scale is the online softmax's rescale, folded in rather than a pass of its own.
-// [pf, pf_end) is prefetched meanwhile (8 cache lines per 4 vectors): the rows come from
-// L1, so without it the memory system idles during this pass (measured -10% for a decode
-// step with the next block's keys).
+// in two FMA chains so consecutive columns overlap; acc_scale is the online softmax's
+// rescale, folded in rather than a pass of its own. [pf, pf_end) is prefetched meanwhile
+// (8 cache lines per 4 vectors): the rows come from L1, so without it the memory system
+// idles during this pass (a decode step is about 10% faster with the next block's keys
+// prefetched).
 template <typename T>
 inline void axpy8(T* acc, T acc_scale, const T w[8], const T* const* r, int64_t n,
                   const char* pf = nullptr, const char* pf_end = nullptr) {

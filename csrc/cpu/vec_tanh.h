@@ -2,8 +2,9 @@
 // rows built on it.
 //
 // float: the rational approximation of math.h (fast_tanh), one division per vector;
-// Vectorized<float>::tanh would be scalar std::tanh inside an extension (PERF_NOTES
-// item 3). double: the exact std::tanh, lane by lane.
+// Vectorized<float>::tanh falls back to scalar std::tanh inside an extension (about 0.5
+// G floats/s on 2 threads, a fifth of the rational one). double: the exact std::tanh,
+// lane by lane.
 #pragma once
 
 #include <cmath>

@@ -37,7 +37,7 @@ __global__ void additive_attention_backward_rows_kernel(
   // row has no keys and contributes zeros.
   const bool valid = row < p.B * p.Tq;
   const int64_t b = valid ? row / p.Tq : 0;
-  const int64_t end = valid ? p.keymask.end(b) : 0;
+  const int64_t end = valid ? p.positions.end(b) : 0;
   const scalar_t* q = p.query_proj + (valid ? row : 0) * p.A;
   const scalar_t* keys = p.keys_proj + b * p.S * p.A;
   const int64_t A = p.A;
@@ -46,7 +46,7 @@ __global__ void additive_attention_backward_rows_kernel(
     softmax_backward_row<VEC>(p, row, lane, AdditiveScorer<scalar_t, acc_t, VEC>(p, row, lane));
   }
 
-  const KeyMask km = p.keymask;
+  const KeyPositions km = p.positions;
   const acc_t* dscores = p.dscores + (valid ? row : 0) * p.S;
   for (int64_t r = 0; r < warp_rounds(a_chunks); ++r) {
     const int64_t c = r * kWarpSize + lane;
@@ -87,7 +87,7 @@ __global__ void additive_attention_backward_keys_kernel(
   scalar_t* gk = p.grad_keys_proj + key * A;
   scalar_t* gv = p.grad_values + key * Dv;
 
-  if (j >= p.keymask.end(b) || !p.keymask.attends(b, j)) {
+  if (j >= p.positions.end(b) || !p.positions.attends(b, j)) {
     const acc_t zero[VEC] = {};
     for (int64_t c = lane; c < a_chunks; c += kWarpSize) store_chunk<VEC>(gk, c, zero);
     for (int64_t c = lane; c < v_chunks; c += kWarpSize) store_chunk<VEC>(gv, c, zero);

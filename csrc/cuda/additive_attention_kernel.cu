@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   const BackwardScratch scratch(in.query_proj, rows, s.S);
   const int64_t row_blocks = ceil_div(rows, kBackwardWarpsPerBlock);
   const at::Tensor grad_v_partials =
-      at::empty({row_blocks, s.A}, opts.dtype(acc_dtype_for(in.query_proj.scalar_type())));
+      at::empty({row_blocks, s.A}, opts.dtype(acc_dtype(in.query_proj.scalar_type())));
   const cudaStream_t stream = current_stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.query_proj.scalar_type(),

@@ -9,7 +9,7 @@
 
 #if defined(ATTENTION_EXT_CUDA_EMULATION)
 
-#include "emulation.h"
+#include "../emulated/emulation.h"
 
 // The test build's CPU ops are the CUDA entry points: every CPU call of the ops runs the
 // CUDA host code and kernels under the emulation.

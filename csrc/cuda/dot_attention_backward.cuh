@@ -27,7 +27,7 @@ __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scala
   const int64_t b = row / p.Tq;
   softmax_backward_row<VEC>(p, row, lane, DotScorer<scalar_t, acc_t, VEC>(p, row, lane));
 
-  const KeyMask km = p.keymask;
+  const KeyPositions km = p.positions;
   const acc_t* dscores = p.dscores + row * p.S;
   const scalar_t* keys = p.keys + b * p.S * p.D;
   const int64_t D = p.D;
@@ -49,7 +49,7 @@ __global__ void dot_attention_backward_keys_kernel(const DotBackwardParams<scala
   scalar_t* gk = p.grad_keys + key * p.D;
   scalar_t* gv = p.values_are_keys ? nullptr : p.grad_values + key * p.Dv;
 
-  if (j >= p.keymask.end(b) || !p.keymask.attends(b, j)) {
+  if (j >= p.positions.end(b) || !p.positions.attends(b, j)) {
     const acc_t zero[VEC] = {};
     for (int64_t c = lane; c < d_chunks; c += kWarpSize) store_chunk<VEC>(gk, c, zero);
     if (!p.values_are_keys) {

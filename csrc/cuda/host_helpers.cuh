@@ -1,5 +1,5 @@
 // Host code shared by the ops' CUDA entry points (dot_attention_kernel.cu,
-// additive_attention_kernel.cu): accumulation dtype, 16-byte path test, grid sizing, the
+// additive_attention_kernel.cu): 16-byte path test, grid sizing, the
 // softmax part of the kernels' arguments (outputs, workspace, scratch, mask, sizes) and
 // the forward's launches.
 #pragma once
@@ -13,7 +13,9 @@
 #include <tuple>
 
 #include "attention_ext/checks.h"
-#include "attention_ext/tuning.h"
+#include "attention_ext/forward_outputs.h"
+#include "attention_ext/inputs.h"
+#include "attention_ext/test_hooks.h"
 #include "device_context.cuh"
 #include "launch.cuh"
 #include "online_softmax_forward.cuh"
@@ -21,10 +23,6 @@
 #include "split_plan.h"
 
 namespace attention_ext {
-
-inline at::ScalarType acc_dtype_for(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -48,33 +46,24 @@ inline dim3 warp_grid(int64_t warps, int warps_per_block) {
   return dim3(static_cast<unsigned>(blocks));
 }
 
-inline KeyMask make_keymask(const std::optional<at::Tensor>& lengths,
-                            const std::optional<at::Tensor>& mask, int64_t S) {
-  return KeyMask{lengths ? lengths->data_ptr<int64_t>() : nullptr,
-                 mask ? mask->data_ptr<bool>() : nullptr, S};
-}
-
-// A forward's outputs (context, weights, lse) and workspace for B x Tq rows over S keys.
+// A forward's outputs (forward_outputs.h) and workspace for B x Tq rows over S keys.
 // With no row or no key the outputs are final at once (done): nothing attends anywhere.
 class ForwardBuffers {
  public:
   ForwardBuffers(const at::Tensor& like, const QueryRows& rows_of, int64_t S, int64_t Dv,
                  bool need_weights)
-      : B_(rows_of.B), Tq_(rows_of.Tq), S_(S), Dv_(Dv), need_weights_(need_weights) {
-    const auto opts = like.options();
-    const at::ScalarType acc = acc_dtype_for(like.scalar_type());
-    const auto acc_opts = opts.dtype(acc);
-    context_ = at::empty(rows_of.row_sizes(Dv), opts);
-    weights_ = need_weights ? at::empty(rows_of.row_sizes(S), opts) : at::empty({0}, opts);
-    lse_ = at::empty(rows_of.row_sizes(), acc_opts);
+      : out_(like, rows_of, S, Dv, need_weights),
+        B_(rows_of.B), Tq_(rows_of.Tq), S_(S), Dv_(Dv), need_weights_(need_weights) {
+    const at::ScalarType acc = acc_dtype(like.scalar_type());
+    const auto acc_opts = like.options().dtype(acc);
     const int64_t rows = B_ * Tq_;
     if (rows == 0) {
       done_ = true;
       return;
     }
     if (S == 0) {  // every row is empty
-      context_.zero_();
-      lse_.fill_(-std::numeric_limits<double>::infinity());
+      out_.context.zero_();
+      out_.lse.fill_(-std::numeric_limits<double>::infinity());
       done_ = true;
       return;
     }
@@ -88,10 +77,8 @@ class ForwardBuffers {
   }
 
   bool done() const { return done_; }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const {
-    return {context_, weights_, lse_};
-  }
-  const at::Tensor& context() const { return context_; }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return out_.as_tuple(); }
+  const at::Tensor& context() const { return out_.context; }
 
   // Points everything of p but the op's own inputs at these buffers and at values/mask.
   template <typename scalar_t, typename acc_t>
@@ -99,10 +86,10 @@ class ForwardBuffers {
             const std::optional<at::Tensor>& lengths,
             const std::optional<at::Tensor>& mask) const {
     p.values = values.data_ptr<scalar_t>();
-    p.keymask = make_keymask(lengths, mask, S_);
-    p.context = context_.data_ptr<scalar_t>();
-    p.weights = need_weights_ ? weights_.data_ptr<scalar_t>() : nullptr;
-    p.lse = lse_.data_ptr<acc_t>();
+    p.positions = key_positions(lengths, mask, S_);
+    p.context = out_.context.data_ptr<scalar_t>();
+    p.weights = need_weights_ ? out_.weights.data_ptr<scalar_t>() : nullptr;
+    p.lse = out_.lse.data_ptr<acc_t>();
     if (need_weights_) {
       p.scores = weights_hold_scores_ ? reinterpret_cast<acc_t*>(p.weights)
                                       : scores_.data_ptr<acc_t>();
@@ -118,9 +105,10 @@ class ForwardBuffers {
   }
 
  private:
+  ForwardOutputs out_;
   int64_t B_, Tq_, S_, Dv_;
   bool need_weights_;
-  at::Tensor context_, weights_, lse_, ctx_acc_, partials_, scores_;
+  at::Tensor ctx_acc_, partials_, scores_;
   SplitPlan plan_{1, 0};
   bool weights_hold_scores_ = false;
   bool done_ = false;
@@ -131,7 +119,7 @@ class ForwardBuffers {
 class BackwardScratch {
  public:
   BackwardScratch(const at::Tensor& like, int64_t rows, int64_t S)
-      : scratch_(at::empty({2, rows * S}, like.options().dtype(acc_dtype_for(like.scalar_type())))) {}
+      : scratch_(at::empty({2, rows * S}, like.options().dtype(acc_dtype(like.scalar_type())))) {}
 
   // Points the softmax part of p at the scratch and at the inputs it reads; grad_values is
   // absent for the dot op with the keys as values (grad_keys then holds both gradients).
@@ -144,7 +132,7 @@ class BackwardScratch {
     p.grad_context = grad_context.data_ptr<scalar_t>();
     p.grad_weights = grad_weights ? grad_weights->data_ptr<scalar_t>() : nullptr;
     p.values = values.data_ptr<scalar_t>();
-    p.keymask = make_keymask(lengths, mask, values.size(1));
+    p.positions = key_positions(lengths, mask, values.size(1));
     p.lse = lse.data_ptr<acc_t>();
     p.grad_values = grad_values ? grad_values->data_ptr<scalar_t>() : nullptr;
     p.probs = scratch_[0].data_ptr<acc_t>();

@@ -30,12 +30,12 @@ inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
 
 #include <c10/util/Exception.h>
 
-#include "emulation.h"
+#include "../emulated/emulation.h"
 
 namespace attention_ext {
 
 // Same signature as above; runs the grid on CPU threads, synchronously, so the stream
-// has nothing to do. A failed device check (device_check.cuh) raises here, where a GPU
+// has nothing to do. A failed device check (attention_ext/device_check.h) raises here, where a GPU
 // would fail the launch.
 template <typename... KernelArgs, typename... Args>
 inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,

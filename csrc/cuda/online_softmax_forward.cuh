@@ -27,11 +27,11 @@ constexpr int kForwardWarpsPerBlock = 4;
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_weights(const SoftmaxForwardParams<scalar_t, acc_t>& p,
                                               int64_t row, int64_t b, acc_t lse, int lane) {
-  const int64_t end = p.keymask.end(b);
+  const int64_t end = p.positions.end(b);
   scalar_t* w = p.weights + row * p.S;
   const acc_t* s = p.scores + row * p.S;
   for (int64_t j = lane; j < p.S; j += kWarpSize) {
-    const bool att = j < end && p.keymask.attends(b, j);
+    const bool att = j < end && p.positions.attends(b, j);
     w[j] = static_cast<scalar_t>(att ? prob_from_lse(s[j], lse) : acc_t(0));
   }
 }
@@ -47,7 +47,7 @@ __device__ __forceinline__ void online_softmax_task(const SoftmaxForwardParams<s
   const int64_t b = row / p.Tq;
 
   const int64_t j_begin = split * p.split_len;
-  const int64_t j_end = std::min(j_begin + p.split_len, p.keymask.end(b));
+  const int64_t j_end = std::min(j_begin + p.split_len, p.positions.end(b));
   const scalar_t* values = p.values + b * p.S * p.Dv;
   acc_t* acc = p.ctx_acc + task * p.Dv;
   const int64_t v_chunks = p.Dv / VEC;
@@ -55,10 +55,10 @@ __device__ __forceinline__ void online_softmax_task(const SoftmaxForwardParams<s
   SoftmaxState<acc_t> state = softmax_init<acc_t>();
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kWarpSize) {
     const int tile = static_cast<int>(std::min<int64_t>(kWarpSize, j_end - j0));
-    const bool my_att = lane < tile && p.keymask.attends(b, j0 + lane);
+    const bool my_att = lane < tile && p.positions.attends(b, j0 + lane);
     acc_t my_score = neg_inf<acc_t>();
     for (int jj = 0; jj < tile; ++jj) {
-      if (!p.keymask.attends(b, j0 + jj)) continue;  // same for all lanes
+      if (!p.positions.attends(b, j0 + jj)) continue;  // same for all lanes
       const acc_t s = score_of(j0 + jj);
       if (lane == jj) my_score = s;
     }

@@ -24,7 +24,7 @@ template <int VEC, typename scalar_t, typename acc_t, typename ScoreOf>
 __device__ __forceinline__ void softmax_backward_row(
     const SoftmaxBackwardParams<scalar_t, acc_t>& p, int64_t row, int lane, ScoreOf score_of) {
   const int64_t b = row / p.Tq;
-  const int64_t end = p.keymask.end(b);
+  const int64_t end = p.positions.end(b);
   const scalar_t* g = p.grad_context + row * p.Dv;
   const scalar_t* values = p.values + b * p.S * p.Dv;
   acc_t* probs = p.probs + row * p.S;
@@ -39,7 +39,7 @@ __device__ __forceinline__ void softmax_backward_row(
     acc_t my_p = acc_t(0), my_dp = acc_t(0);
     for (int jj = 0; jj < tile; ++jj) {
       const int64_t j = j0 + jj;
-      if (!p.keymask.attends(b, j)) continue;  // same for all lanes
+      if (!p.positions.attends(b, j)) continue;  // same for all lanes
       const acc_t s = score_of(j);
       const acc_t dp =
           warp_sum(lane_dot<VEC, scalar_t, acc_t>(g, values + j * p.Dv, v_chunks, lane));
@@ -49,7 +49,7 @@ __device__ __forceinline__ void softmax_backward_row(
                                      : acc_t(0));
       }
     }
-    if (lane < tile && p.keymask.attends(b, j0 + lane)) {
+    if (lane < tile && p.positions.attends(b, j0 + lane)) {
       probs[j0 + lane] = my_p;
       dscores[j0 + lane] = my_dp;
     }
@@ -58,7 +58,7 @@ __device__ __forceinline__ void softmax_backward_row(
   }
   const acc_t delta = softmax_grad_delta(warp_sum(my_delta), warp_sum(my_psum));
   for (int64_t j = lane; j < end; j += kWarpSize) {
-    if (p.keymask.attends(b, j)) dscores[j] = softmax_backward(probs[j], dscores[j], delta);
+    if (p.positions.attends(b, j)) dscores[j] = softmax_backward(probs[j], dscores[j], delta);
   }
 }
 

@@ -6,14 +6,14 @@
 
 #include <cstdint>
 
-#include "key_mask.cuh"
+#include "attention_ext/key_positions.h"
 
 namespace attention_ext {
 
 template <typename scalar_t, typename acc_t>
 struct SoftmaxForwardParams {
   const scalar_t* values;  // (B, S, Dv)
-  KeyMask keymask;
+  KeyPositions positions;
   scalar_t* context;  // (B, Tq, Dv)
   scalar_t* weights;  // (B, Tq, S), nullptr when need_weights is false
   acc_t* lse;         // (B, Tq)
@@ -33,7 +33,7 @@ struct SoftmaxBackwardParams {
   const scalar_t* grad_context;  // (B, Tq, Dv)
   const scalar_t* grad_weights;  // (B, Tq, S) or nullptr
   const scalar_t* values;        // (B, S, Dv)
-  KeyMask keymask;
+  KeyPositions positions;
   const acc_t* lse;       // (B, Tq)
   scalar_t* grad_values;  // (B, S, Dv); dot: unused when the keys are the values
   // Scratch (B, Tq, S), written by the rows kernel for attending keys only, read after it.

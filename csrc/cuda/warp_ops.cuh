@@ -41,7 +41,7 @@ __device__ __forceinline__ int64_t global_warp_id(int warps_per_block) {
 // Loops whose body shuffles must run the same number of times in every lane: this is
 // that count for `n` items dealt round-robin to the lanes.
 __device__ __forceinline__ int64_t warp_rounds(int64_t n) {
-  return (n + kWarpSize - 1) / kWarpSize;
+  return ceil_div(n, kWarpSize);
 }
 
 }  // namespace attention_ext

@@ -1,6 +1,6 @@
 // Test build only (ATTENTION_EXT_EMULATE_CUDA=1, see setup.py): the CUDA dot attention
 // source compiled as C++ against the CPU emulation of the CUDA execution model
-// (csrc/cuda/emulation.h). Its entry points register as the ops' CPU kernels
+// (csrc/emulated/emulation.h). Its entry points register as the ops' CPU kernels
 // (device_context.cuh), so the whole test suite runs the very host code and kernels the
 // GPU runs. Never part of a normal build.
 #define ATTENTION_EXT_CUDA_EMULATION 1
@@ -12,5 +12,5 @@
 #include <c10/core/Device.h>
 #include <torch/library.h>
 
-#include "../cuda/emulation.h"
+#include "emulation.h"
 #include "../cuda/dot_attention_kernel.cu"

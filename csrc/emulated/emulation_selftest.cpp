@@ -1,5 +1,5 @@
-// Test build only: tiny kernels that check the emulation layer itself (csrc/cuda/
-// emulation.h) on what the attention kernels do not use today, so it is known to work
+// Test build only: tiny kernels that check the emulation layer itself (emulation.h) on
+// what the attention kernels do not use today, so it is known to work
 // before a kernel relies on it: __shared__, __syncthreads(), __shfl_down_sync, the refusal
 // of a shuffle whose mask names a lane that has already returned, and the report of a
 // block whose threads wait for each other forever.
@@ -10,7 +10,8 @@
 
 #include <cstdint>
 
-#include "../cuda/emulation.h"
+#include "emulation.h"
+#include "attention_ext/math.h"
 #include "../cuda/launch.cuh"
 
 namespace attention_ext {
@@ -61,7 +62,7 @@ at::Tensor block_sum(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty_like(x);
   const int64_t n = x.numel();
-  const dim3 grid(static_cast<unsigned>((n + kSelftestThreads - 1) / kSelftestThreads));
+  const dim3 grid(static_cast<unsigned>(ceil_div(n, kSelftestThreads)));
   launch_kernel(block_sum_kernel, grid, dim3(kSelftestThreads), 0, nullptr,
                 x.data_ptr<float>(), out.data_ptr<float>(), n);
   return out;

@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../cuda/emulation.h"
+#include "emulation.h"
 
 #if !defined(__x86_64__)
 #error "the CUDA emulation's fiber switch is written for x86-64"

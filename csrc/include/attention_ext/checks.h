@@ -1,9 +1,7 @@
 // Argument checks shared by the CPU and CUDA kernels. Every message names the argument
 // and what was expected; shape and value errors raise ValueError, dtype/device errors
-// RuntimeError. Python (functional.py) only normalises ranks; everything else is here.
-// Defined in csrc/checks.cpp, compiled by the C++ compiler in every build: an exception
-// thrown from host code that nvcc compiled kills the process (seen with torch 2.11 on an
-// H100), so the CUDA entry points never throw themselves.
+// RuntimeError. Python (functional.py) only normalises ranks; everything else is here,
+// defined once in csrc/checks.cpp for every build.
 #pragma once
 
 #include <ATen/ATen.h>

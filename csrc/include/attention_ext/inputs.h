@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "attention_ext/checks.h"
+#include "attention_ext/key_positions.h"
 
 namespace attention_ext {
 
@@ -17,7 +18,7 @@ inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>&
 
 // Who checks the values of lengths that are already on the kernels' device: the CPU
 // kernels' host code, which reads them anyway, or the CUDA kernels as they read them
-// (KeyMask::end), so that no call waits for the GPU. Lengths on the CPU beside inputs on
+// (KeyPositions::end), so that no call waits for the GPU. Lengths on the CPU beside inputs on
 // another device are checked on the host before they are copied.
 enum class DeviceLengths { kHostChecks, kKernelsCheck };
 
@@ -38,6 +39,13 @@ inline std::optional<at::Tensor> kernel_lengths(const std::optional<at::Tensor>&
       lengths->to(at::kLong, /*non_blocking=*/false, /*copy=*/true).contiguous();
   check_lengths_range(host, S);
   return host.to(device, /*non_blocking=*/true);
+}
+
+// The kernels' view of lengths and mask as returned by the functions below.
+inline KeyPositions key_positions(const std::optional<at::Tensor>& lengths,
+                                  const std::optional<at::Tensor>& mask, int64_t S) {
+  return KeyPositions{lengths ? lengths->data_ptr<int64_t>() : nullptr,
+                      mask ? mask->data_ptr<bool>() : nullptr, S};
 }
 
 struct DotInputs {

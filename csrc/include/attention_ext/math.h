@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__) || defined(ATTENTION_EXT_CUDA_EMULATION)
@@ -13,6 +14,9 @@
 #endif
 
 namespace attention_ext {
+
+// Blocks of b that cover a (a >= 0, b > 0).
+HOST_DEVICE_INLINE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 HOST_DEVICE_INLINE T neg_inf() {
@@ -24,8 +28,8 @@ HOST_DEVICE_INLINE double ae_exp(double x) { return ::exp(x); }
 HOST_DEVICE_INLINE float ae_log(float x) { return ::logf(x); }
 HOST_DEVICE_INLINE double ae_log(double x) { return ::log(x); }
 // max that propagates a NaN from either side. Commutative, so a warp's butterfly
-// (warp_max) leaves the same value in every lane and branches on it stay uniform; with
-// `a > b ? a : b` a NaN score gave some lanes NaN and others a number.
+// (warp_max) leaves the same value in every lane and branches on it stay uniform;
+// `a > b ? a : b` is not: after a NaN score some lanes would hold NaN and others a number.
 HOST_DEVICE_INLINE float ae_max(float a, float b) { return (a > b || a != a) ? a : b; }
 HOST_DEVICE_INLINE double ae_max(double a, double b) { return (a > b || a != a) ? a : b; }
 

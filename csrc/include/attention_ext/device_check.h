@@ -1,0 +1,33 @@
+// ATTENTION_EXT_DEVICE_CHECK(cond, msg): a check of data that only the kernels read.
+// - nvcc: a device-side assertion. The kernel stops and the error surfaces at the stream's
+//   next synchronisation, as with torch._assert_async, with `msg` printed; no host wait.
+// - The CPU emulation of CUDA (test builds): the launch raises `msg` once its grid has run.
+// - The CPU kernels: nothing, since their host code checks such data before the call
+//   (inputs.h).
+#pragma once
+
+#if defined(__CUDACC__)
+
+#include <c10/macros/Macros.h>
+
+#define ATTENTION_EXT_DEVICE_CHECK(cond, msg) \
+  do {                                        \
+    CUDA_KERNEL_ASSERT_MSG(cond, msg);        \
+  } while (0)
+
+#elif defined(ATTENTION_EXT_CUDA_EMULATION)
+
+#include "../../emulated/emulation.h"
+
+#define ATTENTION_EXT_DEVICE_CHECK(cond, msg)                      \
+  do {                                                             \
+    if (!(cond)) ::attention_ext::emu::device_check_failed(msg);   \
+  } while (0)
+
+#else
+
+#define ATTENTION_EXT_DEVICE_CHECK(cond, msg) \
+  do {                                        \
+  } while (0)
+
+#endif
