@@ -91,7 +91,8 @@ def extension():
     ]
     if emulated:
         defines.append("-DATTENTION_EXT_WITH_EMULATED_CUDA")  # build_info()["emulated_cuda"]
-    # -fopenmp in both compile and link flags, or at::parallel_for runs serially (PERF_NOTES 1).
+    # -fopenmp in both compile and link flags, or at::parallel_for runs serially
+    # (docs/performance.md, "Build").
     # No -std flag: torch's build helpers add the standard its headers need (C++20 since
     # torch 2.14, whose ATen.h rejects C++17).
     sanitize = sanitizer_flags()

@@ -1,8 +1,9 @@
 """Which x86 vector ISA the CPU kernels are compiled for, shared by setup.py and import.
 
 at::vec::Vectorized is scalar unless its translation unit is compiled for a capability
-(PERF_NOTES item 2), so the build picks the build machine's best and import refuses to
-load a binary whose instructions this CPU lacks (it would die with SIGILL instead).
+(docs/performance.md, "Build"), so the build picks the build machine's best and import
+refuses to load a binary whose instructions this CPU lacks (it would die with SIGILL
+instead).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Timing and reporting helpers shared by the benchmarks.
 
-Method (DESIGN.md section 4, PERF_NOTES.md item 5): all implementations run interleaved in
-one process (a, b, c, a, b, c, ...); each sample times a few back-to-back calls with
+Method (docs/performance.md, "Benchmark method"): all implementations run interleaved in
+one process (a, b, c, a, b, c, ...), so drift between runs and slow modes of a baseline
+hit every implementation alike; each sample times a few back-to-back calls with
 time.perf_counter (synchronising the device on CUDA); we report medians over many samples
 and ratios of medians.
 """
@@ -172,8 +173,9 @@ def set_compile_cache_limit(n: int = 64) -> None:
 
 
 # ----------------------------------------------------------------------------- peak memory
-# PERF_NOTES item 6: on CPU, reset the process's peak RSS by writing '5' to
-# /proc/self/clear_refs and read VmHWM after the work (ru_maxrss cannot be reset).
+# On CPU the process's peak RSS is reset by writing '5' to /proc/self/clear_refs and read
+# as VmHWM after the work: ru_maxrss cannot be reset and usually still holds the
+# import-time peak.
 
 def proc_status_kib(field: str) -> int:
     """A `field:  N kB` line of /proc/self/status (VmRSS, VmHWM), in KiB."""

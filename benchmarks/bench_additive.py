@@ -11,13 +11,13 @@ Lengths are uniform random in [S/2, S] (seeded). Times are medians of per-call t
 --repeats samples; ratios are ours/X (below 1: ours is faster). fwd+bwd: gradients of all
 four inputs (query_proj, keys_proj, v, values) from the context.
 
-Peak memory (PERF_NOTES item 6): each (shape, dtype, implementation) runs fwd+bwd in a
-fresh subprocess: inputs allocated, one warm-up call (compilation), then the peak RSS is
-reset through /proc/self/clear_refs and the rise of VmHWM over the RSS during one more
-fwd+bwd is reported (outputs and gradients included). The subprocess fixes glibc's mmap
-threshold (MALLOC_MMAP_THRESHOLD_) so large temporaries are always fresh mappings that are
-returned on free: the warm-up's freed temporaries cannot hide in the heap and be reused
-unseen by the measured call.
+Peak memory (docs/performance.md, "Benchmark method"): each (shape, dtype, implementation)
+runs fwd+bwd in a fresh subprocess: inputs allocated, one warm-up call (compilation), then
+the peak RSS is reset through /proc/self/clear_refs and the rise of VmHWM over the RSS
+during one more fwd+bwd is reported (outputs and gradients included). The subprocess fixes
+glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) so large temporaries are always fresh
+mappings that are returned on free: the warm-up's freed temporaries cannot hide in the
+heap and be reused unseen by the measured call.
 
 Usage: python benchmarks/bench_additive.py [--quick] [--output FILE] [--shapes ...]
        [--dtypes ...] [--modes ...] [--impls ...] [--memory-shapes ...]
@@ -57,8 +57,8 @@ DTYPES = C.DTYPES
 MODES = C.MODES
 IMPLS = ("ours", "eager", "compiled")
 
-# (shape, mode) -> [(baseline, ratio ours/baseline must not exceed)]: the targets,
-# printed as met/missed (never asserted: speed lives here, not in the tests).
+# (shape, mode) -> [(baseline, ratio ours/baseline must not exceed)]: the additive op's
+# speed targets, printed as met/missed (never asserted: speed lives here, not in the tests).
 TIME_TARGETS = {
     ("decode", "fwd"): [("compiled", 1 / 3), ("eager", 1 / 4)],
     ("teacher", "fwd+bwd"): [("eager", 1 / 4)],
@@ -289,7 +289,7 @@ def main(argv=None):
             "faster. fwd: no autograd; fwd+bwd: gradients of query_proj, keys_proj, v and "
             "values from the context" + (" (weights returned too)." if args.need_weights
                                          else ".")
-            + " Targets are the issue's (printed, not asserted).")
+            + " Targets are printed, not asserted.")
     out = [table, "", note]
     if mem_rows:
         mem_table = C.markdown_table(
