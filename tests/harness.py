@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -28,13 +28,15 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class OpSpec:
+    """An op as the tests see it. Its functions follow from its name: the functional API
+    attention_ext.<name>_attention, reference.<name>_attention (eager PyTorch), the raw op
+    torch.ops.attention_ext.<name>_attention (inputs..., lengths, mask[, scale],
+    need_weights) and its backward op _<name>_attention_backward (grad_context,
+    grad_weights, the forward's arguments but need_weights, lse)."""
+
     name: str  # "dot" or "additive": test ids, pick()
     inputs: Tuple[str, ...]  # tensor arguments in call order: query, keys, ...
     feature: str  # the query's and keys' width in shape tables and messages: "D" or "A"
-    functional: Callable  # attention_ext's function
-    reference: Callable  # reference.py's function (eager PyTorch)
-    raw: Any  # torch.ops.attention_ext.<op>: (inputs..., lengths, mask[, scale], need_weights)
-    raw_backward: Any  # its backward op: (grad_context, grad_weights, forward args..., lse)
     init_scales: Callable[[int], Dict[str, float]]  # F -> std of make_case's draws (1 if absent)
     gradcheck_scales: Dict[str, float]  # inputs scaled for gradcheck (1 if absent)
     scores: Callable  # case with a 3-D query -> its scores (B, Tq, S) in float64
@@ -43,6 +45,22 @@ class OpSpec:
 
     def __repr__(self):
         return self.name
+
+    @property
+    def functional(self) -> Callable:
+        return getattr(attention_ext, f"{self.name}_attention")
+
+    @property
+    def reference(self) -> Callable:
+        return getattr(reference, f"{self.name}_attention")
+
+    @property
+    def raw(self):
+        return getattr(torch.ops.attention_ext, f"{self.name}_attention")
+
+    @property
+    def raw_backward(self):
+        return getattr(torch.ops.attention_ext, f"_{self.name}_attention_backward")
 
     @property
     def query(self) -> str:
@@ -181,10 +199,6 @@ DOT = OpSpec(
     name="dot",
     inputs=("query", "keys", "values"),
     feature="D",
-    functional=attention_ext.dot_attention,
-    reference=reference.dot_attention,
-    raw=torch.ops.attention_ext.dot_attention,
-    raw_backward=torch.ops.attention_ext._dot_attention_backward,
     init_scales=lambda D: {"query": 1.5 / D ** 0.5},
     # Larger scores than make_case's, so the softmax Jacobian is far from uniform.
     gradcheck_scales={"query": 2.0},
@@ -197,10 +211,6 @@ ADDITIVE = OpSpec(
     name="additive",
     inputs=("query_proj", "keys_proj", "v", "values"),
     feature="A",
-    functional=attention_ext.additive_attention,
-    reference=reference.additive_attention,
-    raw=torch.ops.attention_ext.additive_attention,
-    raw_backward=torch.ops.attention_ext._additive_attention_backward,
     # Projections of unit scale (tanh neither linear nor saturated everywhere), as a trained
     # layer sees them, and v like nn.Linear's init, scaled so the scores have a standard
     # deviation of about 1.5.
