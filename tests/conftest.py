@@ -1,7 +1,8 @@
-"""Shared helpers for the attention_ext tests: devices, seeded inputs, the oracle and the
-tolerance rule.
+"""Shared helpers for the attention_ext tests: devices, seeded inputs, the tolerance rule,
+the split-S knob and fixtures. The ops themselves (cases, running ours and reference.py)
+are harness.py's.
 
-Tolerance rule (flash-attention style, DESIGN.md section 4):
+Tolerance rule (flash-attention style):
   * the oracle is reference.py run in float64 on the very same (already rounded) inputs;
   * float64: ours must match the oracle to ~1e-9 relative to the magnitudes;
   * float32: max|ours - oracle| <= max(1e-5 * max(1, max|oracle|), 2 * max|ref32 - oracle|);
@@ -11,14 +12,12 @@ Tolerance rule (flash-attention style, DESIGN.md section 4):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 import attention_ext
-from attention_ext import reference
 
 # ----------------------------------------------------------------------------- devices
 
@@ -113,31 +112,7 @@ def make_masking(kind: str, B: int, S: int, gen, device="cpu"):
     raise ValueError(kind)
 
 
-@dataclass
-class Case:
-    query: torch.Tensor
-    keys: torch.Tensor
-    values: Optional[torch.Tensor]
-    lengths: Optional[torch.Tensor]
-    mask: Optional[torch.Tensor]
-    scale: Optional[float]
-
-
-def make_case(B, Tq, S, D, Dv=None, *, dtype=torch.float32, device="cpu", seed=0,
-              query_2d=False, values_none=False, mask_kind="none", scale=None) -> Case:
-    """Seeded inputs. The query is scaled by 1.5 / sqrt(D) so the scores have a standard
-    deviation of about 1.5: softmax neither uniform nor one-hot."""
-    gen = generator(seed)
-    Dv = D if Dv is None else Dv
-    qshape = (B, D) if query_2d else (B, Tq, D)
-    query = randn(qshape, gen, dtype, device, scale=1.5 / max(D, 1) ** 0.5)
-    keys = randn((B, S, D), gen, dtype, device)
-    values = None if values_none else randn((B, S, Dv), gen, dtype, device)
-    lengths, mask = make_masking(mask_kind, B, S, gen, device)
-    return Case(query, keys, values, lengths, mask, scale)
-
-
-# ----------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------- gradients, rule
 
 def upstream_grad(out: torch.Tensor, gen: torch.Generator, case_dtype: torch.dtype):
     """A seeded gradient for `out`: drawn in float32, rounded to the case's dtype, then in
@@ -145,47 +120,6 @@ def upstream_grad(out: torch.Tensor, gen: torch.Generator, case_dtype: torch.dty
     the low-precision run; drawn straight in float64 it would differ by g's rounding, up to
     half an ulp of bfloat16 in every gradient however exact the kernel."""
     return randn(out.shape, gen, case_dtype, out.device).to(out.dtype)
-
-
-def run_attention(fn, case: Case, *, dtype=None, need_weights=True, weights_in_loss=True,
-                  seed=1234):
-    """Forward + backward of `fn` (ours or the reference) on `case` cast to `dtype`.
-
-    Returns dict with context, weights and the gradients of query, keys (and values).
-    The loss is <context, g_c> (+ <weights, g_w> when weights_in_loss) with seeded
-    upstream gradients (upstream_grad).
-    """
-    dtype = case.query.dtype if dtype is None else dtype
-
-    def leaf(t):
-        if t is None:
-            return None
-        return t.detach().to(dtype).requires_grad_(True)
-
-    q, k, v = leaf(case.query), leaf(case.keys), leaf(case.values)
-    ctx, w = fn(q, k, v, lengths=case.lengths, mask=case.mask, scale=case.scale,
-                need_weights=need_weights)
-    out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
-    gen = generator(seed)
-    g_ctx = upstream_grad(ctx, gen, case.query.dtype)
-    loss = (ctx * g_ctx).sum()
-    if weights_in_loss and w is not None:
-        g_w = upstream_grad(w, gen, case.query.dtype)
-        loss = loss + (w * g_w).sum()
-    inputs = [q, k] + ([v] if v is not None else [])
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
-    out["grad_query"], out["grad_keys"] = grads[0], grads[1]
-    out["grad_values"] = grads[2] if v is not None else None
-    return out
-
-
-def ours(query, keys, values=None, **kw):
-    return attention_ext.dot_attention(query, keys, values, **kw)
-
-
-def ref(query, keys, values=None, **kw):
-    return reference.dot_attention(query, keys, values, **kw)
 
 
 def check_single_step(forward, backward, query, gen):
@@ -245,101 +179,33 @@ def assert_rule(name: str, got, ref_lowp, oracle, dtype):
     )
 
 
-OUTPUTS = ("context", "weights", "grad_query", "grad_keys", "grad_values")
+# ----------------------------------------------------------------------------- split-S knob
+
+# The kernels' test hook that forces their number of source splits (0: automatic). Tests
+# reach it only through the three helpers below.
+
+def forced_splits_now() -> int:
+    """The number of source splits the kernels are forced to now (0: automatic)."""
+    return attention_ext._C._forced_splits()
 
 
-def check_parity(case: Case, *, need_weights=True, weights_in_loss=True, outputs=OUTPUTS):
-    """Ours vs the float64 oracle, with reference.py in the input dtype as the yardstick."""
-    dtype = case.query.dtype
-    got = run_attention(ours, case, need_weights=need_weights, weights_in_loss=weights_in_loss)
-    lowp = run_attention(ref, case, need_weights=need_weights, weights_in_loss=weights_in_loss)
-    oracle = run_attention(ref, case, dtype=torch.float64, need_weights=need_weights,
-                           weights_in_loss=weights_in_loss)
-    for name in outputs:
-        assert_rule(name, got[name], lowp[name], oracle[name], dtype)
-    return got
-
-
-# ----------------------------------------------------------------------------- additive op
-
-@dataclass
-class AdditiveCase:
-    query_proj: torch.Tensor
-    keys_proj: torch.Tensor
-    v: torch.Tensor
-    values: torch.Tensor
-    lengths: Optional[torch.Tensor]
-    mask: Optional[torch.Tensor]
-
-
-def make_additive_case(B, Tq, S, A, Dv=None, *, dtype=torch.float32, device="cpu", seed=0,
-                       query_2d=False, mask_kind="none") -> AdditiveCase:
-    """Seeded inputs as a trained layer sees them: projections of unit scale (tanh neither
-    linear nor saturated everywhere) and v like nn.Linear's init, scaled so the scores have a
-    standard deviation of about 1.5."""
-    gen = generator(seed)
-    Dv = A if Dv is None else Dv
-    qshape = (B, A) if query_2d else (B, Tq, A)
-    query_proj = randn(qshape, gen, dtype, device)
-    keys_proj = randn((B, S, A), gen, dtype, device)
-    v = randn((A,), gen, dtype, device, scale=2.5 / max(A, 1) ** 0.5)
-    values = randn((B, S, Dv), gen, dtype, device)
-    lengths, mask = make_masking(mask_kind, B, S, gen, device)
-    return AdditiveCase(query_proj, keys_proj, v, values, lengths, mask)
-
-
-ADDITIVE_INPUTS = ("query_proj", "keys_proj", "v", "values")
-ADDITIVE_OUTPUTS = ("context", "weights") + tuple("grad_" + n for n in ADDITIVE_INPUTS)
-
-
-def run_additive(fn, case: AdditiveCase, *, dtype=None, need_weights=True,
-                 weights_in_loss=True, seed=1234):
-    """run_attention for the additive op: forward + backward of `fn` on `case` in `dtype`
-    with seeded upstream gradients; returns context, weights and the four gradients."""
-    dtype = case.query_proj.dtype if dtype is None else dtype
-    leaves = [getattr(case, n).detach().to(dtype).requires_grad_(True) for n in ADDITIVE_INPUTS]
-    ctx, w = fn(*leaves, lengths=case.lengths, mask=case.mask, need_weights=need_weights)
-    out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
-    gen = generator(seed)
-    loss = (ctx * upstream_grad(ctx, gen, case.query_proj.dtype)).sum()
-    if weights_in_loss and w is not None:
-        loss = loss + (w * upstream_grad(w, gen, case.query_proj.dtype)).sum()
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    for name, g, t in zip(ADDITIVE_INPUTS, grads, leaves):
-        out["grad_" + name] = torch.zeros_like(t) if g is None else g
-    return out
-
-
-def ours_additive(query_proj, keys_proj, v, values, **kw):
-    return attention_ext.additive_attention(query_proj, keys_proj, v, values, **kw)
-
-
-def ref_additive(query_proj, keys_proj, v, values, **kw):
-    return reference.additive_attention(query_proj, keys_proj, v, values, **kw)
-
-
-def check_additive_parity(case: AdditiveCase, *, fn=ours_additive, need_weights=True,
-                          weights_in_loss=True, outputs=ADDITIVE_OUTPUTS):
-    """check_parity for the additive op (`fn` may be another implementation of it)."""
-    dtype = case.query_proj.dtype
-    kw = dict(need_weights=need_weights, weights_in_loss=weights_in_loss)
-    got = run_additive(fn, case, **kw)
-    lowp = run_additive(ref_additive, case, **kw)
-    oracle = run_additive(ref_additive, case, dtype=torch.float64, **kw)
-    for name in outputs:
-        assert_rule(name, got[name], lowp[name], oracle[name], dtype)
-    return got
+@contextmanager
+def forced_splits_set(n: int):
+    """Forces n source splits inside the block; always restores automatic (0). A negative
+    n raises ValueError."""
+    attention_ext._C._set_forced_splits(n)
+    try:
+        assert forced_splits_now() == n
+        yield n
+    finally:
+        attention_ext._C._set_forced_splits(0)
 
 
 @pytest.fixture
 def forced_splits(request):
-    """Forces the kernels' number of source splits; always restores automatic (0)."""
-    n = request.param
-    attention_ext._C._set_forced_splits(n)
-    try:
+    """Parametrised indirectly with a number of source splits: forced for the test."""
+    with forced_splits_set(request.param) as n:
         yield n
-    finally:
-        attention_ext._C._set_forced_splits(0)
 
 
 def on_device(kw: dict, device) -> dict:

@@ -183,8 +183,8 @@ def test_compile_fullgraph(attn_type):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("attn_type", TYPES)
 def test_low_precision_rule(attn_type, dtype):
-    """DESIGN.md rule: error vs the float64 oracle <= 2x the eager oracle's own error in
-    the same dtype, plus a floor (conftest.tolerance)."""
+    """The suite's tolerance rule: error vs the float64 oracle <= 2x the eager oracle's own
+    error in the same dtype, plus a floor (conftest.tolerance)."""
     from conftest import assert_rule
 
     ref64, _ = _pair(attn_type, "softmax", True, torch.float64)

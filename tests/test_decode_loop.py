@@ -9,12 +9,9 @@ import sys
 import pytest
 import torch
 
-import attention_ext
-from attention_ext import reference
-from conftest import (DEVICES, EMULATED_CUDA, HAS_CUDA, generator, make_additive_case,
-                      make_case, proc_rss_mib, randn)
+from conftest import DEVICES, EMULATED_CUDA, HAS_CUDA, generator, proc_rss_mib, randn
+from harness import OPS
 
-OPS = ("dot", "additive")
 GRAPH_MASKS = ("lengths64", "mask", "none")
 
 
@@ -22,24 +19,16 @@ def step_inputs(op, device, *, seed=0, mask_kind="lengths64", B=4, S=9, F=16, Dv
                 requires_grad=False):
     """One decoder step's inputs as keyword arguments of the functional op: a (B, F) query
     (query_proj) against (B, S, F) keys (keys_proj)."""
-    if op == "dot":
-        c = make_case(B=B, Tq=1, S=S, D=F, Dv=Dv, device=device, seed=seed, query_2d=True,
-                      mask_kind=mask_kind)
-        tensors = dict(query=c.query, keys=c.keys, values=c.values)
-    else:
-        c = make_additive_case(B=B, Tq=1, S=S, A=F, Dv=Dv, device=device, seed=seed,
-                               query_2d=True, mask_kind=mask_kind)
-        tensors = dict(query_proj=c.query_proj, keys_proj=c.keys_proj, v=c.v, values=c.values)
+    c = op.make_case(B=B, Tq=1, S=S, F=F, Dv=Dv, device=device, seed=seed, query_2d=True,
+                     mask_kind=mask_kind)
+    tensors = dict(c.inputs)
     for t in tensors.values():
         t.requires_grad_(requires_grad)
     return tensors, dict(lengths=c.lengths, mask=c.mask)
 
 
 def call(op, impl, tensors, masking):
-    fn = {("dot", "ours"): attention_ext.dot_attention,
-          ("dot", "ref"): reference.dot_attention,
-          ("additive", "ours"): attention_ext.additive_attention,
-          ("additive", "ref"): reference.additive_attention}[op, impl]
+    fn = {"ours": op.functional, "ref": op.reference}[impl]
     return fn(*tensors.values(), **masking)
 
 
@@ -164,7 +153,7 @@ def test_out_of_range_gpu_lengths_fail_on_the_device(op):
     """Lengths on the GPU are checked by the kernels (no host wait): a length > S fails the
     launch with a device-side assertion naming lengths. It leaves the CUDA context
     unusable, so it runs in a subprocess."""
-    fn = "dot_attention(x, k" if op == "dot" else "additive_attention(x, k, k[0, 0], k"
+    fn = op.pick(dot="dot_attention(x, k", additive="additive_attention(x, k, k[0, 0], k")
     code = ("import torch, attention_ext\n"
             "x = torch.randn(2, 8, device='cuda'); k = torch.randn(2, 5, 8, device='cuda')\n"
             f"attention_ext.{fn}, lengths=torch.tensor([2, 6], device='cuda'))\n"

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import EMULATED_CUDA, generator, make_case
+from conftest import EMULATED_CUDA, generator
+from harness import DOT
 
 pytestmark = pytest.mark.skipif(
     not EMULATED_CUDA,
@@ -23,7 +24,7 @@ OPS = torch.ops.attention_ext
 def test_ops_are_the_emulated_cuda_code():
     """Lengths on the kernels' device are checked by the CUDA kernels as they read them: the
     error comes from the emulated launch, not from a host-side check."""
-    case = make_case(B=2, Tq=1, S=5, D=8, seed=3)
+    case = DOT.make_case(B=2, Tq=1, S=5, D=8, seed=3)
     bad = torch.tensor([2, 6])
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, S\] \(a device-side check"):
         OPS.dot_attention(case.query, case.keys, case.values, bad, None, 1.0, True)

@@ -12,14 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (
-    DTYPES,
-    MASK_KINDS,
-    check_additive_parity,
-    check_parity,
-    make_additive_case,
-    make_case,
-)
+from conftest import DTYPES, MASK_KINDS
+from harness import ADDITIVE, DOT, check_parity
 
 SETTINGS = settings(
     max_examples=200,
@@ -44,6 +38,12 @@ def relayout(t, layout):
     return wide[..., ::2]
 
 
+def _relayout_case(case, layout):
+    """Every input and the mask in another memory layout (lengths as they are)."""
+    return case.replace(**{n: relayout(t, layout) for n, t in case.inputs.items()},
+                        mask=relayout(case.mask, layout))
+
+
 common = dict(
     B=st.integers(0, 3),
     Tq=st.integers(0, 6),
@@ -63,22 +63,20 @@ common = dict(
        scale=st.sampled_from([None, 0.25, 2.0]), **common)
 def test_dot_attention_matches_reference(B, Tq, S, D, Dv, dtype, mask_kind, layout, query_2d,
                                          values_none, scale, need_weights, weights_in_loss, seed):
-    case = make_case(B, Tq, S, D, Dv, dtype=dtype, seed=seed, query_2d=query_2d,
-                     values_none=values_none, mask_kind=mask_kind, scale=scale)
-    case.query, case.keys, case.values = (relayout(t, layout) for t in (case.query, case.keys, case.values))
-    case.mask = relayout(case.mask, layout)
-    check_parity(case, need_weights=need_weights, weights_in_loss=weights_in_loss)
+    case = DOT.make_case(B, Tq, S, D, Dv, dtype=dtype, seed=seed, query_2d=query_2d,
+                         values_none=values_none, mask_kind=mask_kind, scale=scale)
+    check_parity(_relayout_case(case, layout), need_weights=need_weights,
+                 weights_in_loss=weights_in_loss)
 
 
 @SETTINGS
 @given(A=st.integers(1, 40), Dv=st.integers(1, 24), **common)
 def test_additive_attention_matches_reference(B, Tq, S, A, Dv, dtype, mask_kind, layout, query_2d,
                                               need_weights, weights_in_loss, seed):
-    case = make_additive_case(B, Tq, S, A, Dv, dtype=dtype, seed=seed, query_2d=query_2d,
+    case = ADDITIVE.make_case(B, Tq, S, A, Dv, dtype=dtype, seed=seed, query_2d=query_2d,
                               mask_kind=mask_kind)
-    for name in ("query_proj", "keys_proj", "v", "values", "mask"):
-        setattr(case, name, relayout(getattr(case, name), layout))
-    check_additive_parity(case, need_weights=need_weights, weights_in_loss=weights_in_loss)
+    check_parity(_relayout_case(case, layout), need_weights=need_weights,
+                 weights_in_loss=weights_in_loss)
 
 
 def test_relayout_keeps_values_and_changes_strides():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import attention_ext as ae
-from conftest import DEVICES, make_additive_case, make_case, run_additive, run_attention, ours, ours_additive
+from conftest import DEVICES
+from harness import ADDITIVE, DOT, OPS, call, run
 
 FUZZER = Path(__file__).with_name("fuzz_ops.py")
 
@@ -36,44 +36,30 @@ def _rows_equal_except(got, clean, bad_rows):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("op", ["dot", "additive"])
+@pytest.mark.parametrize("op", OPS)
 def test_non_finite_query_row_stays_in_its_row(op, value):
-    B, Tq, S, D = 3, 5, 9, 16
-    if op == "dot":
-        case = make_case(B, Tq, S, D, mask_kind="lengths64", seed=3)
-        call = lambda q: ae.dot_attention(q, case.keys, case.values, lengths=case.lengths)
-        query = case.query
-    else:
-        case = make_additive_case(B, Tq, S, D, mask_kind="lengths64", seed=3)
-        call = lambda q: ae.additive_attention(q, case.keys_proj, case.v, case.values,
-                                               lengths=case.lengths)
-        query = case.query_proj
+    B, Tq, S, F = 3, 5, 9, 16
+    case = op.make_case(B, Tq, S, F, mask_kind="lengths64", seed=3)
     case.lengths[1] = S  # row (1, 2) attends to every key
-    clean_ctx, clean_w = call(query)
+    query = case.inputs[op.query]
+    clean_ctx, clean_w = call(op.functional, case)
     bad = query.clone()
     bad[1, 2, 3] = value
-    ctx, w = call(bad)
+    ctx, w = call(op.functional, case.replace(**{op.query: bad}))
     _rows_equal_except(ctx, clean_ctx, [(1, 2)])
     _rows_equal_except(w, clean_w, [(1, 2)])
     if value != value:  # NaN in, NaN out for that row
         assert torch.isnan(ctx[1, 2]).all() and torch.isnan(w[1, 2]).all()
 
 
-@pytest.mark.parametrize("op", ["dot", "additive"])
+@pytest.mark.parametrize("op", OPS)
 def test_nan_key_stays_in_its_batch_element(op):
-    B, Tq, S, D = 3, 4, 9, 16
-    if op == "dot":
-        case = make_case(B, Tq, S, D, seed=4)
-        keys = case.keys
-        call = lambda k: ae.dot_attention(case.query, k, case.values)
-    else:
-        case = make_additive_case(B, Tq, S, D, seed=4)
-        keys = case.keys_proj
-        call = lambda k: ae.additive_attention(case.query_proj, k, case.v, case.values)
-    clean_ctx, clean_w = call(keys)
-    bad = keys.clone()
+    B, Tq, S, F = 3, 4, 9, 16
+    case = op.make_case(B, Tq, S, F, seed=4)
+    clean_ctx, clean_w = call(op.functional, case)
+    bad = case.inputs[op.keys].clone()
     bad[2, 5, 0] = float("nan")
-    ctx, w = call(bad)
+    ctx, w = call(op.functional, case.replace(**{op.keys: bad}))
     assert torch.equal(ctx[:2], clean_ctx[:2]) and torch.equal(w[:2], clean_w[:2])
     assert torch.isnan(ctx[2]).all() and torch.isnan(w[2]).all()
 
@@ -82,11 +68,11 @@ def _cases(device="cpu"):
     """Forward + backward of both ops on a few different inputs, as callables."""
     jobs = []
     for seed in range(4):
-        dcase = make_case(4, 6, 23, 32, mask_kind="mask", seed=seed, device=device)
-        jobs.append(lambda c=dcase: run_attention(ours, c))
-        acase = make_additive_case(4, 6, 23, 32, 12, mask_kind="lengths64", seed=seed,
+        dcase = DOT.make_case(4, 6, 23, 32, mask_kind="mask", seed=seed, device=device)
+        jobs.append(lambda c=dcase: run(c))
+        acase = ADDITIVE.make_case(4, 6, 23, 32, 12, mask_kind="lengths64", seed=seed,
                                    device=device)
-        jobs.append(lambda c=acase: run_additive(ours_additive, c))
+        jobs.append(lambda c=acase: run(c))
     return jobs
 
 

@@ -1,0 +1,289 @@
+"""One test harness for both fused ops.
+
+An OpSpec says what an op is to the tests: its tensor inputs (in call order; the first is
+the query, the second the keys), how to draw a seeded case, how to call ours (the
+functional API and the raw torch.ops op and its backward) and reference.py, and which
+outputs and gradients there are. A Case is one op's inputs. run() and check_parity() take
+any op's case, so the parity, autograd and error tests are written once and parametrised
+over OPS (test ids "dot" and "additive"); what only one op has (dot's scale and
+values=None, additive's v) is an option of its spec or an entry of that op alone.
+
+The tolerance rule is conftest's (assert_rule): the same for both ops.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import pytest
+import torch
+
+import attention_ext
+from attention_ext import reference
+from conftest import assert_rule, generator, make_masking, on_device, randn, upstream_grad
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op as the tests see it. Its functions follow from its name: the functional API
+    attention_ext.<name>_attention, reference.<name>_attention (eager PyTorch), the raw op
+    torch.ops.attention_ext.<name>_attention (inputs..., lengths, mask[, scale],
+    need_weights) and its backward op _<name>_attention_backward (grad_context,
+    grad_weights, the forward's arguments but need_weights, lse)."""
+
+    name: str  # "dot" or "additive": test ids, pick()
+    inputs: Tuple[str, ...]  # tensor arguments in call order: query, keys, ...
+    feature: str  # the query's and keys' width in shape tables and messages: "D" or "A"
+    init_scales: Callable[[int], Dict[str, float]]  # F -> std of make_case's draws (1 if absent)
+    gradcheck_scales: Dict[str, float]  # inputs scaled for gradcheck (1 if absent)
+    scores: Callable  # case with a 3-D query -> its scores (B, Tq, S) in float64
+    has_scale: bool = False  # takes a score scale (dot)
+    values_optional: bool = False  # values may be None: the keys are the values (dot)
+
+    def __repr__(self):
+        return self.name
+
+    @property
+    def functional(self) -> Callable:
+        return getattr(attention_ext, f"{self.name}_attention")
+
+    @property
+    def reference(self) -> Callable:
+        return getattr(reference, f"{self.name}_attention")
+
+    @property
+    def raw(self):
+        return getattr(torch.ops.attention_ext, f"{self.name}_attention")
+
+    @property
+    def raw_backward(self):
+        return getattr(torch.ops.attention_ext, f"_{self.name}_attention_backward")
+
+    @property
+    def query(self) -> str:
+        return self.inputs[0]
+
+    @property
+    def keys(self) -> str:
+        return self.inputs[1]
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        """run()'s keys: context, weights and a gradient per input."""
+        return ("context", "weights") + tuple("grad_" + n for n in self.inputs)
+
+    @property
+    def batched_outputs(self) -> Tuple[str, ...]:
+        """The outputs with a batch dimension first (all but the gradient of v)."""
+        return tuple(n for n in self.outputs if n != "grad_v")
+
+    def pick(self, **per_op):
+        """This op's entry of per_op (keyword = op name): per-op seeds, shapes, messages."""
+        return per_op[self.name]
+
+    def shapes(self, B, Tq, S, F, Dv, query_2d=False) -> Dict[str, tuple]:
+        """Every input's shape: query (B, F) or (B, Tq, F), keys (B, S, F), v (F,), values
+        (B, S, Dv)."""
+        shape = {self.query: (B, F) if query_2d else (B, Tq, F), self.keys: (B, S, F),
+                 "v": (F,), "values": (B, S, Dv)}
+        return {n: shape[n] for n in self.inputs}
+
+    def draw(self, gen, B, Tq, S, F, Dv=None, *, dtype=torch.float32, device="cpu",
+             query_2d=False, values_none=False, scales=None) -> Dict[str, Optional[Tensor]]:
+        """Seeded standard normal inputs (times scales[name]), drawn from gen in call order;
+        with values_none, values is None and not drawn."""
+        if values_none and not self.values_optional:
+            raise ValueError(f"{self.name} attention needs values")
+        Dv = F if Dv is None else Dv
+        scales = scales or {}
+        return {n: None if (n == "values" and values_none)
+                else randn(shape, gen, dtype, device, scale=scales.get(n, 1.0))
+                for n, shape in self.shapes(B, Tq, S, F, Dv, query_2d).items()}
+
+    def make_case(self, B, Tq, S, F=None, Dv=None, *, D=None, A=None, dtype=torch.float32,
+                  device="cpu", seed=0, query_2d=False, values_none=False, mask_kind="none",
+                  scale=None) -> "Case":
+        """Seeded inputs, then masking (conftest.MASK_KINDS) from the same generator. The
+        width F may be given by the op's own name (D=, A=) as in the shape tables. The
+        scales (init_scales) make scores of a standard deviation of about 1.5: softmax
+        neither uniform nor one-hot."""
+        widths = {"D": D, "A": A}
+        named = widths.pop(self.feature)
+        if any(w is not None for w in widths.values()) or (named is not None and F is not None):
+            raise TypeError(f"{self.name} attention's width is F or {self.feature}")
+        F = named if F is None else F
+        if scale is not None and not self.has_scale:
+            raise ValueError(f"{self.name} attention takes no scale")
+        gen = generator(seed)
+        inputs = self.draw(gen, B, Tq, S, F, Dv, dtype=dtype, device=device, query_2d=query_2d,
+                           values_none=values_none, scales=self.init_scales(max(F, 1)))
+        lengths, mask = make_masking(mask_kind, B, S, gen, device)
+        return Case(self, inputs, lengths, mask, scale)
+
+    def case(self, *, lengths=None, mask=None, scale=None, **inputs) -> "Case":
+        """A case of given tensors (every input by name)."""
+        if set(inputs) != set(self.inputs):
+            raise TypeError(f"{self.name} attention's inputs are {self.inputs}, got {tuple(inputs)}")
+        return Case(self, {n: inputs[n] for n in self.inputs}, lengths, mask, scale)
+
+    def op_args(self, case: "Case", need_weights=True) -> tuple:
+        """The raw op's positional arguments for case (a scale of None is 1)."""
+        args = [case.inputs[n] for n in self.inputs] + [case.lengths, case.mask]
+        if self.has_scale:
+            args.append(1.0 if case.scale is None else case.scale)
+        return (*args, need_weights)
+
+    @staticmethod
+    def backward_args(grad_context, grad_weights, op_args: tuple, lse) -> tuple:
+        """The raw backward op's positional arguments: the upstream gradients, the forward's
+        arguments but need_weights, and the forward's lse."""
+        return (grad_context, grad_weights, *op_args[:-1], lse)
+
+
+@dataclass
+class Case:
+    """One op's inputs: its tensors by name (in call order), lengths or mask, and a scale
+    where the op has one. case.<input name> reads a tensor."""
+
+    op: OpSpec
+    inputs: Dict[str, Optional[Tensor]]
+    lengths: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    scale: Optional[float] = None
+
+    def __getattr__(self, name):
+        inputs = self.__dict__.get("inputs")
+        if inputs is not None and name in inputs:
+            return inputs[name]
+        raise AttributeError(name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inputs[self.op.query].dtype
+
+    def tensors(self) -> list:
+        return [self.inputs[n] for n in self.op.inputs]
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of the functional and reference ops (need_weights aside)."""
+        kw = dict(lengths=self.lengths, mask=self.mask)
+        if self.op.has_scale:
+            kw["scale"] = self.scale
+        return kw
+
+    def replace(self, **over) -> "Case":
+        """A copy with some inputs (by name), lengths, mask or scale replaced."""
+        inputs = {n: over.pop(n, t) for n, t in self.inputs.items()}
+        return dataclasses.replace(self, inputs=inputs, **over)
+
+    def on_device(self, device) -> "Case":
+        """Every tensor on device but lengths, which stay on the CPU (conftest.on_device)."""
+        moved = on_device({**self.inputs, "lengths": self.lengths, "mask": self.mask}, device)
+        return self.replace(**moved)
+
+
+def _dot_scores(case: Case) -> Tensor:
+    scores = torch.bmm(case.query.double(), case.keys.double().transpose(1, 2))
+    return scores if case.scale is None else scores * case.scale
+
+
+def _additive_scores(case: Case) -> Tensor:
+    q, k = case.query_proj.double(), case.keys_proj.double()
+    return torch.tanh(q[:, :, None, :] + k[:, None, :, :]) @ case.v.double()
+
+
+DOT = OpSpec(
+    name="dot",
+    inputs=("query", "keys", "values"),
+    feature="D",
+    init_scales=lambda D: {"query": 1.5 / D ** 0.5},
+    # Larger scores than make_case's, so the softmax Jacobian is far from uniform.
+    gradcheck_scales={"query": 2.0},
+    scores=_dot_scores,
+    has_scale=True,
+    values_optional=True,
+)
+
+ADDITIVE = OpSpec(
+    name="additive",
+    inputs=("query_proj", "keys_proj", "v", "values"),
+    feature="A",
+    # Projections of unit scale (tanh neither linear nor saturated everywhere), as a trained
+    # layer sees them, and v like nn.Linear's init, scaled so the scores have a standard
+    # deviation of about 1.5.
+    init_scales=lambda A: {"v": 2.5 / A ** 0.5},
+    # Projections of 1.5x: tanh' far from 1 and from 0.
+    gradcheck_scales={"query_proj": 1.5, "keys_proj": 1.5, "v": 2.0},
+    scores=_additive_scores,
+)
+
+OPS = [pytest.param(DOT, id="dot"), pytest.param(ADDITIVE, id="additive")]
+BY_NAME = {op.name: op for op in (DOT, ADDITIVE)}
+
+
+def per_op(**tables):
+    """Parameters (op, entry) from each op's list of (id, entry), keyword = op name; test
+    ids "dot-<id>", "additive-<id>"."""
+    return [pytest.param(BY_NAME[name], entry, id=f"{name}-{id_}")
+            for name, table in tables.items() for id_, entry in table]
+
+
+# ----------------------------------------------------------------------------- running
+
+def call(fn, case: Case, **kw):
+    """fn (op.functional, op.reference or another implementation of the op) on case."""
+    return fn(*case.tensors(), **case.kwargs(), **kw)
+
+
+def run(case: Case, fn=None, *, dtype=None, need_weights=True, weights_in_loss=True,
+        seed=1234) -> Dict[str, Optional[Tensor]]:
+    """Forward + backward of fn (default: ours, the op's functional API) on case, its inputs
+    cast to dtype. Returns context, weights and a gradient per input (case.op.outputs; None
+    for an input that is None). The loss is <context, g_c> (+ <weights, g_w> when
+    weights_in_loss) with seeded upstream gradients (conftest.upstream_grad)."""
+    op = case.op
+    fn = op.functional if fn is None else fn
+    dtype = case.dtype if dtype is None else dtype
+    leaves = case.replace(**{n: t.detach().to(dtype).requires_grad_(True)
+                             for n, t in case.inputs.items() if t is not None})
+    ctx, w = call(fn, leaves, need_weights=need_weights)
+    out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
+    gen = generator(seed)
+    loss = (ctx * upstream_grad(ctx, gen, case.dtype)).sum()
+    if weights_in_loss and w is not None:
+        loss = loss + (w * upstream_grad(w, gen, case.dtype)).sum()
+    present = [n for n in op.inputs if leaves.inputs[n] is not None]
+    grads = torch.autograd.grad(loss, [leaves.inputs[n] for n in present], allow_unused=True)
+    grads = dict(zip(present, grads))
+    for n in op.inputs:
+        t = leaves.inputs[n]
+        g = grads.get(n)
+        out["grad_" + n] = None if t is None else (torch.zeros_like(t) if g is None else g)
+    return out
+
+
+def check_parity(case: Case, *, fn=None, need_weights=True, weights_in_loss=True,
+                 outputs=None):
+    """Ours (or fn) vs the float64 oracle, with reference.py in the input dtype as the
+    yardstick (conftest's tolerance rule), on every output and gradient. Returns ours."""
+    op = case.op
+    kw = dict(need_weights=need_weights, weights_in_loss=weights_in_loss)
+    got = run(case, fn, **kw)
+    lowp = run(case, op.reference, **kw)
+    oracle = run(case, op.reference, dtype=torch.float64, **kw)
+    for name in op.outputs if outputs is None else outputs:
+        assert_rule(name, got[name], lowp[name], oracle[name], case.dtype)
+    return got
+
+
+def assert_same(a: dict, b: dict, msg=""):
+    """Two run() results bitwise equal, None where None."""
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name] is None:
+            assert b[name] is None, f"{msg}{name}"
+        else:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{msg}{name}")

@@ -1,0 +1,353 @@
+"""Both ops: bad input raises ValueError/RuntimeError naming the argument, through the
+functional API and through torch.ops directly (real kernels), and through the fake kernels
+(meta tensors, what torch.compile traces) for structural errors; nothing crashes or
+hangs."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICES, HAS_CUDA, on_device
+from harness import ADDITIVE, DOT, OPS, call
+
+ERRORS = (ValueError, RuntimeError)
+
+B, Tq, S, F, Dv = 3, 2, 5, 4, 6  # F: the query's and keys' width (D or A)
+
+
+def good(op, **over):
+    """A valid case (lengths and mask None), then over (inputs by name, lengths, mask,
+    scale) on top."""
+    inputs = {n: torch.randn(shape) for n, shape in op.shapes(B, Tq, S, F, Dv).items()}
+    return op.case(**inputs).replace(**over)
+
+
+def call_functional(case):
+    return call(case.op.functional, case)
+
+
+def call_op(case):
+    return case.op.raw(*case.op.op_args(case))
+
+
+CALLERS = [pytest.param(call_functional, id="functional"), pytest.param(call_op, id="op")]
+
+
+def _bad_inputs(op):
+    """(id, overrides, regex the message must match) for checks both ops make, in op's
+    names: {q} the query, {k} the keys, {F} their width's name."""
+    q, k, W = op.query, op.keys, op.feature
+    every = lambda dtype: {n: torch.ones(shape, dtype=dtype)  # noqa: E731
+                           for n, shape in op.shapes(B, Tq, S, F, Dv).items()}
+    return [
+        # wrong ranks
+        ("query_1d", {q: torch.randn(F)},
+         rf"{q} must have shape \(B, {W}\) for one decoder step or \(B, Tq, {W}\), got \[4\]"),
+        ("query_4d", {q: torch.randn(B, Tq, 1, F)},
+         rf"{q} must have shape \(B, {W}\) for one decoder step or \(B, Tq, {W}\)"),
+        ("keys_2d", {k: torch.randn(B, F)}, rf"{k} must have shape \(B, S, {W}\)"),
+        ("keys_4d", {k: torch.randn(B, S, F, 1)}, rf"{k} must have shape \(B, S, {W}\)"),
+        ("values_2d", dict(values=torch.randn(B, S)), r"values must have shape \(B, S, Dv\)"),
+        ("values_4d", dict(values=torch.randn(B, S, Dv, 1)),
+         r"values must have shape \(B, S, Dv\)"),
+        # batch mismatch: each input in turn is the odd one out
+        ("keys_batch", {k: torch.randn(B + 1, S, F)}, rf"{k} must have batch size B = 3"),
+        ("values_batch", dict(values=torch.randn(B + 1, S, Dv)),
+         r"values must have batch size B = 3"),
+        ("query_batch", {q: torch.randn(B - 1, Tq, F)}, rf"{k} must have batch size B = 2"),
+        ("lengths_batch", dict(lengths=torch.tensor([1, 2])), r"lengths must have shape \(B,\)"),
+        ("mask_batch", dict(mask=torch.ones(B + 1, S, dtype=torch.bool)),
+         r"mask must have shape \(B, S\)"),
+        # values of a different S
+        ("S_mismatch", dict(values=torch.randn(B, S + 1, Dv)),
+         r"values must have source length S = 5"),
+        ("S_mismatch_short", dict(values=torch.randn(B, S - 1, Dv)),
+         r"values must have source length S = 5"),
+        # lengths
+        ("lengths_2d", dict(lengths=torch.ones(B, 1, dtype=torch.long)),
+         r"lengths must have shape \(B,\)"),
+        ("lengths_0d", dict(lengths=torch.tensor(2)), r"lengths must have shape \(B,\)"),
+        ("lengths_float", dict(lengths=torch.tensor([1.0, 2.0, 3.0])),
+         r"lengths must be an int64 or int32"),
+        ("lengths_half", dict(lengths=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)),
+         r"lengths must be an int64 or int32"),
+        ("lengths_bool", dict(lengths=torch.tensor([True, False, True])),
+         r"lengths must be an int64 or int32"),
+        ("lengths_negative", dict(lengths=torch.tensor([1, -1, 2])),
+         r"lengths must lie in \[0, S\]"),
+        ("lengths_gt_S", dict(lengths=torch.tensor([1, S + 1, 2])),
+         r"lengths must lie in \[0, S\]"),
+        ("lengths_gt_S_int32", dict(lengths=torch.tensor([S + 1, 0, 0], dtype=torch.int32)),
+         r"lengths must lie in \[0, S\]"),
+        ("lengths_negative_int32", dict(lengths=torch.tensor([0, 0, -3], dtype=torch.int32)),
+         r"lengths must lie in \[0, S\]"),
+        # mask
+        ("mask_int", dict(mask=torch.ones(B, S, dtype=torch.long)),
+         r"mask must be a bool tensor"),
+        ("mask_uint8", dict(mask=torch.ones(B, S, dtype=torch.uint8)),
+         r"mask must be a bool tensor"),
+        ("mask_float", dict(mask=torch.ones(B, S)), r"mask must be a bool tensor"),
+        ("mask_S", dict(mask=torch.ones(B, S + 1, dtype=torch.bool)),
+         r"mask must have shape \(B, S\)"),
+        ("mask_3d", dict(mask=torch.ones(B, 1, S, dtype=torch.bool)),
+         r"mask must have shape \(B, S\)"),
+        ("mask_1d", dict(mask=torch.ones(S, dtype=torch.bool)), r"mask must have shape \(B, S\)"),
+        ("lengths_and_mask", dict(lengths=torch.tensor([1, 2, 3]),
+                                  mask=torch.ones(B, S, dtype=torch.bool)),
+         r"either lengths or mask"),
+        # mixed dtypes: each input in turn differs from the query
+        ("keys_dtype", {k: torch.randn(B, S, F, dtype=torch.float64)},
+         rf"{k} must have the same dtype as {q}"),
+        ("values_dtype", dict(values=torch.randn(B, S, Dv, dtype=torch.bfloat16)),
+         rf"values must have the same dtype as {q}"),
+        ("query_dtype", {q: torch.randn(B, Tq, F, dtype=torch.float64)},
+         rf"{k} must have the same dtype as {q}"),
+        ("all_int", every(torch.long), rf"{q} must be float32, float64, float16 or bfloat16"),
+        ("all_complex", every(torch.complex64),
+         rf"{q} must be float32, float64, float16 or bfloat16"),
+    ]
+
+
+BAD_DOT = [
+    # keys of another width than the query
+    ("D_mismatch", dict(keys=torch.randn(B, S, F + 1)), r"keys must have feature size D = 4"),
+    # scale
+    ("scale_nan", dict(scale=math.nan), r"scale must be finite"),
+    ("scale_inf", dict(scale=math.inf), r"scale must be finite"),
+    ("scale_neg_inf", dict(scale=-math.inf), r"scale must be finite"),
+]
+
+BAD_ADDITIVE = [
+    # v of the wrong rank or size
+    ("v_0d", dict(v=torch.tensor(1.0)), r"v must have shape \(A,\) = \(4,\)"),
+    ("v_2d", dict(v=torch.randn(1, F)), r"v must have shape \(A,\) = \(4,\)"),
+    ("v_2d_A1", dict(v=torch.randn(F, 1)), r"v must have shape \(A,\) = \(4,\)"),
+    ("v_size", dict(v=torch.randn(F + 1)), r"v must have shape \(A,\) = \(4,\)"),
+    ("v_empty", dict(v=torch.randn(0)), r"v must have shape \(A,\) = \(4,\)"),
+    # query_proj and keys_proj of different A
+    ("A_mismatch", dict(keys_proj=torch.randn(B, S, F + 1)), r"keys_proj must have size A = 4"),
+    ("A_mismatch_query", dict(query_proj=torch.randn(B, Tq, F + 1), v=torch.randn(F + 1)),
+     r"keys_proj must have size A = 5"),
+    ("v_dtype", dict(v=torch.randn(F, dtype=torch.float16)),
+     r"v must have the same dtype as query_proj"),
+]
+
+BAD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
+       for op, own in ((DOT, BAD_DOT), (ADDITIVE, BAD_ADDITIVE))
+       for id_, over, match in _bad_inputs(op) + own]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("op,over,match", BAD)
+def test_bad_input(op, over, match, caller, device):
+    case = good(op, **over).on_device(device)
+    with pytest.raises(ERRORS, match=match):
+        caller(case)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_input_2d_query(op):
+    """A 2-D query (one decoder step) is checked like a 3-D one."""
+    with pytest.raises(ERRORS, match=rf"{op.keys} must have batch size B = 2"):
+        call_functional(good(op, **{op.query: torch.randn(2, F)}))
+    narrow = {op.query: torch.randn(B, 3)}
+    if "v" in op.inputs:
+        narrow["v"] = torch.randn(3)  # so the keys are the odd one out
+    with pytest.raises(ERRORS, match=op.pick(dot=r"keys must have feature size D = 3",
+                                             additive=r"keys_proj must have size A = 3")):
+        call_functional(good(op, **narrow))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_shape_errors_are_value_errors(op):
+    """Shape and value errors raise ValueError (dtype and device errors RuntimeError)."""
+    overs = [dict(values=torch.randn(B, S + 1, Dv)), dict(lengths=torch.tensor([1, S + 1, 2]))]
+    overs += op.pick(dot=[dict(keys=torch.randn(B, S, F + 1))],
+                     additive=[dict(v=torch.randn(F + 1))])
+    for over in overs:
+        with pytest.raises(ValueError):
+            call_op(good(op, **over))
+
+
+def test_dot_scale_tensor_rejected():
+    with pytest.raises(ERRORS, match="scale"):
+        call_functional(good(DOT, scale=torch.tensor(0.5)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_not_a_tensor(op):
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=op.query):
+        call_functional(good(op, **{op.query: [[1.0]]}))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_errors_leave_no_state(op):
+    """After a failing call the op still works (no poisoned state)."""
+    with pytest.raises(ERRORS):
+        call_functional(good(op, lengths=torch.tensor([1, 9, 2])))
+    ctx, w = call_functional(good(op, lengths=torch.tensor([1, 5, 2])))
+    assert torch.isfinite(ctx).all() and torch.isfinite(w).all()
+    assert ctx.shape == (B, Tq, Dv) and w.shape == (B, Tq, S)
+
+
+# ------------------------------------------------------------------------- backward op
+
+UPSTREAM = ("grad_context", "grad_weights", "lse")
+
+
+def call_backward(op, device, over):
+    """The backward op on a valid forward's outputs (lengths [0, 3, S]), with over (upstream
+    gradients, lse, inputs, lengths, mask, scale) on top, everything on device but
+    lengths."""
+    case = good(op, lengths=torch.tensor([0, 3, S]))
+    ctx, w, lse = call_op(case)
+    upstream = dict(grad_context=torch.randn_like(ctx), grad_weights=torch.randn_like(w), lse=lse)
+    upstream.update({n: t for n, t in over.items() if n in UPSTREAM})
+    case = case.replace(**{n: t for n, t in over.items() if n not in UPSTREAM})
+    case, upstream = case.on_device(device), on_device(upstream, device)
+    return op.raw_backward(*op.backward_args(upstream["grad_context"], upstream["grad_weights"],
+                                             op.op_args(case), upstream["lse"]))
+
+
+def _bad_backward(op):
+    """(id, overrides, regex) for checks both backward ops make."""
+    return [
+        ("grad_context_shape", dict(grad_context=torch.randn(B, Tq, Dv + 1)), r"grad_context"),
+        ("grad_context_rank", dict(grad_context=torch.randn(B, Dv)), r"grad_context"),
+        ("grad_context_dtype", dict(grad_context=torch.randn(B, Tq, Dv, dtype=torch.float64)),
+         r"grad_context"),
+        ("grad_weights_shape", dict(grad_weights=torch.randn(B, Tq, S + 1)), r"grad_weights"),
+        ("grad_weights_dtype", dict(grad_weights=torch.randn(B, Tq, S, dtype=torch.float16)),
+         r"grad_weights"),
+        ("lse_shape", dict(lse=torch.zeros(B, Tq + 1)), r"lse"),
+        ("lse_dtype", dict(lse=torch.zeros(B, Tq, dtype=torch.float64)), r"lse"),
+        ("keys_F", {op.keys: torch.randn(B, S, F + 1)}, op.keys),
+        ("values_S", dict(values=torch.randn(B, S + 1, Dv)), r"values"),
+        ("lengths_gt_S", dict(lengths=torch.tensor([0, 3, S + 2])), r"lengths"),
+        ("lengths_and_mask", dict(mask=torch.ones(B, S, dtype=torch.bool)),
+         r"either lengths or mask"),
+    ]
+
+
+BAD_BACKWARD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
+                for op, own in ((DOT, [("scale_nan", dict(scale=math.nan), r"scale")]),
+                                (ADDITIVE, [("v_size", dict(v=torch.randn(F + 2)),
+                                             r"\bv must have shape")]))
+                for id_, over, match in _bad_backward(op) + own]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,over,match", BAD_BACKWARD)
+def test_bad_input_backward_op(op, over, match, device):
+    with pytest.raises(ERRORS, match=match):
+        call_backward(op, device, over)
+
+
+# ----------------------------------------------------------------------------- devices
+
+MIXED = [pytest.param(op, name, id=f"{op.name}-{name}")
+         for op in (DOT, ADDITIVE) for name in (*op.inputs[1:], "mask", op.query)]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("op,name", MIXED)
+def test_mixed_devices_cuda(op, name, caller):
+    """One input on the CPU, the rest on the GPU (lengths on the CPU are accepted:
+    test_decode_loop.py)."""
+    case = good(op, mask=torch.ones(B, S, dtype=torch.bool) if name == "mask" else None)
+    flat = {**case.inputs, "mask": case.mask}
+    case = case.replace(**{n: t.cuda() for n, t in flat.items() if t is not None and n != name})
+    # A CPU query: the keys are the first input checked against it.
+    expect = op.keys if name == op.query else name
+    with pytest.raises(ERRORS, match=rf"\b{expect} must be on the same device"):
+        caller(case)
+
+
+# A meta tensor in the mix dispatches to the fake kernel (the one torch.compile traces):
+# it must refuse what the real kernels refuse instead of returning outputs.
+@pytest.mark.parametrize("op,name", [pytest.param(op, name, id=f"{op.name}-{name}")
+                                     for op in (DOT, ADDITIVE)
+                                     for name in (*op.inputs[1:], "lengths", "mask")])
+def test_mixed_devices_meta(op, name):
+    case = good(op, lengths=torch.tensor([1, 2, 3]) if name == "lengths" else None,
+                mask=torch.ones(B, S, dtype=torch.bool) if name == "mask" else None)
+    flat = {**case.inputs, "lengths": case.lengths, "mask": case.mask}
+    with pytest.raises(ERRORS, match=rf"\b{name} must"):
+        call_op(case.replace(**{name: flat[name].to("meta")}))
+
+
+def to_meta(case):
+    return case.replace(**{n: t.to("meta") for n, t in
+                           {**case.inputs, "lengths": case.lengths, "mask": case.mask}.items()
+                           if isinstance(t, torch.Tensor)})
+
+
+def _fake_bad(op):
+    """(id, overrides, regex) for the structural checks both ops' fake kernels make."""
+    q, k, W = op.query, op.keys, op.feature
+    return [
+        ("keys_F", {k: torch.randn(B, S, F + 1)}, rf"{k} must have shape"),
+        ("keys_batch", {k: torch.randn(B + 1, S, F)}, rf"{k} must have shape"),
+        ("keys_rank", {k: torch.randn(B, F)}, rf"{k} must have shape"),
+        ("query_1d", {q: torch.randn(F)},
+         rf"{q} must have shape \(B, {W}\) for one decoder step"),
+        ("query_4d", {q: torch.randn(B, Tq, 1, F)}, rf"{q} must have shape \(B, {W}\)"),
+        ("values_S", dict(values=torch.randn(B, S + 1, Dv)), r"values must have shape"),
+        ("values_batch", dict(values=torch.randn(B + 1, S, Dv)), r"values must have shape"),
+        ("values_rank", dict(values=torch.randn(B, S)), r"values must have shape"),
+        ("values_dtype", dict(values=torch.randn(B, S, Dv, dtype=torch.float64)),
+         r"values must"),
+        ("lengths_and_mask", dict(lengths=torch.tensor([1, 2, 3]),
+                                  mask=torch.ones(B, S, dtype=torch.bool)),
+         r"either lengths or mask"),
+    ]
+
+
+FAKE_BAD_ADDITIVE = [
+    ("v_size", dict(v=torch.randn(F + 1)), r"\bv must have shape \(A,\)"),
+    ("v_rank", dict(v=torch.randn(1, F)), r"\bv must have shape \(A,\)"),
+    ("v_dtype", dict(v=torch.randn(F, dtype=torch.bfloat16)), r"\bv must"),
+]
+
+FAKE_BAD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
+            for op, own in ((DOT, []), (ADDITIVE, FAKE_BAD_ADDITIVE))
+            for id_, over, match in _fake_bad(op) + own]
+
+
+@pytest.mark.parametrize("op,over,match", FAKE_BAD)
+def test_fake_kernel_checks(op, over, match):
+    with pytest.raises(ERRORS, match=match):
+        call_op(to_meta(good(op, **over)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fake_kernel_good_shapes(op):
+    """The fake kernels give the real kernels' output shapes and dtypes (lse in float32)."""
+    case = to_meta(good(op))
+    ctx, w, lse = call_op(case)
+    assert ctx.shape == (B, Tq, Dv) and w.shape == (B, Tq, S) and lse.shape == (B, Tq)
+    assert lse.dtype == torch.float32 and ctx.device.type == "meta"
+    grads = op.raw_backward(*op.backward_args(torch.empty(B, Tq, Dv, device="meta"), None,
+                                              op.op_args(case), lse))
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in case.tensors()]
+
+
+FAKE_BAD_BACKWARD = [
+    pytest.param(op, over, match, id=f"{op.name}-{id_}")
+    for op in (DOT, ADDITIVE)
+    for id_, over, match in [
+        ("keys_F", {op.keys: torch.randn(B, S, F + 1)}, rf"{op.keys} must have shape"),
+        ("values_S", dict(values=torch.randn(B, S + 1, Dv)), r"values must have shape"),
+    ] + op.pick(dot=[], additive=[("v_size", dict(v=torch.randn(F + 1)),
+                                   r"\bv must have shape")])
+]
+
+
+@pytest.mark.parametrize("op,over,match", FAKE_BAD_BACKWARD)
+def test_fake_backward_checks(op, over, match):
+    case = to_meta(good(op, **over))
+    with pytest.raises(ERRORS, match=match):
+        op.raw_backward(*op.backward_args(torch.empty(B, Tq, Dv, device="meta"), None,
+                                          op.op_args(case), torch.empty(B, Tq, device="meta")))
