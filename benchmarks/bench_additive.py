@@ -104,7 +104,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- inputs
 
 def make_inputs(shape, dtype, seed):
-    """Seeded inputs as a trained layer sees them (conftest.make_additive_case's scales):
+    """Seeded inputs as a trained layer sees them (the scales of the tests' harness.ADDITIVE.make_case):
     unit-scale projections, v like nn.Linear's init, lengths uniform in [S/2, S]."""
     B, Tq, S, A, Dv = shape
     gen = torch.Generator().manual_seed(seed)

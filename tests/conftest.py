@@ -181,24 +181,24 @@ def assert_rule(name: str, got, ref_lowp, oracle, dtype):
 
 # ----------------------------------------------------------------------------- split-S knob
 
-# The kernels' test hook that forces their number of source splits (0: automatic). Tests
-# reach it only through the three helpers below.
+# The product build's test hook (attention_ext._C._testing) forces the kernels' number of
+# source splits (0: automatic). Tests reach it only through the three helpers below.
 
 def forced_splits_now() -> int:
     """The number of source splits the kernels are forced to now (0: automatic)."""
-    return attention_ext._C._forced_splits()
+    return attention_ext._C._testing.forced_splits()
 
 
 @contextmanager
 def forced_splits_set(n: int):
     """Forces n source splits inside the block; always restores automatic (0). A negative
     n raises ValueError."""
-    attention_ext._C._set_forced_splits(n)
+    attention_ext._C._testing.set_forced_splits(n)
     try:
         assert forced_splits_now() == n
         yield n
     finally:
-        attention_ext._C._set_forced_splits(0)
+        attention_ext._C._testing.set_forced_splits(0)
 
 
 @pytest.fixture
