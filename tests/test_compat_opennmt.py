@@ -8,7 +8,7 @@ Parity runs with src_len >= 1 (OpenNMT-py gives NaN for an empty row; ours gives
 
 Tolerances: float64 1e-10 absolute (sizes are small, values O(1)); float32 1e-5 absolute
 (several matmuls and a fused softmax in a different summation order, values O(1);
-the largest difference seen over all cases here is 2.2e-6).
+the largest difference over these cases is 2.2e-6).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import torch
 
 from attention_ext.compat import GlobalAttention
 from attention_ext.compat.eager import EagerGlobalAttention as RefGlobalAttention
-from attention_ext.compat.eager import eager_sparsemax as ref_sparsemax
 from attention_ext.compat.opennmt import sparsemax
 
 
@@ -135,6 +134,21 @@ def test_sparsemax_values():
     keep = torch.tensor([[True, False, True], [False, False, False]])
     torch.testing.assert_close(sparsemax(z, keep), torch.tensor(
         [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+
+
+def test_sparsemax_gradient():
+    # The sparsemax Jacobian (Martins & Astudillo, eq. 14): on the support the incoming
+    # gradient minus its mean over the support, 0 elsewhere; masked positions get 0.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    keep = torch.rand(6, 9, generator=gen) > 0.3
+    keep[0] = False  # a row with nothing to attend
+    g = torch.randn(6, 9, dtype=torch.float64, generator=gen)
+    p = sparsemax(z, keep)
+    p.backward(g)
+    support = p > 0
+    mean = (g * support).sum(-1, keepdim=True) / support.sum(-1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(z.grad, torch.where(support, g - mean, torch.zeros_like(g)))
 
 
 @pytest.mark.parametrize("kwargs,match", [

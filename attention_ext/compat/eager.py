@@ -18,10 +18,6 @@ from torch import nn
 from .opennmt import sparsemax
 
 
-# One sparsemax in the package: the drop-in's (autograd through sort/cumsum/gather gives
-# its Jacobian). The tests import it from here under this name too.
-eager_sparsemax = sparsemax
-
 
 class EagerGlobalAttention(nn.Module):
     """Eager OpenNMT-py GlobalAttention (same parameter names and shapes)."""
