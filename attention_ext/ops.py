@@ -42,22 +42,28 @@ def _rows(query, *last):
     return (*query.shape[:-1], *last)
 
 
-def _check_fake_dot_inputs(query, keys, values, lengths, mask):
-    """The structural checks of checks.h for the fake kernels, which run in place of the
-    real ones while tracing (torch.compile) and for meta tensors, so a mistake is not
-    silently given outputs there. Value checks (lengths in [0, S]) need data: the real
-    kernels do them."""
-    _check_fake_query(query, "query", "D")
-    torch._check(keys.dim() == 3, lambda: f"keys must have shape (B, S, D), got {tuple(keys.shape)}")
-    B, D = query.shape[0], query.shape[-1]
+def _check_fake_operands(query, query_name, keys, keys_name, values, width):
+    """The structural checks of checks.h's check_operands for the fake kernels, which run in
+    place of the real ones while tracing (torch.compile) and for meta tensors, so a mistake
+    is not silently given outputs there. Value checks (lengths in [0, S]) need data: the
+    real kernels do them. Returns (B, S, W)."""
+    _check_fake_query(query, query_name, width)
+    torch._check(keys.dim() == 3,
+                 lambda: f"{keys_name} must have shape (B, S, {width}), got {tuple(keys.shape)}")
+    B, W = query.shape[0], query.shape[-1]
     S = keys.shape[1]
-    torch._check(keys.shape[0] == B and keys.shape[2] == D,
-                 lambda: f"keys must have shape (B, S, D) = ({B}, S, {D}), got {tuple(keys.shape)}")
-    named = [("keys", keys)]
-    if values is not None:
-        torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
-                     lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), got {tuple(values.shape)}")
-        named.append(("values", values))
+    torch._check(keys.shape[0] == B and keys.shape[2] == W,
+                 lambda: f"{keys_name} must have shape (B, S, {width}) = ({B}, S, {W}), "
+                         f"got {tuple(keys.shape)}")
+    torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
+                 lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), "
+                         f"got {tuple(values.shape)}")
+    return B, S, W
+
+
+def _check_fake_dot_inputs(query, keys, values, lengths, mask):
+    _check_fake_operands(query, "query", keys, "keys", keys if values is None else values, "D")
+    named = [("keys", keys)] + ([] if values is None else [("values", values)])
     _check_fake_like(query, "query", named, lengths, mask)
 
 
@@ -115,18 +121,9 @@ torch.library.register_autograd(
 
 
 def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask):
-    """checks.h's structural checks of the additive op, for the fake kernels."""
-    _check_fake_query(query_proj, "query_proj", "A")
-    torch._check(keys_proj.dim() == 3,
-                 lambda: f"keys_proj must have shape (B, S, A), got {tuple(keys_proj.shape)}")
-    B, A = query_proj.shape[0], query_proj.shape[-1]
-    S = keys_proj.shape[1]
-    torch._check(keys_proj.shape[0] == B and keys_proj.shape[2] == A,
-                 lambda: f"keys_proj must have shape (B, S, A) = ({B}, S, {A}), got {tuple(keys_proj.shape)}")
+    _, _, A = _check_fake_operands(query_proj, "query_proj", keys_proj, "keys_proj", values, "A")
     torch._check(v.dim() == 1 and v.shape[0] == A,
                  lambda: f"v must have shape (A,) = ({A},), got {tuple(v.shape)}")
-    torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
-                 lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), got {tuple(values.shape)}")
     _check_fake_like(query_proj, "query_proj",
                      [("keys_proj", keys_proj), ("v", v), ("values", values)], lengths, mask)
 

@@ -80,31 +80,46 @@ static void check_mask_args(const std::optional<at::Tensor>& lengths,
   }
 }
 
+// What both ops check alike: query (B, Tq, W) or (B, W), keys (B, S, W) and values
+// (B, S, Dv), of one floating dtype on one device; `width` names W (D or A) in messages.
+struct OperandShapes {
+  QueryRows rows;
+  int64_t S, W, Dv;
+};
+
+static OperandShapes check_operands(const at::Tensor& query, const char* query_name,
+                                    const at::Tensor& keys, const char* keys_name,
+                                    const at::Tensor& values, const char* width) {
+  const QueryRows rows = query_rows(query, query_name, width);
+  TORCH_CHECK_VALUE(keys.dim() == 3, keys_name, " must have shape (B, S, ", width, "), got ",
+                    keys.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
+                    values.sizes());
+  check_float_dtype(query, query_name);
+  check_same_device_dtype(query, query_name, keys, keys_name);
+  check_same_device_dtype(query, query_name, values, "values");
+  const int64_t B = rows.B, W = query.size(-1);
+  const int64_t S = keys.size(1), Dv = values.size(2);
+  TORCH_CHECK_VALUE(keys.size(0) == B, keys_name, " must have batch size B = ", B, " like ",
+                    query_name, ", got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B, " like ",
+                    query_name, ", got shape ", values.sizes());
+  TORCH_CHECK_VALUE(keys.size(2) == W, keys_name, " must have feature size ", width, " = ", W,
+                    " like ", query_name, ", got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S, " like ",
+                    keys_name, ", got shape ", values.sizes());
+  return OperandShapes{rows, S, W, Dv};
+}
+
 DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& keys,
                            const std::optional<at::Tensor>& values_opt,
                            const std::optional<at::Tensor>& lengths,
                            const std::optional<at::Tensor>& mask, double scale) {
-  const at::Tensor& values = values_opt.has_value() ? *values_opt : keys;
-  const QueryRows rows = query_rows(query, "query", "D");
-  TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (B, S, D), got ", keys.sizes());
-  TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
-                    values.sizes());
-  check_float_dtype(query, "query");
-  check_same_device_dtype(query, "query", keys, "keys");
-  check_same_device_dtype(query, "query", values, "values");
-  const int64_t B = rows.B, D = query.size(-1);
-  const int64_t S = keys.size(1), Dv = values.size(2);
-  TORCH_CHECK_VALUE(keys.size(0) == B, "keys must have batch size B = ", B,
-                    " like query, got shape ", keys.sizes());
-  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B,
-                    " like query, got shape ", values.sizes());
-  TORCH_CHECK_VALUE(keys.size(2) == D, "keys must have feature size D = ", D,
-                    " like query, got shape ", keys.sizes());
-  TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S,
-                    " like keys, got shape ", values.sizes());
+  const OperandShapes o =
+      check_operands(query, "query", keys, "keys", values_opt.value_or(keys), "D");
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
-  check_mask_args(lengths, mask, query, "query", B, S);
-  return DotShapes{rows, S, D, Dv};
+  check_mask_args(lengths, mask, query, "query", o.rows.B, o.S);
+  return DotShapes{o.rows, o.S, o.W, o.Dv};
 }
 
 AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
@@ -112,29 +127,13 @@ AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
                                      const at::Tensor& values,
                                      const std::optional<at::Tensor>& lengths,
                                      const std::optional<at::Tensor>& mask) {
-  const QueryRows rows = query_rows(query_proj, "query_proj", "A");
-  TORCH_CHECK_VALUE(keys_proj.dim() == 3, "keys_proj must have shape (B, S, A), got ",
-                    keys_proj.sizes());
-  TORCH_CHECK_VALUE(values.dim() == 3, "values must have shape (B, S, Dv), got ",
-                    values.sizes());
-  check_float_dtype(query_proj, "query_proj");
-  check_same_device_dtype(query_proj, "query_proj", keys_proj, "keys_proj");
+  const OperandShapes o =
+      check_operands(query_proj, "query_proj", keys_proj, "keys_proj", values, "A");
   check_same_device_dtype(query_proj, "query_proj", v, "v");
-  check_same_device_dtype(query_proj, "query_proj", values, "values");
-  const int64_t B = rows.B, A = query_proj.size(-1);
-  const int64_t S = keys_proj.size(1), Dv = values.size(2);
-  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == A, "v must have shape (A,) = (", A,
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == o.W, "v must have shape (A,) = (", o.W,
                     ",) like query_proj's last dimension, got ", v.sizes());
-  TORCH_CHECK_VALUE(keys_proj.size(0) == B, "keys_proj must have batch size B = ", B,
-                    " like query_proj, got shape ", keys_proj.sizes());
-  TORCH_CHECK_VALUE(keys_proj.size(2) == A, "keys_proj must have size A = ", A,
-                    " in its last dimension like query_proj, got shape ", keys_proj.sizes());
-  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B,
-                    " like query_proj, got shape ", values.sizes());
-  TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S,
-                    " like keys_proj, got shape ", values.sizes());
-  check_mask_args(lengths, mask, query_proj, "query_proj", B, S);
-  return AdditiveShapes{rows, S, A, Dv};
+  check_mask_args(lengths, mask, query_proj, "query_proj", o.rows.B, o.S);
+  return AdditiveShapes{o.rows, o.S, o.W, o.Dv};
 }
 
 // Extra arguments of both backward ops: the incoming gradients and the forward's

@@ -125,9 +125,10 @@ BAD_ADDITIVE = [
     ("v_size", dict(v=torch.randn(F + 1)), r"v must have shape \(A,\) = \(4,\)"),
     ("v_empty", dict(v=torch.randn(0)), r"v must have shape \(A,\) = \(4,\)"),
     # query_proj and keys_proj of different A
-    ("A_mismatch", dict(keys_proj=torch.randn(B, S, F + 1)), r"keys_proj must have size A = 4"),
+    ("A_mismatch", dict(keys_proj=torch.randn(B, S, F + 1)),
+     r"keys_proj must have feature size A = 4"),
     ("A_mismatch_query", dict(query_proj=torch.randn(B, Tq, F + 1), v=torch.randn(F + 1)),
-     r"keys_proj must have size A = 5"),
+     r"keys_proj must have feature size A = 5"),
     ("v_dtype", dict(v=torch.randn(F, dtype=torch.float16)),
      r"v must have the same dtype as query_proj"),
 ]
@@ -155,7 +156,7 @@ def test_bad_input_2d_query(op):
     if "v" in op.inputs:
         narrow["v"] = torch.randn(3)  # so the keys are the odd one out
     with pytest.raises(ERRORS, match=op.pick(dot=r"keys must have feature size D = 3",
-                                             additive=r"keys_proj must have size A = 3")):
+                                             additive=r"keys_proj must have feature size A = 3")):
         call_functional(good(op, **narrow))
 
 
