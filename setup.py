@@ -78,7 +78,7 @@ def extension():
         return [str(p.relative_to(ROOT)) for p in sorted((ROOT / folder).glob(pattern))]
 
     sources = files("csrc", "*.cpp")
-    # The emulated CUDA code takes the CPU kernels' place (csrc/cuda/device_context.cuh).
+    # The emulated CUDA code takes the CPU kernels' place (csrc/cuda/runtime.cuh).
     sources += files("csrc/emulated", "*.cpp") if emulated else files("csrc/cpu", "*.cpp")
     if with_cuda:
         sources += files("csrc/cuda", "*.cu")

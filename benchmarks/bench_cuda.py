@@ -3,10 +3,10 @@
 Implementations, each case run in one process, interleaved round by round:
   ours      attention_ext.dot_attention / additive_attention
   eager     attention_ext.reference, the same call in plain PyTorch
-  compiled  torch.compile(reference op, dynamic=False), decode cases only (compilation and
-            warm-up are not timed)
-  sdpa      F.scaled_dot_product_attention on (B, 1, 1, D) views with a prebuilt float
-            mask (dot decode only; it returns no weights)
+  compiled  torch.compile(reference op, dynamic=False) (compilation and warm-up are not
+            timed)
+  sdpa      F.scaled_dot_product_attention on (B, 1, Tq, D) views with a prebuilt float
+            mask (dot op only; it returns no weights)
 
 Decode cases (one (B, D) query per batch element, lengths on the GPU uniform in [S/2, S],
 need_weights=True but for SDPA) report two times per call:
@@ -51,11 +51,24 @@ CASES = {
                         ("ours", "eager", "sdpa")),
     "additive-decode": ("additive", "decode", 64, 1, 100, 512, torch.float32,
                         ("ours", "eager", "compiled")),
-    "dot-train": ("dot", "train", 32, 30, 50, 512, torch.float32, ("ours", "eager")),
-    "dot-train-bf16": ("dot", "train", 128, 50, 50, 1024, torch.bfloat16, ("ours", "eager")),
-    "additive-train": ("additive", "train", 32, 30, 50, 512, torch.float32, ("ours", "eager")),
-    "additive-train-bf16": ("additive", "train", 128, 50, 50, 1024, torch.bfloat16,
-                            ("ours", "eager")),
+    # Teacher forcing, two sizes in both dtypes: a small model (B32 T30, width 512) and a
+    # full training batch (B128 T50, width 1024).
+    "dot-train": ("dot", "train", 32, 30, 50, 512, torch.float32,
+                  ("ours", "eager", "compiled", "sdpa")),
+    "dot-train-bf16": ("dot", "train", 32, 30, 50, 512, torch.bfloat16,
+                       ("ours", "eager", "compiled", "sdpa")),
+    "dot-train-full": ("dot", "train", 128, 50, 50, 1024, torch.float32,
+                       ("ours", "eager", "compiled", "sdpa")),
+    "dot-train-full-bf16": ("dot", "train", 128, 50, 50, 1024, torch.bfloat16,
+                            ("ours", "eager", "compiled", "sdpa")),
+    "additive-train": ("additive", "train", 32, 30, 50, 512, torch.float32,
+                       ("ours", "eager", "compiled")),
+    "additive-train-bf16": ("additive", "train", 32, 30, 50, 512, torch.bfloat16,
+                            ("ours", "eager", "compiled")),
+    "additive-train-full": ("additive", "train", 128, 50, 50, 1024, torch.float32,
+                            ("ours", "eager", "compiled")),
+    "additive-train-full-bf16": ("additive", "train", 128, 50, 50, 1024, torch.bfloat16,
+                                 ("ours", "eager", "compiled")),
 }
 
 
@@ -107,9 +120,10 @@ def call_of(op, impl):
         if impl == "sdpa":
             def sdpa(x):
                 q, k = x["query"], x["keys"]
-                out = F.scaled_dot_product_attention(q[:, None, None, :], k[:, None], k[:, None],
+                q4 = q[:, None, None, :] if q.dim() == 2 else q[:, None]
+                out = F.scaled_dot_product_attention(q4, k[:, None], k[:, None],
                                                      attn_mask=x["sdpa_mask"], scale=1.0)
-                return out[:, 0, 0], None
+                return (out[:, 0, 0] if q.dim() == 2 else out[:, 0]), None
             return sdpa
     else:
         args = ("query_proj", "keys_proj", "v", "values")
@@ -201,6 +215,8 @@ def bench_decode(name, op, B, S, F_, dtype, impls, calls, rounds, bandwidth):
 def bench_train(op, B, Tq, S, F_, dtype, impls, rounds):
     x = make_inputs(op, B, Tq, S, F_, dtype, seed=0, requires_grad=True)
     leaves = [t for k, t in x.items() if k != "lengths"]
+    if "sdpa" in impls:
+        x["sdpa_mask"] = sdpa_mask(x["lengths"], S, dtype)
     g = torch.Generator(device="cpu").manual_seed(1)
     S_ = x["keys" if op == "dot" else "keys_proj"].shape[1]
     Dv = x["keys" if op == "dot" else "values"].shape[2]
@@ -212,7 +228,8 @@ def bench_train(op, B, Tq, S, F_, dtype, impls, rounds):
 
         def step(fn=fn):
             ctx, w = fn(x)
-            return torch.autograd.grad((ctx * g_ctx).sum() + (w * g_w).sum(), leaves)
+            loss = (ctx * g_ctx).sum() + (0 if w is None else (w * g_w).sum())
+            return torch.autograd.grad(loss, leaves)
         steps[impl] = step
         step()
     torch.cuda.synchronize()
@@ -274,8 +291,9 @@ def main(argv=None):
             row = bench_train(op, B, Tq, S, F_, dtype, impls, rounds)
             label = f"{name} B{B} T{Tq} S{S} {feat}"
             cells = [label]
-            for impl in impls:
-                cells.append(f"{row[impl][0] * 1e3:.3f} ms, +{row[impl][1]:.0f} MiB")
+            for impl in ("ours", "eager", "compiled", "sdpa"):
+                cells.append(f"{row[impl][0] * 1e3:.3f} ms, +{row[impl][1]:.0f} MiB"
+                             if impl in row else "-")
             cells.append(C.fmt_ratio(row["ours"][0] / row["eager"][0]))
             cells.append(C.fmt_ratio(row["ours"][1] / max(row["eager"][1], 1e-9)))
             train_rows.append(cells)
@@ -290,9 +308,11 @@ def main(argv=None):
                  "Python loop; floor = bytes moved / copy bandwidth.\n\n")
     if train_rows:
         text += C.markdown_table(
-            ["training case (fwd+bwd)", "ours", "eager", "ours/eager time",
-             "ours/eager memory"], train_rows)
-        text += "\n\nMedian time of forward + backward; peak GPU memory above the inputs.\n"
+            ["training case (fwd+bwd)", "ours", "eager", "compiled", "sdpa",
+             "ours/eager time", "ours/eager memory"], train_rows)
+        text += ("\n\nMedian time of forward + backward; peak GPU memory above the inputs. "
+                 "The loss weighs context and weights, but SDPA's (it returns no weights): "
+                 "its backward has no weights' gradient to carry.\n")
     print("\n" + text)
     if args.output:
         C.write_output(args.output, info, text)

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "attention_ext/test_hooks.h"
+#include "cuda/forward_plan.h"
 
 #ifndef ATTENTION_EXT_CPU_CAPABILITY_NAME
 #define ATTENTION_EXT_CPU_CAPABILITY_NAME "DEFAULT"
@@ -61,6 +62,23 @@ PYBIND11_MODULE(_C, mod) {
       },
       "Force the number of split-S chunks of every later call (0 = automatic).");
   testing.def("forced_splits", &attention_ext::forced_splits);
+  testing.def(
+      "forward_plan",
+      [](int64_t rows, int64_t S, int64_t d_chunks, int64_t v_chunks, int64_t sm_count) {
+        const auto plan =
+            attention_ext::plan_forward(rows, S, d_chunks, v_chunks, sm_count, /*forced=*/0);
+        pybind11::dict d;
+        d["splits"] = plan.splits;
+        d["split_len"] = plan.split_len;
+        d["slices"] = plan.slices;
+        d["slice_chunks"] = plan.slice_chunks;
+        d["warps"] = plan.warps;
+        d["key_lanes"] = plan.key_lanes;
+        d["blocks"] = plan.blocks(rows);
+        return d;
+      },
+      "The CUDA forward's launch plan (csrc/cuda/forward_plan.h) for rows x S keys, row "
+      "lengths in 16-byte chunks, on a GPU of sm_count SMs.");
 #ifndef ATTENTION_EXT_WITH_EMULATED_CUDA
   testing.def("fast_tanh", &attention_ext::cpu::fast_tanh,
               "The CPU kernels' float32 tanh, elementwise.");

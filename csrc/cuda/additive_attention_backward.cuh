@@ -7,21 +7,53 @@
 //  keys, one warp per key (b, j): grad_keys_proj[a] = v[a] sum_t ds_tj (1 - tanh_ta^2)
 //    and grad_values_j = sum_t p_tj grad_ctx_t, summing t in order;
 //  grad_v, one thread per a: the block partials summed in block order.
-// tanh is recomputed every time (additive_tanh.cuh); scratch is (B, Tq, S), partials
+// tanh is recomputed every time (tanh_grad_chunk); scratch is (B, Tq, S), partials
 // (blocks, A): never B x Tq x S x A.
 #pragma once
 
 #include <cstdint>
 
-#include "additive_attention_forward.cuh"
-#include "additive_attention_params.cuh"
-#include "additive_tanh.cuh"
+#include "attention_ext/math.h"
+#include "device_primitives.cuh"
+#include "kernel_params.cuh"
+#include "scorers.cuh"
 #include "softmax_backward.cuh"
-#include "vector_io.cuh"
-#include "warp_ops.cuh"
-#include "weighted_row_sum.cuh"
 
 namespace attention_ext {
+
+// Chunk c of the gradient of a row x (A elements) from its partner rows y_n, n < count:
+//   out_row[c, i] = v[c, i] sum_n coef_n (1 - t_ni^2)   and   dv[i] = sum_n coef_n t_ni,
+// t_ni = tanh(x[c, i] + y_n[c, i]) (rows: x a query, y_n the keys; keys: the reverse).
+// Coefficients as in for_each_warp_coef (softmax_backward.cuh): every lane calls this
+// together; `active` says whether chunk c exists for it, and an inactive lane writes
+// nothing and returns dv = 0.
+template <int VEC, typename scalar_t, typename acc_t, typename CoefOf, typename SrcOf>
+__device__ __forceinline__ void tanh_grad_chunk(const scalar_t* x_row, const scalar_t* v,
+                                                scalar_t* out_row, int64_t c, bool active,
+                                                int64_t count, int lane, CoefOf coef_of,
+                                                SrcOf src_of, acc_t (&dv)[VEC]) {
+  acc_t x[VEC], dx[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) x[i] = dx[i] = dv[i] = acc_t(0);
+  if (active) load_chunk<VEC>(x_row, c, x);
+  for_each_warp_coef(count, lane, coef_of, [&](int64_t n, acc_t w) {
+    if (!active) return;
+    acc_t y[VEC];
+    load_chunk<VEC>(src_of(n), c, y);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const acc_t t = fast_tanh(x[i] + y[i]);
+      dx[i] += w * (acc_t(1) - t * t);
+      dv[i] += w * t;
+    }
+  });
+  if (!active) return;
+  acc_t vv[VEC];
+  load_chunk<VEC>(v, c, vv);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dx[i] *= vv[i];
+  store_chunk<VEC>(out_row, c, dx);
+}
 
 constexpr int kGradVThreads = 128;
 
@@ -43,7 +75,9 @@ __global__ void additive_attention_backward_rows_kernel(
   const int64_t A = p.A;
   const int64_t a_chunks = A / VEC;
   if (valid) {
-    softmax_backward_row<VEC>(p, row, lane, AdditiveScorer<scalar_t, acc_t, VEC>(p, row, lane));
+    const AdditiveScorer<scalar_t, acc_t, VEC> scorer(p, row);
+    softmax_backward_row<VEC>(p, row, lane,
+                              [&](int64_t j) { return warp_score(scorer, j, lane); });
   }
 
   const KeyPositions km = p.positions;

@@ -1,8 +1,8 @@
 // CUDA implementation of attention_ext::additive_attention and its backward: argument
-// checks, contiguous inputs, workspace, split-S plan, dtype and vector-width dispatch,
-// launches. The kernels: online_softmax_forward.cuh with the score of
-// additive_attention_forward.cuh, and additive_attention_backward.cuh; what this op
-// shares with the dot op is in host_helpers.cuh and the softmax_* / online_* headers.
+// checks, contiguous inputs, dtype and vector-width dispatch, launches. The kernels:
+// attention_forward.cuh with AdditiveScorer (scorers.cuh), and
+// additive_attention_backward.cuh; what this op shares with the dot op is in
+// host_helpers.cuh, attention_forward.cuh and softmax_backward.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,12 +13,11 @@
 #include <tuple>
 
 #include "additive_attention_backward.cuh"
-#include "additive_attention_forward.cuh"
 #include "attention_ext/checks.h"
 #include "attention_ext/inputs.h"
-#include "device_context.cuh"
 #include "host_helpers.cuh"
-#include "launch.cuh"
+#include "runtime.cuh"
+#include "scorers.cuh"
 
 namespace attention_ext {
 namespace {
@@ -66,9 +65,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
     constexpr int kVec = vec_width<scalar_t>();
     if (can_vectorize(kVec, s.A, s.Dv,
                       {in.query_proj, in.keys_proj, in.v, in.values, buffers.context()})) {
-      launch_online_softmax_forward<AdditiveScorer, kVec>(p, stream);
+      launch_attention_forward<AdditiveScorer, kVec>(p, s.A, in.query_proj, stream);
     } else {
-      launch_online_softmax_forward<AdditiveScorer, 1>(p, stream);
+      launch_attention_forward<AdditiveScorer, 1>(p, s.A, in.query_proj, stream);
     }
   });
   return buffers.outputs();

@@ -10,12 +10,10 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "dot_attention_forward.cuh"
-#include "dot_attention_params.cuh"
+#include "device_primitives.cuh"
+#include "kernel_params.cuh"
+#include "scorers.cuh"
 #include "softmax_backward.cuh"
-#include "vector_io.cuh"
-#include "warp_ops.cuh"
-#include "weighted_row_sum.cuh"
 
 namespace attention_ext {
 
@@ -25,7 +23,8 @@ __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scala
   const int64_t row = global_warp_id(kBackwardWarpsPerBlock);
   if (row >= p.B * p.Tq) return;
   const int64_t b = row / p.Tq;
-  softmax_backward_row<VEC>(p, row, lane, DotScorer<scalar_t, acc_t, VEC>(p, row, lane));
+  const DotScorer<scalar_t, acc_t, VEC> scorer(p, row);
+  softmax_backward_row<VEC>(p, row, lane, [&](int64_t j) { return warp_score(scorer, j, lane); });
 
   const KeyPositions km = p.positions;
   const acc_t* dscores = p.dscores + row * p.S;

@@ -1,7 +1,6 @@
 // CUDA implementation of attention_ext::dot_attention and its backward: argument checks,
-// contiguous inputs, workspace, split-S plan, dtype and vector-width dispatch, launches.
-// The kernels: online_softmax_forward.cuh with the score of dot_attention_forward.cuh,
-// and dot_attention_backward.cuh.
+// contiguous inputs, dtype and vector-width dispatch, launches. The kernels:
+// attention_forward.cuh with DotScorer (scorers.cuh), and dot_attention_backward.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,11 +12,10 @@
 
 #include "attention_ext/checks.h"
 #include "attention_ext/inputs.h"
-#include "device_context.cuh"
 #include "dot_attention_backward.cuh"
-#include "dot_attention_forward.cuh"
 #include "host_helpers.cuh"
-#include "launch.cuh"
+#include "runtime.cuh"
+#include "scorers.cuh"
 
 namespace attention_ext {
 namespace {
@@ -60,9 +58,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
     p.scale = static_cast<acc_t>(scale);
     constexpr int kVec = vec_width<scalar_t>();
     if (can_vectorize(kVec, s.D, s.Dv, {query, keys, values, buffers.context()})) {
-      launch_online_softmax_forward<DotScorer, kVec>(p, stream);
+      launch_attention_forward<DotScorer, kVec>(p, s.D, query, stream);
     } else {
-      launch_online_softmax_forward<DotScorer, 1>(p, stream);
+      launch_attention_forward<DotScorer, 1>(p, s.D, query, stream);
     }
   });
   return buffers.outputs();

@@ -11,16 +11,16 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "attention_ext/checks.h"
 #include "attention_ext/forward_outputs.h"
 #include "attention_ext/inputs.h"
 #include "attention_ext/test_hooks.h"
-#include "device_context.cuh"
-#include "launch.cuh"
-#include "online_softmax_forward.cuh"
-#include "softmax_params.cuh"
-#include "split_plan.h"
+#include "attention_forward.cuh"
+#include "forward_plan.h"
+#include "kernel_params.cuh"
+#include "runtime.cuh"
 
 namespace attention_ext {
 
@@ -39,48 +39,39 @@ inline bool can_vectorize(int64_t vec, int64_t D, int64_t Dv,
   return true;
 }
 
-inline dim3 warp_grid(int64_t warps, int warps_per_block) {
-  const int64_t blocks = ceil_div(warps, warps_per_block);
+inline dim3 block_grid(int64_t blocks) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-              "attention_ext (CUDA): problem too large for one launch (", warps, " warps)");
+              "attention_ext (CUDA): problem too large for one launch (", blocks, " blocks)");
   return dim3(static_cast<unsigned>(blocks));
 }
 
-// A forward's outputs (forward_outputs.h) and workspace for B x Tq rows over S keys.
-// With no row or no key the outputs are final at once (done): nothing attends anywhere.
+inline dim3 warp_grid(int64_t warps, int warps_per_block) {
+  return block_grid(ceil_div(warps, warps_per_block));
+}
+
+// A forward's outputs (forward_outputs.h) for B x Tq rows over S keys. With no row or no
+// key the outputs are final at once (done): nothing attends anywhere.
 class ForwardBuffers {
  public:
   ForwardBuffers(const at::Tensor& like, const QueryRows& rows_of, int64_t S, int64_t Dv,
                  bool need_weights)
       : out_(like, rows_of, S, Dv, need_weights),
         B_(rows_of.B), Tq_(rows_of.Tq), S_(S), Dv_(Dv), need_weights_(need_weights) {
-    const at::ScalarType acc = acc_dtype(like.scalar_type());
-    const auto acc_opts = like.options().dtype(acc);
-    const int64_t rows = B_ * Tq_;
-    if (rows == 0) {
+    if (B_ * Tq_ == 0) {
       done_ = true;
-      return;
-    }
-    if (S == 0) {  // every row is empty
+    } else if (S == 0) {  // every row is empty
       out_.context.zero_();
       out_.lse.fill_(-std::numeric_limits<double>::infinity());
       done_ = true;
-      return;
     }
-    const int64_t sm_count = multiprocessor_count(like.device().index());
-    plan_ = plan_splits(rows, S, sm_count, forced_splits());
-    ctx_acc_ = at::empty({rows * plan_.splits * Dv}, acc_opts);
-    partials_ = at::empty({2, plan_.splits > 1 ? rows * plan_.splits : 0}, acc_opts);
-    // The raw scores go to the weights themselves when they have the accumulation dtype.
-    weights_hold_scores_ = like.scalar_type() == acc;
-    if (need_weights && !weights_hold_scores_) scores_ = at::empty({rows * S}, acc_opts);
   }
 
   bool done() const { return done_; }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return out_.as_tuple(); }
   const at::Tensor& context() const { return out_.context; }
 
-  // Points everything of p but the op's own inputs at these buffers and at values/mask.
+  // Points the outputs, values, key positions and sizes of p at these buffers and inputs;
+  // launch_attention_forward adds the plan and the workspace.
   template <typename scalar_t, typename acc_t>
   void bind(SoftmaxForwardParams<scalar_t, acc_t>& p, const at::Tensor& values,
             const std::optional<at::Tensor>& lengths,
@@ -90,27 +81,13 @@ class ForwardBuffers {
     p.context = out_.context.data_ptr<scalar_t>();
     p.weights = need_weights_ ? out_.weights.data_ptr<scalar_t>() : nullptr;
     p.lse = out_.lse.data_ptr<acc_t>();
-    if (need_weights_) {
-      p.scores = weights_hold_scores_ ? reinterpret_cast<acc_t*>(p.weights)
-                                      : scores_.data_ptr<acc_t>();
-    }
-    p.ctx_acc = ctx_acc_.data_ptr<acc_t>();
-    if (plan_.splits > 1) {
-      p.part_max = partials_[0].data_ptr<acc_t>();
-      p.part_sum = partials_[1].data_ptr<acc_t>();
-    }
     p.B = B_; p.Tq = Tq_; p.S = S_; p.Dv = Dv_;
-    p.splits = plan_.splits;
-    p.split_len = plan_.split_len;
   }
 
  private:
   ForwardOutputs out_;
   int64_t B_, Tq_, S_, Dv_;
   bool need_weights_;
-  at::Tensor ctx_acc_, partials_, scores_;
-  SplitPlan plan_{1, 0};
-  bool weights_hold_scores_ = false;
   bool done_ = false;
 };
 
@@ -147,18 +124,44 @@ class BackwardScratch {
   at::Tensor scratch_;
 };
 
-// An op's forward, online_softmax_forward_kernel with the op's Scorer (one warp per
-// (row, split)), then the split-S merge if any.
+// An op's forward with the op's Scorer (scorers.cuh), p bound by ForwardBuffers and the op:
+// the launch plan (forward_plan.h) for rows of D score features, one workspace
+// allocation, attention_forward_kernel, then split_merge_kernel when the keys are split.
 template <template <typename, typename, int> class Scorer, int VEC,
           template <typename, typename> class Params, typename scalar_t, typename acc_t>
-void launch_online_softmax_forward(const Params<scalar_t, acc_t>& p, cudaStream_t stream) {
-  const dim3 block(kForwardWarpsPerBlock * kWarpSize);
-  launch_kernel(online_softmax_forward_kernel<Scorer<scalar_t, acc_t, VEC>>,
-                warp_grid(p.B * p.Tq * p.splits, kForwardWarpsPerBlock), block, 0, stream, p);
-  if (p.splits > 1) {
-    launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>,
-                  warp_grid(p.B * p.Tq, kForwardWarpsPerBlock), block, 0, stream,
-                  static_cast<const SoftmaxForwardParams<scalar_t, acc_t>&>(p));
+void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::Tensor& like,
+                              cudaStream_t stream) {
+  const int64_t rows = p.B * p.Tq;
+  const ForwardPlan plan = plan_forward(rows, p.S, D / VEC, p.Dv / VEC,
+                                        multiprocessor_count(like.device().index()),
+                                        forced_splits());
+  p.splits = plan.splits;
+  p.split_len = plan.split_len;
+  p.slices = plan.slices;
+  p.slice_chunks = plan.slice_chunks;
+  p.key_lanes = plan.key_lanes;
+
+  // Workspace: split partials (context, max, sum), then the raw scores unless the weights
+  // hold them (they have the accumulation type).
+  const int64_t parts = plan.splits > 1 ? rows * plan.splits : 0;
+  const bool own_scores = p.weights != nullptr && !std::is_same_v<scalar_t, acc_t>;
+  const at::Tensor workspace =
+      at::empty({parts * p.Dv + 2 * parts + (own_scores ? rows * p.S : 0)},
+                like.options().dtype(acc_dtype(like.scalar_type())));
+  acc_t* ws = workspace.data_ptr<acc_t>();
+  p.ctx_acc = ws;  // first: its rows keep the allocation's alignment for chunk access
+  p.part_max = ws + parts * p.Dv;
+  p.part_sum = p.part_max + parts;
+  p.scores = p.weights == nullptr ? nullptr
+             : own_scores         ? p.part_sum + parts
+                                  : reinterpret_cast<acc_t*>(p.weights);
+
+  const dim3 block(plan.warps * kWarpSize);
+  launch_kernel(attention_forward_kernel<Scorer<scalar_t, acc_t, VEC>>,
+                block_grid(plan.blocks(rows)), block, 0, stream, p);
+  if (plan.splits > 1) {
+    launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>, block_grid(rows * plan.slices),
+                  block, 0, stream, static_cast<const SoftmaxForwardParams<scalar_t, acc_t>&>(p));
   }
 }
 

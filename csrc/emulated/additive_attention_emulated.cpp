@@ -1,7 +1,7 @@
 // Test build only (ATTENTION_EXT_EMULATE_CUDA=1, see setup.py): the CUDA additive attention
 // source compiled as C++ against the CPU emulation of the CUDA execution model
 // (csrc/emulated/emulation.h). Its entry points register as the ops' CPU kernels
-// (device_context.cuh), so the whole test suite runs the very host code and kernels the
+// (runtime.cuh), so the whole test suite runs the very host code and kernels the
 // GPU runs. Never part of a normal build.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 

@@ -1,8 +1,7 @@
-// Test build only: tiny kernels that check the emulation layer itself (emulation.h) on
-// what the attention kernels do not use today, so it is known to work
-// before a kernel relies on it: __shared__, __syncthreads(), __shfl_down_sync, the refusal
-// of a shuffle whose mask names a lane that has already returned, and the report of a
-// block whose threads wait for each other forever.
+// Test build only: tiny kernels that check the emulation layer itself (emulation.h), apart
+// from the attention kernels: __shared__ and __syncthreads() (a wrong barrier gives a wrong
+// sum), __shfl_down_sync, the refusal of a shuffle whose mask names a lane that has
+// already returned, and the report of a block whose threads wait for each other forever.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 
 #include <ATen/ATen.h>
@@ -12,7 +11,7 @@
 
 #include "emulation.h"
 #include "attention_ext/math.h"
-#include "../cuda/launch.cuh"
+#include "../cuda/runtime.cuh"
 
 namespace attention_ext {
 namespace {

@@ -18,6 +18,13 @@ namespace attention_ext {
 // Blocks of b that cover a (a >= 0, b > 0).
 HOST_DEVICE_INLINE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The smallest power of two >= n, capped at `cap` (a power of two).
+HOST_DEVICE_INLINE constexpr int pow2_at_least(int64_t n, int cap) {
+  int p = 1;
+  while (p < n && p < cap) p *= 2;
+  return p;
+}
+
 template <typename T>
 HOST_DEVICE_INLINE T neg_inf() {
   return -std::numeric_limits<T>::infinity();

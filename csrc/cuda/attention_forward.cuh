@@ -1,0 +1,259 @@
+// The forward pass of both ops, everything but the score (each op's Scorer, scorers.cuh).
+// One block per (row, source split, context slice), row = (b, t), sized by the launch plan
+// (forward_plan.h). The block walks its split's keys in rounds of kForwardKeyTile:
+//  1. scores: groups of key_lanes lanes take one key each, every lane a few 16-byte chunks,
+//     summed over the group by shuffles; the round's scores meet in shared memory;
+//  2. softmax step: every warp reads the round's scores (lane jj holds key jj) and takes the
+//     online-softmax step (max, rescale, sum) itself; all warps compute the same bits;
+//  3. context: the block's threads add p_j v_j into the context, held in registers
+//     (BlockRowSum); each warp's lanes get p_j from the lane that holds it by a shuffle.
+// With one split the block finalises the row (context, lse, weights); with several it
+// writes its partial (max, sum, unnormalised context) and split_merge_kernel combines
+// the splits in split order, so results never depend on timing.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attention_ext/math.h"
+#include "device_primitives.cuh"
+#include "forward_plan.h"
+#include "kernel_params.cuh"
+
+namespace attention_ext {
+
+// A block's running sum of weighted rows, sum_k w_k row_k, over the chunks
+// [first, first + count) of the rows (at most blockDim.x * kContextChunksPerThread),
+// held in registers. The chunks are dealt to row_threads threads (a power of two); when
+// that is fewer than the block's threads, the block holds `slots` copies that take
+// every slots-th row each and combine() adds them in slot order.
+template <int VEC, typename acc_t>
+class BlockRowSum {
+ public:
+  __device__ __forceinline__ BlockRowSum(int64_t first, int64_t count, int tid, int threads)
+      : row_threads_(pow2_at_least(count, threads)),
+        slots_(threads / row_threads_),
+        slot_(tid / row_threads_),
+        tid_(tid),
+        first_(first + tid % row_threads_),
+        end_(first + count) {
+#pragma unroll
+    for (int k = 0; k < kContextChunksPerThread; ++k) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc_[k][i] = acc_t(0);
+    }
+  }
+
+  __device__ __forceinline__ void scale(acc_t f) {
+#pragma unroll
+    for (int k = 0; k < kContextChunksPerThread; ++k) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc_[k][i] *= f;
+    }
+  }
+
+  // Adds sum_k weight_of(k) row_of(k) over k < count. Every thread calls weight_of the same
+  // number of times (with k clamped below count), so weight_of may shuffle within the
+  // warp; a zero weight (masked or underflowed) skips its row, never reading it.
+  template <typename WeightOf, typename RowOf>
+  __device__ __forceinline__ void add(int64_t count, WeightOf weight_of, RowOf row_of) {
+    const int64_t rounds = ceil_div(count, slots_);
+#pragma unroll 4
+    for (int64_t r = 0; r < rounds; ++r) {
+      const int64_t k = r * slots_ + slot_;
+      const acc_t w = weight_of(std::min(k, count - 1));
+      if (k >= count || w == acc_t(0)) continue;
+      const auto* row = row_of(k);
+#pragma unroll
+      for (int n = 0; n < kContextChunksPerThread; ++n) {
+        const int64_t c = first_ + int64_t(n) * row_threads_;
+        if (c >= end_) break;
+        acc_t x[VEC];
+        load_chunk<VEC>(row, c, x);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc_[n][i] += w * x[i];
+      }
+    }
+  }
+
+  // Adds the other slots' copies into slot 0's, in slot order. Every thread of the block
+  // calls it. With several slots a thread holds at most one chunk (row_threads >= count).
+  __device__ __forceinline__ void combine() {
+    if (slots_ == 1) return;
+    __shared__ acc_t copies[kForwardMaxThreads * VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) copies[tid_ * VEC + i] = acc_[0][i];
+    __syncthreads();
+    if (slot_ == 0) {
+      for (int s = 1; s < slots_; ++s) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc_[0][i] += copies[(s * row_threads_ + tid_) * VEC + i];
+      }
+    }
+  }
+
+  // out_row's chunks of this block = f * the sum; slot 0 writes (after combine()).
+  template <typename out_t>
+  __device__ __forceinline__ void store(out_t* out_row, acc_t f) const {
+    if (slot_ != 0) return;
+#pragma unroll
+    for (int n = 0; n < kContextChunksPerThread; ++n) {
+      const int64_t c = first_ + int64_t(n) * row_threads_;
+      if (c >= end_) break;
+      acc_t a[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) a[i] = acc_[n][i] * f;
+      store_chunk<VEC>(out_row, c, a);
+    }
+  }
+
+ private:
+  acc_t acc_[kContextChunksPerThread][VEC];
+  int row_threads_, slots_, slot_, tid_;
+  int64_t first_, end_;
+};
+
+// The block of (row, slice) among a launch's (row, slice, split) blocks, split fastest.
+struct ForwardBlock {
+  int64_t row, split, slice;
+};
+
+__device__ __forceinline__ ForwardBlock forward_block(int64_t splits, int64_t slices) {
+  const int64_t block = blockIdx.x;
+  const int64_t row_slice = block / splits;
+  return ForwardBlock{row_slice / slices, block % splits, row_slice % slices};
+}
+
+// weights[row, j] = exp(score_j - lse), 0 where j does not attend; the block's threads
+// take j = tid, tid + threads, ... The raw scores were written by this block (one split)
+// or by the row's split blocks in an earlier launch.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_weights(const SoftmaxForwardParams<scalar_t, acc_t>& p,
+                                              int64_t row, acc_t lse) {
+  const int64_t b = row / p.Tq;
+  const int64_t end = p.positions.end(b);
+  scalar_t* w = p.weights + row * p.S;
+  const acc_t* s = p.scores + row * p.S;
+  for (int64_t j = threadIdx.x; j < p.S; j += blockDim.x) {
+    const bool att = j < end && p.positions.attends(b, j);
+    w[j] = static_cast<scalar_t>(att ? prob_from_lse(s[j], lse) : acc_t(0));
+  }
+}
+
+// The forward kernel of an op whose score is Scorer's (scorers.cuh).
+template <typename Scorer>
+__global__ void attention_forward_kernel(const typename Scorer::ForwardParams p) {
+  using scalar_t = typename Scorer::scalar_t;
+  using acc_t = typename Scorer::acc_t;
+  constexpr int VEC = Scorer::kVec;
+  __shared__ acc_t round_scores[kForwardKeyTile];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int threads = static_cast<int>(blockDim.x);
+  const int lane = tid % kWarpSize;
+  const ForwardBlock blk = forward_block(p.splits, p.slices);
+  const int64_t row = blk.row;
+  const int64_t b = row / p.Tq;
+  // Slice 0 writes what belongs to the whole row: raw scores, lse, weights, split state.
+  const bool row_writer = blk.slice == 0;
+  const int64_t j_begin = blk.split * p.split_len;
+  const int64_t j_end = std::min(j_begin + p.split_len, p.positions.end(b));
+  const Scorer scorer(p, row);
+  const int key_lanes = p.key_lanes;
+  const int groups = threads / key_lanes;
+  const int group = tid / key_lanes;
+  const int64_t first_chunk = blk.slice * p.slice_chunks;
+  const scalar_t* values = p.values + b * p.S * p.Dv;
+  const int64_t Dv = p.Dv;
+  BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
+                                  tid, threads);
+
+  SoftmaxState<acc_t> state = softmax_init<acc_t>();
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kForwardKeyTile) {
+    const int keys = static_cast<int>(std::min<int64_t>(kForwardKeyTile, j_end - j0));
+    // 1. Scores of the round's keys, group by group.
+    for (int jj0 = 0; jj0 < keys; jj0 += groups) {
+      const int jj = jj0 + group;
+      const bool live = jj < keys && p.positions.attends(b, j0 + jj);
+      const acc_t part = live ? scorer.partial(j0 + jj, tid % key_lanes, key_lanes) : acc_t(0);
+      const acc_t sum = group_sum(part, key_lanes);
+      if (tid % key_lanes == 0 && jj < keys) {
+        const acc_t s = live ? scorer.finish(sum) : neg_inf<acc_t>();
+        round_scores[jj] = s;
+        if (live && row_writer && p.scores != nullptr) p.scores[row * p.S + j0 + jj] = s;
+      }
+    }
+    __syncthreads();
+    // 2. The online-softmax step, in every warp alike.
+    const acc_t my_score = lane < keys ? round_scores[lane] : neg_inf<acc_t>();
+    const acc_t round_max = warp_max(my_score);
+    if (round_max != neg_inf<acc_t>()) {  // some key attends (the same in every thread)
+      const acc_t alpha = softmax_raise_max(state, round_max);
+      const acc_t my_p = ae_exp(my_score - state.max);  // 0 for masked keys and lanes >= keys
+      state.sum += warp_sum(my_p);
+      // 3. The context.
+      context.scale(alpha);
+      context.add(
+          keys, [&](int64_t k) { return __shfl_sync(kFullWarpMask, my_p, static_cast<int>(k)); },
+          [&](int64_t k) { return values + (j0 + k) * Dv; });
+    }
+    __syncthreads();  // round_scores is rewritten by the next round
+  }
+  context.combine();
+
+  if (p.splits == 1) {
+    context.store(p.context + row * Dv, softmax_inv_sum(state));  // 0 for an empty row
+    if (!row_writer) return;
+    const acc_t lse = softmax_lse(state);
+    if (tid == 0) p.lse[row] = lse;
+    // The raw scores this block wrote are visible to it after the rounds' barriers.
+    if (p.weights != nullptr) write_weights(p, row, lse);
+    return;
+  }
+  const int64_t part = row * p.splits + blk.split;
+  context.store(p.ctx_acc + part * Dv, acc_t(1));  // zeros for a split with no key
+  if (row_writer && tid == 0) {
+    p.part_max[part] = state.max;
+    p.part_sum[part] = state.sum;
+  }
+}
+
+// One block per (row, slice): merges the row's split partials in split order. Every thread
+// merges the softmax states itself (the same bits in all); the context is
+// sum_k exp(max_k - max) ctx_k / sum over the splits that saw a key.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void split_merge_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const ForwardBlock blk = forward_block(1, p.slices);
+  const int64_t row = blk.row;
+  const acc_t* part_max = p.part_max + row * p.splits;
+  const acc_t* part_sum = p.part_sum + row * p.splits;
+  SoftmaxState<acc_t> state = softmax_init<acc_t>();
+  for (int64_t k = 0; k < p.splits; ++k) {
+    acc_t scale_state, scale_part;
+    softmax_merge(state, SoftmaxState<acc_t>{part_max[k], part_sum[k]}, scale_state, scale_part);
+  }
+
+  const int64_t first_chunk = blk.slice * p.slice_chunks;
+  const int64_t Dv = p.Dv;
+  BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
+                                  tid, static_cast<int>(blockDim.x));
+  const acc_t* partials = p.ctx_acc + row * p.splits * Dv;
+  context.add(
+      p.splits,
+      [&](int64_t k) {
+        // A split that saw no key (sum 0) adds nothing.
+        return softmax_saw_keys(SoftmaxState<acc_t>{part_max[k], part_sum[k]})
+                   ? rescale_factor(part_max[k], state.max)
+                   : acc_t(0);
+      },
+      [&](int64_t k) { return partials + k * Dv; });
+  context.combine();
+  context.store(p.context + row * Dv, softmax_inv_sum(state));
+  if (blk.slice != 0) return;
+  const acc_t lse = softmax_lse(state);
+  if (tid == 0) p.lse[row] = lse;
+  if (p.weights != nullptr) write_weights(p, row, lse);
+}
+
+}  // namespace attention_ext

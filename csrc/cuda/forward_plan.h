@@ -1,0 +1,83 @@
+// The forward's launch plan, host code: how many blocks work on one query row and how big
+// they are. Plain C++, so the same decision runs under the CUDA emulation in tests, and
+// attention_ext._C._testing.forward_plan exposes it to a test that checks the decode
+// shapes fill a 132-SM GPU.
+//
+// One block per (row, source split, context slice), attention_forward.cuh:
+//  - source splits (flash-decoding): when the rows give too few blocks to fill the GPU,
+//    each row's keys are cut into `splits` chunks of `split_len` keys that run in parallel;
+//    split_merge_kernel combines them by log-sum-exp;
+//  - context slices: a block keeps at most kContextChunksPerThread chunks of the context
+//    per thread in registers, so values wider than the block's threads can hold are cut
+//    into slices, each block recomputing the scores of its keys;
+//  - key_lanes lanes score one key together, each about kScoreChunksPerLane 16-byte
+//    loads, so a warp has several keys and a lane several loads in flight.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attention_ext/math.h"
+
+namespace attention_ext {
+
+constexpr int kForwardMaxWarps = 4;
+constexpr int kForwardMaxThreads = kForwardMaxWarps * 32;
+// Keys per round of a block: one per lane, so a warp holds a round's probabilities.
+constexpr int kForwardKeyTile = 32;
+constexpr int kScoreChunksPerLane = 4;
+constexpr int kContextChunksPerThread = 4;
+constexpr int64_t kMaxSplits = 64;
+// Fewest keys per split: below this the merge's extra pass costs more than the splits
+// save.
+constexpr int64_t kMinKeysPerSplit = 8;
+// Blocks to aim for per SM: 8 blocks of 4 warps, half of an SM's 64 resident warps.
+constexpr int64_t kTargetBlocksPerSm = 8;
+
+struct ForwardPlan {
+  int64_t splits;        // >= 1
+  int64_t split_len;     // keys per split; splits * split_len >= S
+  int64_t slices;        // >= 1
+  int64_t slice_chunks;  // context chunks per slice; slices * slice_chunks >= Dv chunks
+  int warps;             // per block, of the forward and of the merge
+  int key_lanes;         // a power of two <= 32
+
+  int64_t blocks(int64_t rows) const { return rows * splits * slices; }
+};
+
+// rows = B * Tq >= 1, S >= 1; d_chunks and v_chunks: the scores' and the context's row
+// lengths in chunks of the kernel's vector width. forced > 0 (test hook) fixes the number
+// of splits, capped by S and kMaxSplits.
+inline ForwardPlan plan_forward(int64_t rows, int64_t S, int64_t d_chunks, int64_t v_chunks,
+                                int64_t sm_count, int64_t forced) {
+  ForwardPlan plan{};
+  plan.key_lanes = pow2_at_least(ceil_div(d_chunks, kScoreChunksPerLane), 32);
+  constexpr int64_t kMaxSliceChunks = int64_t(kForwardMaxThreads) * kContextChunksPerThread;
+  plan.slices = std::max<int64_t>(1, ceil_div(v_chunks, kMaxSliceChunks));
+
+  int64_t splits = std::min({forced, S, kMaxSplits});
+  if (forced <= 0) {
+    const int64_t target = std::max<int64_t>(sm_count, 1) * kTargetBlocksPerSm;
+    const int64_t row_blocks = rows * plan.slices;
+    splits = row_blocks >= target ? 1
+                                  : std::min({ceil_div(target, row_blocks),
+                                              std::max<int64_t>(1, S / kMinKeysPerSplit),
+                                              kMaxSplits});
+  }
+  // Recounted so that no split is left empty.
+  plan.split_len = ceil_div(S, std::max<int64_t>(splits, 1));
+  plan.splits = ceil_div(S, plan.split_len);
+
+  // Warps: enough that a round's keys are scored at once, and that the slice's context
+  // fits kContextChunksPerThread chunks per thread; a power of two, so the context's
+  // chunks and its copies over the keys tile the block (BlockRowSum).
+  const int64_t round_keys = std::min<int64_t>(plan.split_len, kForwardKeyTile);
+  const int64_t score_warps = ceil_div(round_keys * plan.key_lanes, 32);
+  const int64_t slice_warps =
+      ceil_div(std::min(v_chunks, kMaxSliceChunks), int64_t(32) * kContextChunksPerThread);
+  plan.warps = pow2_at_least(std::max(score_warps, slice_warps), kForwardMaxWarps);
+  plan.slice_chunks = int64_t(plan.warps) * 32 * kContextChunksPerThread;
+  return plan;
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,94 @@
+// The kernels' arguments. The softmax part (values, key positions, outputs or gradients,
+// workspace, sizes) is what the code shared by both ops reads (attention_forward.cuh,
+// softmax_backward.cuh); each op's params derive from it and add what its scores need.
+// All tensors are contiguous; sizes are 64-bit.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_ext/key_positions.h"
+
+namespace attention_ext {
+
+template <typename scalar_t, typename acc_t>
+struct SoftmaxForwardParams {
+  const scalar_t* values;  // (B, S, Dv)
+  KeyPositions positions;
+  scalar_t* context;  // (B, Tq, Dv)
+  scalar_t* weights;  // (B, Tq, S), nullptr when need_weights is false
+  acc_t* lse;         // (B, Tq)
+  // Workspace. scores: raw scores (B, Tq, S), only with weights (it may alias them when
+  // scalar_t == acc_t). With splits > 1, per (row, split): ctx_acc the unnormalised context
+  // (rows, splits, Dv), part_max / part_sum the softmax state.
+  acc_t* scores;
+  acc_t* ctx_acc;
+  acc_t* part_max;
+  acc_t* part_sum;
+  int64_t B, Tq, S, Dv;
+  // The launch plan (forward_plan.h): source splits, context slices (in chunks of the
+  // kernel's vector width), lanes that score one key together.
+  int64_t splits, split_len;
+  int64_t slices, slice_chunks;
+  int key_lanes;
+};
+
+template <typename scalar_t, typename acc_t>
+struct SoftmaxBackwardParams {
+  const scalar_t* grad_context;  // (B, Tq, Dv)
+  const scalar_t* grad_weights;  // (B, Tq, S) or nullptr
+  const scalar_t* values;        // (B, S, Dv)
+  KeyPositions positions;
+  const acc_t* lse;       // (B, Tq)
+  scalar_t* grad_values;  // (B, S, Dv); dot: unused when the keys are the values
+  // Scratch (B, Tq, S), written by the rows kernel for attending keys only, read after it.
+  acc_t* probs;
+  acc_t* dscores;
+  int64_t B, Tq, S, Dv;
+};
+
+// The dot op: score_j = scale * <query_row, key_j>.
+template <typename scalar_t, typename acc_t>
+struct DotForwardParams : SoftmaxForwardParams<scalar_t, acc_t> {
+  const scalar_t* query;  // (B, Tq, D)
+  const scalar_t* keys;   // (B, S, D)
+  int64_t D;
+  acc_t scale;
+};
+
+template <typename scalar_t, typename acc_t>
+struct DotBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t> {
+  const scalar_t* query;
+  const scalar_t* keys;
+  scalar_t* grad_query;  // (B, Tq, D)
+  scalar_t* grad_keys;   // (B, S, D); also the values' gradient when values_are_keys
+  int64_t D;
+  acc_t scale;
+  // No values were given: the keys are the values and grad_keys takes both gradients
+  // (grad_values is unused). A flag, not a null grad_values: zero-width values (Dv = 0)
+  // have a null data pointer too.
+  bool values_are_keys;
+};
+
+// The additive (Bahdanau) op: score_j = sum_a v[a] tanh(query_proj[a] + keys_proj[j, a]).
+template <typename scalar_t, typename acc_t>
+struct AdditiveForwardParams : SoftmaxForwardParams<scalar_t, acc_t> {
+  const scalar_t* query_proj;  // (B, Tq, A)
+  const scalar_t* keys_proj;   // (B, S, A)
+  const scalar_t* v;           // (A,)
+  int64_t A;
+};
+
+template <typename scalar_t, typename acc_t>
+struct AdditiveBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t> {
+  const scalar_t* query_proj;
+  const scalar_t* keys_proj;
+  const scalar_t* v;
+  scalar_t* grad_query_proj;  // (B, Tq, A)
+  scalar_t* grad_keys_proj;   // (B, S, A)
+  // grad_v per block of the rows kernel, (blocks, A); summed over blocks in block order
+  // by additive_grad_v_kernel: no atomics, the same bits on every run.
+  acc_t* grad_v_partials;
+  int64_t A;
+};
+
+}  // namespace attention_ext

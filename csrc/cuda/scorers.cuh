@@ -1,0 +1,89 @@
+// Each op's score of key j for one query row, the only part of the forward pass that
+// differs between the ops (attention_forward.cuh runs everything else); the backward rows
+// kernels recompute the scores with the same code.
+//
+// A scorer splits a key's score into lane shares: partial(j, first, stride) sums the
+// 16-byte chunks first, first + stride, ... of the feature dimension, the lanes that split
+// the chunks add their shares (group_sum), and finish() turns the sum into the score.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_ext/math.h"
+#include "device_primitives.cuh"
+#include "kernel_params.cuh"
+
+namespace attention_ext {
+
+// score_j = scale * <query_row, key_j>.
+template <typename scalar_t_, typename acc_t_, int VEC>
+struct DotScorer {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  using ForwardParams = DotForwardParams<scalar_t, acc_t>;
+  static constexpr int kVec = VEC;
+
+  // For row (b, t) of p, a DotForwardParams or DotBackwardParams.
+  template <typename Params>
+  __device__ __forceinline__ DotScorer(const Params& p, int64_t row)
+      : q(p.query + row * p.D), keys(p.keys + row / p.Tq * p.S * p.D), D(p.D),
+        scale(p.scale) {}
+
+  __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
+    return lane_dot<VEC, scalar_t, acc_t>(q, keys + j * D, D / VEC, first, stride);
+  }
+  __device__ __forceinline__ acc_t finish(acc_t sum) const { return scale * sum; }
+
+  const scalar_t* q;
+  const scalar_t* keys;
+  int64_t D;
+  acc_t scale;
+};
+
+// score_j = sum_a v[a] tanh(query_proj[a] + keys_proj[j, a]). tanh is fast_tanh (math.h)
+// of the sum in acc_t, as in the backward's tanh_grad_chunk. Each tanh lives in a
+// register only: nothing of size B x Tq x S x A exists.
+template <typename scalar_t_, typename acc_t_, int VEC>
+struct AdditiveScorer {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  using ForwardParams = AdditiveForwardParams<scalar_t, acc_t>;
+  static constexpr int kVec = VEC;
+
+  // For row (b, t) of p, an AdditiveForwardParams or AdditiveBackwardParams.
+  template <typename Params>
+  __device__ __forceinline__ AdditiveScorer(const Params& p, int64_t row)
+      : q(p.query_proj + row * p.A), keys(p.keys_proj + row / p.Tq * p.S * p.A), v(p.v),
+        A(p.A) {}
+
+  __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
+    const scalar_t* k = keys + j * A;
+    acc_t sum = acc_t(0);
+#pragma unroll 4
+    for (int64_t c = first; c < A / VEC; c += stride) {
+      acc_t x[VEC], y[VEC], w[VEC];
+      load_chunk<VEC>(q, c, x);
+      load_chunk<VEC>(k, c, y);
+      load_chunk<VEC>(v, c, w);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sum += w[i] * fast_tanh(x[i] + y[i]);
+    }
+    return sum;
+  }
+  __device__ __forceinline__ acc_t finish(acc_t sum) const { return sum; }
+
+  const scalar_t* q;
+  const scalar_t* keys;
+  const scalar_t* v;
+  int64_t A;
+};
+
+// The score of key j by a whole warp, the same in every lane; every lane calls it together
+// (the backward rows kernels).
+template <typename Scorer>
+__device__ __forceinline__ typename Scorer::acc_t warp_score(const Scorer& scorer, int64_t j,
+                                                             int lane) {
+  return scorer.finish(warp_sum(scorer.partial(j, lane, kWarpSize)));
+}
+
+}  // namespace attention_ext

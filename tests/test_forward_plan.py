@@ -1,0 +1,87 @@
+"""The CUDA forward's launch plan (csrc/cuda/forward_plan.h): host code that every build
+carries, exposed as attention_ext._C._testing.forward_plan, so it is checked here whatever
+the machine. The decode shapes of benchmarks/bench_cuda.py must give an H100 (132 SMs)
+enough warps and enough 16-byte loads in flight to run at its memory bandwidth; every
+plan must cover the keys and the values exactly once."""
+import math
+
+import pytest
+
+import attention_ext
+
+plan_of = attention_ext._C._testing.forward_plan
+
+H100_SMS = 132
+# Bytes in flight that keep an H100's memory busy: about 3 TB/s x 0.6 us of latency.
+H100_BYTES_IN_FLIGHT = 1.8e6
+MAX_WARPS_PER_SM = 64
+
+
+def chunks(width, itemsize):
+    """A row's length in 16-byte chunks."""
+    return width * itemsize // 16
+
+
+# (id, rows, S, D, Dv, itemsize): the decode cases of bench_cuda.py (one query row per
+# batch element; the dot op's values are its keys).
+DECODE = [
+    ("dot_B64_S100_D512_fp32", 64, 100, 512, 512, 4),
+    ("dot_B64_S100_D512_bf16", 64, 100, 512, 512, 2),
+    ("dot_B1280_S66_D1024_fp32", 1280, 66, 1024, 1024, 4),
+    ("dot_B8_S4096_D128_fp32", 8, 4096, 128, 128, 4),
+    ("additive_B64_S100_A512_fp32", 64, 100, 512, 512, 4),
+]
+
+
+@pytest.mark.parametrize("rows,S,D,Dv,itemsize", [c[1:] for c in DECODE],
+                         ids=[c[0] for c in DECODE])
+def test_decode_shapes_fill_an_h100(rows, S, D, Dv, itemsize):
+    d_chunks = chunks(D, itemsize)
+    plan = plan_of(rows, S, d_chunks, chunks(Dv, itemsize), H100_SMS)
+    warps = plan["blocks"] * plan["warps"]
+    # At least 8 warps per SM, and no more than the SMs can hold in one or two waves.
+    assert warps >= 8 * H100_SMS
+    assert warps <= 2 * MAX_WARPS_PER_SM * H100_SMS or plan["splits"] == 1
+    # The score phase's loads in flight: every lane of every warp has its share of a key's
+    # chunks (at most 4 unrolled) outstanding.
+    loads_per_lane = min(4, math.ceil(d_chunks / plan["key_lanes"]))
+    assert warps * 32 * loads_per_lane * 16 >= H100_BYTES_IN_FLIGHT
+
+
+def test_many_rows_need_no_split():
+    """A beam batch (1280 rows) fills the GPU with one block per row: no merge pass."""
+    plan = plan_of(1280, 66, 256, 256, H100_SMS)
+    assert (plan["splits"], plan["split_len"], plan["blocks"]) == (1, 66, 1280)
+
+
+def test_few_rows_split_the_keys():
+    """B = 64 rows over 100 keys: splits of at least 8 keys, as many as fill 8 blocks per SM
+    or the keys allow."""
+    plan = plan_of(64, 100, 128, 128, H100_SMS)
+    assert (plan["splits"], plan["split_len"]) == (12, 9)
+    assert (plan["warps"], plan["key_lanes"]) == (4, 32)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 5000])
+@pytest.mark.parametrize("S", [1, 7, 8, 33, 100, 4096, 100_000])
+@pytest.mark.parametrize("d_chunks,v_chunks", [(0, 0), (1, 1), (3, 1031), (32, 32), (128, 128),
+                                               (256, 2048), (513, 4)])
+@pytest.mark.parametrize("sms", [1, 4, 132])
+def test_plan_covers_keys_and_values_once(rows, S, d_chunks, v_chunks, sms):
+    plan = plan_of(rows, S, d_chunks, v_chunks, sms)
+    splits, split_len = plan["splits"], plan["split_len"]
+    assert 1 <= splits <= 64
+    # Every key in exactly one split, no split empty.
+    assert splits * split_len >= S > (splits - 1) * split_len
+    # Every context chunk in exactly one slice, no slice empty; a slice fits the block's
+    # registers (4 chunks per thread).
+    slices, slice_chunks = plan["slices"], plan["slice_chunks"]
+    assert slices * slice_chunks >= v_chunks
+    assert slices == 1 or (slices - 1) * slice_chunks < v_chunks
+    assert slice_chunks == plan["warps"] * 32 * 4
+    assert plan["warps"] in (1, 2, 4)  # threads tile the block's row sums by powers of 2
+    lanes = plan["key_lanes"]
+    assert 1 <= lanes <= 32 and lanes & (lanes - 1) == 0
+    assert plan["blocks"] == rows * splits * slices
+    # No split below 8 keys but where S itself is shorter.
+    assert split_len >= min(8, S)
