@@ -31,8 +31,9 @@ constexpr int64_t kMaxSplits = 64;
 // Fewest keys per split: below this the merge's extra pass costs more than the splits
 // save.
 constexpr int64_t kMinKeysPerSplit = 8;
-// Blocks to aim for per SM: 8 blocks of 4 warps, half of an SM's 64 resident warps.
-constexpr int64_t kTargetBlocksPerSm = 8;
+// Blocks to aim for per SM: the forward kernels use 76-96 registers per thread (ptxas,
+// sm_90), which leaves room for 5-6 blocks of 4 warps on an SM, so 4 run in one wave.
+constexpr int64_t kTargetBlocksPerSm = 4;
 
 struct ForwardPlan {
   int64_t splits;        // >= 1

@@ -32,8 +32,8 @@ struct DeviceGuard {
 inline cudaStream_t current_stream() { return nullptr; }
 
 // A small fixed "GPU" so that the launch plan splits the tests' tiny problems (fewer rows
-// than 4 SMs x 8 blocks) just as a real GPU splits decoding-sized ones.
-constexpr int64_t kEmulatedMultiprocessors = 4;
+// than 8 SMs x 4 blocks) just as a real GPU splits decoding-sized ones.
+constexpr int64_t kEmulatedMultiprocessors = 8;
 inline int64_t multiprocessor_count(c10::DeviceIndex) { return kEmulatedMultiprocessors; }
 
 // Runs the grid on CPU fibers, synchronously. A failed device check
