@@ -53,3 +53,30 @@ def test_undefined_behaviour_stops_the_process(kernel, message):
                           timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_wmma_tiles(dtype):
+    """out = a b^T + c through the emulated tensor-core tiles (nvcuda::wmma): 3 x 2 tiles of
+    16 x 16 over two steps of 16 along K, two warps per block, the last block's second warp
+    without a tile. The products of 16-bit values are exact in float32, so only the float32
+    sums of 32 terms round."""
+    g = generator(27)
+    a = torch.randn(48, 32, generator=g).to(dtype)
+    b = torch.randn(32, 32, generator=g).to(dtype)
+    c = torch.randn(48, 32, generator=g)
+    got = OPS._emulation_wmma_matmul(a, b, c)
+    expected = a.double() @ b.double().T + c.double()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_wmma_refuses_a_misaligned_tile():
+    """A tile pointer that is not 32-byte aligned is undefined on a GPU: the emulation stops."""
+    code = ("import torch, attention_ext\n"
+            "a = torch.zeros(16 * 16 + 1, dtype=torch.float16)[1:].view(16, 16)\n"
+            "b = torch.zeros(16, 16, dtype=torch.float16)\n"
+            "torch.ops.attention_ext._emulation_wmma_matmul(a, b, torch.zeros(16, 16))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "wmma: pointer not 32-byte aligned" in proc.stderr

@@ -5,9 +5,9 @@
 // real rendezvous of the threads involved, not sequential approximations; blocks run one
 // after another. Fibers rather than OS threads: a shuffle is then 32 stack switches of a
 // few nanoseconds instead of 32 futex wake-ups, which lets the whole test suite run
-// through the emulated kernels. Only what this project's kernels use is provided:
-// anything else (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX)
-// fails to compile.
+// through the emulated kernels. Only what this project's kernels use is provided, with
+// the 16 x 16 x 16 tiles of nvcuda::wmma (tensor cores) at the end: anything else
+// (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX) fails to compile.
 //
 // Not emulated: the GPU memory model, concurrency between blocks, timing. Shuffles check
 // that every lane named in the mask took part; they do not check that the lanes reached
@@ -34,6 +34,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -401,3 +404,138 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   const T got = attention_ext::emu::shuffle(mask, v, src < 32 ? src : lane);
   return src < 32 ? got : v;
 }
+
+// nvcuda::wmma, the warp-wide matrix products of the tensor cores: the subset the kernels
+// may use, 16 x 16 x 16 tiles of 16-bit inputs (c10::Half as __half, c10::BFloat16 as
+// __nv_bfloat16) with float accumulators; fragments, fill, load, store, mma. A fragment's
+// element layout is opaque in CUDA; here lane l holds elements 8l .. 8l + 7 of its tile in
+// row-major order. Every call is a warp collective that all 32 lanes must reach, as on a
+// GPU (a missing lane stops the process). Loads and stores refuse what CUDA leaves
+// undefined: a pointer not 32-byte aligned, a leading dimension not a multiple of 16 bytes.
+// mma_sync computes D = A B + C in float, summing k in order: the products of 16-bit
+// values are exact in float, as in the tensor cores; the sums' rounding may differ.
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+
+namespace attention_ext::emu {
+
+// A rendezvous of the running thread's whole warp; returns the buffer in which
+// warp_slot(buf, lane) holds each lane's `bits` until the warp's next rendezvous but one.
+inline int warp_rendezvous(uint64_t bits) {
+  const unsigned linear = tl_linear;
+  uint64_t who = 0;
+  Rendezvous& warp = tl_block->warps[linear / kWarpLanes];
+  const int buf = warp.exchange(tl_block->scheduler, static_cast<int>(linear % kWarpLanes), bits,
+                                who);
+  if (who != 0xffffffffu) fail("a wmma operation reached by only part of the warp");
+  return buf;
+}
+
+inline const void* warp_slot(int buf, int lane) {
+  const unsigned linear = tl_linear;
+  const uint64_t bits = tl_block->warps[linear / kWarpLanes].slot(buf, lane);
+  const void* p = nullptr;
+  std::memcpy(&p, &bits, sizeof(p));
+  return p;
+}
+
+inline int lane_now() { return static_cast<int>(tl_linear % kWarpLanes); }
+
+inline void check_tile_address(const void* p, unsigned ldm, std::size_t element_bytes) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0) fail("wmma: pointer not 32-byte aligned");
+  if ((ldm * element_bytes) % 16 != 0) fail("wmma: ldm not a multiple of 16 bytes");
+}
+
+}  // namespace attention_ext::emu
+
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation provides 16 x 16 x 16 tiles");
+  static constexpr int num_elements = 8;
+  T x[num_elements];
+};
+
+// Element e of the running lane: row and column of the 16 x 16 tile.
+inline int tile_row(int e) { return (attention_ext::emu::lane_now() * 8 + e) / 16; }
+inline int tile_col(int e) { return (attention_ext::emu::lane_now() * 8 + e) % 16; }
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>,
+                "accumulators are loaded with a layout_t");
+  attention_ext::emu::warp_rendezvous(0);
+  attention_ext::emu::check_tile_address(p, ldm, sizeof(T));
+  for (int e = 0; e < 8; ++e) {
+    const int r = tile_row(e), c = tile_col(e);
+    f.x[e] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+  }
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
+                             unsigned ldm, layout_t layout) {
+  attention_ext::emu::warp_rendezvous(0);
+  attention_ext::emu::check_tile_address(p, ldm, sizeof(float));
+  for (int e = 0; e < 8; ++e) {
+    const int r = tile_row(e), c = tile_col(e);
+    f.x[e] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  }
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+  attention_ext::emu::warp_rendezvous(0);
+  attention_ext::emu::check_tile_address(p, ldm, sizeof(float));
+  for (int e = 0; e < 8; ++e) {
+    const int r = tile_row(e), c = tile_col(e);
+    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
+  }
+}
+
+template <typename Use, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const T& v) {
+  attention_ext::emu::warp_rendezvous(0);
+  for (int e = 0; e < 8; ++e) f.x[e] = v;
+}
+
+// D = A B + C. Each lane publishes where its A and B fragments are, reads the row of A and
+// the columns of B its elements need from the other lanes, and writes its D only after
+// the whole warp has read (D may be C).
+template <typename T, typename LayoutA, typename LayoutB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  using FragA = fragment<matrix_a, 16, 16, 16, T, LayoutA>;
+  using FragB = fragment<matrix_b, 16, 16, 16, T, LayoutB>;
+  const void* mine[2] = {&a, &b};
+  uint64_t bits = 0;
+  const void* where = mine;
+  std::memcpy(&bits, &where, sizeof(where));
+  const int buf = attention_ext::emu::warp_rendezvous(bits);
+  // Element i (row-major) of a tile lies in lane i / 8, slot i % 8.
+  auto element = [&](int which, int i) {
+    const auto* ops = static_cast<const void* const*>(attention_ext::emu::warp_slot(buf, i / 8));
+    return which == 0 ? static_cast<float>(static_cast<const FragA*>(ops[0])->x[i % 8])
+                      : static_cast<float>(static_cast<const FragB*>(ops[1])->x[i % 8]);
+  };
+  float out[8];
+  for (int e = 0; e < 8; ++e) {
+    const int r = tile_row(e), n = tile_col(e);
+    float sum = c.x[e];
+    for (int k = 0; k < 16; ++k) sum += element(0, r * 16 + k) * element(1, k * 16 + n);
+    out[e] = sum;
+  }
+  attention_ext::emu::warp_rendezvous(0);
+  for (int e = 0; e < 8; ++e) d.x[e] = out[e];
+}
+
+}  // namespace nvcuda::wmma

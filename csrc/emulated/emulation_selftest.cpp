@@ -1,7 +1,8 @@
 // Test build only: tiny kernels that check the emulation layer itself (emulation.h), apart
 // from the attention kernels: __shared__ and __syncthreads() (a wrong barrier gives a wrong
-// sum), __shfl_down_sync, the refusal of a shuffle whose mask names a lane that has
-// already returned, and the report of a block whose threads wait for each other forever.
+// sum), __shfl_down_sync, the wmma tiles (a matrix product), the refusal of a shuffle
+// whose mask names a lane that has already returned and of a misaligned wmma load, and the
+// report of a block whose threads wait for each other forever.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 
 #include <ATen/ATen.h>
@@ -56,6 +57,59 @@ __global__ void divergent_wait_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
 }
 
+// out = a b^T + c for a (M, K), b (N, K) in a 16-bit type, c and out (M, N) float32, all
+// dimensions multiples of 16: one warp per 16 x 16 tile of out, two warps per block (the
+// last block's second warp may have no tile). b^T is read as a column-major matrix_b, the
+// way attention reads K^T from rows of keys.
+template <typename T>
+__global__ void wmma_matmul_kernel(const T* a, const T* b, const float* c, float* out, int64_t M,
+                                   int64_t N, int64_t K) {
+  namespace wmma = nvcuda::wmma;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * 2 + threadIdx.x / 32;
+  const int64_t n_tiles = N / 16;
+  if (tile >= M / 16 * n_tiles) return;  // the whole warp
+  const int64_t m0 = tile / n_tiles * 16, n0 = tile % n_tiles * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::load_matrix_sync(acc, c + m0 * N + n0, static_cast<unsigned>(N), wmma::mem_row_major);
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, a + m0 * K + k0, static_cast<unsigned>(K));
+    wmma::load_matrix_sync(fb, b + n0 * K + k0, static_cast<unsigned>(K));
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out + m0 * N + n0, acc, static_cast<unsigned>(N), wmma::mem_row_major);
+}
+
+at::Tensor wmma_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(1) &&
+                  c.size(0) == a.size(0) && c.size(1) == b.size(0),
+              "a (M, K), b (N, K), c (M, N)");
+  TORCH_CHECK(a.size(0) % 16 == 0 && b.size(0) % 16 == 0 && a.size(1) % 16 == 0,
+              "M, N, K must be multiples of 16");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && c.scalar_type() == at::kFloat,
+              "a and b of one 16-bit type, c float32");
+  // Contiguous but not copied to a fresh allocation: a storage offset stays, so a
+  // misaligned view reaches the kernel (the refusal test).
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous(), "contiguous inputs");
+  at::Tensor out = at::empty_like(c);
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  const dim3 grid(static_cast<unsigned>(ceil_div(M / 16 * (N / 16), 2)));
+  auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    launch_kernel(wmma_matmul_kernel<T>, grid, dim3(64), 0, nullptr,
+                  static_cast<const T*>(a.data_ptr()), static_cast<const T*>(b.data_ptr()),
+                  c.data_ptr<float>(), out.data_ptr<float>(), M, N, K);
+  };
+  if (a.scalar_type() == at::kHalf) {
+    run(__half{});
+  } else {
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16, "a and b must be float16 or bfloat16");
+    run(__nv_bfloat16{});
+  }
+  return out;
+}
+
 at::Tensor block_sum(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x must be float32");
   const at::Tensor x = x_in.contiguous();
@@ -82,12 +136,14 @@ void divergent_wait() {
 
 TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
   m.def("_emulation_block_sum(Tensor x) -> Tensor");
+  m.def("_emulation_wmma_matmul(Tensor a, Tensor b, Tensor c) -> Tensor");
   m.def("_emulation_early_exit_shuffle() -> ()");
   m.def("_emulation_divergent_wait() -> ()");
 }
 
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
   m.impl("_emulation_block_sum", &attention_ext::block_sum);
+  m.impl("_emulation_wmma_matmul", &attention_ext::wmma_matmul);
 }
 
 // No tensor argument, so no dispatch key to pick a CPU kernel by.
