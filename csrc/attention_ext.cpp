@@ -74,6 +74,7 @@ PYBIND11_MODULE(_C, mod) {
         d["slice_chunks"] = plan.slice_chunks;
         d["warps"] = plan.warps;
         d["key_lanes"] = plan.key_lanes;
+        d["round_keys"] = plan.round_keys;
         d["blocks"] = plan.blocks(rows);
         return d;
       },

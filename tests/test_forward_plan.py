@@ -46,6 +46,10 @@ def test_decode_shapes_fill_an_h100(rows, S, D, Dv, itemsize):
     # chunks (at most 4 unrolled) outstanding.
     loads_per_lane = min(4, math.ceil(d_chunks / plan["key_lanes"]))
     assert warps * 32 * loads_per_lane * 16 >= H100_BYTES_IN_FLIGHT
+    # The keys a round reads twice (scores, then as values) stay in the 50 MB L2 with as
+    # many blocks resident as run at once (at most 6 of 4 warps per SM).
+    resident = min(plan["blocks"], 6 * H100_SMS)
+    assert resident * plan["round_keys"] * d_chunks * 16 <= 50 * 2**20
 
 
 def test_many_rows_need_no_split():
@@ -83,5 +87,9 @@ def test_plan_covers_keys_and_values_once(rows, S, d_chunks, v_chunks, sms):
     lanes = plan["key_lanes"]
     assert 1 <= lanes <= 32 and lanes & (lanes - 1) == 0
     assert plan["blocks"] == rows * splits * slices
+    # Rounds of 8 to 32 keys, at most 32 KB of key rows unless that is under 8 keys.
+    rk = plan["round_keys"]
+    assert 8 <= rk <= 32
+    assert rk * d_chunks * 16 <= 32 * 1024 or rk == 8
     # No split below 8 keys but where S itself is shorter.
     assert split_len >= min(8, S)

@@ -1,6 +1,6 @@
 // The forward pass of both ops, everything but the score (each op's Scorer, scorers.cuh).
 // One block per (row, source split, context slice), row = (b, t), sized by the launch plan
-// (forward_plan.h). The block walks its split's keys in rounds of kForwardKeyTile:
+// (forward_plan.h). The block walks its split's keys in rounds of up to 32 keys:
 //  1. scores: groups of key_lanes lanes take one key each, every lane a few 16-byte chunks,
 //     summed over the group by shuffles; the round's scores meet in shared memory;
 //  2. softmax step: every warp reads the round's scores (lane jj holds key jj) and takes the
@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "attention_ext/math.h"
 #include "device_primitives.cuh"
@@ -52,26 +53,45 @@ class BlockRowSum {
     }
   }
 
-  // Adds sum_k weight_of(k) row_of(k) over k < count. Every thread calls weight_of the same
-  // number of times (with k clamped below count), so weight_of may shuffle within the
-  // warp; a zero weight (masked or underflowed) skips its row, never reading it.
+  // Adds sum_k weight_of(k) row_of(k) over k < count, k in order. Every thread calls
+  // weight_of the same number of times (with k clamped below count), so weight_of may
+  // shuffle within the warp. Rows go in batches of kChunksInFlight: their weights first,
+  // then each chunk's loads for the whole batch at once; a zero weight (masked or
+  // underflowed) never reads its row.
   template <typename WeightOf, typename RowOf>
   __device__ __forceinline__ void add(int64_t count, WeightOf weight_of, RowOf row_of) {
+    using row_t = std::remove_cv_t<std::remove_pointer_t<decltype(row_of(int64_t{0}))>>;
     const int64_t rounds = ceil_div(count, slots_);
-#pragma unroll 4
-    for (int64_t r = 0; r < rounds; ++r) {
-      const int64_t k = r * slots_ + slot_;
-      const acc_t w = weight_of(std::min(k, count - 1));
-      if (k >= count || w == acc_t(0)) continue;
-      const auto* row = row_of(k);
+    for (int64_t r0 = 0; r0 < rounds; r0 += kChunksInFlight) {
+      acc_t w[kChunksInFlight];
+      const row_t* rows[kChunksInFlight];
+#pragma unroll
+      for (int u = 0; u < kChunksInFlight; ++u) {
+        const int64_t k = (r0 + u) * slots_ + slot_;
+        const int64_t kk = std::min(k, count - 1);
+        w[u] = r0 + u < rounds ? weight_of(kk) : acc_t(0);  // the same in every thread
+        if (k >= count) w[u] = acc_t(0);
+        rows[u] = row_of(kk);
+      }
 #pragma unroll
       for (int n = 0; n < kContextChunksPerThread; ++n) {
         const int64_t c = first_ + int64_t(n) * row_threads_;
         if (c >= end_) break;
-        acc_t x[VEC];
-        load_chunk<VEC>(row, c, x);
+        Pack<row_t, VEC> x[kChunksInFlight];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc_[n][i] += w * x[i];
+        for (int u = 0; u < kChunksInFlight; ++u) {
+          if (w[u] != acc_t(0)) {
+            x[u] = load_pack<VEC>(rows[u], c);
+          } else {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) x[u].v[i] = row_t(0);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kChunksInFlight; ++u) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc_[n][i] += w[u] * unpack<acc_t>(x[u], i);
+        }
       }
     }
   }
@@ -142,11 +162,12 @@ __device__ __forceinline__ void write_weights(const SoftmaxForwardParams<scalar_
 
 // The forward kernel of an op whose score is Scorer's (scorers.cuh).
 template <typename Scorer>
-__global__ void attention_forward_kernel(const typename Scorer::ForwardParams p) {
+__global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
+    attention_forward_kernel(const typename Scorer::ForwardParams p) {
   using scalar_t = typename Scorer::scalar_t;
   using acc_t = typename Scorer::acc_t;
   constexpr int VEC = Scorer::kVec;
-  __shared__ acc_t round_scores[kForwardKeyTile];
+  __shared__ acc_t round_scores[kMaxRoundKeys];
 
   const int tid = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);
@@ -169,8 +190,8 @@ __global__ void attention_forward_kernel(const typename Scorer::ForwardParams p)
                                   tid, threads);
 
   SoftmaxState<acc_t> state = softmax_init<acc_t>();
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += kForwardKeyTile) {
-    const int keys = static_cast<int>(std::min<int64_t>(kForwardKeyTile, j_end - j0));
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += p.round_keys) {
+    const int keys = static_cast<int>(std::min<int64_t>(p.round_keys, j_end - j0));
     // 1. Scores of the round's keys, group by group.
     for (int jj0 = 0; jj0 < keys; jj0 += groups) {
       const int jj = jj0 + group;
@@ -222,7 +243,8 @@ __global__ void attention_forward_kernel(const typename Scorer::ForwardParams p)
 // merges the softmax states itself (the same bits in all); the context is
 // sum_k exp(max_k - max) ctx_k / sum over the splits that saw a key.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void split_merge_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
+    split_merge_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p) {
   const int tid = static_cast<int>(threadIdx.x);
   const ForwardBlock blk = forward_block(1, p.slices);
   const int64_t row = blk.row;

@@ -23,17 +23,23 @@ namespace attention_ext {
 
 constexpr int kForwardMaxWarps = 4;
 constexpr int kForwardMaxThreads = kForwardMaxWarps * 32;
-// Keys per round of a block: one per lane, so a warp holds a round's probabilities.
-constexpr int kForwardKeyTile = 32;
+// Keys per round of a block: at most one per lane, so a warp holds a round's
+// probabilities; and at most kRoundBytes of key rows, because the context phase reads a
+// round's keys again when they are the values (the dot op without values): about 800
+// resident blocks x 32 KB stay within an H100's 50 MB L2, so that second read hits it.
+constexpr int kMaxRoundKeys = 32;
+constexpr int kMinRoundKeys = 8;
+constexpr int64_t kRoundBytes = 32 * 1024;
 constexpr int kScoreChunksPerLane = 4;
 constexpr int kContextChunksPerThread = 4;
 constexpr int64_t kMaxSplits = 64;
 // Fewest keys per split: below this the merge's extra pass costs more than the splits
 // save.
 constexpr int64_t kMinKeysPerSplit = 8;
-// Blocks to aim for per SM: the forward kernels use 76-96 registers per thread (ptxas,
-// sm_90), which leaves room for 5-6 blocks of 4 warps on an SM, so 4 run in one wave.
-constexpr int64_t kTargetBlocksPerSm = 4;
+// Blocks to aim for per SM, so that the grid runs in one wave: the forward kernels are
+// compiled for 4 resident blocks of 4 warps (__launch_bounds__, at most 128 registers per
+// thread; ptxas gives them 94-124 on sm_90).
+constexpr int kTargetBlocksPerSm = 4;
 
 struct ForwardPlan {
   int64_t splits;        // >= 1
@@ -42,6 +48,7 @@ struct ForwardPlan {
   int64_t slice_chunks;  // context chunks per slice; slices * slice_chunks >= Dv chunks
   int warps;             // per block, of the forward and of the merge
   int key_lanes;         // a power of two <= 32
+  int round_keys;        // keys per round of the forward's loop
 
   int64_t blocks(int64_t rows) const { return rows * splits * slices; }
 };
@@ -53,6 +60,8 @@ inline ForwardPlan plan_forward(int64_t rows, int64_t S, int64_t d_chunks, int64
                                 int64_t sm_count, int64_t forced) {
   ForwardPlan plan{};
   plan.key_lanes = pow2_at_least(ceil_div(d_chunks, kScoreChunksPerLane), 32);
+  plan.round_keys = static_cast<int>(std::clamp<int64_t>(
+      kRoundBytes / std::max<int64_t>(1, d_chunks * 16), kMinRoundKeys, kMaxRoundKeys));
   constexpr int64_t kMaxSliceChunks = int64_t(kForwardMaxThreads) * kContextChunksPerThread;
   plan.slices = std::max<int64_t>(1, ceil_div(v_chunks, kMaxSliceChunks));
 
@@ -72,7 +81,7 @@ inline ForwardPlan plan_forward(int64_t rows, int64_t S, int64_t d_chunks, int64
   // Warps: enough that a round's keys are scored at once, and that the slice's context
   // fits kContextChunksPerThread chunks per thread; a power of two, so the context's
   // chunks and its copies over the keys tile the block (BlockRowSum).
-  const int64_t round_keys = std::min<int64_t>(plan.split_len, kForwardKeyTile);
+  const int64_t round_keys = std::min<int64_t>(plan.split_len, plan.round_keys);
   const int64_t score_warps = ceil_div(round_keys * plan.key_lanes, 32);
   const int64_t slice_warps =
       ceil_div(std::min(v_chunks, kMaxSliceChunks), int64_t(32) * kContextChunksPerThread);

@@ -140,6 +140,7 @@ void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::T
   p.slices = plan.slices;
   p.slice_chunks = plan.slice_chunks;
   p.key_lanes = plan.key_lanes;
+  p.round_keys = plan.round_keys;
 
   // Workspace: split partials (context, max, sum), then the raw scores unless the weights
   // hold them (they have the accumulation type).

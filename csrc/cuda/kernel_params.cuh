@@ -26,10 +26,11 @@ struct SoftmaxForwardParams {
   acc_t* part_sum;
   int64_t B, Tq, S, Dv;
   // The launch plan (forward_plan.h): source splits, context slices (in chunks of the
-  // kernel's vector width), lanes that score one key together.
+  // kernel's vector width), lanes that score one key together, keys per round.
   int64_t splits, split_len;
   int64_t slices, slice_chunks;
   int key_lanes;
+  int round_keys;
 };
 
 template <typename scalar_t, typename acc_t>

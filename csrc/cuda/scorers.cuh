@@ -56,17 +56,37 @@ struct AdditiveScorer {
       : q(p.query_proj + row * p.A), keys(p.keys_proj + row / p.Tq * p.S * p.A), v(p.v),
         A(p.A) {}
 
+  // Chunks in batches, loads first (as lane_dot, device_primitives.cuh); terms in chunk
+  // order. Three rows per chunk, so half of lane_dot's batch keeps about as many loads in
+  // flight and the 16-bit kernels within their 128 registers (ptxas: a batch of 4 spills).
+  static constexpr int kBatch = kChunksInFlight / 2;
+
   __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
     const scalar_t* k = keys + j * A;
+    const int64_t chunks = A / VEC;
     acc_t sum = acc_t(0);
-#pragma unroll 4
-    for (int64_t c = first; c < A / VEC; c += stride) {
-      acc_t x[VEC], y[VEC], w[VEC];
-      load_chunk<VEC>(q, c, x);
-      load_chunk<VEC>(k, c, y);
-      load_chunk<VEC>(v, c, w);
+    for (int64_t c0 = first; c0 < chunks; c0 += int64_t(kBatch) * stride) {
+      Pack<scalar_t, VEC> x[kBatch], y[kBatch], w[kBatch];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) sum += w[i] * fast_tanh(x[i] + y[i]);
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t c = c0 + int64_t(u) * stride;
+        if (c < chunks) {
+          x[u] = load_pack<VEC>(q, c);
+          y[u] = load_pack<VEC>(k, c);
+          w[u] = load_pack<VEC>(v, c);
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) x[u].v[i] = y[u].v[i] = w[u].v[i] = scalar_t(0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          sum += unpack<acc_t>(w[u], i) *
+                 fast_tanh(unpack<acc_t>(x[u], i) + unpack<acc_t>(y[u], i));
+        }
+      }
     }
     return sum;
   }

@@ -47,6 +47,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
+// Register limits mean nothing on the host.
+#define __launch_bounds__(...)
 // Static shared memory: one instance per kernel instantiation is enough because blocks
 // run one at a time and launches are serialised (emu::launch). Dynamic shared memory
 // (`extern __shared__`) is not provided: `extern static` does not compile.
