@@ -61,6 +61,10 @@ DOT_SHAPES = [
     # forward tiles of 30 queries (for up to 8 threads) over three key blocks, so the
     # rescale of the running contexts reaches the 3-row blocks too.
     ("row_tails", dict(B=16, Tq=30, S=150, D=19, Dv=21)),
+    # CUDA query tiles (16 or more rows) with 16-byte rows: 2 x 2 tiles of 32 x 32 scores,
+    # 3 contraction steps of 32 over D, 2 column tiles of the context and 3 of grad_query.
+    ("cuda_tiles", dict(B=2, Tq=33, S=45, D=72, Dv=40)),
+    ("cuda_tiles_values_none", dict(B=1, Tq=64, S=32, D=64, values_none=True)),
 ]
 
 # A is the score width (the tanh/v axis), Dv the values' width: both are swept over sizes

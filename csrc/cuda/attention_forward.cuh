@@ -160,6 +160,34 @@ __device__ __forceinline__ void write_weights(const SoftmaxForwardParams<scalar_
   }
 }
 
+// The softmax of rows whose raw scores are all in p.scores (the query-tile path,
+// tile_products.cuh): one warp per row takes the max, then the sum of exp(score - max),
+// over the attending keys, and writes lse and the weights.
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_rows_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p) {
+  const int64_t row = blockIdx.x;
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t b = row / p.Tq;
+  const int64_t end = p.positions.end(b);
+  const acc_t* s = p.scores + row * p.S;
+  SoftmaxState<acc_t> st = softmax_init<acc_t>();
+  acc_t m = neg_inf<acc_t>();
+  for (int64_t j = lane; j < end; j += kWarpSize) {
+    if (p.positions.attends(b, j)) m = ae_max(m, s[j]);
+  }
+  st.max = warp_max(m);
+  acc_t sum = acc_t(0);
+  if (st.max != neg_inf<acc_t>()) {  // else no key attends and the sum stays 0
+    for (int64_t j = lane; j < end; j += kWarpSize) {
+      if (p.positions.attends(b, j)) sum += ae_exp(s[j] - st.max);
+    }
+  }
+  st.sum = warp_sum(sum);
+  const acc_t lse = softmax_lse(st);
+  if (lane == 0) p.lse[row] = lse;
+  if (p.weights != nullptr) write_weights(p, row, lse);
+}
+
 // The forward kernel of an op whose score is Scorer's (scorers.cuh).
 template <typename Scorer>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)

@@ -1,6 +1,7 @@
 // CUDA implementation of attention_ext::dot_attention and its backward: argument checks,
-// contiguous inputs, dtype and vector-width dispatch, launches. The kernels:
-// attention_forward.cuh with DotScorer (scorers.cuh), and dot_attention_backward.cuh.
+// contiguous inputs, dtype and vector-width dispatch, launches. The kernels: for few query
+// rows per batch element, attention_forward.cuh with DotScorer (scorers.cuh) and
+// dot_attention_backward.cuh; from kQueryTileMinRows up, dot_attention_tiles.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,6 +14,7 @@
 #include "attention_ext/checks.h"
 #include "attention_ext/inputs.h"
 #include "dot_attention_backward.cuh"
+#include "dot_attention_tiles.cuh"
 #include "host_helpers.cuh"
 #include "runtime.cuh"
 #include "scorers.cuh"
@@ -22,6 +24,10 @@ namespace {
 
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_backward(const DotBackwardParams<scalar_t, acc_t>& p, cudaStream_t stream) {
+  if (uses_query_tiles(p.Tq)) {
+    launch_dot_backward_tiles<VEC>(p, stream);
+    return;
+  }
   const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
   launch_kernel(dot_attention_backward_rows_kernel<scalar_t, acc_t, VEC>,
                 warp_grid(p.B * p.Tq, kBackwardWarpsPerBlock), block, 0, stream, p);
@@ -57,10 +63,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
     p.D = s.D;
     p.scale = static_cast<acc_t>(scale);
     constexpr int kVec = vec_width<scalar_t>();
-    if (can_vectorize(kVec, s.D, s.Dv, {query, keys, values, buffers.context()})) {
-      launch_attention_forward<DotScorer, kVec>(p, s.D, query, stream);
+    const bool vec = can_vectorize(kVec, s.D, s.Dv, {query, keys, values, buffers.context()});
+    if (uses_query_tiles(s.Tq)) {
+      vec ? launch_dot_forward_tiles<kVec>(p, query, stream)
+          : launch_dot_forward_tiles<1>(p, query, stream);
     } else {
-      launch_attention_forward<DotScorer, 1>(p, s.D, query, stream);
+      vec ? launch_attention_forward<DotScorer, kVec>(p, s.D, query, stream)
+          : launch_attention_forward<DotScorer, 1>(p, s.D, query, stream);
     }
   });
   return buffers.outputs();

@@ -106,4 +106,28 @@ __device__ __forceinline__ void weighted_row_sum(scalar_t* out_row, int64_t chun
 }
 
 
+// The query-tile path's second step (tile_products.cuh), after its products wrote
+// p_j and dp_j (0 where j does not attend) for whole rows: one warp per row turns dp into
+// ds_j = p_j (dp_j - delta) in place, delta from softmax_grad_delta.
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_grad_rows_kernel(const SoftmaxBackwardParams<scalar_t, acc_t> p) {
+  const int64_t row = blockIdx.x;
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t b = row / p.Tq;
+  const int64_t end = p.positions.end(b);
+  const acc_t* probs = p.probs + row * p.S;
+  acc_t* dscores = p.dscores + row * p.S;
+  acc_t p_dp = acc_t(0), p_sum = acc_t(0);
+  for (int64_t j = lane; j < end; j += kWarpSize) {
+    if (p.positions.attends(b, j)) {
+      p_dp += probs[j] * dscores[j];
+      p_sum += probs[j];
+    }
+  }
+  const acc_t delta = softmax_grad_delta(warp_sum(p_dp), warp_sum(p_sum));
+  for (int64_t j = lane; j < end; j += kWarpSize) {
+    if (p.positions.attends(b, j)) dscores[j] = softmax_backward(probs[j], dscores[j], delta);
+  }
+}
+
 }  // namespace attention_ext

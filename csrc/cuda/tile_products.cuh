@@ -1,0 +1,317 @@
+// Block-level matrix products for many query rows at once (teacher forcing and the
+// backward, Tq >= kQueryTileMinRows): a block computes a 32 x 32 tile of C = A B, walking
+// the contraction in steps of 32 staged in shared memory, so each input row is read once
+// per tile instead of once per query row or key.
+//  - 16-bit dtypes multiply on the tensor cores (nvcuda::wmma 16 x 16 x 16, float
+//    accumulators; each of the 4 warps owns one 16 x 16 quarter of the tile);
+//  - float32 and float64 multiply exactly with FMAs (each thread owns 2 x 4 outputs), as
+//    matmul does without allow_tf32.
+// Two kernels use it: pair_product_kernel (scores-like products of two row sets,
+// C[t, j] = <x_t, y_j>, up to two at once) and weighted_rows_kernel (C[m, :] =
+// sum_k coef(m, k) row_k, the context and the gradients). Both end in the caller's
+// epilogue, element by element, from a tile of C in shared memory. No atomics: every
+// output element is summed by one block in a fixed order.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "attention_ext/math.h"
+#include "device_primitives.cuh"
+
+#if !defined(ATTENTION_EXT_CUDA_EMULATION)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace attention_ext {
+
+// The one choice between the row kernels and the tile kernels: tiles from this many query
+// rows per batch element up (fewer rows leave most of a 32-row tile empty).
+constexpr int64_t kQueryTileMinRows = 16;
+inline bool uses_query_tiles(int64_t Tq) { return Tq >= kQueryTileMinRows; }
+
+constexpr int kTile = 32;  // a block's output rows and columns, and its contraction step
+constexpr int kTileThreads = 128;
+constexpr int kTileWarps = kTileThreads / kWarpSize;
+
+// The tensor cores' input type for a dtype, or void where the product runs on FMAs
+// (float32, float64; bfloat16 before sm_80, which lacks bfloat16 tensor cores).
+template <typename scalar_t>
+struct TensorCoreInput {
+  using type = void;
+};
+template <>
+struct TensorCoreInput<c10::Half> {
+  using type = __half;
+};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <>
+struct TensorCoreInput<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+#endif
+
+// What a tile product of scalar_t inputs stages and multiplies: the staged element type
+// (the dtype itself for the tensor cores, else the accumulation type) and the rows of its
+// shared-memory tiles, padded by 16 bytes so that rows keep 16-byte alignment (wmma needs
+// it) without all starting in the same bank.
+template <typename scalar_t, typename acc_t>
+struct TileTypes {
+  using mma_t = typename TensorCoreInput<scalar_t>::type;
+  static constexpr bool kTensorCores = !std::is_void_v<mma_t>;
+  using in_t = std::conditional_t<kTensorCores, scalar_t, acc_t>;
+  static constexpr int kLd = kTile + 16 / static_cast<int>(sizeof(in_t));
+  static constexpr int kCLd = kTile + 16 / static_cast<int>(sizeof(acc_t));
+};
+
+// The shared memory of one tile product: the staged step of A (rows m, columns k) and of B
+// (kBLinesAreN: rows n, columns k, as keys are stored; else rows k, columns n), and the
+// finished tile of C.
+template <typename scalar_t, typename acc_t>
+struct TileShared {
+  using T = TileTypes<scalar_t, acc_t>;
+  alignas(32) typename T::in_t a[kTile][T::kLd];
+  alignas(32) typename T::in_t b[kTile][T::kLd];
+  alignas(32) acc_t c[kTile][T::kCLd];
+};
+
+// Stages elements [e0, e0 + kTile) of 32 lines into dst[line][e]: line l's data starts at
+// line_of(l) (nullptr: a line of zeros) and has `len` elements; elements past len are
+// zeros. Each thread moves 8 consecutive elements of one line, in 16-byte chunks of VEC
+// (all its loads before its stores); VEC divides len, or is 1.
+template <int VEC, typename in_t, int LD, typename LineOf>
+__device__ __forceinline__ void stage_lines(in_t (*dst)[LD], int64_t e0, int64_t len,
+                                            LineOf line_of) {
+  static_assert(kTileThreads * 8 == kTile * kTile, "one pass of 8 elements per thread");
+  const int tid = static_cast<int>(threadIdx.x);
+  const int l = tid / 4;
+  const int e = (tid % 4) * 8;
+  const auto* src = line_of(l);
+  using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
+  constexpr int kChunks = 8 / VEC;
+  Pack<scalar_t, VEC> x[kChunks];
+#pragma unroll
+  for (int u = 0; u < kChunks; ++u) {
+    const int64_t at = e0 + e + u * VEC;
+    if (src != nullptr && at + VEC <= len) {
+      x[u] = load_pack<VEC>(src, at / VEC);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) x[u].v[i] = scalar_t(0);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kChunks; ++u) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dst[l][e + u * VEC + i] = static_cast<in_t>(x[u].v[i]);
+  }
+}
+
+// Stages a step of A from coef(m, k) (m, k < kTile, relative to the step), which the
+// caller makes 0 past its ends.
+template <typename in_t, int LD, typename CoefOf>
+__device__ __forceinline__ void stage_coefficients(in_t (*dst)[LD], CoefOf coef) {
+  for (int i = static_cast<int>(threadIdx.x); i < kTile * kTile; i += kTileThreads) {
+    const int m = i / kTile, k = i % kTile;
+    dst[m][k] = static_cast<in_t>(coef(m, k));
+  }
+}
+
+// The block's accumulators for one 32 x 32 tile of C and the multiplication of one staged
+// step. kBLinesAreN says how B was staged (see TileShared).
+template <typename scalar_t, typename acc_t, bool kBLinesAreN,
+          bool kTensorCores = TileTypes<scalar_t, acc_t>::kTensorCores>
+class TileAccumulator;
+
+template <typename scalar_t, typename acc_t, bool kBLinesAreN>
+class TileAccumulator<scalar_t, acc_t, kBLinesAreN, true> {
+  using T = TileTypes<scalar_t, acc_t>;
+  using mma_t = typename T::mma_t;
+  using BLayout = std::conditional_t<kBLinesAreN, nvcuda::wmma::col_major,
+                                     nvcuda::wmma::row_major>;
+  static_assert(std::is_same_v<acc_t, float>, "tensor cores accumulate in float");
+
+ public:
+  __device__ __forceinline__ TileAccumulator()
+      : m0_((static_cast<int>(threadIdx.x) / kWarpSize / 2) * 16),
+        n0_((static_cast<int>(threadIdx.x) / kWarpSize % 2) * 16) {
+    nvcuda::wmma::fill_fragment(acc_, 0.0f);
+  }
+
+  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t>& s) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, mma_t, nvcuda::wmma::row_major>
+        a;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, mma_t, BLayout> b;
+#pragma unroll
+    for (int k = 0; k < kTile; k += 16) {
+      nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(&s.a[m0_][k]), T::kLd);
+      const auto* b_at = kBLinesAreN ? &s.b[n0_][k] : &s.b[k][n0_];
+      nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(b_at), T::kLd);
+      nvcuda::wmma::mma_sync(acc_, a, b, acc_);
+    }
+  }
+
+  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t>& s) const {
+    nvcuda::wmma::store_matrix_sync(&s.c[m0_][n0_], acc_, T::kCLd, nvcuda::wmma::mem_row_major);
+  }
+
+ private:
+  int m0_, n0_;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc_;
+};
+
+// Thread (tm, tn) owns rows tm + 16 i and columns tn + 8 j: the 8 threads reading a B
+// step's column group at once hit 8 different banks.
+template <typename scalar_t, typename acc_t, bool kBLinesAreN>
+class TileAccumulator<scalar_t, acc_t, kBLinesAreN, false> {
+  static constexpr int kRows = 2, kCols = 4;
+  static_assert(kTileThreads * kRows * kCols == kTile * kTile, "the threads cover the tile");
+
+ public:
+  __device__ __forceinline__ TileAccumulator()
+      : tm_(static_cast<int>(threadIdx.x) / 8), tn_(static_cast<int>(threadIdx.x) % 8) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc_[i][j] = acc_t(0);
+    }
+  }
+
+  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t>& s) {
+#pragma unroll 4
+    for (int k = 0; k < kTile; ++k) {
+      acc_t a[kRows], b[kCols];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) a[i] = s.a[tm_ + 16 * i][k];
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) b[j] = kBLinesAreN ? s.b[tn_ + 8 * j][k] : s.b[k][tn_ + 8 * j];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) acc_[i][j] += a[i] * b[j];
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t>& s) const {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) s.c[tm_ + 16 * i][tn_ + 8 * j] = acc_[i][j];
+    }
+  }
+
+ private:
+  int tm_, tn_;
+  acc_t acc_[kRows][kCols];
+};
+
+// The tiles of a batched product: blocks of one launch cover batch x m_tiles x n_tiles,
+// n fastest.
+struct TileIndex {
+  int64_t b, m0, n0;
+};
+
+__device__ __forceinline__ TileIndex tile_index(int64_t m_tiles, int64_t n_tiles) {
+  const int64_t block = blockIdx.x;
+  const int64_t n_tile = block % n_tiles;
+  const int64_t rest = block / n_tiles;
+  return TileIndex{rest / m_tiles, (rest % m_tiles) * kTile, n_tile * kTile};
+}
+
+// A Pairs type (dot_attention_tiles.cuh) gives its scalar_t, acc_t, kVec and kProducts
+// (1 or 2), sizes B, M (query rows t) and N (keys j), and for product i: len(i) features,
+// rows x(i, b, t) and y(i, b, j) (nullptr: a row of zeros, e.g. a key that does not
+// attend), so that product i is C_i[t, j] = <x_t, y_j>; finish(b, t, j, c) is called once
+// per element of the tile within M x N, with c[i] = C_i[t, j].
+template <typename Pairs>
+__global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs pairs) {
+  using scalar_t = typename Pairs::scalar_t;
+  using acc_t = typename Pairs::acc_t;
+  using In = typename TileTypes<scalar_t, acc_t>::in_t;
+  __shared__ TileShared<scalar_t, acc_t> s;
+  __shared__ acc_t first[kTile][kTile];  // the first product while the second runs
+  const TileIndex at = tile_index(ceil_div(pairs.M, kTile), ceil_div(pairs.N, kTile));
+
+  for (int i = 0; i < Pairs::kProducts; ++i) {
+    const int64_t len = pairs.len(i);
+    TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/true> acc;
+    for (int64_t k0 = 0; k0 < len; k0 += kTile) {
+      stage_lines<Pairs::kVec, In>(s.a, k0, len, [&](int l) {
+        return at.m0 + l < pairs.M ? pairs.x(i, at.b, at.m0 + l) : nullptr;
+      });
+      stage_lines<Pairs::kVec, In>(s.b, k0, len, [&](int l) {
+        return at.n0 + l < pairs.N ? pairs.y(i, at.b, at.n0 + l) : nullptr;
+      });
+      __syncthreads();
+      acc.multiply(s);
+      __syncthreads();
+    }
+    acc.store(s);
+    __syncthreads();
+    if (i + 1 < Pairs::kProducts) {
+      for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kTileThreads) {
+        first[e / kTile][e % kTile] = s.c[e / kTile][e % kTile];
+      }
+      __syncthreads();  // before the next product's store, which comes at once for len 0
+    }
+  }
+  for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kTileThreads) {
+    const int m = e / kTile, n = e % kTile;
+    if (at.m0 + m >= pairs.M || at.n0 + n >= pairs.N) continue;
+    acc_t c[2] = {s.c[m][n], acc_t(0)};
+    if (Pairs::kProducts == 2) {
+      c[0] = first[m][n];
+      c[1] = s.c[m][n];
+    }
+    pairs.finish(at.b, at.m0 + m, at.n0 + n, c);
+  }
+}
+
+// A WeightedRows type (dot_attention_tiles.cuh) gives its scalar_t, acc_t and kVec, sizes
+// B, M (output rows), K (rows summed) and N (row length), and
+//  - coef(b, m, k): the weight of row k in output row m, for m < M and k < K;
+//  - row(b, k): input row k (nullptr: a row of zeros);
+//  - out(b, m): output row m, and live(b, m): whether it is a sum at all (a key that does
+//    not attend gets zeros, whatever the inputs hold);
+//  - alpha: the factor applied to every sum.
+// out(b, m)[n] = alpha * sum_k coef(b, m, k) row(b, k)[n], k in steps of 32.
+template <typename WeightedRows>
+__global__ void __launch_bounds__(kTileThreads)
+    weighted_rows_kernel(const WeightedRows w) {
+  using scalar_t = typename WeightedRows::scalar_t;
+  using acc_t = typename WeightedRows::acc_t;
+  using In = typename TileTypes<scalar_t, acc_t>::in_t;
+  __shared__ TileShared<scalar_t, acc_t> s;
+  const TileIndex at = tile_index(ceil_div(w.M, kTile), ceil_div(w.N, kTile));
+
+  TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/false> acc;
+  for (int64_t k0 = 0; k0 < w.K; k0 += kTile) {
+    stage_coefficients<In>(s.a, [&](int m, int k) {
+      const int64_t mm = at.m0 + m, kk = k0 + k;
+      return mm < w.M && kk < w.K ? w.coef(at.b, mm, kk) : acc_t(0);
+    });
+    stage_lines<WeightedRows::kVec, In>(s.b, at.n0, w.N, [&](int l) {
+      return k0 + l < w.K ? w.row(at.b, k0 + l) : nullptr;
+    });
+    __syncthreads();
+    acc.multiply(s);
+    __syncthreads();
+  }
+  acc.store(s);
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < kTile * kTile; i += kTileThreads) {
+    const int m = i / kTile, n = i % kTile;
+    const int64_t mm = at.m0 + m, nn = at.n0 + n;
+    if (mm >= w.M || nn >= w.N) continue;
+    w.out(at.b, mm)[nn] =
+        w.live(at.b, mm) ? static_cast<scalar_t>(w.alpha * s.c[m][n]) : scalar_t(0);
+  }
+}
+
+}  // namespace attention_ext
