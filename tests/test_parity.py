@@ -38,9 +38,9 @@ DOT_SHAPES = [
     ("values_none_2d", dict(B=4, Tq=1, S=8, D=24, values_none=True, query_2d=True)),
     ("B0", dict(B=0, Tq=3, S=5, D=8)),
     ("B0_2d", dict(B=0, Tq=1, S=5, D=8, query_2d=True)),
-    # CUDA: 32 rows take one block each over all 40 keys, two rounds of 32, the last
-    # partial.
-    ("key_rounds", dict(B=2, Tq=16, S=40, D=4)),
+    # CUDA: 32 rows (too few per batch element for query tiles) take one block each over
+    # all 40 keys, two rounds of 32, the last partial.
+    ("key_rounds", dict(B=4, Tq=8, S=40, D=4)),
     # CUDA: values wider than a block's registers hold are cut into context slices (2 for
     # float32, 3 for float64; 3 of 16-byte-unaligned width).
     ("Dv_slices", dict(B=2, Tq=1, S=9, D=8, Dv=2056)),
@@ -85,14 +85,18 @@ ADDITIVE_SHAPES = [
     ("B0_2d", dict(B=0, Tq=1, S=5, A=8, query_2d=True)),
     ("Tq0", dict(B=3, Tq=0, S=5, A=8, Dv=6)),
     ("long_S", dict(B=2, Tq=2, S=130, A=20, Dv=9)),
-    # CUDA: 40 rows take one block each over all 70 keys in three rounds, the last partial.
-    ("key_rounds", dict(B=2, Tq=20, S=70, A=12, Dv=10)),
+    # CUDA: 40 rows (too few per batch element for query tiles) take one block each over
+    # all 70 keys in three rounds, the last partial.
+    ("key_rounds", dict(B=4, Tq=10, S=70, A=12, Dv=10)),
     ("Dv_slices", dict(B=2, Tq=2, S=9, A=8, Dv=2056)),
     # Several query tiles per batch element with a partial last one, whatever the tile
     # (4 or 8 queries): 9 = 8 + 1 = 2*4 + 1, 13 = 8 + 5 = 3*4 + 1.
     ("query_tiles_9", dict(B=2, Tq=9, S=37, A=19, Dv=21)),
     ("query_tiles_13", dict(B=3, Tq=13, S=10, A=40, Dv=24)),
-    ("query_tiles_35", dict(B=1, Tq=35, S=3, A=3, Dv=2)),  # CUDA: 9 blocks of 4 rows, the last 3
+    ("query_tiles_35", dict(B=1, Tq=35, S=3, A=3, Dv=2)),  # CUDA: tiles of 32 rows, then 3
+    # CUDA query tiles with 16-byte rows: 2 x 2 tiles of 32 x 32 scores, 3 steps of 32 over
+    # A, 3 column tiles of the tanh gradients and 2 of the context.
+    ("cuda_tiles", dict(B=2, Tq=33, S=45, A=72, Dv=40)),
 ]
 
 

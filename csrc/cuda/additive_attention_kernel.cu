@@ -1,8 +1,9 @@
 // CUDA implementation of attention_ext::additive_attention and its backward: argument
-// checks, contiguous inputs, dtype and vector-width dispatch, launches. The kernels:
-// attention_forward.cuh with AdditiveScorer (scorers.cuh), and
-// additive_attention_backward.cuh; what this op shares with the dot op is in
-// host_helpers.cuh, attention_forward.cuh and softmax_backward.cuh.
+// checks, contiguous inputs, dtype and vector-width dispatch, launches. The kernels: for few
+// query rows per batch element, attention_forward.cuh with AdditiveScorer (scorers.cuh)
+// and additive_attention_backward.cuh; from kQueryTileMinRows up,
+// additive_attention_tiles.cuh. What this op shares with the dot op is in host_helpers.cuh,
+// attention_forward.cuh, softmax_backward.cuh and query_tiles.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,6 +14,7 @@
 #include <tuple>
 
 #include "additive_attention_backward.cuh"
+#include "additive_attention_tiles.cuh"
 #include "attention_ext/checks.h"
 #include "attention_ext/inputs.h"
 #include "host_helpers.cuh"
@@ -27,6 +29,10 @@ namespace {
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, int64_t row_blocks,
                      scalar_t* grad_v, cudaStream_t stream) {
+  if (uses_query_tiles(p.Tq)) {
+    launch_additive_backward_tiles<VEC>(p, grad_v, stream);
+    return;
+  }
   const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
   launch_kernel(additive_attention_backward_rows_kernel<scalar_t, acc_t, VEC>,
                 warp_grid(p.B * p.Tq, kBackwardWarpsPerBlock), block, 0, stream, p);
@@ -63,11 +69,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
     p.v = in.v.data_ptr<scalar_t>();
     p.A = s.A;
     constexpr int kVec = vec_width<scalar_t>();
-    if (can_vectorize(kVec, s.A, s.Dv,
-                      {in.query_proj, in.keys_proj, in.v, in.values, buffers.context()})) {
-      launch_attention_forward<AdditiveScorer, kVec>(p, s.A, in.query_proj, stream);
+    const bool vec = can_vectorize(
+        kVec, s.A, s.Dv, {in.query_proj, in.keys_proj, in.v, in.values, buffers.context()});
+    if (uses_query_tiles(s.Tq)) {
+      vec ? launch_additive_forward_tiles<kVec>(p, in.query_proj, stream)
+          : launch_additive_forward_tiles<1>(p, in.query_proj, stream);
     } else {
-      launch_attention_forward<AdditiveScorer, 1>(p, s.A, in.query_proj, stream);
+      vec ? launch_attention_forward<AdditiveScorer, kVec>(p, s.A, in.query_proj, stream)
+          : launch_attention_forward<AdditiveScorer, 1>(p, s.A, in.query_proj, stream);
     }
   });
   return buffers.outputs();
@@ -100,9 +109,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     return {grad_query_proj, grad_keys_proj, grad_v, grad_values};
   }
   const BackwardScratch scratch(in.query_proj, rows, s.S);
+  // grad_v's shares: one row per block of the rows kernel, or per query tile.
   const int64_t row_blocks = ceil_div(rows, kBackwardWarpsPerBlock);
+  const int64_t share_rows =
+      uses_query_tiles(s.Tq) ? additive_tile_share_rows(s.B, s.Tq) : row_blocks;
   const at::Tensor grad_v_partials =
-      at::empty({row_blocks, s.A}, opts.dtype(acc_dtype(in.query_proj.scalar_type())));
+      at::empty({share_rows, s.A}, opts.dtype(acc_dtype(in.query_proj.scalar_type())));
   const cudaStream_t stream = current_stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.query_proj.scalar_type(),

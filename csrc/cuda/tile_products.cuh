@@ -70,13 +70,14 @@ struct TileTypes {
 };
 
 // The shared memory of one tile product: the staged step of A (rows m, columns k) and of B
-// (kBLinesAreN: rows n, columns k, as keys are stored; else rows k, columns n), and the
-// finished tile of C.
+// (kBLinesAreN: rows n, columns k, as keys are stored; else rows k, columns n), the step
+// of v (additive scores only), and the finished tile of C.
 template <typename scalar_t, typename acc_t>
 struct TileShared {
   using T = TileTypes<scalar_t, acc_t>;
   alignas(32) typename T::in_t a[kTile][T::kLd];
   alignas(32) typename T::in_t b[kTile][T::kLd];
+  acc_t v[kTile];
   alignas(32) acc_t c[kTile][T::kCLd];
 };
 
@@ -122,14 +123,23 @@ __device__ __forceinline__ void stage_coefficients(in_t (*dst)[LD], CoefOf coef)
   }
 }
 
+// How a tile's terms are formed: C[m, n] += A[m, k] B[k, n] on the tensor cores or with
+// FMAs, or the additive score C[m, n] += v[k] tanh(A[m, k] + B[k, n]) (FMAs and tanh in
+// the accumulation type, whatever the dtype).
+enum class TileTerms { kTensorCores, kFma, kTanhScore };
+
+template <typename scalar_t, typename acc_t>
+constexpr TileTerms kProductTerms =
+    TileTypes<scalar_t, acc_t>::kTensorCores ? TileTerms::kTensorCores : TileTerms::kFma;
+
 // The block's accumulators for one 32 x 32 tile of C and the multiplication of one staged
 // step. kBLinesAreN says how B was staged (see TileShared).
 template <typename scalar_t, typename acc_t, bool kBLinesAreN,
-          bool kTensorCores = TileTypes<scalar_t, acc_t>::kTensorCores>
+          TileTerms kTerms = kProductTerms<scalar_t, acc_t>>
 class TileAccumulator;
 
 template <typename scalar_t, typename acc_t, bool kBLinesAreN>
-class TileAccumulator<scalar_t, acc_t, kBLinesAreN, true> {
+class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTensorCores> {
   using T = TileTypes<scalar_t, acc_t>;
   using mma_t = typename T::mma_t;
   using BLayout = std::conditional_t<kBLinesAreN, nvcuda::wmma::col_major,
@@ -167,8 +177,9 @@ class TileAccumulator<scalar_t, acc_t, kBLinesAreN, true> {
 
 // Thread (tm, tn) owns rows tm + 16 i and columns tn + 8 j: the 8 threads reading a B
 // step's column group at once hit 8 different banks.
-template <typename scalar_t, typename acc_t, bool kBLinesAreN>
-class TileAccumulator<scalar_t, acc_t, kBLinesAreN, false> {
+template <typename scalar_t, typename acc_t, bool kBLinesAreN, TileTerms kTerms>
+class TileAccumulator {
+  static_assert(kTerms != TileTerms::kTensorCores, "specialised above");
   static constexpr int kRows = 2, kCols = 4;
   static_assert(kTileThreads * kRows * kCols == kTile * kTile, "the threads cover the tile");
 
@@ -187,13 +198,21 @@ class TileAccumulator<scalar_t, acc_t, kBLinesAreN, false> {
     for (int k = 0; k < kTile; ++k) {
       acc_t a[kRows], b[kCols];
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) a[i] = s.a[tm_ + 16 * i][k];
+      for (int i = 0; i < kRows; ++i) a[i] = static_cast<acc_t>(s.a[tm_ + 16 * i][k]);
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) b[j] = kBLinesAreN ? s.b[tn_ + 8 * j][k] : s.b[k][tn_ + 8 * j];
+      for (int j = 0; j < kCols; ++j) {
+        b[j] = static_cast<acc_t>(kBLinesAreN ? s.b[tn_ + 8 * j][k] : s.b[k][tn_ + 8 * j]);
+      }
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
 #pragma unroll
-        for (int j = 0; j < kCols; ++j) acc_[i][j] += a[i] * b[j];
+        for (int j = 0; j < kCols; ++j) {
+          if constexpr (kTerms == TileTerms::kTanhScore) {
+            acc_[i][j] += s.v[k] * fast_tanh(a[i] + b[j]);
+          } else {
+            acc_[i][j] += a[i] * b[j];
+          }
+        }
       }
     }
   }
@@ -224,11 +243,13 @@ __device__ __forceinline__ TileIndex tile_index(int64_t m_tiles, int64_t n_tiles
   return TileIndex{rest / m_tiles, (rest % m_tiles) * kTile, n_tile * kTile};
 }
 
-// A Pairs type (dot_attention_tiles.cuh) gives its scalar_t, acc_t, kVec and kProducts
-// (1 or 2), sizes B, M (query rows t) and N (keys j), and for product i: len(i) features,
-// rows x(i, b, t) and y(i, b, j) (nullptr: a row of zeros, e.g. a key that does not
-// attend), so that product i is C_i[t, j] = <x_t, y_j>; finish(b, t, j, c) is called once
-// per element of the tile within M x N, with c[i] = C_i[t, j].
+// A Pairs type (dot_attention_tiles.cuh, additive_attention_tiles.cuh) gives its scalar_t,
+// acc_t, kVec, kProducts (1 or 2) and kTanhScore, sizes B, M (query rows t) and N (keys j),
+// and for product i: len(i) features and rows x(i, b, t) and y(i, b, j) (nullptr: a row of
+// zeros, e.g. a key that does not attend). Product i is C_i[t, j] = <x_t, y_j>, except
+// with kTanhScore product 0, the additive score sum_k v[k] tanh(x_t[k] + y_j[k]) (v(), of
+// len(0) elements). finish(b, t, j, c) is called once per element of the tile within
+// M x N, with c[i] = C_i[t, j].
 template <typename Pairs>
 __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs pairs) {
   using scalar_t = typename Pairs::scalar_t;
@@ -238,9 +259,8 @@ __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs 
   __shared__ acc_t first[kTile][kTile];  // the first product while the second runs
   const TileIndex at = tile_index(ceil_div(pairs.M, kTile), ceil_div(pairs.N, kTile));
 
-  for (int i = 0; i < Pairs::kProducts; ++i) {
+  auto run = [&](int i, auto& acc) {
     const int64_t len = pairs.len(i);
-    TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/true> acc;
     for (int64_t k0 = 0; k0 < len; k0 += kTile) {
       stage_lines<Pairs::kVec, In>(s.a, k0, len, [&](int l) {
         return at.m0 + l < pairs.M ? pairs.x(i, at.b, at.m0 + l) : nullptr;
@@ -248,18 +268,33 @@ __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs 
       stage_lines<Pairs::kVec, In>(s.b, k0, len, [&](int l) {
         return at.n0 + l < pairs.N ? pairs.y(i, at.b, at.n0 + l) : nullptr;
       });
+      if constexpr (Pairs::kTanhScore) {
+        if (i == 0 && threadIdx.x < kTile) {
+          const int64_t k = k0 + threadIdx.x;
+          s.v[threadIdx.x] = k < len ? static_cast<acc_t>(pairs.v()[k]) : acc_t(0);
+        }
+      }
       __syncthreads();
       acc.multiply(s);
       __syncthreads();
     }
     acc.store(s);
     __syncthreads();
-    if (i + 1 < Pairs::kProducts) {
-      for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kTileThreads) {
-        first[e / kTile][e % kTile] = s.c[e / kTile][e % kTile];
-      }
-      __syncthreads();  // before the next product's store, which comes at once for len 0
+  };
+
+  {
+    constexpr TileTerms kFirst =
+        Pairs::kTanhScore ? TileTerms::kTanhScore : kProductTerms<scalar_t, acc_t>;
+    TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/true, kFirst> acc;
+    run(0, acc);
+  }
+  if constexpr (Pairs::kProducts == 2) {
+    for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kTileThreads) {
+      first[e / kTile][e % kTile] = s.c[e / kTile][e % kTile];
     }
+    __syncthreads();  // before the second product's store, which comes at once for len 0
+    TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/true> acc;
+    run(1, acc);
   }
   for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kTileThreads) {
     const int m = e / kTile, n = e % kTile;
