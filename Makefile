@@ -15,7 +15,7 @@ PIP        := $(PY) -m pip --disable-pip-version-check -q
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install numpy pytest expecttest hypothesis ninja pybind11 "setuptools>=64" wheel
+	$(PIP) install numpy pytest pytest-xdist expecttest hypothesis ninja pybind11 "setuptools>=64" wheel
 	touch $@
 
 install: $(VENV)/.deps-installed
@@ -26,9 +26,10 @@ demo: install
 	$(PY) benchmarks/bench_dot.py --quick
 	$(PY) benchmarks/bench_additive.py --quick
 
-# The test suite, then the CUDA kernels under the CPU emulation (test-emulated).
+# The test suite, then the CUDA kernels under the CPU emulation (test-emulated); every
+# suite runs on one pytest-xdist worker per core.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 	$(MAKE) test-emulated
 
 # The suite again with the CUDA host code and kernels as the ops' CPU kernels, run under

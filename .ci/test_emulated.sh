@@ -7,7 +7,7 @@
 # repo (attention_ext/_C*.so, build/) is left alone; it uses the repo's .venv.
 #
 # Environment: PY (default .venv/bin/python), KEEP_BUILD=1 keeps the temporary directory.
-# Arguments go to pytest (default: the whole suite but the slow tests, about 4 minutes).
+# Arguments go to pytest (default: the whole suite but the slow tests, about 2 minutes on 2 cores).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -19,4 +19,4 @@ build_in_copy emulated ATTENTION_EXT_EMULATE_CUDA=1
 sys.exit(0 if ae.build_info()["emulated_cuda"] else
          "test_emulated: imported a build without the emulated CUDA code: " + ae.__file__)'
 if [ "$#" -eq 0 ]; then set -- -m "not slow" tests; fi
-"$PY" -m pytest -q -p no:cacheprovider "$@"
+"$PY" -m pytest -q -n auto -p no:cacheprovider "$@"
