@@ -23,7 +23,7 @@ namespace attention_ext {
 
 // Forward: scores[b, t, j] for the attending keys.
 template <typename scalar_t, typename acc_t, int VEC>
-struct AdditiveScorePairs : TileWork<scalar_t, acc_t, VEC> {
+struct AdditiveScorePairs : KernelTypes<scalar_t, acc_t, VEC> {
   static constexpr int kProducts = 1;
   static constexpr bool kTanhScore = true;
   AdditiveForwardParams<scalar_t, acc_t> p;
@@ -45,7 +45,7 @@ struct AdditiveScorePairs : TileWork<scalar_t, acc_t, VEC> {
 // Backward: p_tj from the recomputed score and lse, dp_tj = <g_t, v_j> + gw_tj; both 0
 // where j does not attend.
 template <typename scalar_t, typename acc_t, int VEC>
-struct AdditiveGradPairs : TileWork<scalar_t, acc_t, VEC> {
+struct AdditiveGradPairs : KernelTypes<scalar_t, acc_t, VEC> {
   static constexpr int kProducts = 2;
   static constexpr bool kTanhScore = true;
   AdditiveBackwardParams<scalar_t, acc_t> p;
@@ -78,7 +78,7 @@ struct AdditiveGradPairs : TileWork<scalar_t, acc_t, VEC> {
 // and on the query side (kQuerySide) the block's share of grad_v,
 //   share[a] = sum_{m, k} c(m, k) tanh(x_m[a] + y_k[a]).
 template <typename scalar_t, typename acc_t, int VEC, bool kQuery>
-struct TanhGradSide : TileWork<scalar_t, acc_t, VEC> {
+struct TanhGradSide : KernelTypes<scalar_t, acc_t, VEC> {
   static constexpr bool kQuerySide = kQuery;
   AdditiveBackwardParams<scalar_t, acc_t> p;
   int64_t B, M, K, N;

@@ -24,6 +24,15 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// The types a kernel's building block names: the dtype, its accumulation type and the
+// chunk width it reads rows in.
+template <typename scalar_t_, typename acc_t_, int VEC>
+struct KernelTypes {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  static constexpr int kVec = VEC;
+};
+
 template <typename scalar_t>
 constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(scalar_t));
@@ -70,33 +79,53 @@ __device__ __forceinline__ void store_chunk(scalar_t* row, int64_t c, const acc_
 // trip count and an exit test between iterations compiles to one load at a time.)
 constexpr int kChunksInFlight = 4;
 
-// This lane's share of <a, b> over the chunks first, first + stride, ... < chunks; sum
-// the shares of the lanes that split the chunks for the full dot product. The terms are
-// added in chunk order.
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t lane_dot(const scalar_t* a, const scalar_t* b, int64_t chunks,
-                                          int64_t first, int stride) {
+// sum of term(e) over the elements of the chunks first, first + stride, ... < chunks of
+// the rows (e[r]: the element of row r, in acc_t), in chunk order. kBatch chunks of every
+// row are loaded before any arithmetic; chunks past the end load as zeros, so term must
+// be 0 at all-zero elements.
+template <int kBatch, int VEC, typename acc_t, typename scalar_t, typename Term,
+          typename... Rows>
+__device__ __forceinline__ acc_t batched_chunk_sum(int64_t chunks, int64_t first, int stride,
+                                                   Term term, const Rows*... rows) {
+  constexpr int N = sizeof...(Rows);
+  const scalar_t* const row[N] = {rows...};
   acc_t sum = acc_t(0);
-  for (int64_t c0 = first; c0 < chunks; c0 += int64_t(kChunksInFlight) * stride) {
-    Pack<scalar_t, VEC> x[kChunksInFlight], y[kChunksInFlight];
+  for (int64_t c0 = first; c0 < chunks; c0 += int64_t(kBatch) * stride) {
+    Pack<scalar_t, VEC> x[kBatch][N];
 #pragma unroll
-    for (int u = 0; u < kChunksInFlight; ++u) {
+    for (int u = 0; u < kBatch; ++u) {
       const int64_t c = c0 + int64_t(u) * stride;
-      if (c < chunks) {
-        x[u] = load_pack<VEC>(a, c);
-        y[u] = load_pack<VEC>(b, c);
-      } else {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) x[u].v[i] = y[u].v[i] = scalar_t(0);
+      for (int r = 0; r < N; ++r) {
+        if (c < chunks) {
+          x[u][r] = load_pack<VEC>(row[r], c);
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) x[u][r].v[i] = scalar_t(0);
+        }
       }
     }
 #pragma unroll
-    for (int u = 0; u < kChunksInFlight; ++u) {
+    for (int u = 0; u < kBatch; ++u) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) sum += unpack<acc_t>(x[u], i) * unpack<acc_t>(y[u], i);
+      for (int i = 0; i < VEC; ++i) {
+        acc_t e[N];
+#pragma unroll
+        for (int r = 0; r < N; ++r) e[r] = unpack<acc_t>(x[u][r], i);
+        sum += term(e);
+      }
     }
   }
   return sum;
+}
+
+// This lane's share of <a, b> over the chunks first, first + stride, ... < chunks; sum
+// the shares of the lanes that split the chunks for the full dot product.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t lane_dot(const scalar_t* a, const scalar_t* b, int64_t chunks,
+                                          int64_t first, int stride) {
+  return batched_chunk_sum<kChunksInFlight, VEC, acc_t, scalar_t>(
+      chunks, first, stride, [](const acc_t (&e)[2]) { return e[0] * e[1]; }, a, b);
 }
 
 // The sum over each aligned group of `lanes` lanes (a power of two <= 32), in every lane

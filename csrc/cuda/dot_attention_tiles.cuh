@@ -18,7 +18,7 @@ namespace attention_ext {
 
 // Forward: scores[b, t, j] = scale <q_t, k_j> for the attending keys.
 template <typename scalar_t, typename acc_t, int VEC>
-struct DotScorePairs : TileWork<scalar_t, acc_t, VEC> {
+struct DotScorePairs : KernelTypes<scalar_t, acc_t, VEC> {
   static constexpr int kProducts = 1;
   static constexpr bool kTanhScore = false;
   DotForwardParams<scalar_t, acc_t> p;
@@ -39,7 +39,7 @@ struct DotScorePairs : TileWork<scalar_t, acc_t, VEC> {
 // Backward: p_tj from the recomputed score and lse, dp_tj = <g_t, v_j> + gw_tj; both 0
 // where j does not attend.
 template <typename scalar_t, typename acc_t, int VEC>
-struct DotGradPairs : TileWork<scalar_t, acc_t, VEC> {
+struct DotGradPairs : KernelTypes<scalar_t, acc_t, VEC> {
   static constexpr int kProducts = 2;
   static constexpr bool kTanhScore = false;
   DotBackwardParams<scalar_t, acc_t> p;
@@ -67,7 +67,7 @@ struct DotGradPairs : TileWork<scalar_t, acc_t, VEC> {
 
 // Backward: grad_query_t = scale sum_j ds_tj k_j.
 template <typename scalar_t, typename acc_t, int VEC>
-struct DotGradQueryRows : TileWork<scalar_t, acc_t, VEC> {
+struct DotGradQueryRows : KernelTypes<scalar_t, acc_t, VEC> {
   DotBackwardParams<scalar_t, acc_t> p;
   int64_t B, M, K, N;
   acc_t alpha;
@@ -87,7 +87,7 @@ struct DotGradQueryRows : TileWork<scalar_t, acc_t, VEC> {
 // Backward: grad_keys_j = scale sum_t ds_tj q_t, or with the keys as values the sum over
 // 2 Tq rows, scale ds_tj q_t then p_tj g_t (alpha 1).
 template <typename scalar_t, typename acc_t, int VEC, bool kKeysAsValues>
-struct DotGradKeyRows : TileWork<scalar_t, acc_t, VEC> {
+struct DotGradKeyRows : KernelTypes<scalar_t, acc_t, VEC> {
   DotBackwardParams<scalar_t, acc_t> p;
   int64_t B, M, K, N;
   acc_t alpha;

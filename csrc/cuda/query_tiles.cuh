@@ -27,17 +27,9 @@ __device__ __forceinline__ const scalar_t* attending_row(const KeyPositions& kp,
   return j < kp.end(b) && kp.attends(b, j) ? base + (b * S + j) * width : nullptr;
 }
 
-// The types a Pairs or WeightedRows type names (tile_products.cuh).
-template <typename scalar_t_, typename acc_t_, int VEC>
-struct TileWork {
-  using scalar_t = scalar_t_;
-  using acc_t = acc_t_;
-  static constexpr int kVec = VEC;
-};
-
 // Forward: context_t = sum_j p_tj v_j, p_tj = exp(score_tj - lse_t) from the raw scores.
 template <typename scalar_t, typename acc_t, int VEC>
-struct ContextRows : TileWork<scalar_t, acc_t, VEC> {
+struct ContextRows : KernelTypes<scalar_t, acc_t, VEC> {
   SoftmaxForwardParams<scalar_t, acc_t> p;
   int64_t B, M, K, N;
   acc_t alpha;
@@ -59,7 +51,7 @@ struct ContextRows : TileWork<scalar_t, acc_t, VEC> {
 
 // Backward: grad_values_j = sum_t p_tj g_t (0 for a key that does not attend).
 template <typename scalar_t, typename acc_t, int VEC>
-struct ValueGradRows : TileWork<scalar_t, acc_t, VEC> {
+struct ValueGradRows : KernelTypes<scalar_t, acc_t, VEC> {
   SoftmaxBackwardParams<scalar_t, acc_t> p;
   int64_t B, M, K, N;
   acc_t alpha;

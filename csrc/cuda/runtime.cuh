@@ -52,9 +52,12 @@ inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
 #elif defined(__CUDACC__)
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+#include <atomic>
 
 #define ATTENTION_EXT_KERNEL_DISPATCH_KEY CUDA
 
@@ -64,11 +67,17 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// A plain runtime query: ATen/cuda/CUDAContext.h would pull in the cuBLAS/cuSPARSE headers,
-// which a bare CUDA toolkit (the CI build machine's) lacks.
+// A plain runtime query, asked once per device (a decode step's host time counts):
+// ATen/cuda/CUDAContext.h would pull in the cuBLAS/cuSPARSE headers, which a bare CUDA
+// toolkit (the CI build machine's) lacks. Racing first calls store the same value.
 inline int64_t multiprocessor_count(c10::DeviceIndex device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  static std::atomic<int> known[C10_COMPILE_TIME_MAX_GPUS] = {};
+  std::atomic<int>& slot = known[device];
+  int count = slot.load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    slot.store(count, std::memory_order_relaxed);
+  }
   return count;
 }
 

@@ -16,12 +16,9 @@
 namespace attention_ext {
 
 // score_j = scale * <query_row, key_j>.
-template <typename scalar_t_, typename acc_t_, int VEC>
-struct DotScorer {
-  using scalar_t = scalar_t_;
-  using acc_t = acc_t_;
+template <typename scalar_t, typename acc_t, int VEC>
+struct DotScorer : KernelTypes<scalar_t, acc_t, VEC> {
   using ForwardParams = DotForwardParams<scalar_t, acc_t>;
-  static constexpr int kVec = VEC;
 
   // For row (b, t) of p, a DotForwardParams or DotBackwardParams.
   template <typename Params>
@@ -43,12 +40,9 @@ struct DotScorer {
 // score_j = sum_a v[a] tanh(query_proj[a] + keys_proj[j, a]). tanh is fast_tanh (math.h)
 // of the sum in acc_t, as in the backward's tanh_grad_chunk. Each tanh lives in a
 // register only: nothing of size B x Tq x S x A exists.
-template <typename scalar_t_, typename acc_t_, int VEC>
-struct AdditiveScorer {
-  using scalar_t = scalar_t_;
-  using acc_t = acc_t_;
+template <typename scalar_t, typename acc_t, int VEC>
+struct AdditiveScorer : KernelTypes<scalar_t, acc_t, VEC> {
   using ForwardParams = AdditiveForwardParams<scalar_t, acc_t>;
-  static constexpr int kVec = VEC;
 
   // For row (b, t) of p, an AdditiveForwardParams or AdditiveBackwardParams.
   template <typename Params>
@@ -56,39 +50,14 @@ struct AdditiveScorer {
       : q(p.query_proj + row * p.A), keys(p.keys_proj + row / p.Tq * p.S * p.A), v(p.v),
         A(p.A) {}
 
-  // Chunks in batches, loads first (as lane_dot, device_primitives.cuh); terms in chunk
-  // order. Three rows per chunk, so half of lane_dot's batch keeps about as many loads in
-  // flight and the 16-bit kernels within their 128 registers (ptxas: a batch of 4 spills).
+  // Three rows per chunk, so half of lane_dot's batch keeps about as many loads in flight
+  // and the 16-bit kernels within their 128 registers (ptxas: a batch of 4 spills).
   static constexpr int kBatch = kChunksInFlight / 2;
 
   __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
-    const scalar_t* k = keys + j * A;
-    const int64_t chunks = A / VEC;
-    acc_t sum = acc_t(0);
-    for (int64_t c0 = first; c0 < chunks; c0 += int64_t(kBatch) * stride) {
-      Pack<scalar_t, VEC> x[kBatch], y[kBatch], w[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int64_t c = c0 + int64_t(u) * stride;
-        if (c < chunks) {
-          x[u] = load_pack<VEC>(q, c);
-          y[u] = load_pack<VEC>(k, c);
-          w[u] = load_pack<VEC>(v, c);
-        } else {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) x[u].v[i] = y[u].v[i] = w[u].v[i] = scalar_t(0);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          sum += unpack<acc_t>(w[u], i) *
-                 fast_tanh(unpack<acc_t>(x[u], i) + unpack<acc_t>(y[u], i));
-        }
-      }
-    }
-    return sum;
+    return batched_chunk_sum<kBatch, VEC, acc_t, scalar_t>(
+        A / VEC, first, stride,
+        [](const acc_t (&e)[3]) { return e[2] * fast_tanh(e[0] + e[1]); }, q, keys + j * A, v);
   }
   __device__ __forceinline__ acc_t finish(acc_t sum) const { return sum; }
 
