@@ -237,14 +237,19 @@ def test_additive_broadcast_inputs(mask_kind, dtype, device):
         torch.testing.assert_close(a[name], b[name], msg=name)
 
 
+# A (B, F) query, a few query rows, and enough rows for the CUDA query tiles.
+ROW_KINDS = {"2d": (True, 1), "3d": (False, 2), "query_tiles": (False, 20)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mask_kind", ["lengths64", "lengths32", "mask"])
-@pytest.mark.parametrize("query_2d", [False, True], ids=["3d", "2d"])
+@pytest.mark.parametrize("rows", list(ROW_KINDS))
 @pytest.mark.parametrize("op", OPS)
-def test_fully_masked_rows(op, query_2d, mask_kind, dtype, device):
+def test_fully_masked_rows(op, rows, mask_kind, dtype, device):
     """Rows with nothing to attend to: context 0, weights 0, gradients 0, no NaN."""
-    B, Tq, S, F, Dv = 3, 2, 5, 8, 6
+    query_2d, Tq = ROW_KINDS[rows]
+    B, S, F, Dv = 3, 5, 8, 6
     gen = generator(op.pick(dot=17, additive=56))
     inputs = op.draw(gen, B, Tq, S, F, Dv, dtype=dtype, device=device, query_2d=query_2d)
     lengths = mask = None
@@ -276,12 +281,13 @@ def test_fully_masked_rows(op, query_2d, mask_kind, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("query_2d", [False, True], ids=["3d", "2d"])
+@pytest.mark.parametrize("rows", list(ROW_KINDS))
 @pytest.mark.parametrize("op", OPS)
-def test_everything_masked(op, query_2d, dtype, device):
+def test_everything_masked(op, rows, dtype, device):
     """All rows empty (lengths all 0 / mask all False): every output and gradient (grad_v
     included) is exactly 0."""
-    case = op.make_case(B=3, Tq=2, S=4, F=8, Dv=op.pick(dot=None, additive=5), dtype=dtype,
+    query_2d, Tq = ROW_KINDS[rows]
+    case = op.make_case(B=3, Tq=Tq, S=4, F=8, Dv=op.pick(dot=None, additive=5), dtype=dtype,
                         device=device, seed=op.pick(dot=18, additive=57), query_2d=query_2d)
     for lengths, mask in [
         (torch.zeros(3, dtype=torch.int64, device=device), None),

@@ -42,8 +42,7 @@ struct AdditiveScorePairs : KernelTypes<scalar_t, acc_t, VEC> {
   }
 };
 
-// Backward: p_tj from the recomputed score and lse, dp_tj = <g_t, v_j> + gw_tj; both 0
-// where j does not attend.
+// Backward: the recomputed score and <g_t, v_j>, to write_p_dp.
 template <typename scalar_t, typename acc_t, int VEC>
 struct AdditiveGradPairs : KernelTypes<scalar_t, acc_t, VEC> {
   static constexpr int kProducts = 2;
@@ -62,13 +61,7 @@ struct AdditiveGradPairs : KernelTypes<scalar_t, acc_t, VEC> {
                   : attending_row(p.positions, p.values, p.S, p.Dv, b, j);
   }
   __device__ __forceinline__ void finish(int64_t b, int64_t t, int64_t j, const acc_t* c) const {
-    const int64_t row = b * p.Tq + t;
-    const int64_t at = row * p.S + j;
-    const bool att = j < p.positions.end(b) && p.positions.attends(b, j);
-    p.probs[at] = att ? prob_from_lse(c[0], p.lse[row]) : acc_t(0);
-    p.dscores[at] =
-        att ? c[1] + (p.grad_weights ? static_cast<acc_t>(p.grad_weights[at]) : acc_t(0))
-            : acc_t(0);
+    write_p_dp(p, b, t, j, c[0], c[1]);
   }
 };
 

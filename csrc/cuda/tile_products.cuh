@@ -5,7 +5,9 @@
 //  - 16-bit dtypes multiply on the tensor cores (nvcuda::wmma 16 x 16 x 16, float
 //    accumulators; each of the 4 warps owns one 16 x 16 quarter of the tile);
 //  - float32 and float64 multiply exactly with FMAs (each thread owns 2 x 4 outputs), as
-//    matmul does without allow_tf32.
+//    matmul does without allow_tf32;
+//  - the additive score's terms v[k] tanh(a + b) are FMAs and tanh in the accumulation
+//    type, whatever the dtype.
 // Two kernels use it: pair_product_kernel (scores-like products of two row sets,
 // C[t, j] = <x_t, y_j>, up to two at once) and weighted_rows_kernel (C[m, :] =
 // sum_k coef(m, k) row_k, the context and the gradients). Both end in the caller's
@@ -37,7 +39,6 @@ inline bool uses_query_tiles(int64_t Tq) { return Tq >= kQueryTileMinRows; }
 
 constexpr int kTile = 32;  // a block's output rows and columns, and its contraction step
 constexpr int kTileThreads = 128;
-constexpr int kTileWarps = kTileThreads / kWarpSize;
 
 // The tensor cores' input type for a dtype, or void where the product runs on FMAs
 // (float32, float64; bfloat16 before sm_80, which lacks bfloat16 tensor cores).
