@@ -65,6 +65,7 @@ def dot_attention(
     mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     need_weights: bool = True,
+    memory_index: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Luong dot attention: score + masked softmax + context in one fused pass.
 
@@ -74,13 +75,17 @@ def dot_attention(
 
     Args:
         query: (B, D) for one decoder step or (B, Tq, D).
-        keys: (B, S, D).
+        keys: (B, S, D), or (M, S, D) with memory_index.
         values: (B, S, Dv); defaults to ``keys`` (the encoder states).
         lengths: integer (B,); positions j < lengths[b] attend, the rest are never read.
         mask: bool (B, S), True = attend. Give lengths or mask, not both.
         scale: multiplies the scores; None means 1 (Luong's unscaled dot). Pass
             ``query.shape[-1] ** -0.5`` for scaled dot-product attention.
         need_weights: when False the weights are never written and None is returned.
+        memory_index: integer (B,) on the query's device: query row b attends memory row
+            ``memory_index[b]`` of keys, values, lengths and mask (M rows each). Beams of
+            one sentence share its memory this way instead of tiling it; gradients of the
+            shared rows are summed in query-row order.
 
     Returns:
         (context, weights): context (B, Dv) / (B, Tq, Dv) and weights (B, S) / (B, Tq, S),
@@ -89,7 +94,7 @@ def dot_attention(
     """
     context, weights, _ = _call_op(
         torch.ops.attention_ext.dot_attention.default,
-        query, keys, values, lengths, mask, _as_scale(scale), bool(need_weights),
+        query, keys, values, lengths, mask, _as_scale(scale), bool(need_weights), memory_index,
     )
     return _outputs(context, weights, need_weights)
 
@@ -103,6 +108,7 @@ def additive_attention(
     lengths: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     need_weights: bool = True,
+    memory_index: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Additive (Bahdanau; Luong "concat") attention, fused: tanh-score, masked softmax
     and context in one pass, with no B x Tq x S x A tensor in forward or backward.
@@ -117,12 +123,15 @@ def additive_attention(
 
     Args:
         query_proj: (B, A) for one decoder step or (B, Tq, A).
-        keys_proj: (B, S, A).
+        keys_proj: (B, S, A), or (M, S, A) with memory_index.
         v: (A,), the score vector.
         values: (B, S, Dv), usually the encoder states.
         lengths: integer (B,); positions j < lengths[b] attend, the rest are never read.
         mask: bool (B, S), True = attend. Give lengths or mask, not both.
         need_weights: when False the weights are never written and None is returned.
+        memory_index: integer (B,) on query_proj's device: query row b attends memory row
+            ``memory_index[b]`` of keys_proj, values, lengths and mask (M rows each), as
+            in :func:`dot_attention`.
 
     Returns:
         (context, weights): context (B, Dv) / (B, Tq, Dv) and weights (B, S) / (B, Tq, S),
@@ -131,6 +140,6 @@ def additive_attention(
     """
     context, weights, _ = _call_op(
         torch.ops.attention_ext.additive_attention.default,
-        query_proj, keys_proj, v, values, lengths, mask, bool(need_weights),
+        query_proj, keys_proj, v, values, lengths, mask, bool(need_weights), memory_index,
     )
     return _outputs(context, weights, need_weights)

@@ -42,34 +42,50 @@ def _rows(query, *last):
     return (*query.shape[:-1], *last)
 
 
-def _check_fake_operands(query, query_name, keys, keys_name, values, width):
+def _check_fake_operands(query, query_name, keys, keys_name, values, width, memory_index):
     """The structural checks of checks.h's check_operands for the fake kernels, which run in
     place of the real ones while tracing (torch.compile) and for meta tensors, so a mistake
-    is not silently given outputs there. Value checks (lengths in [0, S]) need data: the
-    real kernels do them. Returns (B, S, W)."""
+    is not silently given outputs there. Value checks (lengths in [0, S], memory_index in
+    [0, M)) need data: the real kernels do them. Returns (B, S, W)."""
     _check_fake_query(query, query_name, width)
     torch._check(keys.dim() == 3,
                  lambda: f"{keys_name} must have shape (B, S, {width}), got {tuple(keys.shape)}")
     B, W = query.shape[0], query.shape[-1]
-    S = keys.shape[1]
-    torch._check(keys.shape[0] == B and keys.shape[2] == W,
-                 lambda: f"{keys_name} must have shape (B, S, {width}) = ({B}, S, {W}), "
+    M, S = keys.shape[0], keys.shape[1]
+    if memory_index is None:
+        torch._check(M == B, lambda: f"{keys_name} must have shape (B, S, {width}) with B = {B} "
+                                     f"like {query_name} (or pass memory_index), "
+                                     f"got {tuple(keys.shape)}")
+    else:
+        torch._check(memory_index.device == query.device,
+                     lambda: f"memory_index must be on {query_name}'s device ({query.device}), "
+                             f"got {memory_index.device}")
+        torch._check(memory_index.dtype in (torch.int64, torch.int32),
+                     lambda: f"memory_index must be an int64 or int32 tensor, "
+                             f"got {memory_index.dtype}")
+        torch._check(memory_index.dim() == 1 and memory_index.shape[0] == B,
+                     lambda: f"memory_index must have shape (B,) = ({B},), "
+                             f"got {tuple(memory_index.shape)}")
+    torch._check(keys.shape[2] == W,
+                 lambda: f"{keys_name} must have shape (M, S, {width}) = ({M}, S, {W}), "
                          f"got {tuple(keys.shape)}")
-    torch._check(values.dim() == 3 and values.shape[0] == B and values.shape[1] == S,
-                 lambda: f"values must have shape (B, S, Dv) = ({B}, {S}, Dv), "
+    torch._check(values.dim() == 3 and values.shape[0] == M and values.shape[1] == S,
+                 lambda: f"values must have shape (M, S, Dv) = ({M}, {S}, Dv), "
                          f"got {tuple(values.shape)}")
     return B, S, W
 
 
-def _check_fake_dot_inputs(query, keys, values, lengths, mask):
-    _check_fake_operands(query, "query", keys, "keys", keys if values is None else values, "D")
+def _check_fake_dot_inputs(query, keys, values, lengths, mask, memory_index):
+    _check_fake_operands(query, "query", keys, "keys", keys if values is None else values, "D",
+                         memory_index)
     named = [("keys", keys)] + ([] if values is None else [("values", values)])
     _check_fake_like(query, "query", named, lengths, mask)
 
 
 @torch.library.register_fake("attention_ext::dot_attention")
-def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights):
-    _check_fake_dot_inputs(query, keys, values, lengths, mask)
+def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights,
+                        memory_index=None):
+    _check_fake_dot_inputs(query, keys, values, lengths, mask, memory_index)
     S = keys.shape[1]
     Dv = (keys if values is None else values).shape[2]
     context = query.new_empty(_rows(query, Dv))
@@ -80,9 +96,9 @@ def _dot_attention_fake(query, keys, values, lengths, mask, scale, need_weights)
 
 @torch.library.register_fake("attention_ext::_dot_attention_backward")
 def _dot_attention_backward_fake(
-    grad_context, grad_weights, query, keys, values, lengths, mask, scale, lse
+    grad_context, grad_weights, query, keys, values, lengths, mask, scale, lse, memory_index=None
 ):
-    _check_fake_dot_inputs(query, keys, values, lengths, mask)
+    _check_fake_dot_inputs(query, keys, values, lengths, mask, memory_index)
     return (
         query.new_empty(query.shape),
         keys.new_empty(keys.shape),
@@ -92,27 +108,28 @@ def _dot_attention_backward_fake(
 
 
 def _dot_setup_context(ctx, inputs, output):
-    query, keys, values, lengths, mask, scale, need_weights = inputs
+    query, keys, values, lengths, mask, scale, need_weights, memory_index = inputs
     _, _, lse = output
     # Inputs and the per-row log-sum-exp only: backward recomputes scores.
-    ctx.save_for_backward(query, keys, values, lengths, mask, lse)
+    ctx.save_for_backward(query, keys, values, lengths, mask, memory_index, lse)
     ctx.scale = scale
     ctx.need_weights = need_weights
     ctx.set_materialize_grads(False)
 
 
 def _dot_backward(ctx, grad_context, grad_weights, grad_lse):
-    query, keys, values, lengths, mask, lse = ctx.saved_tensors
+    query, keys, values, lengths, mask, memory_index, lse = ctx.saved_tensors
     if grad_context is None:
         grad_context = query.new_zeros(_rows(query, (keys if values is None else values).shape[2]))
     if not ctx.need_weights:
         grad_weights = None
     grad_query, grad_keys, grad_values = torch.ops.attention_ext._dot_attention_backward.default(
-        grad_context, grad_weights, query, keys, values, lengths, mask, ctx.scale, lse
+        grad_context, grad_weights, query, keys, values, lengths, mask, ctx.scale, lse,
+        memory_index,
     )
     if values is None:
         grad_values = None
-    return grad_query, grad_keys, grad_values, None, None, None, None
+    return grad_query, grad_keys, grad_values, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -120,8 +137,9 @@ torch.library.register_autograd(
 )
 
 
-def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask):
-    _, _, A = _check_fake_operands(query_proj, "query_proj", keys_proj, "keys_proj", values, "A")
+def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memory_index):
+    _, _, A = _check_fake_operands(query_proj, "query_proj", keys_proj, "keys_proj", values, "A",
+                                   memory_index)
     torch._check(v.dim() == 1 and v.shape[0] == A,
                  lambda: f"v must have shape (A,) = ({A},), got {tuple(v.shape)}")
     _check_fake_like(query_proj, "query_proj",
@@ -129,8 +147,9 @@ def _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
 
 
 @torch.library.register_fake("attention_ext::additive_attention")
-def _additive_attention_fake(query_proj, keys_proj, v, values, lengths, mask, need_weights):
-    _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
+def _additive_attention_fake(query_proj, keys_proj, v, values, lengths, mask, need_weights,
+                             memory_index=None):
+    _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memory_index)
     S, Dv = values.shape[1], values.shape[2]
     context = query_proj.new_empty(_rows(query_proj, Dv))
     weights = query_proj.new_empty(_rows(query_proj, S) if need_weights else (0,))
@@ -140,9 +159,10 @@ def _additive_attention_fake(query_proj, keys_proj, v, values, lengths, mask, ne
 
 @torch.library.register_fake("attention_ext::_additive_attention_backward")
 def _additive_attention_backward_fake(
-    grad_context, grad_weights, query_proj, keys_proj, v, values, lengths, mask, lse
+    grad_context, grad_weights, query_proj, keys_proj, v, values, lengths, mask, lse,
+    memory_index=None,
 ):
-    _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask)
+    _check_fake_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memory_index)
     return (
         query_proj.new_empty(query_proj.shape),
         keys_proj.new_empty(keys_proj.shape),
@@ -152,25 +172,26 @@ def _additive_attention_backward_fake(
 
 
 def _additive_setup_context(ctx, inputs, output):
-    query_proj, keys_proj, v, values, lengths, mask, need_weights = inputs
+    query_proj, keys_proj, v, values, lengths, mask, need_weights, memory_index = inputs
     _, _, lse = output
     # Inputs and the per-row log-sum-exp only: backward recomputes tanh, so no
     # B x Tq x S x A tensor exists at any time.
-    ctx.save_for_backward(query_proj, keys_proj, v, values, lengths, mask, lse)
+    ctx.save_for_backward(query_proj, keys_proj, v, values, lengths, mask, memory_index, lse)
     ctx.need_weights = need_weights
     ctx.set_materialize_grads(False)
 
 
 def _additive_backward(ctx, grad_context, grad_weights, grad_lse):
-    query_proj, keys_proj, v, values, lengths, mask, lse = ctx.saved_tensors
+    query_proj, keys_proj, v, values, lengths, mask, memory_index, lse = ctx.saved_tensors
     if grad_context is None:
         grad_context = query_proj.new_zeros(_rows(query_proj, values.shape[2]))
     if not ctx.need_weights:
         grad_weights = None
     grads = torch.ops.attention_ext._additive_attention_backward.default(
-        grad_context, grad_weights, query_proj, keys_proj, v, values, lengths, mask, lse
+        grad_context, grad_weights, query_proj, keys_proj, v, values, lengths, mask, lse,
+        memory_index,
     )
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 torch.library.register_autograd(

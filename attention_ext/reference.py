@@ -35,6 +35,15 @@ def masked_softmax(scores: Tensor, valid: Optional[Tensor]) -> Tensor:
     return weights.masked_fill(~keep, 0.0)
 
 
+def tile_memory(memory_index: Optional[Tensor], *memory):
+    """The memory-side tensors (keys, values, lengths, mask; None passes through) with
+    row b = row memory_index[b]: what memory_index spares the fused ops, done by copying."""
+    if memory_index is None:
+        return memory
+    return tuple(None if t is None else t.index_select(0, memory_index.to(t.device))
+                 for t in memory)
+
+
 def dot_attention(
     query: Tensor,
     keys: Tensor,
@@ -44,10 +53,12 @@ def dot_attention(
     mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     need_weights: bool = True,
+    memory_index: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     single = query.dim() == 2
     q = query.unsqueeze(1) if single else query
     values = keys if values is None else values
+    keys, values, lengths, mask = tile_memory(memory_index, keys, values, lengths, mask)
     scores = torch.bmm(q, keys.transpose(1, 2))
     if scale is not None and scale != 1.0:
         scores = scores * scale
@@ -68,8 +79,10 @@ def additive_attention(
     lengths: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     need_weights: bool = True,
+    memory_index: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Bahdanau attention as users write it: a B x Tq x S x A tanh tensor, then v."""
+    keys_proj, values, lengths, mask = tile_memory(memory_index, keys_proj, values, lengths, mask)
     single = query_proj.dim() == 2
     q = query_proj.unsqueeze(1) if single else query_proj
     hidden = torch.tanh(q[:, :, None, :] + keys_proj[:, None, :, :])  # (B, Tq, S, A)

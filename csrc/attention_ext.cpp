@@ -19,22 +19,26 @@
 // values = None means the keys are also the values (Luong: both are the encoder states);
 // the backward then returns one combined gradient in grad_keys and an empty grad_values,
 // which saves writing, and autograd adding, a second (B, S, D) gradient.
+// memory_index (B,) maps each query row to a row of keys, values, lengths and mask (M rows):
+// beams read their sentence's memory in place; the memory-side gradients are (M, ...).
 TORCH_LIBRARY(attention_ext, m) {
   m.def(
       "dot_attention(Tensor query, Tensor keys, Tensor? values, Tensor? lengths, Tensor? mask, "
-      "float scale, bool need_weights) -> (Tensor context, Tensor weights, Tensor lse)");
+      "float scale, bool need_weights, Tensor? memory_index=None) "
+      "-> (Tensor context, Tensor weights, Tensor lse)");
   m.def(
       "_dot_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
-      "Tensor keys, Tensor? values, Tensor? lengths, Tensor? mask, float scale, Tensor lse) "
+      "Tensor keys, Tensor? values, Tensor? lengths, Tensor? mask, float scale, Tensor lse, "
+      "Tensor? memory_index=None) "
       "-> (Tensor grad_query, Tensor grad_keys, Tensor grad_values)");
   m.def(
       "additive_attention(Tensor query_proj, Tensor keys_proj, Tensor v, Tensor values, "
-      "Tensor? lengths, Tensor? mask, bool need_weights) "
+      "Tensor? lengths, Tensor? mask, bool need_weights, Tensor? memory_index=None) "
       "-> (Tensor context, Tensor weights, Tensor lse)");
   m.def(
       "_additive_attention_backward(Tensor grad_context, Tensor? grad_weights, "
       "Tensor query_proj, Tensor keys_proj, Tensor v, Tensor values, Tensor? lengths, "
-      "Tensor? mask, Tensor lse) "
+      "Tensor? mask, Tensor lse, Tensor? memory_index=None) "
       "-> (Tensor grad_query_proj, Tensor grad_keys_proj, Tensor grad_v, Tensor grad_values)");
 }
 

@@ -50,12 +50,40 @@ void check_lengths_range(const at::Tensor& lengths, int64_t S) {
                     "], got values in [", lo, ", ", hi, "]");
 }
 
-// lengths: integer (B,), 0 <= lengths[b] <= S, on the CPU or on ref's device. mask: bool
-// (B, S), True = attend, on ref's device. The values of lengths are checked where they are
-// read (inputs.h: kernel_lengths), so that no call waits for a GPU.
+void check_memory_index_range(const at::Tensor& memory_index, int64_t M) {
+  TORCH_INTERNAL_ASSERT(memory_index.device().is_cpu());
+  const at::Tensor c = memory_index.contiguous();
+  AT_DISPATCH_INDEX_TYPES(c.scalar_type(), "check_memory_index_range", [&] {
+    const index_t* p = c.data_ptr<index_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < M, "memory_index must lie in [0, M) = [0, ", M,
+                        ") (M = keys.size(0), the memory rows), got memory_index[", i,
+                        "] = ", p[i]);
+    }
+  });
+}
+
+// memory_index: integer (B,) on ref's device, query row b attends memory row
+// memory_index[b]. Its values are checked where they are read (inputs.h: kernel_memory_index).
+static void check_memory_index_arg(const std::optional<at::Tensor>& memory_index,
+                                   const at::Tensor& ref, const char* ref_name, int64_t B) {
+  if (!memory_index.has_value()) return;
+  const auto& mi = *memory_index;
+  TORCH_CHECK(mi.device() == ref.device(), "memory_index must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", mi.device());
+  TORCH_CHECK_VALUE(mi.scalar_type() == at::kLong || mi.scalar_type() == at::kInt,
+                    "memory_index must be an int64 or int32 tensor of shape (B,) = (", B,
+                    ",), got dtype ", mi.scalar_type());
+  TORCH_CHECK_VALUE(mi.dim() == 1 && mi.size(0) == B, "memory_index must have shape (B,) = (",
+                    B, ",), one memory row per query row of ", ref_name, ", got ", mi.sizes());
+}
+
+// lengths: integer (M,), 0 <= lengths[m] <= S, on the CPU or on ref's device. mask: bool
+// (M, S), True = attend, on ref's device (M: the memory rows). The values of lengths are
+// checked where they are read (inputs.h: kernel_lengths), so that no call waits for a GPU.
 static void check_mask_args(const std::optional<at::Tensor>& lengths,
                             const std::optional<at::Tensor>& mask, const at::Tensor& ref,
-                            const char* ref_name, int64_t B, int64_t S) {
+                            const char* ref_name, int64_t M, int64_t S) {
   TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()),
                     "pass either lengths or mask, not both");
   if (lengths.has_value()) {
@@ -64,9 +92,9 @@ static void check_mask_args(const std::optional<at::Tensor>& lengths,
                 "lengths must be on the CPU or on the same device as ", ref_name, " (",
                 ref.device(), "), got ", l.device());
     TORCH_CHECK_VALUE(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt,
-                      "lengths must be an int64 or int32 tensor of shape (B,) = (", B,
+                      "lengths must be an int64 or int32 tensor of shape (B,) = (", M,
                       ",), got dtype ", l.scalar_type());
-    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must have shape (B,) = (", B,
+    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == M, "lengths must have shape (B,) = (", M,
                       ",), got ", l.sizes());
   }
   if (mask.has_value()) {
@@ -75,21 +103,23 @@ static void check_mask_args(const std::optional<at::Tensor>& lengths,
                 " (", ref.device(), "), got ", m.device());
     TORCH_CHECK_VALUE(m.scalar_type() == at::kBool,
                       "mask must be a bool tensor (True = attend), got dtype ", m.scalar_type());
-    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == S,
-                      "mask must have shape (B, S) = (", B, ", ", S, "), got ", m.sizes());
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == M && m.size(1) == S,
+                      "mask must have shape (B, S) = (", M, ", ", S, "), got ", m.sizes());
   }
 }
 
-// What both ops check alike: query (B, Tq, W) or (B, W), keys (B, S, W) and values
-// (B, S, Dv), of one floating dtype on one device; `width` names W (D or A) in messages.
+// What both ops check alike: query (B, Tq, W) or (B, W), keys (M, S, W) and values
+// (M, S, Dv), of one floating dtype on one device, and memory_index (B,) or M = B; `width`
+// names W (D or A) in messages.
 struct OperandShapes {
   QueryRows rows;
-  int64_t S, W, Dv;
+  int64_t S, W, Dv, M;
 };
 
 static OperandShapes check_operands(const at::Tensor& query, const char* query_name,
                                     const at::Tensor& keys, const char* keys_name,
-                                    const at::Tensor& values, const char* width) {
+                                    const at::Tensor& values, const char* width,
+                                    const std::optional<at::Tensor>& memory_index) {
   const QueryRows rows = query_rows(query, query_name, width);
   TORCH_CHECK_VALUE(keys.dim() == 3, keys_name, " must have shape (B, S, ", width, "), got ",
                     keys.sizes());
@@ -99,41 +129,49 @@ static OperandShapes check_operands(const at::Tensor& query, const char* query_n
   check_same_device_dtype(query, query_name, keys, keys_name);
   check_same_device_dtype(query, query_name, values, "values");
   const int64_t B = rows.B, W = query.size(-1);
-  const int64_t S = keys.size(1), Dv = values.size(2);
-  TORCH_CHECK_VALUE(keys.size(0) == B, keys_name, " must have batch size B = ", B, " like ",
-                    query_name, ", got shape ", keys.sizes());
-  TORCH_CHECK_VALUE(values.size(0) == B, "values must have batch size B = ", B, " like ",
-                    query_name, ", got shape ", values.sizes());
+  const int64_t S = keys.size(1), Dv = values.size(2), M = keys.size(0);
+  check_memory_index_arg(memory_index, query, query_name, B);
+  TORCH_CHECK_VALUE(!memory_index.has_value() || M > 0 || B == 0,
+                    "memory_index must lie in [0, M), but ", keys_name,
+                    " has no memory rows (M = 0) for the ", B, " query rows of ", query_name);
+  TORCH_CHECK_VALUE(memory_index.has_value() || M == B, keys_name,
+                    " must have batch size B = ", B, " like ", query_name,
+                    " (or pass memory_index to map query rows to memory rows), got shape ",
+                    keys.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == M, "values must have batch size ", M, " like ",
+                    keys_name, ", got shape ", values.sizes());
   TORCH_CHECK_VALUE(keys.size(2) == W, keys_name, " must have feature size ", width, " = ", W,
                     " like ", query_name, ", got shape ", keys.sizes());
   TORCH_CHECK_VALUE(values.size(1) == S, "values must have source length S = ", S, " like ",
                     keys_name, ", got shape ", values.sizes());
-  return OperandShapes{rows, S, W, Dv};
+  return OperandShapes{rows, S, W, Dv, M};
 }
 
 DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& keys,
                            const std::optional<at::Tensor>& values_opt,
                            const std::optional<at::Tensor>& lengths,
-                           const std::optional<at::Tensor>& mask, double scale) {
-  const OperandShapes o =
-      check_operands(query, "query", keys, "keys", values_opt.value_or(keys), "D");
+                           const std::optional<at::Tensor>& mask, double scale,
+                           const std::optional<at::Tensor>& memory_index) {
+  const OperandShapes o = check_operands(query, "query", keys, "keys", values_opt.value_or(keys),
+                                         "D", memory_index);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
-  check_mask_args(lengths, mask, query, "query", o.rows.B, o.S);
-  return DotShapes{o.rows, o.S, o.W, o.Dv};
+  check_mask_args(lengths, mask, query, "query", o.M, o.S);
+  return DotShapes{o.rows, o.S, o.W, o.Dv, o.M};
 }
 
 AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
                                      const at::Tensor& keys_proj, const at::Tensor& v,
                                      const at::Tensor& values,
                                      const std::optional<at::Tensor>& lengths,
-                                     const std::optional<at::Tensor>& mask) {
-  const OperandShapes o =
-      check_operands(query_proj, "query_proj", keys_proj, "keys_proj", values, "A");
+                                     const std::optional<at::Tensor>& mask,
+                                     const std::optional<at::Tensor>& memory_index) {
+  const OperandShapes o = check_operands(query_proj, "query_proj", keys_proj, "keys_proj",
+                                         values, "A", memory_index);
   check_same_device_dtype(query_proj, "query_proj", v, "v");
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == o.W, "v must have shape (A,) = (", o.W,
                     ",) like query_proj's last dimension, got ", v.sizes());
-  check_mask_args(lengths, mask, query_proj, "query_proj", o.rows.B, o.S);
-  return AdditiveShapes{o.rows, o.S, o.W, o.Dv};
+  check_mask_args(lengths, mask, query_proj, "query_proj", o.M, o.S);
+  return AdditiveShapes{o.rows, o.S, o.W, o.Dv, o.M};
 }
 
 // Extra arguments of both backward ops: the incoming gradients and the forward's

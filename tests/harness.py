@@ -21,6 +21,7 @@ import torch
 
 import attention_ext
 from attention_ext import reference
+from attention_ext.reference import tile_memory
 from conftest import assert_rule, generator, make_masking, on_device, randn, upstream_grad
 
 Tensor = torch.Tensor
@@ -84,15 +85,17 @@ class OpSpec:
         """This op's entry of per_op (keyword = op name): per-op seeds, shapes, messages."""
         return per_op[self.name]
 
-    def shapes(self, B, Tq, S, F, Dv, query_2d=False) -> Dict[str, tuple]:
-        """Every input's shape: query (B, F) or (B, Tq, F), keys (B, S, F), v (F,), values
-        (B, S, Dv)."""
-        shape = {self.query: (B, F) if query_2d else (B, Tq, F), self.keys: (B, S, F),
-                 "v": (F,), "values": (B, S, Dv)}
+    def shapes(self, B, Tq, S, F, Dv, query_2d=False, M=None) -> Dict[str, tuple]:
+        """Every input's shape: query (B, F) or (B, Tq, F), keys (M, S, F), v (F,), values
+        (M, S, Dv); M = B unless the query rows index M memory rows."""
+        M = B if M is None else M
+        shape = {self.query: (B, F) if query_2d else (B, Tq, F), self.keys: (M, S, F),
+                 "v": (F,), "values": (M, S, Dv)}
         return {n: shape[n] for n in self.inputs}
 
     def draw(self, gen, B, Tq, S, F, Dv=None, *, dtype=torch.float32, device="cpu",
-             query_2d=False, values_none=False, scales=None) -> Dict[str, Optional[Tensor]]:
+             query_2d=False, values_none=False, scales=None,
+             M=None) -> Dict[str, Optional[Tensor]]:
         """Seeded standard normal inputs (times scales[name]), drawn from gen in call order;
         with values_none, values is None and not drawn."""
         if values_none and not self.values_optional:
@@ -101,15 +104,16 @@ class OpSpec:
         scales = scales or {}
         return {n: None if (n == "values" and values_none)
                 else randn(shape, gen, dtype, device, scale=scales.get(n, 1.0))
-                for n, shape in self.shapes(B, Tq, S, F, Dv, query_2d).items()}
+                for n, shape in self.shapes(B, Tq, S, F, Dv, query_2d, M).items()}
 
     def make_case(self, B, Tq, S, F=None, Dv=None, *, D=None, A=None, dtype=torch.float32,
                   device="cpu", seed=0, query_2d=False, values_none=False, mask_kind="none",
-                  scale=None) -> "Case":
+                  scale=None, memory=None) -> "Case":
         """Seeded inputs, then masking (conftest.MASK_KINDS) from the same generator. The
         width F may be given by the op's own name (D=, A=) as in the shape tables. The
         scales (init_scales) make scores of a standard deviation of about 1.5: softmax
-        neither uniform nor one-hot."""
+        neither uniform nor one-hot. memory=(kind, M) gives the case M memory rows and a
+        memory_index (MEMORY_INDEX_KINDS) from the same generator."""
         widths = {"D": D, "A": A}
         named = widths.pop(self.feature)
         if any(w is not None for w in widths.values()) or (named is not None and F is not None):
@@ -118,10 +122,12 @@ class OpSpec:
         if scale is not None and not self.has_scale:
             raise ValueError(f"{self.name} attention takes no scale")
         gen = generator(seed)
+        M = B if memory is None else memory[1]
         inputs = self.draw(gen, B, Tq, S, F, Dv, dtype=dtype, device=device, query_2d=query_2d,
-                           values_none=values_none, scales=self.init_scales(max(F, 1)))
-        lengths, mask = make_masking(mask_kind, B, S, gen, device)
-        return Case(self, inputs, lengths, mask, scale)
+                           values_none=values_none, scales=self.init_scales(max(F, 1)), M=M)
+        lengths, mask = make_masking(mask_kind, M, S, gen, device)
+        memory_index = None if memory is None else make_memory_index(memory[0], B, M, gen, device)
+        return Case(self, inputs, lengths, mask, scale, memory_index)
 
     def case(self, *, lengths=None, mask=None, scale=None, **inputs) -> "Case":
         """A case of given tensors (every input by name)."""
@@ -130,17 +136,21 @@ class OpSpec:
         return Case(self, {n: inputs[n] for n in self.inputs}, lengths, mask, scale)
 
     def op_args(self, case: "Case", need_weights=True) -> tuple:
-        """The raw op's positional arguments for case (a scale of None is 1)."""
+        """The raw op's positional arguments for case (a scale of None is 1), memory_index
+        last when the case has one."""
         args = [case.inputs[n] for n in self.inputs] + [case.lengths, case.mask]
         if self.has_scale:
             args.append(1.0 if case.scale is None else case.scale)
-        return (*args, need_weights)
+        args.append(need_weights)
+        if case.memory_index is not None:
+            args.append(case.memory_index)
+        return tuple(args)
 
-    @staticmethod
-    def backward_args(grad_context, grad_weights, op_args: tuple, lse) -> tuple:
+    def backward_args(self, grad_context, grad_weights, op_args: tuple, lse) -> tuple:
         """The raw backward op's positional arguments: the upstream gradients, the forward's
-        arguments but need_weights, and the forward's lse."""
-        return (grad_context, grad_weights, *op_args[:-1], lse)
+        arguments but need_weights, the forward's lse, then memory_index if op_args has it."""
+        n = len(self.inputs) + 2 + int(self.has_scale)
+        return (grad_context, grad_weights, *op_args[:n], lse, *op_args[n + 1:])
 
 
 @dataclass
@@ -153,6 +163,7 @@ class Case:
     lengths: Optional[Tensor] = None
     mask: Optional[Tensor] = None
     scale: Optional[float] = None
+    memory_index: Optional[Tensor] = None
 
     def __getattr__(self, name):
         inputs = self.__dict__.get("inputs")
@@ -172,6 +183,8 @@ class Case:
         kw = dict(lengths=self.lengths, mask=self.mask)
         if self.op.has_scale:
             kw["scale"] = self.scale
+        if self.memory_index is not None:
+            kw["memory_index"] = self.memory_index
         return kw
 
     def replace(self, **over) -> "Case":
@@ -181,17 +194,37 @@ class Case:
 
     def on_device(self, device) -> "Case":
         """Every tensor on device but lengths, which stay on the CPU (conftest.on_device)."""
-        moved = on_device({**self.inputs, "lengths": self.lengths, "mask": self.mask}, device)
+        moved = on_device({**self.inputs, "lengths": self.lengths, "mask": self.mask,
+                           "memory_index": self.memory_index}, device)
         return self.replace(**moved)
 
 
+# How a case's query rows index its memory rows (make_case's memory=(kind, M)):
+# - "beams": B / M consecutive rows per memory row, as a beam search lays them out;
+# - "shuffled": seeded draws in [0, M - 1), in no order, so rows repeat and row M - 1 is never
+#   read (its gradients must be zero), as after beams are reordered and finished sentences
+#   dropped.
+MEMORY_INDEX_KINDS = ("beams", "shuffled")
+
+
+def make_memory_index(kind, B, M, gen, device) -> Tensor:
+    if kind == "beams":
+        assert B % M == 0, "beams: B must be a multiple of M"
+        return torch.arange(M, device=device).repeat_interleave(B // M)
+    if kind == "shuffled":
+        return torch.randint(0, max(M - 1, 1), (B,), generator=gen).to(device)
+    raise ValueError(f"unknown memory_index kind {kind!r}")
+
+
 def _dot_scores(case: Case) -> Tensor:
-    scores = torch.bmm(case.query.double(), case.keys.double().transpose(1, 2))
+    (keys,) = tile_memory(case.memory_index, case.keys)
+    scores = torch.bmm(case.query.double(), keys.double().transpose(1, 2))
     return scores if case.scale is None else scores * case.scale
 
 
 def _additive_scores(case: Case) -> Tensor:
-    q, k = case.query_proj.double(), case.keys_proj.double()
+    (keys_proj,) = tile_memory(case.memory_index, case.keys_proj)
+    q, k = case.query_proj.double(), keys_proj.double()
     return torch.tanh(q[:, :, None, :] + k[:, None, :, :]) @ case.v.double()
 
 

@@ -15,16 +15,24 @@ from harness import OPS
 GRAPH_MASKS = ("lengths64", "mask", "none")
 
 
+# A decoding step's memory: one row per query row, or beams of 2 sharing each memory row.
+MEMORIES = [pytest.param(None, id="own_memory"), pytest.param(("beams", 2), id="beams")]
+
+
 def step_inputs(op, device, *, seed=0, mask_kind="lengths64", B=4, S=9, F=16, Dv=8,
-                requires_grad=False):
+                requires_grad=False, memory=None):
     """One decoder step's inputs as keyword arguments of the functional op: a (B, F) query
-    (query_proj) against (B, S, F) keys (keys_proj)."""
+    (query_proj) against (B, S, F) keys (keys_proj), or (M, S, F) keys and a memory_index
+    (in the masking dict) with memory=(kind, M)."""
     c = op.make_case(B=B, Tq=1, S=S, F=F, Dv=Dv, device=device, seed=seed, query_2d=True,
-                     mask_kind=mask_kind)
+                     mask_kind=mask_kind, memory=memory)
     tensors = dict(c.inputs)
     for t in tensors.values():
         t.requires_grad_(requires_grad)
-    return tensors, dict(lengths=c.lengths, mask=c.mask)
+    masking = dict(lengths=c.lengths, mask=c.mask)
+    if memory is not None:
+        masking["memory_index"] = c.memory_index
+    return tensors, masking
 
 
 def call(op, impl, tensors, masking):
@@ -42,15 +50,16 @@ def training_step(op, impl, tensors, masking, g_ctx, g_w):
 # ------------------------------------------------------------------- no host reads
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("op", OPS)
-def test_no_host_reads_of_device_values(op, device):
+def test_no_host_reads_of_device_values(op, memory, device):
     """Forward and backward with lengths on the device: no aten::item or
     _local_scalar_dense in the profile, and on a GPU no synchronising call (torch's sync
     debug mode raises on one). On the CPU this holds for the emulated CUDA code, whose
     lengths count as device values (the CPU kernels read their host lengths directly)."""
     if device == "cpu" and not EMULATED_CUDA:
         pytest.skip("the CPU kernels' lengths are host values; the emulated build runs this")
-    tensors, masking = step_inputs(op, device, requires_grad=True)
+    tensors, masking = step_inputs(op, device, requires_grad=True, memory=memory)
     gen = generator(5)
     g_ctx, g_w = randn((4, 8), gen, device=device), randn((4, 9), gen, device=device)
     training_step(op, "ours", tensors, masking, g_ctx, g_w)  # warm-up outside the checks
@@ -77,12 +86,14 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a 
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("mask_kind", GRAPH_MASKS)
 @pytest.mark.parametrize("op", OPS)
-def test_cuda_graph_replays_a_decode_step(op, mask_kind, train):
+def test_cuda_graph_replays_a_decode_step(op, mask_kind, memory, train):
     """A step captured once, then replayed on new inputs copied into its static buffers:
     the outputs (and gradients) match reference.py on those inputs."""
-    static, masking = step_inputs(op, "cuda", seed=1, mask_kind=mask_kind, requires_grad=train)
+    static, masking = step_inputs(op, "cuda", seed=1, mask_kind=mask_kind, requires_grad=train,
+                                  memory=memory)
     gen = generator(6)
     g_ctx, g_w = randn((4, 8), gen, device="cuda"), randn((4, 9), gen, device="cuda")
 
@@ -103,7 +114,7 @@ def test_cuda_graph_replays_a_decode_step(op, mask_kind, train):
 
     for seed in (2, 3):
         fresh, fresh_masking = step_inputs(op, "cuda", seed=seed, mask_kind=mask_kind,
-                                           requires_grad=train)
+                                           requires_grad=train, memory=memory)
         with torch.no_grad():
             for name, t in fresh.items():
                 static[name].copy_(t)
@@ -163,6 +174,25 @@ def test_out_of_range_gpu_lengths_fail_on_the_device(op):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "lengths must lie in [0, S]" in out, out[-2000:]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_out_of_range_memory_index_fails_on_the_device(op):
+    """memory_index lives on the GPU and is checked by the kernels as they read it: an index
+    >= M fails the launch with a device-side assertion naming memory_index (in a subprocess:
+    it leaves the CUDA context unusable)."""
+    fn = op.pick(dot="dot_attention(x, k", additive="additive_attention(x, k, k[0, 0], k")
+    code = ("import torch, attention_ext\n"
+            "x = torch.randn(3, 8, device='cuda'); k = torch.randn(2, 5, 8, device='cuda')\n"
+            f"attention_ext.{fn}, memory_index=torch.tensor([0, 2, 1], device='cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "memory_index must lie in [0, M)" in out, out[-2000:]
 
 
 # ------------------------------------------------------------------- memory

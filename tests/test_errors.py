@@ -53,7 +53,7 @@ def _bad_inputs(op):
         # batch mismatch: each input in turn is the odd one out
         ("keys_batch", {k: torch.randn(B + 1, S, F)}, rf"{k} must have batch size B = 3"),
         ("values_batch", dict(values=torch.randn(B + 1, S, Dv)),
-         r"values must have batch size B = 3"),
+         rf"values must have batch size 3 like {k}"),
         ("query_batch", {q: torch.randn(B - 1, Tq, F)}, rf"{k} must have batch size B = 2"),
         ("lengths_batch", dict(lengths=torch.tensor([1, 2])), r"lengths must have shape \(B,\)"),
         ("mask_batch", dict(mask=torch.ones(B + 1, S, dtype=torch.bool)),
@@ -103,6 +103,22 @@ def _bad_inputs(op):
         ("query_dtype", {q: torch.randn(B, Tq, F, dtype=torch.float64)},
          rf"{k} must have the same dtype as {q}"),
         ("all_int", every(torch.long), rf"{q} must be float32, float64, float16 or bfloat16"),
+        # memory_index: query row b reads memory row memory_index[b] of the B = 3 here
+        ("memory_index_float", dict(memory_index=torch.tensor([0.0, 1.0, 2.0])),
+         r"memory_index must be an int64 or int32 tensor of shape \(B,\) = \(3,\)"),
+        ("memory_index_bool", dict(memory_index=torch.tensor([True, False, True])),
+         r"memory_index must be an int64 or int32"),
+        ("memory_index_short", dict(memory_index=torch.tensor([0, 1])),
+         r"memory_index must have shape \(B,\) = \(3,\), one memory row per query row"),
+        ("memory_index_2d", dict(memory_index=torch.zeros(B, 1, dtype=torch.long)),
+         r"memory_index must have shape \(B,\) = \(3,\)"),
+        ("memory_index_and_values_batch", {"memory_index": torch.tensor([0, 1, 1]),
+                                           "values": torch.randn(B - 1, S, Dv)},
+         rf"values must have batch size 3 like {k}"),
+        ("memory_lengths_batch", {k: torch.randn(2, S, F), "values": torch.randn(2, S, Dv),
+                                  "memory_index": torch.tensor([0, 0, 1]),
+                                  "lengths": torch.tensor([1, 2, 3])},
+         r"lengths must have shape \(B,\) = \(2,\)"),
         ("all_complex", every(torch.complex64),
          rf"{q} must be float32, float64, float16 or bfloat16"),
     ]
@@ -132,6 +148,37 @@ BAD_ADDITIVE = [
     ("v_dtype", dict(v=torch.randn(F, dtype=torch.float16)),
      r"v must have the same dtype as query_proj"),
 ]
+
+def _bad_memory_index_values(op):
+    """(id, overrides, regex) for memory_index values outside [0, M): checked on the host
+    for the CPU kernels, by the kernels as they read them on a GPU (under the emulation, at
+    the launch's end; on a real GPU a device-side assertion, test_decode_loop's subprocess
+    test)."""
+    k = op.keys
+    return [
+        ("memory_index_negative", dict(memory_index=torch.tensor([0, -1, 2])),
+         r"memory_index must lie in \[0, M\)"),
+        ("memory_index_ge_M", dict(memory_index=torch.tensor([0, 3, 2])),
+         r"memory_index must lie in \[0, M\)"),
+        ("memory_index_ge_M_int32", dict(memory_index=torch.tensor([5, 0, 0], dtype=torch.int32)),
+         r"memory_index must lie in \[0, M\)"),
+        ("memory_index_no_memory", {k: torch.randn(0, S, F), "values": torch.randn(0, S, Dv),
+                                    "memory_index": torch.tensor([0, 0, 0])},
+         r"memory_index must lie in \[0, M\)"),
+    ]
+
+
+BAD_MEMORY_INDEX_VALUES = [
+    pytest.param(op, over, match, id=f"{op.name}-{id_}")
+    for op in (DOT, ADDITIVE) for id_, over, match in _bad_memory_index_values(op)]
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("op,over,match", BAD_MEMORY_INDEX_VALUES)
+def test_bad_memory_index_values(op, over, match, caller):
+    with pytest.raises(ERRORS, match=match):
+        caller(good(op, **over))
+
 
 BAD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
        for op, own in ((DOT, BAD_DOT), (ADDITIVE, BAD_ADDITIVE))
@@ -281,7 +328,8 @@ def test_mixed_devices_meta(op, name):
 
 def to_meta(case):
     return case.replace(**{n: t.to("meta") for n, t in
-                           {**case.inputs, "lengths": case.lengths, "mask": case.mask}.items()
+                           {**case.inputs, "lengths": case.lengths, "mask": case.mask,
+                            "memory_index": case.memory_index}.items()
                            if isinstance(t, torch.Tensor)})
 
 
@@ -303,6 +351,13 @@ def _fake_bad(op):
         ("lengths_and_mask", dict(lengths=torch.tensor([1, 2, 3]),
                                   mask=torch.ones(B, S, dtype=torch.bool)),
          r"either lengths or mask"),
+        ("memory_index_short", dict(memory_index=torch.tensor([0, 1])),
+         r"memory_index must have shape \(B,\) = \(3,\)"),
+        ("memory_index_float", dict(memory_index=torch.tensor([0.0, 1.0, 2.0])),
+         r"memory_index must be an int64 or int32"),
+        ("memory_values_batch", dict(memory_index=torch.tensor([0, 0, 1]),
+                                     values=torch.randn(B - 1, S, Dv)),
+         r"values must have shape \(M, S, Dv\) = \(3, 5, Dv\)"),
     ]
 
 
@@ -330,6 +385,21 @@ def test_fake_kernel_good_shapes(op):
     ctx, w, lse = call_op(case)
     assert ctx.shape == (B, Tq, Dv) and w.shape == (B, Tq, S) and lse.shape == (B, Tq)
     assert lse.dtype == torch.float32 and ctx.device.type == "meta"
+    grads = op.raw_backward(*op.backward_args(torch.empty(B, Tq, Dv, device="meta"), None,
+                                              op.op_args(case), lse))
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in case.tensors()]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fake_kernel_memory_index_shapes(op):
+    """With memory_index the outputs have the query's rows and the memory-side gradients the
+    memory's rows (M = 2 here, B = 3)."""
+    M = 2
+    memory = {n: torch.randn(M, *t.shape[1:]) for n, t in good(op).inputs.items()
+              if n in (op.keys, "values")}
+    case = to_meta(good(op, **memory, memory_index=torch.tensor([1, 0, 1])))
+    ctx, w, lse = call_op(case)
+    assert ctx.shape == (B, Tq, Dv) and w.shape == (B, Tq, S) and lse.shape == (B, Tq)
     grads = op.raw_backward(*op.backward_args(torch.empty(B, Tq, Dv, device="meta"), None,
                                               op.op_args(case), lse))
     assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in case.tensors()]

@@ -19,7 +19,8 @@ from conftest import (
     make_mask,
     randn,
 )
-from harness import ADDITIVE, DOT, OPS, call, check_parity, per_op, run
+from attention_ext.reference import tile_memory
+from harness import ADDITIVE, DOT, OPS, assert_same, call, check_parity, per_op, run
 
 # (id, kwargs for op.make_case). D / A is the query's and keys' width, Dv the values'.
 DOT_SHAPES = [
@@ -108,6 +109,73 @@ def test_parity(op, shape, mask_kind, dtype, device):
     case = op.make_case(**shape, dtype=dtype, device=device, seed=op.pick(dot=11, additive=51),
                         mask_kind=mask_kind)
     check_parity(case)
+
+
+# Query rows over shared memory rows (memory_index, harness.MEMORY_INDEX_KINDS): B query rows,
+# memory=(kind, M). Decode steps of beams; rows in no order with an unused memory row, also
+# with the keys as values; and CUDA query tiles (20 rows per query batch element).
+MEMORY_SHAPES = dict(
+    dot=[
+        ("beams_step", dict(B=6, Tq=1, S=9, D=16, query_2d=True, memory=("beams", 2))),
+        ("shuffled", dict(B=7, Tq=3, S=11, D=12, Dv=5, memory=("shuffled", 4))),
+        ("shuffled_values_none",
+         dict(B=5, Tq=2, S=8, D=24, values_none=True, memory=("shuffled", 3))),
+        ("cuda_tiles", dict(B=3, Tq=20, S=33, D=32, Dv=40, memory=("shuffled", 3))),
+    ],
+    additive=[
+        ("beams_step", dict(B=6, Tq=1, S=9, A=16, Dv=8, query_2d=True, memory=("beams", 2))),
+        ("shuffled", dict(B=7, Tq=3, S=11, A=12, Dv=5, memory=("shuffled", 4))),
+        ("cuda_tiles", dict(B=3, Tq=20, S=33, A=32, Dv=40, memory=("shuffled", 3))),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("op,shape", per_op(**MEMORY_SHAPES))
+def test_memory_index_parity(op, shape, mask_kind, dtype, device):
+    """memory_index vs reference.py on the tiled memory (the float64 oracle and the
+    same-dtype yardstick): outputs, and gradients summed into the shared memory rows."""
+    case = op.make_case(**shape, dtype=dtype, device=device, seed=op.pick(dot=13, additive=53),
+                        mask_kind=mask_kind)
+    check_parity(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("mask_kind", ["lengths64", "mask"])
+@pytest.mark.parametrize("op,shape", per_op(**MEMORY_SHAPES))
+def test_memory_index_is_tiling_without_the_copy(op, shape, mask_kind, dtype, device):
+    """Ours with memory_index against ours on the memory tiled per query row: the same
+    outputs and query gradients bit for bit (each row reads the same memory rows in the same
+    order), the memory gradients equal to the tiled ones summed per memory row; and the
+    memory_index backward gives the same bits on every run."""
+    case = op.make_case(**shape, dtype=dtype, device=device, seed=op.pick(dot=14, additive=54),
+                        mask_kind=mask_kind)
+    memory = ["values", op.keys]
+    tiled = case.replace(memory_index=None, **dict(zip(
+        [*memory, "lengths", "mask"],
+        tile_memory(case.memory_index, *(case.inputs[n] for n in memory), case.lengths,
+                    case.mask))))
+    got, want = run(case), run(tiled)
+    assert_same(got, run(case))
+    for name in op.outputs:
+        if want[name] is None:
+            assert got[name] is None, name
+        elif name in ("grad_values", "grad_" + op.keys):
+            summed = torch.zeros_like(got[name], dtype=torch.float64).index_add_(
+                0, case.memory_index.to(got[name].device), want[name].double())
+            torch.testing.assert_close(got[name].double(), summed, msg=name,
+                                       **TILING_SUM_TOLERANCE[dtype])
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+# The tiled gradients are rounded to the dtype per row, then summed in float64; ours sums
+# the per-row gradients in float32, then rounds once.
+TILING_SUM_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6),
+                        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -48,7 +48,7 @@ Problem<scalar_t> make_problem(const AdditiveInputs& in, const AdditiveShapes& s
                            s.S,
                            s.A,
                            s.Dv,
-                           key_positions(in.lengths, in.mask, s.S)};
+                           key_positions(in.lengths, in.mask, s.S, in.memory_index, s.M)};
 }
 
 // Phase 2 for batch element b and columns [c0, c1) of A, h = tanh(q[t, a] + k[j, a]):
@@ -74,7 +74,7 @@ void tanh_grad_task(const Problem<T>& pb, const T* v, const T* dS, int64_t b, in
       std::fill(gk_row, gk_row + width, T(0));
       continue;
     }
-    const T* k_row = pb.k + (b * S + j) * A + c0;
+    const T* k_row = pb.k + (pb.pos.row(b) * S + j) * A + c0;
     for (int64_t c = 0; c < width; c += W) {
       const int lanes = static_cast<int>(std::min<int64_t>(W, width - c));
       const V kv = V::loadu(k_row + c, lanes), vv = V::loadu(v + c0 + c, lanes);
@@ -214,11 +214,11 @@ void backward_by_element(const Problem<scalar_t>& pb, const at::opmath_type<scal
                        gq = sized(Tq * A), gk = sized(S * A), gval = sized(S * Dv);
     for (int64_t b = b0; b < b1; ++b) {
       // Rows past the length are never read (nor converted); their gradients are zeros.
-      const int64_t limit = pb.pos.end(b);
+      const int64_t limit = pb.pos.end(b), m = pb.pos.row(b);
       const Problem<acc_t> one{
           element_rows(pb.q + b * Tq * A, Tq, A, q),
-          element_rows(pb.k + b * S * A, limit, A, k),
-          element_rows(pb.v + b * S * Dv, limit, Dv, val),
+          element_rows(pb.k + m * S * A, limit, A, k),
+          element_rows(pb.v + m * S * Dv, limit, Dv, val),
           false, 1, Tq, S, A, Dv,
           pb.pos.element(b)};
       acc_t* gq_b = convert ? gq.data() : reinterpret_cast<acc_t*>(grad_q + b * Tq * A);
@@ -240,13 +240,15 @@ void backward_by_element(const Problem<scalar_t>& pb, const at::opmath_type<scal
 std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cpu(
     const at::Tensor& query_proj, const at::Tensor& keys_proj, const at::Tensor& v,
     const at::Tensor& values, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& mask, bool need_weights) {
-  const AdditiveShapes s = check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+    const std::optional<at::Tensor>& mask, bool need_weights,
+    const std::optional<at::Tensor>& memory_index) {
+  const AdditiveShapes s =
+      check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memory_index);
   const ForwardOutputs out(query_proj, s, s.S, s.Dv, need_weights);
   if (s.B * s.Tq == 0) return out.as_tuple();
 
   const AdditiveInputs in =
-      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask,
+      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memory_index,
                                  DeviceLengths::kHostChecks);
   const at::Tensor v_acc = in.v.to(acc_dtype(query_proj.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query_proj.scalar_type(),
@@ -264,8 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query_proj, const at::Tensor& keys_proj, const at::Tensor& v,
     const at::Tensor& values, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& mask, const at::Tensor& lse) {
-  const AdditiveShapes s = check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask);
+    const std::optional<at::Tensor>& mask, const at::Tensor& lse,
+    const std::optional<at::Tensor>& memory_index) {
+  const AdditiveShapes s =
+      check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memory_index);
   check_additive_backward_extras(grad_context, grad_weights, lse, query_proj, s);
   const auto dtype = query_proj.scalar_type();
   const at::ScalarType acc_type = acc_dtype(dtype);
@@ -275,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
             at::zeros_like(v), at::zeros_like(values)};
   }
   const AdditiveInputs in =
-      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask,
+      contiguous_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memory_index,
                                  DeviceLengths::kHostChecks);
   const at::Tensor gc = grad_context.contiguous();
   const auto gw = contiguous_opt(grad_weights);
@@ -284,8 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   at::Tensor grad_v = at::empty({s.A}, acc_opts);
   if (backward_schedule(s.B) == BackwardSchedule::kByElement) {
     at::Tensor grad_q = at::empty(s.row_sizes(s.A), query_proj.options());
-    at::Tensor grad_k = at::empty({s.B, s.S, s.A}, query_proj.options());
-    at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, query_proj.options());
+    const MemoryGradient grad_k(query_proj, in.memory_index, s.B, s.M, s.S, s.A);
+    const MemoryGradient grad_values(query_proj, in.memory_index, s.B, s.M, s.S, s.Dv);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
                                     "additive_attention_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -293,30 +297,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
                                     gc.data_ptr<scalar_t>(),
                                     gw ? gw->data_ptr<scalar_t>() : nullptr,
                                     lse_c.data_ptr<acc_t>(), grad_q.data_ptr<scalar_t>(),
-                                    grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<acc_t>(),
-                                    grad_values.data_ptr<scalar_t>());
+                                    grad_k.rows().data_ptr<scalar_t>(), grad_v.data_ptr<acc_t>(),
+                                    grad_values.rows().data_ptr<scalar_t>());
     });
-    return {grad_q, grad_k, grad_v.to(dtype), grad_values};
+    return {grad_q, grad_k.sum(), grad_v.to(dtype), grad_values.sum()};
   }
   // Few batch elements: convert as a whole (small B keeps this small).
   auto acc = [&](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
   const AdditiveInputs in_acc =
       contiguous_additive_inputs(acc(in.query_proj), acc(in.keys_proj), v_acc, acc(in.values),
-                                 in.lengths, in.mask, DeviceLengths::kHostChecks);
+                                 in.lengths, in.mask, in.memory_index,
+                                 DeviceLengths::kHostChecks);
   const at::Tensor gc_acc = acc(gc);
   const auto gw_acc = gw ? std::optional<at::Tensor>(acc(*gw)) : std::nullopt;
   at::Tensor grad_q = at::empty(s.row_sizes(s.A), acc_opts);
-  at::Tensor grad_k = at::empty({s.B, s.S, s.A}, acc_opts);
-  at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, acc_opts);
+  const MemoryGradient grad_k(grad_q, in.memory_index, s.B, s.M, s.S, s.A);
+  const MemoryGradient grad_values(grad_q, in.memory_index, s.B, s.M, s.S, s.Dv);
   AT_DISPATCH_FLOATING_TYPES(acc_type, "additive_attention_backward_cpu", [&] {
     backward_by_phase<scalar_t>(make_problem<scalar_t>(in_acc, s), v_acc.data_ptr<scalar_t>(),
                                 gc_acc.data_ptr<scalar_t>(),
                                 gw_acc ? gw_acc->data_ptr<scalar_t>() : nullptr,
                                 lse_c.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
-                                grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
-                                grad_values.data_ptr<scalar_t>());
+                                grad_k.rows().data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
+                                grad_values.rows().data_ptr<scalar_t>());
   });
-  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_values.to(dtype)};
+  return {grad_q.to(dtype), grad_k.sum().to(dtype), grad_v.to(dtype),
+          grad_values.sum().to(dtype)};
 }
 
 }  // namespace

@@ -51,8 +51,8 @@ constexpr int64_t kMaxTileRows = 32;
 // threads (a task costs a merge of one context row).
 constexpr int64_t kMinKeysPerThreadSplit = 32;
 
-// q (B, Tq, D) scored against k (B, S, D); v (B, S, Dv) are the values. For the additive
-// op q and k are the projections and D is A.
+// q (B, Tq, D) scored against k (M, S, D); v (M, S, Dv) are the values; query row b reads
+// memory row pos.row(b). For the additive op q and k are the projections and D is A.
 template <typename scalar_t>
 struct Problem {
   const scalar_t* q;
@@ -126,12 +126,12 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
                           bool with_values, Scratch<acc_t>& w) {
   const int64_t n = pb.pos.gather(b, jb, je, w.idx.data());
   if (n == 0) return 0;
-  rows_as_acc(pb.k + b * pb.S * pb.D, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
+  rows_as_acc(pb.k + pb.pos.row(b) * pb.S * pb.D, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
   if (!with_values) return n;
   if (pb.v_is_k) {
     std::copy(w.krows.begin(), w.krows.begin() + n, w.vrows.begin());
   } else {
-    rows_as_acc(pb.v + b * pb.S * pb.Dv, w.idx.data(), n, pb.Dv, w.vbuf.data(),
+    rows_as_acc(pb.v + pb.pos.row(b) * pb.S * pb.Dv, w.idx.data(), n, pb.Dv, w.vbuf.data(),
                 w.vrows.data());
   }
   return n;
@@ -212,7 +212,7 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
           // The next block's key rows (positions, not necessarily attending: a prefetch
           // reads nothing), so its score pass finds them in cache.
           const int64_t nb = std::min(jb + block, j1), ne = std::min(jb + 2 * block, j1);
-          const scalar_t* keys_b = pb.k + b * pb.S * pb.D;
+          const scalar_t* keys_b = pb.k + pb.pos.row(b) * pb.S * pb.D;
           axpy8(w.accrows[0], alpha[0], w.p.data(), w.vrows.data(), pb.Dv,
                 reinterpret_cast<const char*>(keys_b + nb * pb.D),
                 reinterpret_cast<const char*>(keys_b + ne * pb.D));

@@ -75,7 +75,7 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
     // grad_query = dS K over the attending keys (a mask's others may hold anything).
     idx.resize(limit);
     const int64_t n = pb.pos.gather(b, 0, limit, idx.data());
-    const scalar_t* keys_b = pb.k + b * pb.S * pb.D;
+    const scalar_t* keys_b = pb.k + pb.pos.row(b) * pb.S * pb.D;
     krows.resize(n);
     if (convert) kconv.resize(n * pb.D);
     rows_as_acc(keys_b, idx.data(), n, pb.D, kconv.data(), krows.data());
@@ -106,19 +106,20 @@ Problem<scalar_t> make_problem(const DotInputs& in, const DotShapes& s) {
                            s.S,
                            s.D,
                            s.Dv,
-                           key_positions(in.lengths, in.mask, s.S)};
+                           key_positions(in.lengths, in.mask, s.S, in.memory_index, s.M)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cpu(
     const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& values,
     const std::optional<at::Tensor>& lengths_in, const std::optional<at::Tensor>& mask_in,
-    double scale, bool need_weights) {
-  const DotShapes s = check_dot_inputs(query, keys, values, lengths_in, mask_in, scale);
+    double scale, bool need_weights, const std::optional<at::Tensor>& memory_index) {
+  const DotShapes s =
+      check_dot_inputs(query, keys, values, lengths_in, mask_in, scale, memory_index);
   const ForwardOutputs out(query, s, s.S, s.Dv, need_weights);
   if (s.B * s.Tq == 0) return out.as_tuple();
 
   const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in,
-                                             DeviceLengths::kHostChecks);
+                                             memory_index, DeviceLengths::kHostChecks);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
                                   "dot_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -135,23 +136,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
     const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights,
     const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& values,
     const std::optional<at::Tensor>& lengths_in, const std::optional<at::Tensor>& mask_in,
-    double scale, const at::Tensor& lse) {
-  const DotShapes s = check_dot_inputs(query, keys, values, lengths_in, mask_in, scale);
+    double scale, const at::Tensor& lse, const std::optional<at::Tensor>& memory_index) {
+  const DotShapes s =
+      check_dot_inputs(query, keys, values, lengths_in, mask_in, scale, memory_index);
   check_dot_backward_extras(grad_context, grad_weights, lse, query, s);
   at::Tensor grad_q = at::empty(s.row_sizes(s.D), query.options());
-  at::Tensor grad_k = at::empty({s.B, s.S, s.D}, keys.options());
   const bool combined = !values.has_value();
-  at::Tensor grad_v = combined ? at::empty({0}, keys.options())
-                               : at::empty({s.B, s.S, s.Dv}, keys.options());
-  if (s.B == 0) return {grad_q, grad_k, grad_v};
-  if (s.Tq == 0) {
-    grad_k.zero_();
-    if (!combined) grad_v.zero_();
-    return {grad_q, grad_k, grad_v};
+  if (s.B * s.Tq == 0) {
+    return {grad_q, at::zeros_like(keys, at::MemoryFormat::Contiguous),
+            combined ? at::empty({0}, keys.options())
+                     : at::zeros_like(*values, at::MemoryFormat::Contiguous)};
   }
 
   const DotInputs in = contiguous_dot_inputs(query, keys, values, lengths_in, mask_in,
-                                             DeviceLengths::kHostChecks);
+                                             memory_index, DeviceLengths::kHostChecks);
+  const MemoryGradient grad_keys(keys, in.memory_index, s.B, s.M, s.S, s.D);
+  const MemoryGradient grad_values(keys, in.memory_index, s.B, s.M, s.S, combined ? 0 : s.Dv);
+  const at::Tensor& grad_k = grad_keys.rows();
+  const at::Tensor& grad_v = grad_values.rows();
   const at::Tensor gc = grad_context.contiguous();
   const auto gw = contiguous_opt(grad_weights);
   const at::Tensor lse_c = lse.contiguous();
@@ -184,8 +186,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
           [&](int64_t b0, int64_t b1) {
             Buffer<acc_t> P(Tq * S), dS(Tq * S);
             for (int64_t b = b0; b < b1; ++b) {
-              const Problem<scalar_t> one{pb.q + b * Tq * D, pb.k + b * S * D,
-                                          pb.v + b * S * Dv, pb.v_is_k, 1, Tq, S, D, Dv,
+              const int64_t m = pb.pos.row(b);
+              const Problem<scalar_t> one{pb.q + b * Tq * D, pb.k + m * S * D,
+                                          pb.v + m * S * Dv, pb.v_is_k, 1, Tq, S, D, Dv,
                                           pb.pos.element(b)};
               backward_tiles<scalar_t>(one, sc, gc_ptr + b * Tq * Dv,
                                       gw_ptr ? gw_ptr + b * Tq * S : nullptr, lse_ptr + b * Tq,
@@ -212,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cpu(
                                  begin, end);
     });
   });
-  return {grad_q, grad_k, grad_v};
+  return {grad_q, grad_keys.sum(),
+          combined ? at::empty({0}, keys.options()) : grad_values.sum()};
 }
 
 }  // namespace

@@ -71,7 +71,7 @@ __global__ void additive_attention_backward_rows_kernel(
   const int64_t b = valid ? row / p.Tq : 0;
   const int64_t end = valid ? p.positions.end(b) : 0;
   const scalar_t* q = p.query_proj + (valid ? row : 0) * p.A;
-  const scalar_t* keys = p.keys_proj + b * p.S * p.A;
+  const scalar_t* keys = p.keys_proj + p.positions.row(b) * p.S * p.A;
   const int64_t A = p.A;
   const int64_t a_chunks = A / VEC;
   if (valid) {
@@ -131,7 +131,7 @@ __global__ void additive_attention_backward_keys_kernel(
   const acc_t* dscores = p.dscores + b * p.Tq * S + j;
   const acc_t* probs = p.probs + b * p.Tq * S + j;
   const scalar_t* q = p.query_proj + b * p.Tq * A;
-  const scalar_t* k = p.keys_proj + key * A;
+  const scalar_t* k = p.keys_proj + (p.positions.row(b) * S + j) * A;
   const scalar_t* g = p.grad_context + b * p.Tq * Dv;
   for (int64_t r = 0; r < warp_rounds(a_chunks); ++r) {
     const int64_t c = r * kWarpSize + lane;

@@ -47,12 +47,14 @@ void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, int64_t r
 std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
     const at::Tensor& query_proj_in, const at::Tensor& keys_proj_in, const at::Tensor& v_in,
     const at::Tensor& values_in, const std::optional<at::Tensor>& lengths_in,
-    const std::optional<at::Tensor>& mask_in, bool need_weights) {
-  const AdditiveShapes s =
-      check_additive_inputs(query_proj_in, keys_proj_in, v_in, values_in, lengths_in, mask_in);
+    const std::optional<at::Tensor>& mask_in, bool need_weights,
+    const std::optional<at::Tensor>& memory_index_in) {
+  const AdditiveShapes s = check_additive_inputs(query_proj_in, keys_proj_in, v_in, values_in,
+                                                 lengths_in, mask_in, memory_index_in);
   const DeviceGuard guard(query_proj_in.device());
   const AdditiveInputs in = contiguous_additive_inputs(query_proj_in, keys_proj_in, v_in,
                                                        values_in, lengths_in, mask_in,
+                                                       memory_index_in,
                                                        DeviceLengths::kKernelsCheck);
 
   const ForwardBuffers buffers(in.query_proj, s, s.S, s.Dv, need_weights);
@@ -63,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
                                   "additive_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AdditiveForwardParams<scalar_t, acc_t> p{};
-    buffers.bind(p, in.values, in.lengths, in.mask);
+    buffers.bind(p, in.values, in.lengths, in.mask, in.memory_index);
     p.query_proj = in.query_proj.data_ptr<scalar_t>();
     p.keys_proj = in.keys_proj.data_ptr<scalar_t>();
     p.v = in.v.data_ptr<scalar_t>();
@@ -86,13 +88,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     const at::Tensor& grad_context_in, const std::optional<at::Tensor>& grad_weights_in,
     const at::Tensor& query_proj_in, const at::Tensor& keys_proj_in, const at::Tensor& v_in,
     const at::Tensor& values_in, const std::optional<at::Tensor>& lengths_in,
-    const std::optional<at::Tensor>& mask_in, const at::Tensor& lse_in) {
-  const AdditiveShapes s =
-      check_additive_inputs(query_proj_in, keys_proj_in, v_in, values_in, lengths_in, mask_in);
+    const std::optional<at::Tensor>& mask_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& memory_index_in) {
+  const AdditiveShapes s = check_additive_inputs(query_proj_in, keys_proj_in, v_in, values_in,
+                                                 lengths_in, mask_in, memory_index_in);
   check_additive_backward_extras(grad_context_in, grad_weights_in, lse_in, query_proj_in, s);
   const DeviceGuard guard(query_proj_in.device());
   const AdditiveInputs in = contiguous_additive_inputs(query_proj_in, keys_proj_in, v_in,
                                                        values_in, lengths_in, mask_in,
+                                                       memory_index_in,
                                                        DeviceLengths::kKernelsCheck);
   const at::Tensor grad_context = grad_context_in.contiguous();
   const auto grad_weights = contiguous_opt(grad_weights_in);
@@ -100,14 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
 
   const auto opts = in.query_proj.options();
   at::Tensor grad_query_proj = at::empty(s.row_sizes(s.A), opts);
-  at::Tensor grad_keys_proj = at::empty({s.B, s.S, s.A}, opts);
   at::Tensor grad_v = at::empty({s.A}, opts);
-  at::Tensor grad_values = at::empty({s.B, s.S, s.Dv}, opts);
   const int64_t rows = s.B * s.Tq;
   if (rows == 0 || s.S == 0) {  // nothing attends anywhere: all gradients are zero
-    for (at::Tensor* t : {&grad_query_proj, &grad_keys_proj, &grad_v, &grad_values}) t->zero_();
-    return {grad_query_proj, grad_keys_proj, grad_v, grad_values};
+    return {grad_query_proj.zero_(), at::zeros({s.M, s.S, s.A}, opts), grad_v.zero_(),
+            at::zeros({s.M, s.S, s.Dv}, opts)};
   }
+  const MemoryGradient grad_keys_proj(in.query_proj, in.memory_index, s.B, s.M, s.S, s.A);
+  const MemoryGradient grad_values(in.query_proj, in.memory_index, s.B, s.M, s.S, s.Dv);
   const BackwardScratch scratch(in.query_proj, rows, s.S);
   // grad_v's shares: one row per block of the rows kernel, or per query tile.
   const int64_t row_blocks = ceil_div(rows, kBackwardWarpsPerBlock);
@@ -121,26 +125,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
                                   "additive_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AdditiveBackwardParams<scalar_t, acc_t> p{};
-    scratch.bind(p, s, grad_context, grad_weights, in.values, in.lengths, in.mask, lse,
-                 grad_values);
+    scratch.bind(p, s, grad_context, grad_weights, in.values, in.lengths, in.mask,
+                 in.memory_index, lse, grad_values.rows());
     p.query_proj = in.query_proj.data_ptr<scalar_t>();
     p.keys_proj = in.keys_proj.data_ptr<scalar_t>();
     p.v = in.v.data_ptr<scalar_t>();
     p.grad_query_proj = grad_query_proj.data_ptr<scalar_t>();
-    p.grad_keys_proj = grad_keys_proj.data_ptr<scalar_t>();
+    p.grad_keys_proj = grad_keys_proj.rows().data_ptr<scalar_t>();
     p.grad_v_partials = grad_v_partials.data_ptr<acc_t>();
     p.A = s.A;
     scalar_t* gv = grad_v.data_ptr<scalar_t>();
     constexpr int kVec = vec_width<scalar_t>();
     if (can_vectorize(kVec, s.A, s.Dv,
                       {in.query_proj, in.keys_proj, in.v, in.values, grad_context,
-                       grad_query_proj, grad_keys_proj, grad_values})) {
+                       grad_query_proj, grad_keys_proj.rows(), grad_values.rows()})) {
       launch_backward<scalar_t, acc_t, kVec>(p, row_blocks, gv, stream);
     } else {
       launch_backward<scalar_t, acc_t, 1>(p, row_blocks, gv, stream);
     }
   });
-  return {grad_query_proj, grad_keys_proj, grad_v, grad_values};
+  return {grad_query_proj, grad_keys_proj.sum(), grad_v, grad_values.sum()};
 }
 
 }  // namespace

@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
   const int groups = threads / key_lanes;
   const int group = tid / key_lanes;
   const int64_t first_chunk = blk.slice * p.slice_chunks;
-  const scalar_t* values = p.values + b * p.S * p.Dv;
+  const scalar_t* values = p.values + p.positions.row(b) * p.S * p.Dv;
   const int64_t Dv = p.Dv;
   BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
                                   tid, threads);

@@ -28,7 +28,7 @@ __global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scala
 
   const KeyPositions km = p.positions;
   const acc_t* dscores = p.dscores + row * p.S;
-  const scalar_t* keys = p.keys + b * p.S * p.D;
+  const scalar_t* keys = p.keys + p.positions.row(b) * p.S * p.D;
   const int64_t D = p.D;
   weighted_row_sum<VEC>(
       p.grad_query + row * p.D, D / VEC, km.end(b), p.scale, lane,

@@ -38,11 +38,13 @@ void launch_backward(const DotBackwardParams<scalar_t, acc_t>& p, cudaStream_t s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
     const at::Tensor& query_in, const at::Tensor& keys_in,
     const std::optional<at::Tensor>& values_in, const std::optional<at::Tensor>& lengths_in,
-    const std::optional<at::Tensor>& mask_in, double scale, bool need_weights) {
-  const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
+    const std::optional<at::Tensor>& mask_in, double scale, bool need_weights,
+    const std::optional<at::Tensor>& memory_index_in) {
+  const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale,
+                                       memory_index_in);
   const DeviceGuard guard(query_in.device());
   const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in,
-                                             DeviceLengths::kKernelsCheck);
+                                             memory_index_in, DeviceLengths::kKernelsCheck);
   const at::Tensor& query = in.query;
   const at::Tensor& keys = in.keys;
   const at::Tensor& values = in.values;
@@ -57,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_cuda(
                                   "dot_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     DotForwardParams<scalar_t, acc_t> p{};
-    buffers.bind(p, values, lengths, mask);
+    buffers.bind(p, values, lengths, mask, in.memory_index);
     p.query = query.data_ptr<scalar_t>();
     p.keys = keys.data_ptr<scalar_t>();
     p.D = s.D;
@@ -79,12 +81,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
     const at::Tensor& grad_context_in, const std::optional<at::Tensor>& grad_weights_in,
     const at::Tensor& query_in, const at::Tensor& keys_in,
     const std::optional<at::Tensor>& values_in, const std::optional<at::Tensor>& lengths_in,
-    const std::optional<at::Tensor>& mask_in, double scale, const at::Tensor& lse_in) {
-  const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale);
+    const std::optional<at::Tensor>& mask_in, double scale, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& memory_index_in) {
+  const DotShapes s = check_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in, scale,
+                                       memory_index_in);
   check_dot_backward_extras(grad_context_in, grad_weights_in, lse_in, query_in, s);
   const DeviceGuard guard(query_in.device());
   const DotInputs in = contiguous_dot_inputs(query_in, keys_in, values_in, lengths_in, mask_in,
-                                             DeviceLengths::kKernelsCheck);
+                                             memory_index_in, DeviceLengths::kKernelsCheck);
   const at::Tensor& query = in.query;
   const at::Tensor& keys = in.keys;
   const at::Tensor& values = in.values;
@@ -98,15 +102,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
 
   const auto opts = query.options();
   at::Tensor grad_query = at::empty(s.row_sizes(s.D), opts);
-  at::Tensor grad_keys = at::empty({s.B, s.S, s.D}, opts);
-  at::Tensor grad_values = combined ? at::empty({0}, opts) : at::empty({s.B, s.S, s.Dv}, opts);
   const int64_t rows = s.B * s.Tq;
   if (rows == 0 || s.S == 0) {  // nothing attends anywhere: all gradients are zero
-    grad_query.zero_();
-    grad_keys.zero_();
-    grad_values.zero_();
-    return {grad_query, grad_keys, grad_values};
+    return {grad_query.zero_(), at::zeros({s.M, s.S, s.D}, opts),
+            combined ? at::empty({0}, opts) : at::zeros({s.M, s.S, s.Dv}, opts)};
   }
+  const MemoryGradient grad_keys(query, in.memory_index, s.B, s.M, s.S, s.D);
+  const MemoryGradient grad_values(query, in.memory_index, s.B, s.M, s.S, combined ? 0 : s.Dv);
   const BackwardScratch scratch(query, rows, s.S);
   const cudaStream_t stream = current_stream();
 
@@ -114,24 +116,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dot_attention_backward_cuda(
                                   "dot_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     DotBackwardParams<scalar_t, acc_t> p{};
-    scratch.bind(p, s, grad_context, grad_weights, values, lengths, mask, lse,
-                 combined ? std::nullopt : std::optional<at::Tensor>(grad_values));
+    scratch.bind(p, s, grad_context, grad_weights, values, lengths, mask, in.memory_index, lse,
+                 combined ? std::nullopt : std::optional<at::Tensor>(grad_values.rows()));
     p.query = query.data_ptr<scalar_t>();
     p.keys = keys.data_ptr<scalar_t>();
     p.grad_query = grad_query.data_ptr<scalar_t>();
-    p.grad_keys = grad_keys.data_ptr<scalar_t>();
+    p.grad_keys = grad_keys.rows().data_ptr<scalar_t>();
     p.D = s.D;
     p.scale = static_cast<acc_t>(scale);
     p.values_are_keys = combined;
     constexpr int kVec = vec_width<scalar_t>();
     if (can_vectorize(kVec, s.D, s.Dv,
-                      {query, keys, values, grad_context, grad_query, grad_keys, grad_values})) {
+                      {query, keys, values, grad_context, grad_query, grad_keys.rows(),
+                       grad_values.rows()})) {
       launch_backward<scalar_t, acc_t, kVec>(p, stream);
     } else {
       launch_backward<scalar_t, acc_t, 1>(p, stream);
     }
   });
-  return {grad_query, grad_keys, grad_values};
+  return {grad_query, grad_keys.sum(), combined ? at::empty({0}, opts) : grad_values.sum()};
 }
 
 }  // namespace

@@ -74,10 +74,10 @@ class ForwardBuffers {
   // launch_attention_forward adds the plan and the workspace.
   template <typename scalar_t, typename acc_t>
   void bind(SoftmaxForwardParams<scalar_t, acc_t>& p, const at::Tensor& values,
-            const std::optional<at::Tensor>& lengths,
-            const std::optional<at::Tensor>& mask) const {
+            const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
+            const std::optional<at::Tensor>& memory_index) const {
     p.values = values.data_ptr<scalar_t>();
-    p.positions = key_positions(lengths, mask, S_);
+    p.positions = key_positions(lengths, mask, S_, memory_index, values.size(0));
     p.context = out_.context.data_ptr<scalar_t>();
     p.weights = need_weights_ ? out_.weights.data_ptr<scalar_t>() : nullptr;
     p.lse = out_.lse.data_ptr<acc_t>();
@@ -105,11 +105,12 @@ class BackwardScratch {
             const at::Tensor& grad_context,
             const std::optional<at::Tensor>& grad_weights, const at::Tensor& values,
             const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
-            const at::Tensor& lse, const std::optional<at::Tensor>& grad_values) const {
+            const std::optional<at::Tensor>& memory_index, const at::Tensor& lse,
+            const std::optional<at::Tensor>& grad_values) const {
     p.grad_context = grad_context.data_ptr<scalar_t>();
     p.grad_weights = grad_weights ? grad_weights->data_ptr<scalar_t>() : nullptr;
     p.values = values.data_ptr<scalar_t>();
-    p.positions = key_positions(lengths, mask, values.size(1));
+    p.positions = key_positions(lengths, mask, values.size(1), memory_index, values.size(0));
     p.lse = lse.data_ptr<acc_t>();
     p.grad_values = grad_values ? grad_values->data_ptr<scalar_t>() : nullptr;
     p.probs = scratch_[0].data_ptr<acc_t>();

@@ -1,7 +1,9 @@
 // The kernels' arguments. The softmax part (values, key positions, outputs or gradients,
 // workspace, sizes) is what the code shared by both ops reads (attention_forward.cuh,
 // softmax_backward.cuh); each op's params derive from it and add what its scores need.
-// All tensors are contiguous; sizes are 64-bit.
+// All tensors are contiguous; sizes are 64-bit. Memory-side inputs (keys, values) have M
+// rows, read for query row b at positions.row(b); their gradients have one (S, width) slice
+// per query row b (inputs.h: MemoryGradient).
 #pragma once
 
 #include <cstdint>
@@ -12,7 +14,7 @@ namespace attention_ext {
 
 template <typename scalar_t, typename acc_t>
 struct SoftmaxForwardParams {
-  const scalar_t* values;  // (B, S, Dv)
+  const scalar_t* values;  // (M, S, Dv)
   KeyPositions positions;
   scalar_t* context;  // (B, Tq, Dv)
   scalar_t* weights;  // (B, Tq, S), nullptr when need_weights is false
@@ -37,7 +39,7 @@ template <typename scalar_t, typename acc_t>
 struct SoftmaxBackwardParams {
   const scalar_t* grad_context;  // (B, Tq, Dv)
   const scalar_t* grad_weights;  // (B, Tq, S) or nullptr
-  const scalar_t* values;        // (B, S, Dv)
+  const scalar_t* values;        // (M, S, Dv)
   KeyPositions positions;
   const acc_t* lse;       // (B, Tq)
   scalar_t* grad_values;  // (B, S, Dv); dot: unused when the keys are the values
@@ -51,7 +53,7 @@ struct SoftmaxBackwardParams {
 template <typename scalar_t, typename acc_t>
 struct DotForwardParams : SoftmaxForwardParams<scalar_t, acc_t> {
   const scalar_t* query;  // (B, Tq, D)
-  const scalar_t* keys;   // (B, S, D)
+  const scalar_t* keys;   // (M, S, D)
   int64_t D;
   acc_t scale;
 };
@@ -74,7 +76,7 @@ struct DotBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t> {
 template <typename scalar_t, typename acc_t>
 struct AdditiveForwardParams : SoftmaxForwardParams<scalar_t, acc_t> {
   const scalar_t* query_proj;  // (B, Tq, A)
-  const scalar_t* keys_proj;   // (B, S, A)
+  const scalar_t* keys_proj;   // (M, S, A)
   const scalar_t* v;           // (A,)
   int64_t A;
 };

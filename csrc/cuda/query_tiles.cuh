@@ -18,13 +18,13 @@
 
 namespace attention_ext {
 
-// Key j's row of a (B, S, width) tensor when it attends, else nullptr (staged as zeros:
-// padding is never read).
+// Key j's row for query row b of a memory-side (M, S, width) tensor when it attends, else
+// nullptr (staged as zeros: padding is never read).
 template <typename scalar_t>
 __device__ __forceinline__ const scalar_t* attending_row(const KeyPositions& kp,
                                                          const scalar_t* base, int64_t S,
                                                          int64_t width, int64_t b, int64_t j) {
-  return j < kp.end(b) && kp.attends(b, j) ? base + (b * S + j) * width : nullptr;
+  return j < kp.end(b) && kp.attends(b, j) ? base + (kp.row(b) * S + j) * width : nullptr;
 }
 
 // Forward: context_t = sum_j p_tj v_j, p_tj = exp(score_tj - lse_t) from the raw scores.

@@ -23,7 +23,7 @@ struct DotScorer : KernelTypes<scalar_t, acc_t, VEC> {
   // For row (b, t) of p, a DotForwardParams or DotBackwardParams.
   template <typename Params>
   __device__ __forceinline__ DotScorer(const Params& p, int64_t row)
-      : q(p.query + row * p.D), keys(p.keys + row / p.Tq * p.S * p.D), D(p.D),
+      : q(p.query + row * p.D), keys(p.keys + p.positions.row(row / p.Tq) * p.S * p.D), D(p.D),
         scale(p.scale) {}
 
   __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
@@ -47,7 +47,7 @@ struct AdditiveScorer : KernelTypes<scalar_t, acc_t, VEC> {
   // For row (b, t) of p, an AdditiveForwardParams or AdditiveBackwardParams.
   template <typename Params>
   __device__ __forceinline__ AdditiveScorer(const Params& p, int64_t row)
-      : q(p.query_proj + row * p.A), keys(p.keys_proj + row / p.Tq * p.S * p.A), v(p.v),
+      : q(p.query_proj + row * p.A), keys(p.keys_proj + p.positions.row(row / p.Tq) * p.S * p.A), v(p.v),
         A(p.A) {}
 
   // Three rows per chunk, so half of lane_dot's batch keeps about as many loads in flight

@@ -26,7 +26,7 @@ __device__ __forceinline__ void softmax_backward_row(
   const int64_t b = row / p.Tq;
   const int64_t end = p.positions.end(b);
   const scalar_t* g = p.grad_context + row * p.Dv;
-  const scalar_t* values = p.values + b * p.S * p.Dv;
+  const scalar_t* values = p.values + p.positions.row(b) * p.S * p.Dv;
   acc_t* probs = p.probs + row * p.S;
   acc_t* dscores = p.dscores + row * p.S;
   const acc_t lse = p.lse[row];

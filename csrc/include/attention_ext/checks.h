@@ -34,30 +34,38 @@ struct QueryRows {
   }
 };
 
+// M: the memory rows, keys.size(0); B, unless memory_index maps the B query rows onto them.
 struct DotShapes : QueryRows {
-  int64_t S, D, Dv;
+  int64_t S, D, Dv, M;
 };
 
 // lengths read on the host (a CPU tensor): every value in [0, S]. A plain loop: an ATen
 // reduction costs more than a decode step's kernel.
 void check_lengths_range(const at::Tensor& lengths, int64_t S);
 
-// query (B, Tq, D) or (B, D), keys (B, S, D), values (B, S, Dv) or None (= keys).
+// memory_index read on the host (a CPU tensor): every value in [0, M).
+void check_memory_index_range(const at::Tensor& memory_index, int64_t M);
+
+// query (B, Tq, D) or (B, D), keys (M, S, D), values (M, S, Dv) or None (= keys); lengths
+// (M,) and mask (M, S) per memory row; memory_index integer (B,) on the query's device, or
+// None and M = B.
 DotShapes check_dot_inputs(const at::Tensor& query, const at::Tensor& keys,
                            const std::optional<at::Tensor>& values_opt,
                            const std::optional<at::Tensor>& lengths,
-                           const std::optional<at::Tensor>& mask, double scale);
+                           const std::optional<at::Tensor>& mask, double scale,
+                           const std::optional<at::Tensor>& memory_index);
 
 struct AdditiveShapes : QueryRows {
-  int64_t S, A, Dv;
+  int64_t S, A, Dv, M;
 };
 
-// query_proj (B, Tq, A) or (B, A), keys_proj (B, S, A), v (A,), values (B, S, Dv).
+// query_proj (B, Tq, A) or (B, A), keys_proj (M, S, A), v (A,), values (M, S, Dv).
 AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
                                      const at::Tensor& keys_proj, const at::Tensor& v,
                                      const at::Tensor& values,
                                      const std::optional<at::Tensor>& lengths,
-                                     const std::optional<at::Tensor>& mask);
+                                     const std::optional<at::Tensor>& mask,
+                                     const std::optional<at::Tensor>& memory_index);
 
 void check_dot_backward_extras(const at::Tensor& grad_context,
                                const std::optional<at::Tensor>& grad_weights,

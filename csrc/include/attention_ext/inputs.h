@@ -1,6 +1,7 @@
 // The ops' inputs as both devices' kernels read them: contiguous (no copy when they
-// already are), lengths as int64 on the kernels' device with their values checked, values
-// aliasing the keys when none were given. Call after the checks in checks.h.
+// already are), lengths and memory_index as int64 on the kernels' device with their values
+// checked, values aliasing the keys when none were given; and the gradients of the memory
+// side. Call after the checks in checks.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 #include <optional>
 
 #include "attention_ext/checks.h"
+#include "attention_ext/forward_outputs.h"
 #include "attention_ext/key_positions.h"
 
 namespace attention_ext {
@@ -41,16 +43,63 @@ inline std::optional<at::Tensor> kernel_lengths(const std::optional<at::Tensor>&
   return host.to(device, /*non_blocking=*/true);
 }
 
-// The kernels' view of lengths and mask as returned by the functions below.
-inline KeyPositions key_positions(const std::optional<at::Tensor>& lengths,
-                                  const std::optional<at::Tensor>& mask, int64_t S) {
-  return KeyPositions{lengths ? lengths->data_ptr<int64_t>() : nullptr,
-                      mask ? mask->data_ptr<bool>() : nullptr, S};
+// memory_index as the kernels read it: contiguous int64 on their device (the checks put it
+// there), values in [0, M) checked as DeviceLengths says.
+inline std::optional<at::Tensor> kernel_memory_index(const std::optional<at::Tensor>& memory_index,
+                                                     int64_t M, DeviceLengths who) {
+  if (!memory_index) return std::nullopt;
+  if (who == DeviceLengths::kHostChecks) check_memory_index_range(*memory_index, M);
+  return memory_index->to(at::kLong).contiguous();
 }
+
+// The kernels' view of lengths, mask and memory_index as returned by the functions above.
+inline KeyPositions key_positions(const std::optional<at::Tensor>& lengths,
+                                  const std::optional<at::Tensor>& mask, int64_t S,
+                                  const std::optional<at::Tensor>& memory_index, int64_t M) {
+  return KeyPositions{lengths ? lengths->data_ptr<int64_t>() : nullptr,
+                      mask ? mask->data_ptr<bool>() : nullptr, S,
+                      memory_index ? memory_index->data_ptr<int64_t>() : nullptr, M};
+}
+
+// The gradient of a memory-side input, (M, S, W): the kernels write one (S, W) slice per
+// query row, into the result itself when each row has its own memory row; under
+// memory_index into per-row slices, which sum() adds up per memory row in the order of the
+// query rows (a stable sort and a segment sum: deterministic, and no host wait).
+class MemoryGradient {
+ public:
+  MemoryGradient(const at::Tensor& like, const std::optional<at::Tensor>& memory_index,
+                 int64_t B, int64_t M, int64_t S, int64_t W)
+      : memory_index_(memory_index), M_(M),
+        rows_(at::empty({memory_index ? B : M, S, W}, like.options())) {}
+
+  // What the kernels write: (B, S, W).
+  const at::Tensor& rows() const { return rows_; }
+
+  at::Tensor sum() const {
+    if (!memory_index_) return rows_;
+    const int64_t B = rows_.size(0), S = rows_.size(1), W = rows_.size(2);
+    const auto sorted =
+        at::sort(*memory_index_, /*stable=*/std::optional<bool>(true), /*dim=*/0, false);
+    const at::Tensor offsets = at::searchsorted(
+        std::get<0>(sorted), at::arange(M_ + 1, memory_index_->options()));
+    const at::Tensor per_row = rows_.index_select(0, std::get<1>(sorted))
+                                   .to(acc_dtype(rows_.scalar_type()))
+                                   .view({B, S * W});
+    return at::segment_reduce(per_row, "sum", std::nullopt, std::nullopt, offsets, /*axis=*/0,
+                              /*unsafe=*/true, /*initial=*/0)
+        .view({M_, S, W})
+        .to(rows_.scalar_type());
+  }
+
+ private:
+  std::optional<at::Tensor> memory_index_;
+  int64_t M_;
+  at::Tensor rows_;
+};
 
 struct DotInputs {
   at::Tensor query, keys, values;
-  std::optional<at::Tensor> lengths, mask;
+  std::optional<at::Tensor> lengths, mask, memory_index;
   bool values_are_keys;  // no values given, or the same tensor as the keys
 };
 
@@ -58,6 +107,7 @@ inline DotInputs contiguous_dot_inputs(const at::Tensor& query, const at::Tensor
                                        const std::optional<at::Tensor>& values,
                                        const std::optional<at::Tensor>& lengths,
                                        const std::optional<at::Tensor>& mask,
+                                       const std::optional<at::Tensor>& memory_index,
                                        DeviceLengths who) {
   DotInputs in;
   in.values_are_keys = !values.has_value() || values->is_same(keys);
@@ -66,12 +116,13 @@ inline DotInputs contiguous_dot_inputs(const at::Tensor& query, const at::Tensor
   in.values = in.values_are_keys ? in.keys : values->contiguous();
   in.lengths = kernel_lengths(lengths, query.device(), keys.size(1), who);
   in.mask = contiguous_opt(mask);
+  in.memory_index = kernel_memory_index(memory_index, keys.size(0), who);
   return in;
 }
 
 struct AdditiveInputs {
   at::Tensor query_proj, keys_proj, v, values;
-  std::optional<at::Tensor> lengths, mask;
+  std::optional<at::Tensor> lengths, mask, memory_index;
 };
 
 inline AdditiveInputs contiguous_additive_inputs(const at::Tensor& query_proj,
@@ -79,6 +130,7 @@ inline AdditiveInputs contiguous_additive_inputs(const at::Tensor& query_proj,
                                                  const at::Tensor& values,
                                                  const std::optional<at::Tensor>& lengths,
                                                  const std::optional<at::Tensor>& mask,
+                                                 const std::optional<at::Tensor>& memory_index,
                                                  DeviceLengths who) {
   AdditiveInputs in;
   in.query_proj = query_proj.contiguous();
@@ -87,6 +139,7 @@ inline AdditiveInputs contiguous_additive_inputs(const at::Tensor& query_proj,
   in.values = values.contiguous();
   in.lengths = kernel_lengths(lengths, query_proj.device(), keys_proj.size(1), who);
   in.mask = contiguous_opt(mask);
+  in.memory_index = kernel_memory_index(memory_index, keys_proj.size(0), who);
   return in;
 }
 

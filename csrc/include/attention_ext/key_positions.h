@@ -1,6 +1,7 @@
-// The one masking rule of every kernel, CPU and CUDA, dot and additive: key j of batch
-// element b attends when j < end(b) (lengths, else S) and mask[b, j] (when a mask is
-// given). Keys at or past end(b) are never touched, so padding is never read.
+// The memory side of query row b for every kernel, CPU and CUDA, dot and additive: which
+// memory row it reads (row(b): memory_index[b], else b) and the one masking rule, key j
+// attends when j < end(b) (lengths of that memory row, else S) and mask[row(b), j] (when a
+// mask is given). Keys at or past end(b) are never touched, so padding is never read.
 #pragma once
 
 #include <cstdint>
@@ -11,9 +12,20 @@
 namespace attention_ext {
 
 struct KeyPositions {
-  const int64_t* lengths;  // (B,) or nullptr
-  const bool* mask;        // (B, S) or nullptr
+  const int64_t* lengths;  // (M,) or nullptr, per memory row
+  const bool* mask;        // (M, S) or nullptr
   int64_t S;
+  const int64_t* memory_index = nullptr;  // (B,): query row -> memory row; nullptr: b -> b
+  int64_t M = 0;                          // memory rows, with memory_index
+
+  // A memory_index on the GPU is checked here, as lengths are below: a value outside
+  // [0, M) fails the launch; the clamp keeps the emulation's reads in bounds until then.
+  HOST_DEVICE_INLINE int64_t row(int64_t b) const {
+    if (memory_index == nullptr) return b;
+    const int64_t m = memory_index[b];
+    ATTENTION_EXT_DEVICE_CHECK(m >= 0 && m < M, "memory_index must lie in [0, M)");
+    return m < 0 ? 0 : (m >= M ? M - 1 : m);
+  }
 
   // Lengths on the GPU are checked here, where the kernels read them, rather than on the
   // host, which would wait for the device on every call: a length outside [0, S] fails
@@ -21,17 +33,18 @@ struct KeyPositions {
   // with no query row or no key launches nothing and so reads (and checks) no length.
   HOST_DEVICE_INLINE int64_t end(int64_t b) const {
     if (lengths == nullptr) return S;
-    const int64_t e = lengths[b];
+    const int64_t e = lengths[row(b)];
     ATTENTION_EXT_DEVICE_CHECK(e >= 0 && e <= S, "lengths must lie in [0, S]");
     return e < 0 ? 0 : (e > S ? S : e);
   }
   // For j < end(b) only.
   HOST_DEVICE_INLINE bool attends(int64_t b, int64_t j) const {
-    return mask == nullptr || mask[b * S + j];
+    return mask == nullptr || mask[row(b) * S + j];
   }
-  // Batch element b's positions, as those of a one-element problem.
+  // Query row b's positions, as those of a one-element problem.
   HOST_DEVICE_INLINE KeyPositions element(int64_t b) const {
-    return KeyPositions{lengths ? lengths + b : nullptr, mask ? mask + b * S : nullptr, S};
+    const int64_t m = row(b);
+    return KeyPositions{lengths ? lengths + m : nullptr, mask ? mask + m * S : nullptr, S};
   }
   // The attending positions in [j0, j1), compacted into idx; returns how many.
   HOST_DEVICE_INLINE int64_t gather(int64_t b, int64_t j0, int64_t j1, int64_t* idx) const {
@@ -39,7 +52,7 @@ struct KeyPositions {
     if (mask == nullptr) {
       for (int64_t j = j0; j < j1; ++j) idx[n++] = j;
     } else {
-      const bool* m = mask + b * S;
+      const bool* m = mask + row(b) * S;
       for (int64_t j = j0; j < j1; ++j)
         if (m[j]) idx[n++] = j;
     }
