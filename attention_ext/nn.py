@@ -90,8 +90,8 @@ class _AttentionLayer(nn.Module):
         return PrecomputedMemory(memory.memory, memory.keys, lengths, mask, self)
 
     def forward(self, query: Tensor, memory: MemoryArg, lengths: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None,
-                need_weights: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+                mask: Optional[Tensor] = None, need_weights: bool = True,
+                memory_index: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Attends ``query`` over ``memory``.
 
         Args:
@@ -101,6 +101,8 @@ class _AttentionLayer(nn.Module):
             lengths: integer (B,), positions j < lengths[b] attend; or
             mask: bool (B, S), True = attend. Not both; not again if ``memory`` has them.
             need_weights: when False the weights are not computed and None is returned.
+            memory_index: integer (B,): query row b attends row memory_index[b] of the
+                memory (M rows), e.g. the beams of a sentence its one precomputed memory.
 
         Returns:
             (output, weights): output (B, out_dim) / (B, Tq, out_dim) and weights
@@ -108,7 +110,7 @@ class _AttentionLayer(nn.Module):
         """
         _check_query(query, self.query_dim)
         pre = self._memory(memory, lengths, mask)
-        context, weights = self._attend(query, pre, need_weights)
+        context, weights = self._attend(query, pre, need_weights, memory_index)
         return self._output(context, query), weights
 
     def _output(self, context: Tensor, query: Tensor) -> Tensor:
@@ -177,8 +179,10 @@ class LuongAttention(_AttentionLayer):
             return memory @ self.W_a.weight[:, self.query_dim:].t()
         return memory
 
-    def _attend(self, query: Tensor, pre: PrecomputedMemory, need_weights: bool):
-        kw = dict(lengths=pre.lengths, mask=pre.mask, need_weights=need_weights)
+    def _attend(self, query: Tensor, pre: PrecomputedMemory, need_weights: bool,
+                memory_index: Optional[Tensor]):
+        kw = dict(lengths=pre.lengths, mask=pre.mask, need_weights=need_weights,
+                  memory_index=memory_index)
         if self.score == "concat":
             # g v^T tanh(.) = (g v)^T tanh(.): the scale goes into v, the op stays fused.
             v = self.v_a * self._fixed_scale()
@@ -230,7 +234,9 @@ class BahdanauAttention(_AttentionLayer):
         # b sits inside tanh with U h_j: added once per source batch, not per step.
         return keys + self.b if self.b is not None else keys
 
-    def _attend(self, query: Tensor, pre: PrecomputedMemory, need_weights: bool):
+    def _attend(self, query: Tensor, pre: PrecomputedMemory, need_weights: bool,
+                memory_index: Optional[Tensor]):
         v = self.v if self.g is None else self.g * self.v / self.v.norm()
         return additive_attention(self.W(query), pre.keys, v, pre.memory, lengths=pre.lengths,
-                                  mask=pre.mask, need_weights=need_weights)
+                                  mask=pre.mask, need_weights=need_weights,
+                                  memory_index=memory_index)

@@ -1,0 +1,123 @@
+"""The RNN encoder: embeddings, a packed (bidirectional) LSTM or GRU, and the bridge from its
+final state to the decoder's."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+Tensor = torch.Tensor
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def rnn_cell(cell: str):
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {tuple(CELLS)}, got {cell!r}")
+    return CELLS[cell]
+
+
+def check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
+    """tokens: an integer (B, T) tensor of ids in [0, vocab_size)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (
+            torch.int64, torch.int32):
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{name} must be an int64 or int32 tensor of shape (B, T), got {shape}")
+    if tokens.numel() and not bool(((tokens >= 0) & (tokens < vocab_size)).all()):
+        raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): "
+                         f"min {int(tokens.min())}, max {int(tokens.max())}")
+
+
+def check_lengths(lengths: Tensor, name: str, batch: int, max_len: int) -> Tensor:
+    """lengths: integer (B,) in [1, max_len]; returned as int64 on the CPU, as
+    pack_padded_sequence takes them (one copy per source batch, never per step)."""
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,) or lengths.dtype not in (
+            torch.int64, torch.int32):
+        got = (f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, torch.Tensor)
+               else type(lengths).__name__)
+        raise ValueError(f"{name} must be an integer tensor of shape (B,) = ({batch},), got {got}")
+    host = lengths.to("cpu", torch.int64)
+    if batch and int(host.min()) < 1:
+        raise ValueError(f"{name} must be >= 1: empty source sequences cannot be attended to "
+                         f"(got a length of {int(host.min())})")
+    if batch and int(host.max()) > max_len:
+        raise ValueError(f"{name} must be <= the padded length {max_len}, got {int(host.max())}")
+    return host
+
+
+class Encoder(nn.Module):
+    """Embeddings and a packed RNN over the source.
+
+    With ``bidirectional`` each direction has ``hidden_size // 2`` units, so the memory is
+    (B, S, hidden_size) either way. The final states of the directions are concatenated per
+    layer and bridged to the decoder's state by ``tanh(Linear(.))`` (one per state tensor:
+    h, and c for an LSTM), for a decoder of ``decoder_hidden_size`` units and
+    ``decoder_layers`` layers (the encoder's last layers when it has more).
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int = 1,
+                 cell: str = "lstm", bidirectional: bool = True, dropout: float = 0.0,
+                 padding_idx: int = 0, decoder_hidden_size: Optional[int] = None,
+                 decoder_layers: Optional[int] = None):
+        super().__init__()
+        rnn = rnn_cell(cell)
+        if bidirectional and hidden_size % 2:
+            raise ValueError(f"hidden_size must be even with bidirectional=True (two directions "
+                             f"of hidden_size // 2), got {hidden_size}")
+        for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim),
+                            ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 <= padding_idx < vocab_size:
+            raise ValueError(f"padding_idx must lie in [0, vocab_size) = [0, {vocab_size}), "
+                             f"got {padding_idx}")
+        decoder_hidden_size = hidden_size if decoder_hidden_size is None else decoder_hidden_size
+        decoder_layers = num_layers if decoder_layers is None else decoder_layers
+        if decoder_layers > num_layers:
+            raise ValueError(f"decoder_layers must be <= num_layers = {num_layers}, "
+                             f"got {decoder_layers}")
+        self.config = dict(vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size,
+                           num_layers=num_layers, cell=cell, bidirectional=bidirectional,
+                           dropout=dropout, padding_idx=padding_idx,
+                           decoder_hidden_size=decoder_hidden_size,
+                           decoder_layers=decoder_layers)
+        self.vocab_size, self.hidden_size, self.cell = vocab_size, hidden_size, cell
+        self.decoder_layers = decoder_layers
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
+        self.dropout = nn.Dropout(dropout)
+        directions = 2 if bidirectional else 1
+        self.rnn = rnn(embed_dim, hidden_size // directions, num_layers=num_layers,
+                       batch_first=True, bidirectional=bidirectional,
+                       dropout=dropout if num_layers > 1 else 0.0)
+        self.directions = directions
+        states = 2 if cell == "lstm" else 1
+        self.bridge = nn.ModuleList(nn.Linear(hidden_size, decoder_hidden_size)
+                                    for _ in range(states))
+
+    def forward(self, src: Tensor, src_lengths: Tensor):
+        """src: (B, S) token ids; src_lengths: integer (B,) in [1, S].
+
+        Returns (memory (B, S, hidden_size) with zeros past each length, src_lengths as int64
+        on src's device, the decoder's initial state: a tuple of (decoder_layers, B,
+        decoder_hidden_size) tensors, (h, c) for an LSTM, (h,) for a GRU)."""
+        check_tokens(src, "src", self.vocab_size)
+        B, S = src.shape
+        lengths = check_lengths(src_lengths, "src_lengths", B, S)
+        emb = self.dropout(self.embedding(src))
+        packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
+        out, final = self.rnn(packed)
+        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=S)
+        finals = final if isinstance(final, tuple) else (final,)
+        bridged = tuple(torch.tanh(lin(self._layers(f))) for lin, f in zip(self.bridge, finals))
+        return self.dropout(memory), lengths.to(src.device), bridged
+
+    def _layers(self, state: Tensor) -> Tensor:
+        """(layers * directions, B, H / directions) -> the last decoder_layers layers with
+        their directions concatenated, (decoder_layers, B, hidden_size)."""
+        L = state.shape[0] // self.directions
+        state = state.view(L, self.directions, *state.shape[1:])
+        state = torch.cat(state.unbind(1), dim=-1)
+        return state[L - self.decoder_layers:]
+

@@ -1,0 +1,158 @@
+"""Seq2Seq: an Encoder and a Luong or Bahdanau decoder, trained with teacher forcing and
+decoded greedily or with beam search; saved as configuration + weights (no pickled code)."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .decoders import DECODERS, _Decoder
+from .encoder import Encoder, check_tokens
+from .search import BeamSearchResult, LengthPenalty, beam_search, greedy_decode
+
+Tensor = torch.Tensor
+
+# The checkpoint format: a dict of plain values and tensors, loadable with weights_only=True.
+_FORMAT = "attention_ext.seq2seq/1"
+
+
+def _positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Seq2Seq(nn.Module):
+    """An encoder-decoder with attention over the encoder's memory.
+
+    Token ids ``bos_idx`` and ``eos_idx`` start and end target sequences; ``pad_idx`` (the
+    encoder's padding_idx) fills greedy outputs after the end token. The decoder's
+    memory_dim must be the encoder's hidden_size and its hidden_size the encoder's
+    decoder_hidden_size.
+    """
+
+    def __init__(self, encoder: Encoder, decoder: _Decoder, bos_idx: int = 1, eos_idx: int = 2):
+        super().__init__()
+        enc, dec = encoder.config, decoder.config
+        if dec["memory_dim"] != enc["hidden_size"]:
+            raise ValueError(f"decoder memory_dim ({dec['memory_dim']}) must be the encoder's "
+                             f"hidden_size ({enc['hidden_size']})")
+        if dec["hidden_size"] != enc["decoder_hidden_size"] or (
+                dec["num_layers"] != enc["decoder_layers"]) or dec["cell"] != enc["cell"]:
+            raise ValueError("the encoder's bridge must fit the decoder: decoder_hidden_size, "
+                             "decoder_layers and cell of the encoder "
+                             f"({enc['decoder_hidden_size']}, {enc['decoder_layers']}, "
+                             f"{enc['cell']!r}) against the decoder's hidden_size, num_layers "
+                             f"and cell ({dec['hidden_size']}, {dec['num_layers']}, "
+                             f"{dec['cell']!r})")
+        for name, idx in (("bos_idx", bos_idx), ("eos_idx", eos_idx)):
+            if not 0 <= idx < decoder.vocab_size:
+                raise ValueError(f"{name} must lie in [0, {decoder.vocab_size}), got {idx}")
+        self.encoder, self.decoder = encoder, decoder
+        self.bos_idx, self.eos_idx = bos_idx, eos_idx
+        self.pad_idx = enc["padding_idx"]
+
+    def config(self) -> dict:
+        return dict(encoder=dict(self.encoder.config), decoder_type=self.decoder.kind,
+                    decoder=dict(self.decoder.config), bos_idx=self.bos_idx,
+                    eos_idx=self.eos_idx)
+
+    def encode(self, src: Tensor, src_lengths: Tensor):
+        """The encoder's memory, precomputed by the decoder's attention layer once for every
+        step and beam, and the decoder's initial state (rows per sentence)."""
+        memory, lengths, state = self.encoder(src, src_lengths)
+        return self.decoder.attention.precompute(memory, lengths=lengths), state
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: src (B, S), src_lengths (B,), tgt_in (B, T) (bos first).
+        Returns logits (B, T, V)."""
+        check_tokens(tgt_in, "tgt_in", self.decoder.vocab_size)
+        if tgt_in.shape[0] != src.shape[0]:
+            raise ValueError(f"tgt_in must have batch size {src.shape[0]} like src, "
+                             f"got {tuple(tgt_in.shape)}")
+        memory, state = self.encode(src, src_lengths)
+        logits, _ = self.decoder(tgt_in, self.decoder.init_state(state), memory)
+        return logits
+
+    @torch.no_grad()
+    def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int) -> Tensor:
+        """(B, L) token ids, L <= max_len: eos included, pad_idx after it."""
+        _positive_int(max_len, "max_len")
+        memory, state = self.encode(src, src_lengths)
+        return greedy_decode(self.decoder, memory, state, self.bos_idx, self.eos_idx,
+                             self.pad_idx, max_len)
+
+    @torch.no_grad()
+    def beam_search(self, src: Tensor, src_lengths: Tensor, beam_size: int, max_len: int,
+                    length_penalty: Optional[LengthPenalty] = None, n_best: int = 1,
+                    min_len: int = 0) -> BeamSearchResult:
+        """The n_best hypotheses per sentence of a beam search of beam_size, at most max_len
+        tokens each and no end token before min_len (see search.beam_search)."""
+        _positive_int(beam_size, "beam_size")
+        _positive_int(max_len, "max_len")
+        _positive_int(n_best, "n_best")
+        if n_best > beam_size:
+            raise ValueError(f"n_best must be <= beam_size = {beam_size}, got {n_best}")
+        _positive_int(min_len, "min_len", minimum=0)
+        if min_len > max_len:
+            raise ValueError(f"min_len must be <= max_len = {max_len}, got {min_len}")
+        if length_penalty is None:
+            length_penalty = LengthPenalty()
+        if not isinstance(length_penalty, LengthPenalty):
+            raise TypeError(f"length_penalty must be a LengthPenalty or None, "
+                            f"got {type(length_penalty).__name__}")
+        memory, state = self.encode(src, src_lengths)
+        return beam_search(self.decoder, memory, state, self.bos_idx, self.eos_idx, beam_size,
+                           max_len, length_penalty, n_best, min_len)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        torch.save({"format": _FORMAT, "config": self.config(), "state_dict": self.state_dict()},
+                   path)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Seq2Seq":
+        if config.get("decoder_type") not in DECODERS:
+            raise ValueError(f"unknown decoder_type {config.get('decoder_type')!r}, expected one "
+                             f"of {tuple(DECODERS)}")
+        return cls(Encoder(**config["encoder"]), DECODERS[config["decoder_type"]](
+            **config["decoder"]), bos_idx=config["bos_idx"], eos_idx=config["eos_idx"])
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], map_location=None) -> "Seq2Seq":
+        """The model saved at path by save(), on map_location (default: where it was)."""
+        config, state_dict = _read_checkpoint(path, map_location)
+        try:
+            model = cls.from_config(config)
+            model.load_state_dict(state_dict)
+        except (TypeError, KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's configuration or "
+                             f"weights are invalid: {e}") from None
+        return model
+
+    def load_weights(self, path: Union[str, os.PathLike], map_location=None) -> None:
+        """Loads the weights saved at path into this model; the checkpoint must have been
+        saved from a model of this configuration."""
+        config, state_dict = _read_checkpoint(path, map_location)
+        mine = self.config()
+        if config != mine:
+            diff = sorted(k for k in set(config) | set(mine) if config.get(k) != mine.get(k))
+            raise ValueError(f"path {os.fspath(path)!r} holds a model of another configuration "
+                             f"(differs in {', '.join(diff)})")
+        self.load_state_dict(state_dict)
+
+
+def _read_checkpoint(path, map_location) -> Tuple[dict, dict]:
+    if not os.path.isfile(path):
+        raise ValueError(f"path {os.fspath(path)!r} is not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any unreadable file is the same user error)
+        raise ValueError(f"path {os.fspath(path)!r} is not a readable Seq2Seq checkpoint "
+                         f"({type(e).__name__}: {e})") from None
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == _FORMAT
+            and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("state_dict"), dict)):
+        raise ValueError(f"path {os.fspath(path)!r} is not a Seq2Seq checkpoint (format "
+                         f"{_FORMAT!r})")
+    return ckpt["config"], ckpt["state_dict"]
