@@ -50,6 +50,7 @@ bench: install
 	$(PY) benchmarks/bench_additive.py
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_compat.py
+	$(PY) benchmarks/bench_beam_search.py
 
 # Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
 cuda-build-check:

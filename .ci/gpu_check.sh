@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-check: on a machine with a CUDA GPU, builds the extension in place for the GPU
-# it finds, runs the CUDA tests (pytest -m cuda), then the CUDA benchmark. Logs and the
-# benchmark's table go to $LOG_DIR. Fits a few minutes on an H100 (build about 45 s with
-# 16 jobs).
+# it finds, runs the CUDA tests (pytest -m cuda), then the CUDA benchmark and the beam
+# search benchmark. Logs and the benchmarks' tables go to $LOG_DIR. Fits a few minutes on
+# an H100 (build about 45 s with 16 jobs).
 #
 # Environment: PY (default python3, the interpreter with a CUDA build of torch), LOG_DIR
 # (default gpu-check-logs), TEST_WORKERS (pytest-xdist workers when installed, default 8),
@@ -40,5 +40,10 @@ echo "== gpu-check: benchmarks/bench_cuda.py ${BENCH_ARGS:---quick}"
 "$PY" benchmarks/bench_cuda.py ${BENCH_ARGS:---quick} --output "$LOG_DIR/bench_cuda.md" 2>&1 \
   | tee "$LOG_DIR/bench.log"
 bench_rc=${PIPESTATUS[0]}
+
+echo "== gpu-check: benchmarks/bench_beam_search.py --quick --device cuda --models bahdanau"
+"$PY" benchmarks/bench_beam_search.py --quick --device cuda --models bahdanau \
+  --output "$LOG_DIR/bench_beam_search.md" 2>&1 | tee "$LOG_DIR/bench_beam_search.log"
+(( bench_rc = bench_rc || PIPESTATUS[0] ))
 echo "== gpu-check: tests rc=$tests_rc, benchmark rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -207,7 +207,7 @@ def test_decoder_step_exports():
 
 
 def test_teacher_forcing_under_torch_compile():
-    """Training step compiled (fullgraph): the loss and gradients of eager."""
+    """Teacher forcing compiled with torch.compile: the loss and gradients of eager."""
     model = make_model("luong_general_no_feed").train()
     src, lengths = source(4, 6, seed=7)
     tgt_in = torch.randint(3, V, (4, 5), generator=generator(8))
@@ -231,16 +231,17 @@ def test_teacher_forcing_under_torch_compile():
 
 @pytest.mark.parametrize("kind", list(DECODERS))
 def test_save_load_round_trip(kind, tmp_path):
-    model = make_model(kind, layers=2, cell="gru", seed=3)
+    model = make_model(kind, layers=2, cell="gru", seed=3, dtype=torch.float64)
     path = tmp_path / "model.pt"
     model.save(path)
     loaded = Seq2Seq.load(path)
     assert loaded.config() == model.config()
+    assert all(p.dtype == torch.float64 for p in loaded.parameters())
     src, lengths = source(3, 6, seed=9)
     tgt_in = torch.randint(3, V, (3, 4), generator=generator(9))
     torch.testing.assert_close(loaded.eval()(src, lengths, tgt_in), model(src, lengths, tgt_in),
                                rtol=0, atol=0)
-    fresh = make_model(kind, layers=2, cell="gru", seed=4)
+    fresh = make_model(kind, layers=2, cell="gru", seed=4, dtype=torch.float64)
     fresh.load_weights(path)
     assert torch.equal(fresh.greedy_decode(src, lengths, 8), model.greedy_decode(src, lengths, 8))
 
@@ -281,7 +282,8 @@ BAD_CALLS = [
      r"src has token ids outside the vocabulary \[0, 13\)"),
     ("src_negative", lambda m, s, l: m.greedy_decode(s.index_fill(1, torch.tensor([0]), -1), l, 5),
      r"src has token ids outside the vocabulary"),
-    ("src_float", lambda m, s, l: m.greedy_decode(s.float(), l, 5), r"src must be an int64"),
+    ("src_float", lambda m, s, l: m.greedy_decode(s.float(), l, 5),
+     r"src must be an int64 or int32 tensor of token ids, got dtype torch.float32"),
     ("tgt_token", lambda m, s, l: m(s, l, torch.full((3, 4), V + 2)),
      r"tgt_in has token ids outside the vocabulary"),
     ("tgt_batch", lambda m, s, l: m(s, l, torch.full((2, 4), 3)),
@@ -320,6 +322,9 @@ def test_bad_input(call, match):
     (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 10, memory_dim=8)),
      r"bridge must fit"),
     (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8), eos_idx=V), r"eos_idx must lie"),
+    (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8), bos_idx=2), r"must differ"),
+    (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8, padding_idx=3)),
+     r"padding_idx \(3\) must be the encoder's \(0\)"),
 ])
 def test_bad_configuration(build, match):
     with pytest.raises(ValueError, match=match):

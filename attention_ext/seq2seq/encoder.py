@@ -21,10 +21,13 @@ def rnn_cell(cell: str):
 
 def check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
     """tokens: an integer (B, T) tensor of ids in [0, vocab_size)."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (
-            torch.int64, torch.int32):
-        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"{name} must be an int64 or int32 tensor of shape (B, T), got {shape}")
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, "
+                        f"got dtype {tokens.dtype}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, T), got {tuple(tokens.shape)}")
     if tokens.numel() and not bool(((tokens >= 0) & (tokens < vocab_size)).all()):
         raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): "
                          f"min {int(tokens.min())}, max {int(tokens.max())}")

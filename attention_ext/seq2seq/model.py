@@ -19,7 +19,9 @@ _FORMAT = "attention_ext.seq2seq/1"
 
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
@@ -47,9 +49,16 @@ class Seq2Seq(nn.Module):
                              f"{enc['cell']!r}) against the decoder's hidden_size, num_layers "
                              f"and cell ({dec['hidden_size']}, {dec['num_layers']}, "
                              f"{dec['cell']!r})")
+        if dec["padding_idx"] != enc["padding_idx"]:
+            raise ValueError(f"the decoder's padding_idx ({dec['padding_idx']}) must be the "
+                             f"encoder's ({enc['padding_idx']})")
         for name, idx in (("bos_idx", bos_idx), ("eos_idx", eos_idx)):
+            if isinstance(idx, bool) or not isinstance(idx, int):
+                raise TypeError(f"{name} must be an integer token id, got {idx!r}")
             if not 0 <= idx < decoder.vocab_size:
                 raise ValueError(f"{name} must lie in [0, {decoder.vocab_size}), got {idx}")
+        if bos_idx == eos_idx:
+            raise ValueError(f"bos_idx and eos_idx must differ, got {bos_idx} for both")
         self.encoder, self.decoder = encoder, decoder
         self.bos_idx, self.eos_idx = bos_idx, eos_idx
         self.pad_idx = enc["padding_idx"]
@@ -125,6 +134,9 @@ class Seq2Seq(nn.Module):
         config, state_dict = _read_checkpoint(path, map_location)
         try:
             model = cls.from_config(config)
+            # The weights' dtype and device (map_location's, else where they were saved).
+            like = next(iter(state_dict.values()))
+            model.to(device=like.device, dtype=like.dtype)
             model.load_state_dict(state_dict)
         except (TypeError, KeyError, RuntimeError, ValueError) as e:
             raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's configuration or "

@@ -87,7 +87,9 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
                 n_best: int, min_len: int) -> BeamSearchResult:
     """Beam search with ``beam_size`` rows per sentence. A sentence is done once its best
     candidate of a step ends with eos and it has n_best finished hypotheses (or at max_len,
-    when its live beams are finished as they are); its rows are then dropped."""
+    when its live beams are finished as they are); its rows are then dropped. A beam that
+    ends stops extending (its score becomes -inf), so a sentence may go on with fewer live
+    beams, as in OpenNMT-py."""
     B, S = memory.memory.shape[:2]
     K, V = beam_size, decoder.vocab_size
     device = memory.memory.device
@@ -95,7 +97,8 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
     state = decoder.init_state(encoder_state, memory_index)
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
     # Only the first beam is live at the start: the others would repeat it.
-    scores = torch.zeros(B, K, device=device)
+    score_dtype = torch.promote_types(memory.memory.dtype, torch.float32)
+    scores = torch.zeros(B, K, device=device, dtype=score_dtype)
     scores[:, 1:] = float("-inf")
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
     attn = memory.memory.new_empty(B * K, 0, S)
@@ -104,11 +107,11 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
     beam_ids = torch.arange(K, device=device)
     for t in range(max_len):
         logits, weights, state = decoder.step(tokens, state, memory)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.to(score_dtype), dim=-1)
         if t < min_len:
             logp[:, eos] = float("-inf")
         A = len(active)
-        top, idx = (scores.view(-1, 1) + logp).view(A, K * V).topk(K, dim=1)
+        top, idx = logp.add_(scores.view(-1, 1)).view(A, K * V).topk(K, dim=1)
         tok = idx % V
         rows = (torch.arange(A, device=device)[:, None] * K + idx // V).view(-1)
         seqs = torch.cat([seqs.index_select(0, rows), tok.view(-1, 1)], dim=1)
@@ -123,7 +126,8 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
             for k in range(K):
                 if last or ended[a, k]:
                     r = a * K + k
-                    finished[b].append((top[a, k] / penalty, seqs[r], attn[r]))
+                    # Copies: a view would keep the step's whole history alive.
+                    finished[b].append((top[a, k] / penalty, seqs[r].clone(), attn[r].clone()))
             if not (last or (ended[a, 0] and len(finished[b]) >= n_best)):
                 keep.append(a)
         if not keep:
