@@ -66,6 +66,9 @@ def _check_fake_operands(query, query_name, keys, keys_name, values, width, memo
         torch._check(memory_index.dim() == 1 and memory_index.shape[0] == B,
                      lambda: f"memory_index must have shape (B,) = ({B},), "
                              f"got {tuple(memory_index.shape)}")
+        torch._check(M > 0 or B == 0,
+                     lambda: f"memory_index must lie in [0, M), but {keys_name} has no memory "
+                             f"rows (M = 0) for the {B} query rows of {query_name}")
     torch._check(keys.shape[2] == W,
                  lambda: f"{keys_name} must have shape (M, S, {width}) = ({M}, S, {W}), "
                          f"got {tuple(keys.shape)}")

@@ -43,6 +43,13 @@ GRADCHECK_CASES = per_op(
         ("values_none", dict(B=3, Tq=2, S=4, D=3, values_none=True, mask_kind="lengths64")),
         ("S1", dict(B=2, Tq=2, S=1, D=3)),
         ("scaled", dict(B=2, Tq=2, S=4, D=3, scale=0.37, mask_kind="mask")),
+        # memory_index: beams sharing memory rows, and rows in no order with one unused
+        ("memory_beams", dict(B=4, Tq=1, S=4, D=3, query_2d=True, memory=("beams", 2),
+                              mask_kind="lengths64")),
+        ("memory_shuffled", dict(B=3, Tq=2, S=4, D=3, Dv=2, memory=("shuffled", 3),
+                                 mask_kind="mask")),
+        ("memory_values_none", dict(B=3, Tq=2, S=4, D=3, values_none=True,
+                                    memory=("shuffled", 2), mask_kind="lengths64")),
     ],
     additive=[
         ("3d_none", dict(B=2, Tq=2, S=3, A=3, Dv=2)),
@@ -56,6 +63,10 @@ GRADCHECK_CASES = per_op(
         ("S1", dict(B=2, Tq=2, S=1, A=3, Dv=2)),
         # two query tiles (of 4), the second partial
         ("tiles", dict(B=1, Tq=5, S=3, A=2, Dv=2, mask_kind="lengths64")),
+        ("memory_beams", dict(B=4, Tq=1, S=3, A=3, Dv=2, query_2d=True, memory=("beams", 2),
+                              mask_kind="lengths64")),
+        ("memory_shuffled", dict(B=3, Tq=2, S=4, A=2, Dv=2, memory=("shuffled", 3),
+                                 mask_kind="mask")),
     ],
 )
 
@@ -140,11 +151,15 @@ def test_opcheck(op, requires_grad, mask_kind, need_weights, device):
 OPCHECK_VARIANTS = per_op(
     dot=[(id_, dict(kw, scale=0.3)) for id_, kw in [
         ("Tq1", dict(Tq=1)), ("Tq1_2d", dict(Tq=1, query_2d=True)), ("B0", dict(B=0)),
-        ("B0_2d", dict(B=0, query_2d=True)), ("S1", dict(S=1)), ("D17", dict(D=17, Dv=17))]],
+        ("B0_2d", dict(B=0, query_2d=True)), ("S1", dict(S=1)), ("D17", dict(D=17, Dv=17)),
+        ("memory_beams_2d", dict(B=4, Tq=1, query_2d=True, memory=("beams", 2))),
+        ("memory_shuffled", dict(B=5, memory=("shuffled", 3)))]],
     additive=[
         ("Tq1", dict(Tq=1)), ("Tq1_2d", dict(Tq=1, query_2d=True)), ("B0", dict(B=0)),
         ("B0_2d", dict(B=0, query_2d=True)), ("Tq0", dict(Tq=0)), ("S1", dict(S=1)),
-        ("A17_Dv3", dict(A=17, Dv=3)), ("A1_Dv1", dict(A=1, Dv=1))],
+        ("A17_Dv3", dict(A=17, Dv=3)), ("A1_Dv1", dict(A=1, Dv=1)),
+        ("memory_beams_2d", dict(B=4, Tq=1, query_2d=True, memory=("beams", 2))),
+        ("memory_shuffled", dict(B=5, memory=("shuffled", 3)))],
 )
 
 
@@ -254,15 +269,16 @@ COMPILE_OVERRIDES = per_op(dot=[("", dict(values=None, scale=0.5))], additive=[(
 
 
 def _compile_check(op, over, device, backend, seed, mask_kind="lengths64", query_2d=False,
-                   need_weights=True):
+                   need_weights=True, memory=None):
     case = op.make_case(B=3, Tq=2, S=7, F=8, Dv=op.pick(dot=None, additive=5), device=device,
-                        seed=seed, mask_kind=mask_kind, query_2d=query_2d).replace(**over)
+                        seed=seed, mask_kind=mask_kind, query_2d=query_2d,
+                        memory=memory).replace(**over)
     options = dict(scale=case.scale) if op.has_scale else {}
 
-    def f(*args):  # the op's inputs (None where absent), lengths, mask, g_ctx, g_w
-        *tensors, lengths, mask, g_ctx, g_w = args
+    def f(*args):  # the op's inputs (None where absent), lengths, mask, memory_index, g_ctx, g_w
+        *tensors, lengths, mask, memory_index, g_ctx, g_w = args
         ctx, w = op.functional(*tensors, lengths=lengths, mask=mask, need_weights=need_weights,
-                               **options)
+                               memory_index=memory_index, **options)
         loss = (ctx * g_ctx).sum()
         if w is not None:
             loss = loss + (w * g_w).sum()
@@ -279,7 +295,8 @@ def _compile_check(op, over, device, backend, seed, mask_kind="lengths64", query
     names = [n for n in op.inputs if case.inputs[n] is not None]
     for fn in (f, compiled):
         leaves = case.replace(**{n: case.inputs[n].clone().requires_grad_() for n in names})
-        ctx, w, loss = fn(*leaves.tensors(), case.lengths, case.mask, g_ctx, g_w)
+        ctx, w, loss = fn(*leaves.tensors(), case.lengths, case.mask, case.memory_index, g_ctx,
+                          g_w)
         assert (w is None) == (not need_weights)
         loss.backward()
         results.append([ctx.detach(), None if w is None else w.detach()]
@@ -304,7 +321,8 @@ def test_compile_inductor_fwd_bwd(op, over, device, dynamo_reset):
     dict(mask_kind="none", query_2d=True),
     dict(mask_kind="lengths32", query_2d=True),
     dict(mask_kind="lengths64", need_weights=False),
-], ids=["mask", "none_2d", "lengths32_2d", "noweights"])
+    dict(mask_kind="lengths64", memory=("shuffled", 2)),
+], ids=["mask", "none_2d", "lengths32_2d", "noweights", "memory_index"])
 @pytest.mark.parametrize("op,over", COMPILE_OVERRIDES)
 def test_compile_aot_eager_variants(op, over, variant, device, dynamo_reset):
     _compile_check(op, over, device, "aot_eager", op.pick(dot=42, additive=82), **variant)

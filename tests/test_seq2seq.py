@@ -47,8 +47,9 @@ def until_eos(tokens):
 
 # ------------------------------------------------------------------ layers, memory_index
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layer", ["luong_dot", "luong_general", "luong_concat", "bahdanau"])
-def test_layer_memory_index_is_tiling(layer):
+def test_layer_memory_index_is_tiling(layer, device):
     """A layer attending beams through memory_index gives the outputs and gradients of the
     same layer on the memory tiled per beam."""
     torch.manual_seed(0)
@@ -57,12 +58,14 @@ def test_layer_memory_index_is_tiling(layer):
            else attention_ext.nn.LuongAttention(H, H, score=layer.split("_")[1]))
     memory = torch.randn(M, S, H, dtype=torch.float64, requires_grad=True)
     query = torch.randn(M * K, H, dtype=torch.float64, requires_grad=True)
-    lay = lay.double()
+    lay = lay.double().to(device)
+    memory = memory.detach().to(device).requires_grad_()
+    query = query.detach().to(device).requires_grad_()
     lengths = torch.tensor([7, 3, 5])
-    index = torch.arange(M).repeat_interleave(K)
+    index = torch.arange(M, device=device).repeat_interleave(K)
     out, w = lay(query, lay.precompute(memory, lengths=lengths), memory_index=index)
     out_t, w_t = lay(query, lay.precompute(memory.index_select(0, index),
-                                           lengths=lengths[index]))
+                                           lengths=lengths[index.cpu()]))
     torch.testing.assert_close(out, out_t)
     torch.testing.assert_close(w, w_t)
     g = torch.randn_like(out)
@@ -94,10 +97,10 @@ def test_beam_size_one_is_greedy(kind, device):
         assert torch.equal(beam.hypotheses[b][0], until_eos(greedy[b])), b
 
 
-@pytest.mark.parametrize("kind", list(DECODERS))
-def test_teacher_forcing_matches_the_step_loop(kind):
-    """forward() (all steps at once without input feeding) gives the logits of step()."""
-    model = make_model(kind, dtype=torch.float64)
+def test_teacher_forcing_without_input_feeding_matches_the_step_loop():
+    """Without input feeding, forward() runs the RNN over all steps and attention once with
+    Tq = T: the logits of step() one token at a time."""
+    model = make_model("luong_general_no_feed", dtype=torch.float64)
     src, lengths = source(3, 6, seed=2)
     tgt_in = torch.randint(3, V, (3, 5), generator=generator(3))
     logits = model(src, lengths, tgt_in)
@@ -133,6 +136,7 @@ def test_fused_and_reference_attention_decode_alike(kind, request):
     ref = _decode_all(model, src, lengths)
     assert torch.equal(fused[0], ref[0])
     for b in range(6):
+        assert len(fused[1].hypotheses[b]) == len(ref[1].hypotheses[b]) == 2
         for got, want in zip(fused[1].hypotheses[b], ref[1].hypotheses[b]):
             assert torch.equal(got, want)
         torch.testing.assert_close(fused[1].scores[b], ref[1].scores[b])
@@ -152,6 +156,7 @@ def test_batch_invariance(kind, device):
         n = int(lengths[b])
         alone_greedy, alone_beam = _decode_all(model, src[b:b + 1, :n], lengths[b:b + 1])
         assert torch.equal(until_eos(alone_greedy[0]), until_eos(greedy[b])), b
+        assert len(alone_beam.hypotheses[0]) == len(beam.hypotheses[b]) == 2
         for got, want in zip(alone_beam.hypotheses[0], beam.hypotheses[b]):
             assert torch.equal(got, want), b
         assert alone_beam.alignments[0][0].shape[1] == n
@@ -171,6 +176,29 @@ def test_beam_search_results():
             torch.testing.assert_close(align.sum(-1)[: len(hyp)],
                                        torch.ones(len(hyp)))
             assert float(align[:, int(lengths[b]):].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["bahdanau", "luong_concat"])
+def test_beam_hypotheses_rescore(kind):
+    """Every hypothesis of a beam search of 4, rescored by teacher forcing: its score is its
+    summed log-probability over the length penalty, its alignments the teacher-forced
+    attention weights."""
+    model = make_model(kind, dtype=torch.float64)
+    src, lengths = source(4, 7, seed=11)
+    penalty = LengthPenalty("gnmt", 0.6)
+    res = model.beam_search(src, lengths, beam_size=4, max_len=8, n_best=4,
+                            length_penalty=penalty)
+    for b in range(4):
+        assert len(res.hypotheses[b]) == 4
+        for hyp, score, align in zip(res.hypotheses[b], res.scores[b], res.alignments[b]):
+            tgt_in = torch.cat([torch.tensor([BOS]), hyp[:-1]])[None]
+            memory, state = model.encode(src[b:b + 1, :int(lengths[b])], lengths[b:b + 1])
+            logits, weights = model.decoder(tgt_in, model.decoder.init_state(state), memory)
+            logp = torch.log_softmax(logits[0], -1).gather(1, hyp[:, None]).sum()
+            assert score == pytest.approx(float(logp) / penalty(len(hyp)), rel=1e-9, abs=1e-9)
+            n = int(lengths[b])
+            torch.testing.assert_close(align[:, :n], weights[0])
+            assert float(align[:, n:].abs().sum()) == 0.0
 
 
 def test_length_penalties():
@@ -277,7 +305,11 @@ BAD_CALLS = [
     ("lengths_past_padding", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 6, 2]), 5),
      r"src_lengths must be <= the padded length 5"),
     ("lengths_shape", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 2]), 5),
-     r"src_lengths must be an integer tensor of shape \(B,\) = \(3,\)"),
+     r"src_lengths must have shape \(B,\) = \(3,\)"),
+    ("lengths_float", lambda m, s, l: m.greedy_decode(s, l.float(), 5),
+     r"src_lengths must be an int64 or int32 tensor, got torch.float32"),
+    ("beam_size_gt_vocab", lambda m, s, l: m.beam_search(s, l, V + 1, 5, n_best=1),
+     r"beam_size must be <= the vocabulary size 13"),
     ("src_token", lambda m, s, l: m.greedy_decode(s.index_fill(1, torch.tensor([0]), V), l, 5),
      r"src has token ids outside the vocabulary \[0, 13\)"),
     ("src_negative", lambda m, s, l: m.greedy_decode(s.index_fill(1, torch.tensor([0]), -1), l, 5),

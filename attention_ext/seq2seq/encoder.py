@@ -36,11 +36,11 @@ def check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
 def check_lengths(lengths: Tensor, name: str, batch: int, max_len: int) -> Tensor:
     """lengths: integer (B,) in [1, max_len]; returned as int64 on the CPU, as
     pack_padded_sequence takes them (one copy per source batch, never per step)."""
-    if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,) or lengths.dtype not in (
-            torch.int64, torch.int32):
-        got = (f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, torch.Tensor)
-               else type(lengths).__name__)
-        raise ValueError(f"{name} must be an integer tensor of shape (B,) = ({batch},), got {got}")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int64, torch.int32):
+        got = lengths.dtype if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {got}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
     host = lengths.to("cpu", torch.int64)
     if batch and int(host.min()) < 1:
         raise ValueError(f"{name} must be >= 1: empty source sequences cannot be attended to "

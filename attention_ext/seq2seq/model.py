@@ -59,6 +59,9 @@ class Seq2Seq(nn.Module):
                 raise ValueError(f"{name} must lie in [0, {decoder.vocab_size}), got {idx}")
         if bos_idx == eos_idx:
             raise ValueError(f"bos_idx and eos_idx must differ, got {bos_idx} for both")
+        if enc["padding_idx"] in (bos_idx, eos_idx):
+            raise ValueError(f"bos_idx ({bos_idx}) and eos_idx ({eos_idx}) must differ from "
+                             f"padding_idx ({enc['padding_idx']})")
         self.encoder, self.decoder = encoder, decoder
         self.bos_idx, self.eos_idx = bos_idx, eos_idx
         self.pad_idx = enc["padding_idx"]
@@ -104,6 +107,9 @@ class Seq2Seq(nn.Module):
         _positive_int(n_best, "n_best")
         if n_best > beam_size:
             raise ValueError(f"n_best must be <= beam_size = {beam_size}, got {n_best}")
+        if beam_size > self.decoder.vocab_size:
+            raise ValueError(f"beam_size must be <= the vocabulary size "
+                             f"{self.decoder.vocab_size}, got {beam_size}")
         _positive_int(min_len, "min_len", minimum=0)
         if min_len > max_len:
             raise ValueError(f"min_len must be <= max_len = {max_len}, got {min_len}")
@@ -138,7 +144,7 @@ class Seq2Seq(nn.Module):
             like = next(iter(state_dict.values()))
             model.to(device=like.device, dtype=like.dtype)
             model.load_state_dict(state_dict)
-        except (TypeError, KeyError, RuntimeError, ValueError) as e:
+        except (TypeError, KeyError, RuntimeError, ValueError, StopIteration) as e:
             raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's configuration or "
                              f"weights are invalid: {e}") from None
         return model
@@ -152,7 +158,11 @@ class Seq2Seq(nn.Module):
             diff = sorted(k for k in set(config) | set(mine) if config.get(k) != mine.get(k))
             raise ValueError(f"path {os.fspath(path)!r} holds a model of another configuration "
                              f"(differs in {', '.join(diff)})")
-        self.load_state_dict(state_dict)
+        try:
+            self.load_state_dict(state_dict)
+        except RuntimeError as e:
+            raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's weights do not fit "
+                             f"its configuration: {e}") from None
 
 
 def _read_checkpoint(path, map_location) -> Tuple[dict, dict]:

@@ -118,24 +118,26 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
         attn = torch.cat([attn.index_select(0, rows), weights.index_select(0, rows)[:, None]],
                          dim=1)
         is_eos = tok == eos
-        ended = is_eos.cpu()  # the step's one host read
+        # The step's one host read: which candidates ended, and which are real (a -inf
+        # score is no candidate: fewer than K were possible, as when eos is not allowed).
+        ended, real = torch.stack([is_eos, top.isfinite()]).cpu().tolist()
         last = t == max_len - 1
         penalty = length_penalty(t + 1)
         keep = []
         for a, b in enumerate(active):
             for k in range(K):
-                if last or ended[a, k]:
+                if real[a][k] and (last or ended[a][k]):
                     r = a * K + k
                     # Copies: a view would keep the step's whole history alive.
                     finished[b].append((top[a, k] / penalty, seqs[r].clone(), attn[r].clone()))
-            if not (last or (ended[a, 0] and len(finished[b]) >= n_best)):
+            if not (last or (ended[a][0] and len(finished[b]) >= n_best)):
                 keep.append(a)
         if not keep:
             break
         # Beams that ended stop extending; sentences that are done lose their rows.
         top = top.masked_fill(is_eos, float("-inf"))
         if len(keep) < A:
-            kept = torch.tensor(keep, device=device)
+            kept = _to_device(keep, device)
             rows = rows.view(A, K).index_select(0, kept).view(-1)
             sel = (kept[:, None] * K + beam_ids).view(-1)
             seqs, attn = seqs.index_select(0, sel), attn.index_select(0, sel)
@@ -144,6 +146,15 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
         state = state.reorder(rows)
         scores, tokens = top, tok.reshape(-1)
     return _best(finished, n_best)
+
+
+def _to_device(values: List[int], device) -> Tensor:
+    """A host list as a long tensor on device; to a GPU through pinned memory, so the copy
+    does not wait for the GPU (the step's one wait is its finished-check)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _best(finished, n_best: int) -> BeamSearchResult:
