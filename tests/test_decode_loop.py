@@ -157,42 +157,33 @@ def test_cpu_lengths_with_cuda_inputs(op):
         call(op, "ours", tensors, dict(lengths=bad))
 
 
+# Device values the kernels check as they read them: (query rows, argument, message).
+DEVICE_CHECKED = [
+    pytest.param(2, "lengths=torch.tensor([2, 6], device='cuda')", "lengths must lie in [0, S]",
+                 id="lengths"),
+    pytest.param(3, "memory_index=torch.tensor([0, 2, 1], device='cuda')",
+                 "memory_index must lie in [0, M)", id="memory_index"),
+]
+
+
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("rows,argument,message", DEVICE_CHECKED)
 @pytest.mark.parametrize("op", OPS)
-def test_out_of_range_gpu_lengths_fail_on_the_device(op):
-    """Lengths on the GPU are checked by the kernels (no host wait): a length > S fails the
-    launch with a device-side assertion naming lengths. It leaves the CUDA context
-    unusable, so it runs in a subprocess."""
+def test_out_of_range_device_values_fail_on_the_device(op, rows, argument, message):
+    """Lengths and memory_index on the GPU are checked by the kernels (no host wait): a
+    length > S or an index >= M (here M = 2) fails the launch with a device-side assertion
+    naming the argument. It leaves the CUDA context unusable, so it runs in a subprocess."""
     fn = op.pick(dot="dot_attention(x, k", additive="additive_attention(x, k, k[0, 0], k")
     code = ("import torch, attention_ext\n"
-            "x = torch.randn(2, 8, device='cuda'); k = torch.randn(2, 5, 8, device='cuda')\n"
-            f"attention_ext.{fn}, lengths=torch.tensor([2, 6], device='cuda'))\n"
+            f"x = torch.randn({rows}, 8, device='cuda'); k = torch.randn(2, 5, 8, device='cuda')\n"
+            f"attention_ext.{fn}, {argument})\n"
             "torch.cuda.synchronize()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "lengths must lie in [0, S]" in out, out[-2000:]
-
-
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("op", OPS)
-def test_out_of_range_memory_index_fails_on_the_device(op):
-    """memory_index lives on the GPU and is checked by the kernels as they read it: an index
-    >= M fails the launch with a device-side assertion naming memory_index (in a subprocess:
-    it leaves the CUDA context unusable)."""
-    fn = op.pick(dot="dot_attention(x, k", additive="additive_attention(x, k, k[0, 0], k")
-    code = ("import torch, attention_ext\n"
-            "x = torch.randn(3, 8, device='cuda'); k = torch.randn(2, 5, 8, device='cuda')\n"
-            f"attention_ext.{fn}, memory_index=torch.tensor([0, 2, 1], device='cuda'))\n"
-            "torch.cuda.synchronize()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert "memory_index must lie in [0, M)" in out, out[-2000:]
+    assert message in out, out[-2000:]
 
 
 # ------------------------------------------------------------------- memory
