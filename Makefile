@@ -15,16 +15,17 @@ PIP        := $(PY) -m pip --disable-pip-version-check -q
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install numpy pytest pytest-xdist expecttest hypothesis ninja pybind11 "setuptools>=64" wheel
+	$(PIP) install numpy pytest pytest-xdist expecttest hypothesis ninja pybind11 "setuptools>=64" wheel \
+		babel tqdm matplotlib
 	touch $@
 
 install: $(VENV)/.deps-installed
 	$(PIP) install --no-build-isolation -e .
 
-# The main job: until the seq2seq demo lands, the quick runs of both ops' benchmarks.
+# The main job: the demo trains a date normaliser with fused attention and reports on it
+# (python -m attention_ext.demo --help; its extra dependencies are in .deps-installed).
 demo: install
-	$(PY) benchmarks/bench_dot.py --quick
-	$(PY) benchmarks/bench_additive.py --quick
+	$(PY) -m attention_ext.demo
 
 # The test suite, then the CUDA kernels under the CPU emulation (test-emulated); every
 # suite runs on one pytest-xdist worker per core.

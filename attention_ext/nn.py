@@ -13,11 +13,16 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .functional import additive_attention, dot_attention
+from . import functional, reference
 
 Tensor = torch.Tensor
 
-__all__ = ["PrecomputedMemory", "LuongAttention", "BahdanauAttention"]
+__all__ = ["PrecomputedMemory", "LuongAttention", "BahdanauAttention", "IMPLEMENTATIONS",
+           "set_implementation"]
+
+# What the layers' attention calls: the fused ops, or reference.py's eager PyTorch (the same
+# math as users write it, for comparisons of speed, memory and results with one model).
+IMPLEMENTATIONS = {"fused": functional, "reference": reference}
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,28 @@ def _check_query(query, query_dim: int) -> None:
                          f"(query_dim = {query_dim}), got {tuple(query.shape)}")
 
 
+def set_implementation(module: nn.Module, implementation: str) -> nn.Module:
+    """Makes every attention layer in module (module included) call the ops of
+    ``implementation``, a key of IMPLEMENTATIONS; returns module."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {tuple(IMPLEMENTATIONS)}, "
+                         f"got {implementation!r}")
+    for m in module.modules():
+        if isinstance(m, _AttentionLayer):
+            m.implementation = implementation
+    return module
+
+
 class _AttentionLayer(nn.Module):
     """Shared precompute/forward plumbing; subclasses define _keys, _attend and _output."""
 
     query_dim: int
     memory_dim: int
+    implementation: str = "fused"  # set_implementation
+
+    @property
+    def _ops(self):
+        return IMPLEMENTATIONS[self.implementation]
 
     def precompute(self, memory: Tensor, lengths: Optional[Tensor] = None,
                    mask: Optional[Tensor] = None) -> PrecomputedMemory:
@@ -69,7 +91,10 @@ class _AttentionLayer(nn.Module):
                              f"(memory_dim = {self.memory_dim}), got {tuple(memory.shape)}")
         if lengths is not None and mask is not None:
             raise ValueError("pass either lengths or mask, not both")
-        return PrecomputedMemory(memory, self._keys(memory), lengths, mask, self)
+        # The ops read memory and keys contiguous: one copy here instead of one per step
+        # (an RNN encoder's batch-first output is a transposed view).
+        memory = memory.contiguous()
+        return PrecomputedMemory(memory, self._keys(memory).contiguous(), lengths, mask, self)
 
     def _memory(self, memory: MemoryArg, lengths, mask) -> PrecomputedMemory:
         if not isinstance(memory, PrecomputedMemory):
@@ -189,11 +214,11 @@ class LuongAttention(_AttentionLayer):
             if self.g is not None:
                 v = v * self.g
             query_proj = query @ self.W_a.weight[:, : self.query_dim].t()
-            return additive_attention(query_proj, pre.keys, v, pre.memory, **kw)
+            return self._ops.additive_attention(query_proj, pre.keys, v, pre.memory, **kw)
         q = self.W_a(query) if self.score == "general" else query
         if self.g is not None:
             q = q * self.g  # g (q.h) = (g q).h: autograd gives g its gradient
-        return dot_attention(q, pre.keys, pre.memory, scale=self._fixed_scale(), **kw)
+        return self._ops.dot_attention(q, pre.keys, pre.memory, scale=self._fixed_scale(), **kw)
 
     def _output(self, context: Tensor, query: Tensor) -> Tensor:
         if self.W_c is None:
@@ -237,6 +262,7 @@ class BahdanauAttention(_AttentionLayer):
     def _attend(self, query: Tensor, pre: PrecomputedMemory, need_weights: bool,
                 memory_index: Optional[Tensor]):
         v = self.v if self.g is None else self.g * self.v / self.v.norm()
-        return additive_attention(self.W(query), pre.keys, v, pre.memory, lengths=pre.lengths,
-                                  mask=pre.mask, need_weights=need_weights,
-                                  memory_index=memory_index)
+        return self._ops.additive_attention(self.W(query), pre.keys, v, pre.memory,
+                                            lengths=pre.lengths, mask=pre.mask,
+                                            need_weights=need_weights,
+                                            memory_index=memory_index)

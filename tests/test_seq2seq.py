@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attention_ext
-from attention_ext import reference
+from attention_ext.nn import set_implementation
 from attention_ext.seq2seq import (BahdanauDecoder, DecoderState, Encoder, LengthPenalty,
                                    LuongDecoder, Seq2Seq)
 from conftest import DEVICES, generator
@@ -111,13 +111,6 @@ def test_teacher_forcing_without_input_feeding_matches_the_step_loop():
         torch.testing.assert_close(logits[:, t], step_logits)
 
 
-@pytest.fixture
-def reference_attention(monkeypatch):
-    """The layers' fused ops replaced by reference.py's (eager PyTorch)."""
-    monkeypatch.setattr(attention_ext.nn, "dot_attention", reference.dot_attention)
-    monkeypatch.setattr(attention_ext.nn, "additive_attention", reference.additive_attention)
-
-
 def _decode_all(model, src, lengths):
     greedy = model.greedy_decode(src, lengths, max_len=12)
     beam = model.beam_search(src, lengths, beam_size=4, max_len=12, n_best=2,
@@ -126,14 +119,13 @@ def _decode_all(model, src, lengths):
 
 
 @pytest.mark.parametrize("kind", list(DECODERS))
-def test_fused_and_reference_attention_decode_alike(kind, request):
+def test_fused_and_reference_attention_decode_alike(kind):
     """The same weights decode to the same tokens with the fused ops and with reference.py
     (float64), and the beams' scores and alignments agree."""
     model = make_model(kind, dtype=torch.float64)
     src, lengths = source(6, 8, seed=4)
     fused = _decode_all(model, src, lengths)
-    request.getfixturevalue("reference_attention")
-    ref = _decode_all(model, src, lengths)
+    ref = _decode_all(set_implementation(model, "reference"), src, lengths)
     assert torch.equal(fused[0], ref[0])
     for b in range(6):
         assert len(fused[1].hypotheses[b]) == len(ref[1].hypotheses[b]) == 2

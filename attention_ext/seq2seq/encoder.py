@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 Tensor = torch.Tensor
 
@@ -48,6 +48,24 @@ def check_lengths(lengths: Tensor, name: str, batch: int, max_len: int) -> Tenso
     if batch and int(host.max()) > max_len:
         raise ValueError(f"{name} must be <= the padded length {max_len}, got {int(host.max())}")
     return host
+
+
+def _padded(packed: PackedSequence, lengths: Tensor, total_length: int) -> Tensor:
+    """The (B, total_length, H) batch-first tensor of a packed sequence, zeros past each
+    length, by one gather. pad_packed_sequence writes one time step at a time into slices
+    of its output, and its backward copies the whole output once per step (quadratic in
+    the length); the gather's backward is one scatter-add.
+
+    Packed data is time-major: step t holds batch_sizes[t] rows, one per sequence still
+    running, in sorted order; sequence b is row unsorted_indices[b] of every step."""
+    data, batch_sizes = packed.data, packed.batch_sizes
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+    steps = torch.arange(total_length)
+    rows = starts[steps.clamp(max=len(batch_sizes) - 1)].unsqueeze(0) + \
+        packed.unsorted_indices.cpu().unsqueeze(1)
+    rows = torch.where(steps.unsqueeze(0) < lengths.unsqueeze(1), rows, data.shape[0])
+    padded = torch.cat([data, data.new_zeros(1, data.shape[1])])
+    return padded[rows.to(data.device)]
 
 
 class Encoder(nn.Module):
@@ -111,7 +129,7 @@ class Encoder(nn.Module):
         emb = self.dropout(self.embedding(src))
         packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
         out, final = self.rnn(packed)
-        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=S)
+        memory = _padded(out, lengths, S)
         finals = final if isinstance(final, tuple) else (final,)
         bridged = tuple(torch.tanh(lin(self._layers(f))) for lin, f in zip(self.bridge, finals))
         return self.dropout(memory), lengths.to(src.device), bridged

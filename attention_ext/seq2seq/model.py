@@ -65,6 +65,7 @@ class Seq2Seq(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.bos_idx, self.eos_idx = bos_idx, eos_idx
         self.pad_idx = enc["padding_idx"]
+        self.metadata: dict = {}
 
     def config(self) -> dict:
         return dict(encoder=dict(self.encoder.config), decoder_type=self.decoder.kind,
@@ -122,9 +123,17 @@ class Seq2Seq(nn.Module):
         return beam_search(self.decoder, memory, state, self.bos_idx, self.eos_idx, beam_size,
                            max_len, length_penalty, n_best, min_len)
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        torch.save({"format": _FORMAT, "config": self.config(), "state_dict": self.state_dict()},
-                   path)
+    def save(self, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
+        """Saves the configuration and weights at path, with ``metadata``: a dict of plain
+        values (strings, numbers, lists, dicts) that belong with the model, such as its
+        vocabularies (default: the model's ``metadata``, empty unless it was loaded with
+        some); ``Seq2Seq.load`` returns it as the model's ``metadata``."""
+        if metadata is None:
+            metadata = self.metadata
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        torch.save({"format": _FORMAT, "config": self.config(), "state_dict": self.state_dict(),
+                    "metadata": dict(metadata)}, path)
 
     @classmethod
     def from_config(cls, config: dict) -> "Seq2Seq":
@@ -136,8 +145,9 @@ class Seq2Seq(nn.Module):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location=None) -> "Seq2Seq":
-        """The model saved at path by save(), on map_location (default: where it was)."""
-        config, state_dict = _read_checkpoint(path, map_location)
+        """The model saved at path by save(), on map_location (default: where it was), with
+        the metadata saved with it as its ``metadata`` attribute."""
+        config, state_dict, metadata = _read_checkpoint(path, map_location)
         try:
             model = cls.from_config(config)
             # The weights' dtype and device (map_location's, else where they were saved).
@@ -147,12 +157,13 @@ class Seq2Seq(nn.Module):
         except (TypeError, KeyError, RuntimeError, ValueError, StopIteration) as e:
             raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's configuration or "
                              f"weights are invalid: {e}") from None
+        model.metadata = metadata
         return model
 
     def load_weights(self, path: Union[str, os.PathLike], map_location=None) -> None:
         """Loads the weights saved at path into this model; the checkpoint must have been
         saved from a model of this configuration."""
-        config, state_dict = _read_checkpoint(path, map_location)
+        config, state_dict, _ = _read_checkpoint(path, map_location)
         mine = self.config()
         if config != mine:
             diff = sorted(k for k in set(config) | set(mine) if config.get(k) != mine.get(k))
@@ -165,7 +176,7 @@ class Seq2Seq(nn.Module):
                              f"its configuration: {e}") from None
 
 
-def _read_checkpoint(path, map_location) -> Tuple[dict, dict]:
+def _read_checkpoint(path, map_location) -> Tuple[dict, dict, dict]:
     if not os.path.isfile(path):
         raise ValueError(f"path {os.fspath(path)!r} is not a file")
     try:
@@ -174,7 +185,8 @@ def _read_checkpoint(path, map_location) -> Tuple[dict, dict]:
         raise ValueError(f"path {os.fspath(path)!r} is not a readable Seq2Seq checkpoint "
                          f"({type(e).__name__}: {e})") from None
     if not (isinstance(ckpt, dict) and ckpt.get("format") == _FORMAT
-            and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("state_dict"), dict)):
+            and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("state_dict"), dict)
+            and isinstance(ckpt.get("metadata", {}), dict)):
         raise ValueError(f"path {os.fspath(path)!r} is not a Seq2Seq checkpoint (format "
                          f"{_FORMAT!r})")
-    return ckpt["config"], ckpt["state_dict"]
+    return ckpt["config"], ckpt["state_dict"], ckpt.get("metadata", {})
