@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-emulated test-sanitized bench cuda-build-check gpu-check clean
+.PHONY: install demo test test-emulated test-sanitized bench cuda-build-check install-check gpu-check clean
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench: install
 # Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
 cuda-build-check:
 	bash .ci/cuda_build_check.sh
+
+# A user's install: a wheel built from the tree into a fresh virtual environment, then an
+# import, one op call and `python -m attention_ext.demo --help` from outside the tree.
+install-check: install
+	PY=$(PY) bash .ci/install_check.sh
 
 # On a machine with a CUDA GPU and a CUDA build of torch (PY, default python3): build for
 # that GPU in place, run the CUDA tests and the CUDA benchmark; logs in gpu-check-logs/.

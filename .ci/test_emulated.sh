@@ -7,7 +7,8 @@
 # repo (attention_ext/_C*.so, build/) is left alone; it uses the repo's .venv.
 #
 # Environment: PY (default .venv/bin/python), KEEP_BUILD=1 keeps the temporary directory.
-# Arguments go to pytest (default: the whole suite but the slow tests, about 2 minutes on 2 cores).
+# Arguments go to pytest (default: the whole suite but the slow tests and the demo's, which
+# call the ops as the rest of the suite does; about 2 minutes on 2 cores).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,5 +19,5 @@ build_in_copy emulated ATTENTION_EXT_EMULATE_CUDA=1
 "$PY" -c 'import sys, attention_ext as ae
 sys.exit(0 if ae.build_info()["emulated_cuda"] else
          "test_emulated: imported a build without the emulated CUDA code: " + ae.__file__)'
-if [ "$#" -eq 0 ]; then set -- -m "not slow" tests; fi
+if [ "$#" -eq 0 ]; then set -- -m "not slow and not demo" tests; fi
 "$PY" -m pytest -q -n auto -p no:cacheprovider "$@"

@@ -44,6 +44,7 @@ trap show_reports EXIT
 "$PY" -c 'import attention_ext, sys
 sys.exit(0 if attention_ext.__file__.startswith(sys.argv[1]) else
          "test_sanitized: imported another build: " + attention_ext.__file__)' "$WORK"
-# The suite but the slow tests (the 64-bit one needs 9 GB, more with ASan's shadow) and the
-# torch.compile ones (they add only Python-side tracing and take long under ASan).
-"$PY" -m pytest -q -n auto -p no:cacheprovider -x -m "not slow" -k "not compile" "$@" tests
+# The suite but the slow tests (the 64-bit one needs 9 GB, more with ASan's shadow), the
+# torch.compile ones (they add only Python-side tracing and take long under ASan) and the
+# demo's (Python, calling the ops as the rest of the suite does).
+"$PY" -m pytest -q -n auto -p no:cacheprovider -x -m "not slow and not demo" -k "not compile" "$@" tests

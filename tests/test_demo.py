@@ -23,6 +23,8 @@ from attention_ext.seq2seq import Seq2Seq  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.demo
+
 
 # ------------------------------------------------------------------------------ data
 
@@ -235,7 +237,7 @@ def test_normalize_with_a_saved_model(tiny_checkpoint):
     (["--load", "{foreign}"], 1, "not one saved by this demo"),
     (["--load", "{ckpt}", "--normalize", "1.2.2026", "--locale", "xx_YY"], 1,
      "--locale 'xx_YY' is not one of the model's locales"),
-    (["--device", "tpu"], 1, "--device 'tpu': the demo runs on cpu or cuda"),
+    (["--device", "mps"], 1, "--device 'mps': the demo runs on cpu or cuda"),
     (["--device", "nonsense"], 1, "--device 'nonsense' is not a device name"),
     (["--steps", "1", "--save", "{nodir}"], 1, "--save"),
 ])

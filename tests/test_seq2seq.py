@@ -75,6 +75,38 @@ def test_layer_memory_index_is_tiling(layer, device):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_encoder_memory_is_the_padded_packed_output(cell):
+    """The encoder's one-gather unpacking gives pad_packed_sequence's values (zeros past each
+    length) and gradients."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    enc = Encoder(V, 8, 12, num_layers=2, cell=cell).double()
+    src, lengths = source(5, 7, seed=2, min_len=1)
+    memory, _, _ = enc(src, lengths)
+    packed = pack_padded_sequence(enc.embedding(src), lengths, batch_first=True,
+                                  enforce_sorted=False)
+    want, _ = pad_packed_sequence(enc.rnn(packed)[0], batch_first=True, total_length=7)
+    torch.testing.assert_close(memory, want, rtol=0, atol=0)
+    upstream = torch.randn(memory.shape, dtype=torch.float64)
+    got = torch.autograd.grad((memory * upstream).sum(), list(enc.rnn.parameters()))
+    want_grads = torch.autograd.grad((want * upstream).sum(), list(enc.rnn.parameters()))
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_set_implementation():
+    model = make_model("bahdanau")
+    assert set_implementation(model, "reference") is model
+    assert model.decoder.attention.implementation == "reference"
+    set_implementation(model, "fused")
+    assert model.decoder.attention.implementation == "fused"
+    with pytest.raises(ValueError, match="implementation must be one of \\('fused', "
+                                         "'reference'\\), got 'eager'"):
+        set_implementation(model, "eager")
+
+
 def test_decoder_state_reorder():
     h, c = torch.arange(12.).view(1, 6, 2), -torch.arange(12.).view(1, 6, 2)
     state = DecoderState((h, c), torch.arange(6.)[:, None], torch.tensor([0, 0, 1, 1, 2, 2]))
@@ -264,6 +296,21 @@ def test_save_load_round_trip(kind, tmp_path):
     fresh = make_model(kind, layers=2, cell="gru", seed=4, dtype=torch.float64)
     fresh.load_weights(path)
     assert torch.equal(fresh.greedy_decode(src, lengths, 8), model.greedy_decode(src, lengths, 8))
+
+
+def test_checkpoint_metadata_round_trip(tmp_path):
+    """What belongs with a model (its vocabularies) is saved with it and comes back as the
+    loaded model's metadata, also when that model is saved again."""
+    model = make_model("luong_dot")
+    assert model.metadata == {}
+    meta = {"tokens": ["<pad>", "a", "\u00e9"], "first_year": 1950, "nested": {"k": [1.5]}}
+    model.save(tmp_path / "a.pt", meta)
+    loaded = Seq2Seq.load(tmp_path / "a.pt")
+    assert loaded.metadata == meta
+    loaded.save(tmp_path / "b.pt")
+    assert Seq2Seq.load(tmp_path / "b.pt").metadata == meta
+    with pytest.raises(TypeError, match="metadata must be a dict or None, got list"):
+        model.save(tmp_path / "c.pt", ["tokens"])
 
 
 def test_checkpoint_errors(tmp_path):

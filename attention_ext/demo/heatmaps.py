@@ -46,8 +46,10 @@ def save_heatmap(weights: torch.Tensor, source: Sequence[str], output: Sequence[
     ax = fig.add_subplot()
     image = ax.imshow(weights.float().numpy(), cmap="viridis", aspect="auto", vmin=0.0,
                       vmax=1.0)
-    ax.set_xticks(range(len(source)), [_label(t) for t in source], family=families,
-                  rotation=90 if any(len(t) > 1 for t in source) else 0)
+    ax.set_xticks(range(len(source)), [_label(t) for t in source], family=families)
+    for label, token in zip(ax.get_xticklabels(), source):
+        if len(token) > 1:  # the locale tag
+            label.set_rotation(90)
     ax.set_yticks(range(len(output)), list(output), family=families)
     ax.set_xlabel("source")
     ax.set_ylabel("output")

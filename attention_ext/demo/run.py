@@ -25,7 +25,8 @@ CHECKPOINT_FORMAT = "attention_ext.demo/1"
 TEST_EXAMPLES = 2000
 BEAM_SIZE = 5
 SPEED_STEPS = 10
-TABLE_ROWS = 12
+TABLE_ROWS = 10
+ERROR_ROWS = 5
 HEATMAPS = 4
 
 
@@ -218,27 +219,26 @@ def _display_width(text: str) -> int:
 
 
 def _examples_table(examples, greedy, beam) -> str:
-    """Examples of one locale each, the wrong ones (if any) first."""
-    order = sorted(range(len(examples)), key=lambda i: greedy[i] == examples[i].iso)
-    rows, seen = [], set()
-    for i in order:
-        if examples[i].locale in seen:
-            continue
-        seen.add(examples[i].locale)
-        e = examples[i]
-        rows.append((e.locale, e.text, greedy[i], beam[i], e.iso,
-                     "ok" if greedy[i] == e.iso else "WRONG"))
-        if len(rows) == TABLE_ROWS:
-            break
+    """The first test examples of TABLE_ROWS locales, then up to ERROR_ROWS of the wrong
+    ones (greedy or beam)."""
+    rows, seen, errors = [], set(), []
+    for e, g, b in zip(examples, greedy, beam):
+        row = (e.locale, e.text, g, b, e.iso, "ok" if g == b == e.iso else "WRONG")
+        if e.locale not in seen and len(rows) < TABLE_ROWS:
+            seen.add(e.locale)
+            rows.append(row)
+        elif row[-1] == "WRONG" and len(errors) < ERROR_ROWS:
+            errors.append(row)
     header = ("locale", "input", "greedy", "beam", "truth", "")
-    widths = [max(_display_width(r[c]) for r in rows + [header]) for c in range(len(header))]
+    table = [header] + rows + ([("...",) * 5 + ("",)] + errors if errors else [])
+    widths = [max(_display_width(r[c]) for r in table) for c in range(len(header))]
 
     def line(row):
         return "  ".join(cell + " " * (w - _display_width(cell)) for cell, w in
                          zip(row, widths)).rstrip()
 
     return "\n".join([line(header), line(tuple("-" * w for w in widths))] +
-                     [line(r) for r in rows])
+                     [line(r) for r in table[1:]])
 
 
 def _heatmaps(model, examples, source, target, device, out: str) -> List[str]:
@@ -260,7 +260,8 @@ def _heatmaps(model, examples, source, target, device, out: str) -> List[str]:
         output = [target.tokens[t] for t in tokens]
         src_tokens = [D.locale_token(e.locale)] + list(e.text)
         weights = result.alignments[i][0][:, : len(src_tokens)].cpu()
-        title = f"{e.locale}: {e.text!s} -> {D.decode_target(tokens, target)}"
+        # Only Latin script in the title: a right-to-left input would reorder the line.
+        title = f"{e.locale}: {D.decode_target(tokens, target)} (truth {e.iso})"
         paths.append(save_heatmap(weights, src_tokens, output, title,
                                   os.path.join(out, f"attention-{i + 1}-{e.locale}.png")))
     return paths
