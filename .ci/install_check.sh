@@ -22,10 +22,18 @@ if missing or len(extension) != 1:
 print(f"wheel: {pathlib.Path(sys.argv[1]).name}, {len(names)} files, every module and {extension[0]}")
 PYEOF
 
-torch_version=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+# The extension only loads into the torch it was compiled against: the same release and
+# build (e.g. 2.13.0+cpu), checked after the install.
+torch_version=$("$PY" -c "import torch; print(torch.__version__)")
 "$PY" -m venv "$work/venv"
-"$work/venv/bin/pip" install --disable-pip-version-check -q "torch==$torch_version" numpy
+"$work/venv/bin/pip" install --disable-pip-version-check -q "torch==${torch_version%%+*}" numpy
 "$work/venv/bin/pip" install --disable-pip-version-check -q "$wheel"
+fresh_version=$("$work/venv/bin/python" -c "import torch; print(torch.__version__)")
+if [ "$fresh_version" != "$torch_version" ]; then
+  echo "install_check: the fresh environment got torch $fresh_version, the wheel was built" \
+       "against $torch_version" >&2
+  exit 1
+fi
 
 cd "$work"
 "$work/venv/bin/python" - <<'PYEOF'

@@ -91,8 +91,8 @@ class _AttentionLayer(nn.Module):
                              f"(memory_dim = {self.memory_dim}), got {tuple(memory.shape)}")
         if lengths is not None and mask is not None:
             raise ValueError("pass either lengths or mask, not both")
-        # The ops read memory and keys contiguous: one copy here instead of one per step
-        # (an RNN encoder's batch-first output is a transposed view).
+        # The ops read memory and keys contiguous: a strided memory (a transposed or
+        # sliced view) is copied once here instead of once per step.
         memory = memory.contiguous()
         return PrecomputedMemory(memory, self._keys(memory).contiguous(), lengths, mask, self)
 

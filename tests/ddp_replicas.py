@@ -16,7 +16,7 @@ torch.manual_seed(dist.get_rank())  # different initial weights: DDP must broadc
 model = build_model("bahdanau", source, target)
 losses = []
 train(model, D.DateWriter(D.split_dates()[0]), source, target,
-      TrainConfig(steps=4, batch_size=16), torch.device("cpu"),
+      TrainConfig(steps=4, batch_size=16, seed=0), torch.device("cpu"),
       lambda step, loss, tokens_per_s: losses.append(loss))
 torch.save({"parameters": [p.detach() for p in model.parameters()], "losses": losses},
            f"{out}/rank{dist.get_rank()}.pt")

@@ -18,6 +18,7 @@ pytest.importorskip("babel", reason="the demo's optional dependencies (attention
 from attention_ext.demo import dates as D  # noqa: E402
 from attention_ext.demo.cli import main  # noqa: E402
 from attention_ext.demo.training import build_model, compare_training_speed, loss_of  # noqa: E402
+from attention_ext import functional, reference  # noqa: E402
 from attention_ext.nn import set_implementation  # noqa: E402
 from attention_ext.seq2seq import Seq2Seq  # noqa: E402
 
@@ -114,6 +115,7 @@ def test_punctuation_dropping():
     # Arabic puts a right-to-left mark between a number and its separator.
     assert D.drop_punctuation("23\u200f/11\u200f/2026") == "23\u200f/11\u200f/2026"
     assert D.drop_punctuation("lun. 23 nov. 2026") == "lun 23 nov 2026"
+    assert D.drop_punctuation("(23)-(11)-26") == "23)-(11)-26"  # a run of marks between digits
 
 
 def test_batches_encode_locale_tag_and_iso_targets():
@@ -136,9 +138,9 @@ def test_batches_encode_locale_tag_and_iso_targets():
 
 
 @pytest.mark.parametrize("attention", ["bahdanau", "luong-dot", "luong-general", "luong-concat"])
-def test_speed_comparison_compares_the_same_model(attention):
+def test_speed_comparison_compares_the_same_model(attention, monkeypatch):
     """The eager side of the demo's speed comparison computes the fused model's loss and
-    gradients (float64), and both sides train."""
+    gradients (float64) through reference.py's ops, and both sides train."""
     source, target = D.source_vocabulary(), D.target_vocabulary()
     torch.manual_seed(0)
     model = build_model(attention, source, target).double()
@@ -155,8 +157,17 @@ def test_speed_comparison_compares_the_same_model(attention):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-12)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    calls = {"fused": 0, "reference": 0}
+    for impl, module in (("fused", functional), ("reference", reference)):
+        for op in ("dot_attention", "additive_attention"):
+            def counted(*args, _op=getattr(module, op), _impl=impl, **kwargs):
+                calls[_impl] += 1
+                return _op(*args, **kwargs)
+            monkeypatch.setattr(module, op, counted)
     speed = compare_training_speed(set_implementation(model.float(), "fused"), [batch] * 3)
     assert set(speed) == {"fused", "reference"} and min(speed.values()) > 0
+    steps = batch.tgt_in.shape[1] if attention == "bahdanau" else 1
+    assert calls["fused"] >= 3 * steps and calls["fused"] == calls["reference"]
 
 
 def test_distributed_replicas_stay_identical(tmp_path):
@@ -182,11 +193,11 @@ def test_distributed_replicas_stay_identical(tmp_path):
 # --------------------------------------------------------------------- command line
 
 
-def _demo(*args, check=None):
+def _demo(*args, env=None):
     """python -m attention_ext.demo args in a subprocess: (returncode, stdout, stderr)."""
     proc = subprocess.run([sys.executable, "-m", "attention_ext.demo", *args],
                           capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -213,7 +224,7 @@ def test_demo_run_prints_its_report_and_writes_heatmaps(tiny_checkpoint):
     for path in maps:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "locale" in stdout and "truth" in stdout  # the examples table
+    assert re.search(r"^locale +input +greedy +beam +truth$", stdout, re.M)  # the table
 
 
 def test_normalize_with_a_saved_model(tiny_checkpoint):
@@ -237,9 +248,17 @@ def test_normalize_with_a_saved_model(tiny_checkpoint):
     (["--load", "{foreign}"], 1, "not one saved by this demo"),
     (["--load", "{ckpt}", "--normalize", "1.2.2026", "--locale", "xx_YY"], 1,
      "--locale 'xx_YY' is not one of the model's locales"),
+    (["--load", "{mangled}"], 1, "the demo's metadata is invalid: source_tokens must be a "
+     "non-empty list of strings"),
+    (["--load", "{ckpt}", "--steps", "5"], 2, "--steps: these set up training"),
+    (["--load", "{ckpt}", "--normalize", "1.2.2026", "--locale", "de_DE", "--save", "x.pt"],
+     2, "--save: --normalize saves nothing"),
     (["--device", "mps"], 1, "--device 'mps': the demo runs on cpu or cuda"),
     (["--device", "nonsense"], 1, "--device 'nonsense' is not a device name"),
-    (["--steps", "1", "--save", "{nodir}"], 1, "--save"),
+    (["--device", "cuda:abc"], 1, "--device 'cuda:abc' is not a device name"),
+    (["--device", "cpu:3"], 1, "--device 'cpu:3': the CPU has no index"),
+    (["--steps", "1", "--save", "{nodir}"], 1, "is not a folder this process can write to"),
+    (["--steps", "1", "--out", "{afile}"], 1, "afile' is a file; name a folder"),
 ])
 def test_bad_input_is_a_clear_message_without_traceback(args, exit_code, message,
                                                         tiny_checkpoint, tmp_path):
@@ -248,12 +267,30 @@ def test_bad_input_is_a_clear_message_without_traceback(args, exit_code, message
     foreign = tmp_path / "foreign.pt"
     Seq2Seq.from_config(build_model("luong-dot", D.Vocabulary([D.PAD, "a", "b"]),
                                     D.target_vocabulary()).config()).save(foreign)
+    mangled = tmp_path / "mangled.pt"
+    model = Seq2Seq.load(tiny_checkpoint[0])
+    model.save(mangled, dict(model.metadata, source_tokens=5))
+    afile = tmp_path / "afile"
+    afile.write_text("")
     names = dict(missing=tmp_path / "missing.pt", corrupt=corrupt, foreign=foreign,
-                 ckpt=tiny_checkpoint[0], nodir=tmp_path / "no" / "such" / "dir" / "m.pt")
+                 mangled=mangled, ckpt=tiny_checkpoint[0], afile=afile,
+                 nodir=tmp_path / "no" / "such" / "dir" / "m.pt")
     code, stdout, stderr = _demo(*[a.format(**names) for a in args])
     assert code == exit_code, (stdout, stderr)
     assert message in stderr
     assert "Traceback" not in stderr
+    assert "trained" not in stdout  # every check comes before any training
+
+
+@pytest.mark.parametrize("args, world, message", [
+    (["--load", "{ckpt}"], "2", "--load: torchrun is for training"),
+    (["--batch-size", "128"], "3", "--batch-size 128: with 3 processes it must be a multiple"),
+])
+def test_bad_input_under_torchrun(args, world, message, tiny_checkpoint):
+    """Checked from torchrun's environment before any process group starts."""
+    code, stdout, stderr = _demo(*[a.format(ckpt=tiny_checkpoint[0]) for a in args],
+                                 env={"WORLD_SIZE": world, "RANK": "0", "LOCAL_RANK": "0"})
+    assert code == 1 and message in stderr and "Traceback" not in stderr, stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

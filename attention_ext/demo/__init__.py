@@ -1,5 +1,5 @@
 """The demo: ``python -m attention_ext.demo`` trains a character-level Seq2Seq model with
-fused attention to rewrite dates written in 44 locales as ISO 8601 (see ``--help``).
+fused attention to rewrite dates written in many locales as ISO 8601 (see ``--help``).
 
 Its data (``dates``), model and training loop (``training``) and heatmaps (``heatmaps``)
 need the optional extra ``attention_ext[demo]`` (babel, tqdm, matplotlib); this package and

@@ -49,6 +49,7 @@ NOISE_RATE = 0.3
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 TARGET_CHARACTERS = "0123456789-"
+TARGET_LENGTH = len("yyyy-mm-dd") + 1  # and the end token
 
 
 def write_date(date: datetime.date, locale: Locale, fmt: Tuple[str, str]) -> str:
@@ -64,17 +65,19 @@ def _is_punctuation(ch: str) -> bool:
 
 
 def _neighbour(text: str, i: int, step: int) -> str:
-    """The nearest character from i in direction step that is not a format control (the
-    bidirectional marks Arabic puts around separators)."""
+    """The nearest character from i in direction step that is neither punctuation nor a
+    format control (the bidirectional marks Arabic puts around separators)."""
     i += step
-    while 0 <= i < len(text) and unicodedata.category(text[i]) == "Cf":
+    while 0 <= i < len(text) and (unicodedata.category(text[i]) == "Cf"
+                                  or _is_punctuation(text[i])):
         i += step
     return text[i] if 0 <= i < len(text) else ""
 
 
 def drop_punctuation(text: str) -> str:
     """text without its punctuation, except separators between two digits (removing the
-    dots of 1.12.26 would make it 11226, which also reads as 11.2.26)."""
+    dots of 1.12.26 would make it 11226, which also reads as 11.2.26; the same holds for
+    a run of marks such as the ")-(" of (23)-(11))."""
     kept = [ch for i, ch in enumerate(text)
             if not _is_punctuation(ch)
             or (_neighbour(text, i, -1).isdigit() and _neighbour(text, i, 1).isdigit())]

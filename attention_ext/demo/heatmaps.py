@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import List, Sequence, Tuple
 
 import torch
@@ -56,6 +55,5 @@ def save_heatmap(weights: torch.Tensor, source: Sequence[str], output: Sequence[
     ax.set_title(title, family=families, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

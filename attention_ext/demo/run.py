@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..seq2seq import Seq2Seq
 from . import dates as D
+from . import ATTENTIONS
 from .cli import UserError
 from .heatmaps import drawable, save_heatmap
 from .training import TrainConfig, build_model, compare_training_speed, predict, train
@@ -37,6 +38,12 @@ def test_examples() -> List[D.Example]:
 
 def run(args: argparse.Namespace, device: torch.device) -> int:
     _check_paths(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.load is not None and world > 1:
+        raise UserError("--load: torchrun is for training; run a saved model in one process")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size}: with {world} processes it must be a "
+                        f"multiple of {world} (each process draws an equal share)")
     if args.load is not None:
         model, source, target, locales = load(args.load, device)
         if args.normalize is not None:
@@ -68,10 +75,14 @@ def _check_paths(args: argparse.Namespace) -> None:
         if os.path.isdir(args.save):
             raise UserError(f"--save {args.save!r} is a folder; name a file")
     if args.normalize is None:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UserError(f"--out {args.out!r} is a file; name a folder")
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as err:
             raise UserError(f"--out {args.out!r}: {err.strerror or err}") from None
+        if not os.access(args.out, os.W_OK):
+            raise UserError(f"--out {args.out!r} is not a folder this process can write to")
 
 
 def _start_processes(device: torch.device) -> Tuple[int, int, torch.device]:
@@ -79,8 +90,12 @@ def _start_processes(device: torch.device) -> Tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        # Each process takes the GPU of its local rank, whatever --device's index says.
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: process {local_rank} of this machine has no "
+                            f"GPU of its own ({torch.cuda.device_count()} here)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -155,9 +170,29 @@ def load(path: str, device: torch.device):
     if meta.get("first_year") != D.FIRST_YEAR:
         raise UserError(f"--load {path!r}: saved for the years from {meta.get('first_year')}, "
                         f"this demo reads two-digit years from {D.FIRST_YEAR}")
+    try:
+        source, target = (D.Vocabulary(_strings(meta, key)) for key in ("source_tokens",
+                                                                         "target_tokens"))
+        locales = _strings(meta, "locales")
+        fits = (meta.get("attention") in ATTENTIONS
+                and len(source) == model.encoder.vocab_size
+                and len(target) == model.decoder.vocab_size
+                and (target.id(D.BOS), target.id(D.EOS)) == (model.bos_idx, model.eos_idx)
+                and all(source.id(D.locale_token(name)) != source.id(D.UNK) for name in locales))
+    except ValueError as e:
+        raise UserError(f"--load {path!r}: the demo's metadata is invalid: {e}") from None
+    if not fits:
+        raise UserError(f"--load {path!r}: the demo's metadata does not fit the model (its "
+                        f"attention, vocabularies or locales)")
     model.eval()
-    return (model, D.Vocabulary(meta["source_tokens"]), D.Vocabulary(meta["target_tokens"]),
-            list(meta["locales"]))
+    return model, source, target, locales
+
+
+def _strings(meta: dict, key: str) -> List[str]:
+    value = meta.get(key)
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"{key} must be a non-empty list of strings")
+    return value
 
 
 def normalize(model: Seq2Seq, source: D.Vocabulary, target: D.Vocabulary,
@@ -173,8 +208,7 @@ def normalize(model: Seq2Seq, source: D.Vocabulary, target: D.Vocabulary,
         print(f"note: the model has never seen the characters {' '.join(unseen)}",
               file=sys.stderr)
     src, lengths = D.encode_sources([(name, text)], source)
-    result = model.beam_search(src.to(device), lengths.to(device), BEAM_SIZE,
-                               len("yyyy-mm-dd") + 1)
+    result = model.beam_search(src.to(device), lengths.to(device), BEAM_SIZE, D.TARGET_LENGTH)
     print(D.decode_target(result.hypotheses[0][0].tolist(), target))
     return 0
 
@@ -198,7 +232,7 @@ def evaluate(model: Seq2Seq, source: D.Vocabulary, target: D.Vocabulary,
     print(_examples_table(examples, greedy, beam))
     print()
     batches = [D.DateWriter(D.split_dates()[0]).examples(args.batch_size, random.Random(i))
-               for i in range(SPEED_STEPS + 2)]
+               for i in range(SPEED_STEPS + 1)]  # the first one warms up
     speed = compare_training_speed(model, [D.encode_batch(b, source, target).to(device)
                                            for b in batches])
     print(f"training speed of this model ({SPEED_STEPS} steps each, interleaved, medians): "
@@ -253,7 +287,7 @@ def _heatmaps(model, examples, source, target, device, out: str) -> List[str]:
         if len(chosen) == HEATMAPS:
             break
     batch = D.encode_batch(chosen, source, target).to(device)
-    result = model.beam_search(batch.src, batch.src_lengths, BEAM_SIZE, len("yyyy-mm-dd") + 1)
+    result = model.beam_search(batch.src, batch.src_lengths, BEAM_SIZE, D.TARGET_LENGTH)
     paths = []
     for i, e in enumerate(chosen):
         tokens = result.hypotheses[i][0].tolist()
@@ -262,7 +296,10 @@ def _heatmaps(model, examples, source, target, device, out: str) -> List[str]:
         weights = result.alignments[i][0][:, : len(src_tokens)].cpu()
         # Only Latin script in the title: a right-to-left input would reorder the line.
         title = f"{e.locale}: {D.decode_target(tokens, target)} (truth {e.iso})"
-        paths.append(save_heatmap(weights, src_tokens, output, title,
-                                  os.path.join(out, f"attention-{i + 1}-{e.locale}.png")))
+        path = os.path.join(out, f"attention-{i + 1}-{e.locale}.png")
+        try:
+            paths.append(save_heatmap(weights, src_tokens, output, title, path))
+        except OSError as err:
+            raise UserError(f"--out {out!r}: cannot write {path}: {err.strerror or err}") from None
     return paths
 

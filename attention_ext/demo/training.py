@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import set_implementation
-from ..seq2seq import BahdanauDecoder, Encoder, LengthPenalty, LuongDecoder, Seq2Seq
+from ..seq2seq import BahdanauDecoder, Encoder, LuongDecoder, Seq2Seq
 from . import ATTENTIONS
-from .dates import BOS, EOS, DateWriter, Example, Vocabulary, decode_target, encode_batch
+from .dates import (BOS, EOS, TARGET_LENGTH, DateWriter, Example, Vocabulary, decode_target,
+                    encode_batch)
 
 EMBED_DIM = 64
 HIDDEN_SIZE = 192
@@ -42,12 +43,12 @@ def build_model(attention: str, source: Vocabulary, target: Vocabulary) -> Seq2S
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 800
-    batch_size: int = 128  # in all, over the processes
+    steps: int
+    batch_size: int  # in all, over the processes
+    seed: int
     lr: float = 3e-3
     warmup: int = 30
     clip: float = 1.0
-    seed: int = 0
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -103,34 +104,34 @@ def predict(model: Seq2Seq, examples: Sequence[Example], source: Vocabulary,
             batch_size: int = 512) -> List[str]:
     """ISO strings predicted for examples: greedy decoding, or beam search of beam_size."""
     out: List[str] = []
-    max_len = len("yyyy-mm-dd") + 1
     for i in range(0, len(examples), batch_size):
         batch = encode_batch(examples[i:i + batch_size], source, target).to(device)
         if beam_size:
-            result = model.beam_search(batch.src, batch.src_lengths, beam_size, max_len,
-                                       length_penalty=LengthPenalty())
+            result = model.beam_search(batch.src, batch.src_lengths, beam_size, TARGET_LENGTH)
             out += [decode_target(h[0].tolist(), target) for h in result.hypotheses]
         else:
-            tokens = model.greedy_decode(batch.src, batch.src_lengths, max_len)
+            tokens = model.greedy_decode(batch.src, batch.src_lengths, TARGET_LENGTH)
             out += [decode_target(row, target) for row in tokens.tolist()]
     return out
 
 
 def compare_training_speed(model: Seq2Seq, batches: Sequence) -> dict:
     """Training tokens/s of copies of model with the fused and with the reference (eager)
-    attention, the same batches, steps interleaved (the first of each a warm-up), medians."""
+    attention, the same batches, steps interleaved in alternating order (the first of each
+    a warm-up), medians."""
     runs = {}
     for name in ("fused", "reference"):
         net = set_implementation(copy.deepcopy(model), name).train()
         runs[name] = (net, torch.optim.Adam(net.parameters(), lr=1e-4), [])
-    for batch in batches:
-        for net, optimizer, seconds in runs.values():
+    for i, batch in enumerate(batches):
+        order = list(runs.values())
+        for net, optimizer, seconds in order[::-1] if i % 2 else order:
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss_of(net, batch).backward()
             optimizer.step()
             if batch.src.is_cuda:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(batch.src.device)
             seconds.append(time.perf_counter() - start)
     return {name: statistics.median(batch_tokens(b) / s for b, s in zip(batches[1:], sec[1:]))
             for name, (_, _, sec) in runs.items()}

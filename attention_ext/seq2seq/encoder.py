@@ -50,22 +50,23 @@ def check_lengths(lengths: Tensor, name: str, batch: int, max_len: int) -> Tenso
     return host
 
 
-def _padded(packed: PackedSequence, lengths: Tensor, total_length: int) -> Tensor:
+def _padded(packed: PackedSequence, lengths: Tensor, unsorted: Tensor,
+            total_length: int) -> Tensor:
     """The (B, total_length, H) batch-first tensor of a packed sequence, zeros past each
     length, by one gather. pad_packed_sequence writes one time step at a time into slices
     of its output, and its backward copies the whole output once per step (quadratic in
     the length); the gather's backward is one scatter-add.
 
     Packed data is time-major: step t holds batch_sizes[t] rows, one per sequence still
-    running, in sorted order; sequence b is row unsorted_indices[b] of every step."""
+    running, in sorted order; sequence b is row unsorted[b] of every step. The index is
+    built on the host from host tensors (batch_sizes, lengths, unsorted)."""
     data, batch_sizes = packed.data, packed.batch_sizes
     starts = torch.cumsum(batch_sizes, 0) - batch_sizes
     steps = torch.arange(total_length)
-    rows = starts[steps.clamp(max=len(batch_sizes) - 1)].unsqueeze(0) + \
-        packed.unsorted_indices.cpu().unsqueeze(1)
+    rows = starts[steps.clamp(max=len(batch_sizes) - 1)].unsqueeze(0) + unsorted.unsqueeze(1)
     rows = torch.where(steps.unsqueeze(0) < lengths.unsqueeze(1), rows, data.shape[0])
     padded = torch.cat([data, data.new_zeros(1, data.shape[1])])
-    return padded[rows.to(data.device)]
+    return padded[rows.to(data.device, non_blocking=True)]
 
 
 class Encoder(nn.Module):
@@ -127,9 +128,16 @@ class Encoder(nn.Module):
         B, S = src.shape
         lengths = check_lengths(src_lengths, "src_lengths", B, S)
         emb = self.dropout(self.embedding(src))
-        packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
+        # Sorted by length on the host, so that no index ever comes back from the device
+        # (pack_padded_sequence's own sorting keeps its inverse on the device only).
+        order = torch.sort(lengths, descending=True, stable=True)[1]
+        unsorted = torch.empty_like(order).scatter_(0, order, torch.arange(B))
+        on_device = torch.stack([order, unsorted]).to(src.device, non_blocking=True)
+        packed = pack_padded_sequence(emb.index_select(0, on_device[0]), lengths[order],
+                                      batch_first=True)
+        packed = PackedSequence(packed.data, packed.batch_sizes, on_device[0], on_device[1])
         out, final = self.rnn(packed)
-        memory = _padded(out, lengths, S)
+        memory = _padded(out, lengths, unsorted, S)
         finals = final if isinstance(final, tuple) else (final,)
         bridged = tuple(torch.tanh(lin(self._layers(f))) for lin, f in zip(self.bridge, finals))
         return self.dropout(memory), lengths.to(src.device), bridged

@@ -132,6 +132,7 @@ class Seq2Seq(nn.Module):
             metadata = self.metadata
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        _check_plain(metadata, "metadata")
         torch.save({"format": _FORMAT, "config": self.config(), "state_dict": self.state_dict(),
                     "metadata": dict(metadata)}, path)
 
@@ -174,6 +175,25 @@ class Seq2Seq(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's weights do not fit "
                              f"its configuration: {e}") from None
+
+
+def _check_plain(value, where: str) -> None:
+    """value is made of what torch.load(weights_only=True) reads back: None, bool, int,
+    float, str, and lists, tuples and str-keyed dicts of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} keys must be strings, got {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} must hold only plain values (None, bool, int, float, str, lists "
+                    f"and dicts of them), got {type(value).__name__}")
 
 
 def _read_checkpoint(path, map_location) -> Tuple[dict, dict, dict]:
