@@ -20,24 +20,18 @@ class UserError(Exception):
     """A mistake in the command line or in what it names: printed without a traceback."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _integer(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,13 +47,13 @@ def parser() -> argparse.ArgumentParser:
     # The training options default to None so that giving one with --load is an error.
     p.add_argument("--attention", choices=ATTENTIONS,
                    help="the decoder and its score (default: bahdanau)")
-    p.add_argument("--steps", type=_positive_int,
+    p.add_argument("--steps", type=_integer(1),
                    help=f"training steps (default: {TRAINING['steps']}, under 2 minutes on 2 "
                         f"CPU cores)")
-    p.add_argument("--batch-size", type=_positive_int, default=TRAINING["batch_size"],
+    p.add_argument("--batch-size", type=_integer(1), default=TRAINING["batch_size"],
                    help=f"examples per step over all processes, also those of the speed "
                         f"comparison (default: {TRAINING['batch_size']})")
-    p.add_argument("--seed", type=_non_negative_int,
+    p.add_argument("--seed", type=_integer(0),
                    help="seed of the weights and the training examples (default: 0)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
