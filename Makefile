@@ -46,12 +46,11 @@ test-sanitized: $(VENV)/.deps-installed
 	PY=$(PY) bash .ci/test_sanitized.sh cpu
 	PY=$(PY) bash .ci/test_sanitized.sh emulated-cuda
 
+# Every benchmark of this machine's device (the end-to-end models, the ops, the layers,
+# the drop-ins, beam search): benchmarks/results/<machine>.md, .json and .png (the
+# end-to-end speedups). `make bench QUICK=1`: each benchmark's --quick.
 bench: install
-	$(PY) benchmarks/bench_dot.py
-	$(PY) benchmarks/bench_additive.py
-	$(PY) benchmarks/bench_layers.py
-	$(PY) benchmarks/bench_compat.py
-	$(PY) benchmarks/bench_beam_search.py
+	$(PY) benchmarks/report.py $(if $(QUICK),--quick)
 
 # Compiles and links the CUDA kernels against a CUDA build of torch (no GPU needed).
 cuda-build-check:

@@ -198,6 +198,46 @@ def reset_peak_rss() -> int:
     return proc_status_kib("VmHWM")
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "mallopt") else None
+
+
+def glibc_returns_freed_memory_at_once() -> None:
+    """Has glibc's malloc serve every block of 1 MiB or more by its own mapping, unmapped
+    when freed (fixed thresholds instead of its adaptive ones), and return what its heap
+    holds free now: the peak RSS of a later call then rises by what that call allocates
+    instead of reusing memory an earlier one freed. It costs page faults on every large
+    allocation, so timed runs leave it alone. No-op without glibc."""
+    libc = _libc()
+    if libc is None:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**20)
+    libc.malloc_trim(0)
+
+
+def peak_memory_rise_mib(fn: Callable[[], object], device: str) -> float:
+    """How far the peak memory rises above what is held before fn runs, in MiB (its
+    result is kept until the peak is read): torch's peak allocation on CUDA, the
+    process's peak RSS on the CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del out
+        return (peak - base) / 2**20
+    return peak_rss_rise_kib(fn) / 1024
+
+
 def peak_rss_rise_kib(fn: Callable[[], object]) -> int:
     """How far the peak RSS rises above the current RSS while fn runs (its result is kept
     alive until the peak is read, so outputs count)."""
@@ -318,12 +358,22 @@ def print_op_benchmark_info(args, device: str, build_info: dict) -> Dict[str, st
     return info
 
 
-def write_output(path: str, info: Dict[str, str], text: str) -> None:
-    """--output: the machine info as a list, then the benchmark's markdown."""
+def write_output(path: str, info: Dict[str, str], text: str,
+                 records: Optional[Dict[str, list]] = None) -> None:
+    """--output: the machine info as a list, then the benchmark's markdown; with records
+    (lists of dicts by table), also the machine info and records as JSON beside it
+    (the same path with .json), which benchmarks/report.py reads."""
     with open(path, "w") as f:
         f.write("\n".join(f"- {k}: {v}" for k, v in info.items()))
         f.write("\n\n" + text + "\n")
     print(f"wrote {path}")
+    if records is not None:
+        import json
+
+        json_path = os.path.splitext(path)[0] + ".json"
+        with open(json_path, "w") as f:
+            json.dump({"machine": info, "records": records}, f, indent=1)
+        print(f"wrote {json_path}")
 
 
 def finish_op_benchmark_args(p, args, *, shapes, modes, impls) -> None:

@@ -71,19 +71,6 @@ def build(kind: str, H: int, V: int, device, dtype) -> Seq2Seq:
     return Seq2Seq(enc, dec).to(device=device, dtype=dtype).eval()
 
 
-def peak_rise_mib(fn, device) -> float:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del out
-        return (peak - base) / 2**20
-    return C.peak_rss_rise_kib(fn) / 1024
-
-
 def searches(args, kind, steps, device, dtype):
     """The beam search of each variant on one model and batch: {name: callable}."""
     torch.manual_seed(args.seed)
@@ -144,7 +131,7 @@ def main(argv=None):
     if args.memory_of:  # the child process of measure_memory
         kind, variant = args.memory_of.split(":")
         fns = searches(args, kind, steps, device, dtype)
-        print(peak_rise_mib(fns[variant], device))
+        print(C.peak_memory_rise_mib(fns[variant], device))
         return
 
     info = C.machine_info(device, attention_ext.build_info())

@@ -1,6 +1,8 @@
 """attention_ext.seq2seq: layers with memory_index, teacher forcing, greedy decoding and beam
 search (beams share the encoder memory), batch invariance, export/compile, save/load, a
 reverse task learnt inside the test, and every bad input."""
+import functools
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ import attention_ext
 from attention_ext.nn import set_implementation
 from attention_ext.seq2seq import (BahdanauDecoder, DecoderState, Encoder, LengthPenalty,
                                    LuongDecoder, Seq2Seq)
-from conftest import DEVICES, generator
+from conftest import DEVICES, HAS_CUDA, generator
 
 V, PAD, BOS, EOS = 13, 0, 1, 2
 
@@ -129,6 +131,84 @@ def test_beam_size_one_is_greedy(kind, device):
     beam = model.beam_search(src, lengths, beam_size=1, max_len=12)
     for b in range(5):
         assert torch.equal(beam.hypotheses[b][0], until_eos(greedy[b])), b
+
+
+@functools.lru_cache(maxsize=None)
+def _ending_weights(kind):
+    """The weights of a model given 40 Adam steps of the reverse task (below): enough that
+    its greedy rows end, at steps that follow the source lengths (a random model's end
+    logit hardly depends on its input)."""
+    model = make_model(kind).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = generator(0)
+    for _ in range(40):
+        src, lengths, tgt_in, tgt = reverse_batch(32, gen)
+        logits = model(src, lengths, tgt_in)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1),
+                                                 ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ending_model(kind, device="cpu"):
+    model = make_model(kind, dtype=torch.float64, device=device)
+    model.load_state_dict(_ending_weights(kind))
+    return model
+
+
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_captured_decoding_is_the_plain_loop(kind):
+    """The static loop of cuda_graph=True (run without a graph on the CPU: the same
+    buffers, device step counter, finished-checks every CHECK_EVERY steps and done
+    sentences kept at -inf) gives the plain loop's tokens, scores and alignments."""
+    from attention_ext.seq2seq import search
+
+    src, lengths = source(6, 9, seed=3)
+    model = _ending_model(kind)
+    with torch.no_grad():
+        memory, state = model.encode(src, lengths)
+        lengths_seen = set()
+        for max_len in (1, 6, 30):
+            plain = search.greedy_decode(model.decoder, memory, state, BOS, EOS, PAD, max_len)
+            captured = search.greedy_decode(model.decoder, memory, state, BOS, EOS, PAD,
+                                            max_len, captured=True)
+            assert torch.equal(captured, plain), max_len
+            lengths_seen.add(plain.shape[1])
+            for K, n_best, min_len in ((1, 1, 0), (4, 2, 0), (5, 3, 1)):
+                args = (model.decoder, memory, state, BOS, EOS, K, max_len,
+                        LengthPenalty("gnmt", 0.6), n_best, min(min_len, max_len))
+                want = search.beam_search(*args)
+                got = search.beam_search(*args, captured=True)
+                for b in range(6):
+                    assert len(got.hypotheses[b]) == len(want.hypotheses[b]) == n_best
+                    for x, y in zip(got.hypotheses[b], want.hypotheses[b]):
+                        assert torch.equal(x, y), (max_len, K, b)
+                    for x, y in zip(got.alignments[b], want.alignments[b]):
+                        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+                    assert got.scores[b] == pytest.approx(want.scores[b], rel=1e-12)
+        # At 30 steps, rows ended at different steps.
+        ends = {int((row == EOS).nonzero()[0, 0]) for row in plain if bool((row == EOS).any())}
+        assert len(ends) > 2, (kind, plain)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_cuda_graph_decoding(kind):
+    """cuda_graph=True captures a step and replays it: the tokens and hypotheses of the
+    plain loop on the GPU."""
+    src, lengths = source(6, 9, seed=3, device="cuda")
+    model = _ending_model(kind, device="cuda")
+    for max_len in (1, 30):
+        assert torch.equal(model.greedy_decode(src, lengths, max_len, cuda_graph=True),
+                           model.greedy_decode(src, lengths, max_len))
+        got = model.beam_search(src, lengths, 4, max_len, n_best=2, cuda_graph=True)
+        want = model.beam_search(src, lengths, 4, max_len, n_best=2)
+        for b in range(6):
+            for x, y in zip(got.hypotheses[b], want.hypotheses[b]):
+                assert torch.equal(x, y), (max_len, b)
 
 
 def test_teacher_forcing_without_input_feeding_matches_the_step_loop():
@@ -377,6 +457,12 @@ BAD_CALLS = [
      r"length_penalty kind must be one of"),
     ("length_penalty_type", lambda m, s, l: m.beam_search(s, l, 2, 5, length_penalty=0.6),
      r"length_penalty must be a LengthPenalty"),
+    ("cuda_graph_on_cpu", lambda m, s, l: m.greedy_decode(s, l, 5, cuda_graph=True),
+     r"cuda_graph=True needs the model on a CUDA device, it is on cpu"),
+    ("beam_cuda_graph_on_cpu", lambda m, s, l: m.beam_search(s, l, 2, 5, cuda_graph=True),
+     r"cuda_graph=True needs the model on a CUDA device"),
+    ("cuda_graph_type", lambda m, s, l: m.greedy_decode(s, l, 5, cuda_graph=1),
+     r"cuda_graph must be a bool, got 1"),
 ]
 
 

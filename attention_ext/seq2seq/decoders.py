@@ -74,15 +74,28 @@ class _Decoder(nn.Module):
     def _initial_feed(self, h: Tensor) -> Optional[Tensor]:
         return None
 
+    def step(self, tokens: Tensor, state: DecoderState, memory: PrecomputedMemory):
+        """One step for N rows: tokens (N,). Returns logits (N, V), weights (N, S), state."""
+        features, weights, state = self._features(self.dropout(self.embedding(tokens)), state,
+                                                  memory)
+        return self.out(self.dropout(features)), weights, state
+
     def forward(self, tgt_in: Tensor, state: DecoderState, memory: PrecomputedMemory):
         """Teacher forcing: tgt_in (B, T) token ids (bos first). Returns logits (B, T, V) and
-        the attention weights (B, T, S)."""
-        logits, weights = [], []
-        for t in range(tgt_in.shape[1]):
-            step_logits, w, state = self.step(tgt_in[:, t], state, memory)
-            logits.append(step_logits)
+        the attention weights (B, T, S).
+
+        The steps run one after another, but the embedding and the output projection, which
+        depend on no earlier step, run once over all T steps: one large matrix product
+        instead of T small ones, and one weight gradient instead of T accumulated."""
+        embedded = self.dropout(self.embedding(tgt_in))
+        features, weights = [], []
+        # unbind, not embedded[:, t]: a slice's backward writes a zero gradient of the whole
+        # of embedded per step; unbind's is one stack.
+        for x in embedded.unbind(1):
+            f, w, state = self._features(x, state, memory)
+            features.append(f)
             weights.append(w)
-        return torch.stack(logits, 1), torch.stack(weights, 1)
+        return (self.out(self.dropout(torch.stack(features, 1))), torch.stack(weights, 1))
 
 
 class LuongDecoder(_Decoder):
@@ -110,16 +123,15 @@ class LuongDecoder(_Decoder):
     def _initial_feed(self, h: Tensor) -> Optional[Tensor]:
         return h.new_zeros(h.shape[1:]) if self.input_feeding else None
 
-    def step(self, tokens: Tensor, state: DecoderState, memory: PrecomputedMemory):
-        """One step for N rows: tokens (N,). Returns logits (N, V), weights (N, S), state."""
-        x = self.dropout(self.embedding(tokens))
+    def _features(self, x: Tensor, state: DecoderState, memory: PrecomputedMemory):
+        """One step from the embedded tokens x (N, E): the attentional hidden (N, H), the
+        weights (N, S) and the next state."""
         if self.input_feeding:
             x = torch.cat([x, state.input_feed], dim=-1)
         out, hidden = self._run_rnn(x.unsqueeze(1), state.hidden)
         attn_h, weights = self.attention(out[:, 0], memory, memory_index=state.memory_index)
         feed = attn_h if self.input_feeding else None
-        return (self.out(self.dropout(attn_h)), weights,
-                DecoderState(hidden, feed, state.memory_index))
+        return attn_h, weights, DecoderState(hidden, feed, state.memory_index)
 
     def forward(self, tgt_in: Tensor, state: DecoderState, memory: PrecomputedMemory):
         if self.input_feeding:
@@ -149,15 +161,15 @@ class BahdanauDecoder(_Decoder):
                                            normalize=normalize)
         self.out = nn.Linear(hidden_size + memory_dim + embed_dim, vocab_size)
 
-    def step(self, tokens: Tensor, state: DecoderState, memory: PrecomputedMemory):
-        """One step for N rows: tokens (N,). Returns logits (N, V), weights (N, S), state."""
-        emb = self.dropout(self.embedding(tokens))
+    def _features(self, emb: Tensor, state: DecoderState, memory: PrecomputedMemory):
+        """One step from the embedded tokens emb (N, E): [h_t; c_t; e_t] (N, H + D + E), the
+        weights (N, S) and the next state."""
         context, weights = self.attention(state.hidden[0][-1], memory,
                                           memory_index=state.memory_index)
         out, hidden = self._run_rnn(torch.cat([emb, context], dim=-1).unsqueeze(1),
                                     state.hidden)
-        logits = self.out(self.dropout(torch.cat([out[:, 0], context, emb], dim=-1)))
-        return logits, weights, DecoderState(hidden, None, state.memory_index)
+        features = torch.cat([out[:, 0], context, emb], dim=-1)
+        return features, weights, DecoderState(hidden, None, state.memory_index)
 
 
 DECODERS = {"luong": LuongDecoder, "bahdanau": BahdanauDecoder}

@@ -89,20 +89,38 @@ class Seq2Seq(nn.Module):
         logits, _ = self.decoder(tgt_in, self.decoder.init_state(state), memory)
         return logits
 
+    def _check_cuda_graph(self, cuda_graph) -> bool:
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        device = self.decoder.out.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, "
+                             f"it is on {device}")
+        return cuda_graph
+
     @torch.no_grad()
-    def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int) -> Tensor:
-        """(B, L) token ids, L <= max_len: eos included, pad_idx after it."""
+    def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int,
+                      cuda_graph: bool = False) -> Tensor:
+        """(B, L) token ids, L <= max_len: eos included, pad_idx after it.
+
+        cuda_graph: run each step as the replay of a CUDA graph captured at the first step
+        (the same tokens; a decode step is otherwise bound by its kernel launches)."""
         _positive_int(max_len, "max_len")
+        captured = self._check_cuda_graph(cuda_graph)
         memory, state = self.encode(src, src_lengths)
         return greedy_decode(self.decoder, memory, state, self.bos_idx, self.eos_idx,
-                             self.pad_idx, max_len)
+                             self.pad_idx, max_len, captured)
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, src_lengths: Tensor, beam_size: int, max_len: int,
                     length_penalty: Optional[LengthPenalty] = None, n_best: int = 1,
-                    min_len: int = 0) -> BeamSearchResult:
+                    min_len: int = 0, cuda_graph: bool = False) -> BeamSearchResult:
         """The n_best hypotheses per sentence of a beam search of beam_size, at most max_len
-        tokens each and no end token before min_len (see search.beam_search)."""
+        tokens each and no end token before min_len (see search.beam_search).
+
+        cuda_graph: run each step as the replay of a CUDA graph captured at the first step
+        (the same hypotheses; sentences that are done keep their rows until the end)."""
+        captured = self._check_cuda_graph(cuda_graph)
         _positive_int(beam_size, "beam_size")
         _positive_int(max_len, "max_len")
         _positive_int(n_best, "n_best")
@@ -121,7 +139,7 @@ class Seq2Seq(nn.Module):
                             f"got {type(length_penalty).__name__}")
         memory, state = self.encode(src, src_lengths)
         return beam_search(self.decoder, memory, state, self.bos_idx, self.eos_idx, beam_size,
-                           max_len, length_penalty, n_best, min_len)
+                           max_len, length_penalty, n_best, min_len, captured)
 
     def save(self, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
         """Saves the configuration and weights at path, with ``metadata``: a dict of plain

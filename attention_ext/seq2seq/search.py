@@ -4,6 +4,13 @@ Both read the device once per step, to learn which hypotheses ended (the finishe
 everything else stays on the device. Beam search keeps beam_size rows per sentence that
 index the sentence's precomputed memory through ``memory_index`` (nothing is tiled), and
 drops a sentence's rows once it is done, so finished sentences cost nothing.
+
+With ``captured=True`` a step is one replay of a CUDA graph over static buffers instead of
+a few dozen kernel launches from Python (a decode step is launch-bound on a GPU). Shapes
+are then fixed: greedy decoding checks every ``CHECK_EVERY`` steps whether all rows have
+ended, and beam search keeps computing a done sentence's rows without reading them. Both
+give the tokens of the plain loop. On a CPU the same static
+loop runs without a graph.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from typing import List, Tuple
 import torch
 
 from ..nn import PrecomputedMemory
-from .decoders import _Decoder
+from .decoders import DecoderState, _Decoder
 
 Tensor = torch.Tensor
 
@@ -63,10 +70,61 @@ class BeamSearchResult:
     alignments: List[List[Tensor]] = field(default_factory=list)
 
 
+# Steps between two finished-checks of a captured greedy decoding: a check waits for the
+# GPU to drain, so a few replays are queued at once; the steps past the end are padding.
+CHECK_EVERY = 4
+
+
+class StepGraph:
+    """Calls ``body`` (no arguments; it reads and writes static tensors in place) as a CUDA
+    graph on a CUDA device: the first call runs it on a side stream, as the capture's
+    warm-up and as that step's work, then captures it; later calls replay it. On other
+    devices every call runs body."""
+
+    def __init__(self, body, device: torch.device):
+        self.body, self.device = body, device
+        self.graph = None
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.device.type != "cuda":
+            self.body()
+        elif self.graph is not None:
+            self.graph.replay()
+        else:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.body()
+
+
+def _copy_state(dst: DecoderState, src: DecoderState) -> None:
+    for d, s in zip(dst.hidden, src.hidden):
+        d.copy_(s)
+    if dst.input_feed is not None:
+        dst.input_feed.copy_(src.input_feed)
+    if dst.memory_index is not None:
+        dst.memory_index.copy_(src.memory_index)
+
+
+def _static_state(state: DecoderState) -> DecoderState:
+    """A copy of state in tensors of its own, which a captured step overwrites in place."""
+    return DecoderState(tuple(h.clone() for h in state.hidden),
+                        None if state.input_feed is None else state.input_feed.clone(),
+                        None if state.memory_index is None else state.memory_index.clone())
+
+
 def greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos: int,
-                  eos: int, pad: int, max_len: int) -> Tensor:
+                  eos: int, pad: int, max_len: int, captured: bool = False) -> Tensor:
     """The argmax token at every step until every row has produced eos or max_len tokens.
     Returns (B, L) token ids, eos included, pad after it."""
+    if captured:
+        return _captured_greedy_decode(decoder, memory, encoder_state, bos, eos, pad, max_len)
     B = memory.memory.shape[0]
     state = decoder.init_state(encoder_state)
     tokens = memory.memory.new_full((B,), bos, dtype=torch.long)
@@ -82,24 +140,59 @@ def greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, b
     return torch.stack(out, 1)
 
 
+def _captured_greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
+                            bos: int, eos: int, pad: int, max_len: int) -> Tensor:
+    """greedy_decode as replays of one captured step. The step writes its tokens into
+    column t of a static (B, max_len) output, t being a device counter, and records the
+    step at which each row ended; the output is cut after the step at which the last row
+    ended, as the plain loop stops there."""
+    B, device = memory.memory.shape[0], memory.memory.device
+    state = _static_state(decoder.init_state(encoder_state))
+    tokens = torch.full((B,), bos, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    ended_at = torch.full((B,), max_len - 1, dtype=torch.long, device=device)
+    out = torch.full((B, max_len), pad, dtype=torch.long, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+
+    def body():
+        logits, _, new = decoder.step(tokens, state, memory)
+        nxt = logits.argmax(-1).masked_fill(finished, pad)
+        out.index_copy_(1, t, nxt[:, None])
+        ends = (nxt == eos) & ~finished
+        ended_at.copy_(torch.where(ends, t, ended_at))
+        finished.logical_or_(ends)
+        tokens.copy_(nxt)
+        _copy_state(state, new)
+        t.add_(1)
+
+    step = StepGraph(body, device)
+    while step.calls < max_len:
+        for _ in range(min(CHECK_EVERY, max_len - step.calls)):
+            step()
+        if bool(finished.all()):  # the one host read of CHECK_EVERY steps
+            break
+    length = int(ended_at.max()) + 1 if bool(finished.all()) else max_len
+    return out[:, :length].clone()
+
+
 def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos: int,
                 eos: int, beam_size: int, max_len: int, length_penalty: LengthPenalty,
-                n_best: int, min_len: int) -> BeamSearchResult:
+                n_best: int, min_len: int, captured: bool = False) -> BeamSearchResult:
     """Beam search with ``beam_size`` rows per sentence. A sentence is done once its best
     candidate of a step ends with eos and it has n_best finished hypotheses (or at max_len,
     when its live beams are finished as they are); its rows are then dropped. A beam that
     ends stops extending (its score becomes -inf), so a sentence may go on with fewer live
     beams, as in OpenNMT-py."""
+    if captured:
+        return _captured_beam_search(decoder, memory, encoder_state, bos, eos, beam_size,
+                                     max_len, length_penalty, n_best, min_len)
     B, S = memory.memory.shape[:2]
-    K, V = beam_size, decoder.vocab_size
+    K = beam_size
     device = memory.memory.device
     memory_index = torch.arange(B, device=device).repeat_interleave(K)
     state = decoder.init_state(encoder_state, memory_index)
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
-    # Only the first beam is live at the start: the others would repeat it.
-    score_dtype = torch.promote_types(memory.memory.dtype, torch.float32)
-    scores = torch.zeros(B, K, device=device, dtype=score_dtype)
-    scores[:, 1:] = float("-inf")
+    scores = _initial_scores(B, K, memory.memory)
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
     attn = memory.memory.new_empty(B * K, 0, S)
     active = list(range(B))  # the sentence of each block of K rows
@@ -107,13 +200,7 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
     beam_ids = torch.arange(K, device=device)
     for t in range(max_len):
         logits, weights, state = decoder.step(tokens, state, memory)
-        logp = torch.log_softmax(logits.to(score_dtype), dim=-1)
-        if t < min_len:
-            logp[:, eos] = float("-inf")
-        A = len(active)
-        top, idx = logp.add_(scores.view(-1, 1)).view(A, K * V).topk(K, dim=1)
-        tok = idx % V
-        rows = (torch.arange(A, device=device)[:, None] * K + idx // V).view(-1)
+        top, tok, rows = _candidates(logits, scores, t < min_len, eos, K)
         seqs = torch.cat([seqs.index_select(0, rows), tok.view(-1, 1)], dim=1)
         attn = torch.cat([attn.index_select(0, rows), weights.index_select(0, rows)[:, None]],
                          dim=1)
@@ -121,30 +208,111 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
         # The step's one host read: which candidates ended, and which are real (a -inf
         # score is no candidate: fewer than K were possible, as when eos is not allowed).
         ended, real = torch.stack([is_eos, top.isfinite()]).cpu().tolist()
-        last = t == max_len - 1
-        penalty = length_penalty(t + 1)
-        keep = []
-        for a, b in enumerate(active):
-            for k in range(K):
-                if real[a][k] and (last or ended[a][k]):
-                    r = a * K + k
-                    # Copies: a view would keep the step's whole history alive.
-                    finished[b].append((top[a, k] / penalty, seqs[r].clone(), attn[r].clone()))
-            if not (last or (ended[a][0] and len(finished[b]) >= n_best)):
-                keep.append(a)
+        A = len(active)
+        keep = _collect(finished, list(enumerate(active)), ended, real, top, seqs, attn,
+                        length_penalty(t + 1), t == max_len - 1, n_best, K)
         if not keep:
             break
         # Beams that ended stop extending; sentences that are done lose their rows.
         top = top.masked_fill(is_eos, float("-inf"))
         if len(keep) < A:
-            kept = _to_device(keep, device)
+            kept = _to_device([a for a, _ in keep], device)
             rows = rows.view(A, K).index_select(0, kept).view(-1)
             sel = (kept[:, None] * K + beam_ids).view(-1)
             seqs, attn = seqs.index_select(0, sel), attn.index_select(0, sel)
             top, tok = top.index_select(0, kept), tok.index_select(0, kept)
-            active = [active[a] for a in keep]
+            active = [b for _, b in keep]
         state = state.reorder(rows)
         scores, tokens = top, tok.reshape(-1)
+    return _best(finished, n_best)
+
+
+def _initial_scores(B: int, K: int, like: Tensor) -> Tensor:
+    """(B, K) beam scores, in float32 or wider: only the first beam is live at the start,
+    the others would repeat it."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    scores = torch.zeros(B, K, device=like.device, dtype=dtype)
+    scores[:, 1:] = float("-inf")
+    return scores
+
+
+def _candidates(logits: Tensor, scores: Tensor, block_eos, eos: int, K: int):
+    """The K best extensions of each sentence's beams: their scores (A, K), tokens (A, K)
+    and the rows (A * K,) of the beams they extend. block_eos (a bool, or a bool tensor
+    for a captured step) forbids the end token."""
+    A, V = scores.shape[0], logits.shape[-1]
+    logp = torch.log_softmax(logits.to(scores.dtype), dim=-1)
+    if isinstance(block_eos, Tensor):
+        logp[:, eos] = logp[:, eos].masked_fill(block_eos, float("-inf"))
+    elif block_eos:
+        logp[:, eos] = float("-inf")
+    top, idx = logp.add_(scores.view(-1, 1)).view(A, K * V).topk(K, dim=1)
+    rows = (torch.arange(A, device=idx.device)[:, None] * K + idx // V).view(-1)
+    return top, idx % V, rows
+
+
+def _collect(finished, blocks, ended, real, top, seqs, attn, penalty: float, last: bool,
+             n_best: int, K: int):
+    """Moves the candidates that ended (all live ones at the last step) into finished, for
+    the (block, sentence) pairs of blocks (block a: rows a*K..a*K+K-1 of seqs, attn and
+    top). Returns the pairs whose sentences go on."""
+    keep = []
+    for a, b in blocks:
+        for k in range(K):
+            if real[a][k] and (last or ended[a][k]):
+                r = a * K + k
+                # Copies: a view would keep the step's whole history alive.
+                finished[b].append((top[a, k] / penalty, seqs[r].clone(), attn[r].clone()))
+        if not (last or (ended[a][0] and len(finished[b]) >= n_best)):
+            keep.append((a, b))
+    return keep
+
+
+def _captured_beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
+                          bos: int, eos: int, K: int, max_len: int,
+                          length_penalty: LengthPenalty, n_best: int,
+                          min_len: int) -> BeamSearchResult:
+    """beam_search as replays of one captured step over all B * K rows. The histories are
+    static (B * K, max_len) buffers whose column t the step writes; a done sentence's rows
+    go on (the shapes are fixed) but are no longer read."""
+    B, S = memory.memory.shape[:2]
+    device = memory.memory.device
+    memory_index = torch.arange(B, device=device).repeat_interleave(K)
+    state = _static_state(decoder.init_state(encoder_state, memory_index))
+    tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    scores = _initial_scores(B, K, memory.memory)
+    top = torch.empty_like(scores)
+    seqs = torch.zeros(B * K, max_len, dtype=torch.long, device=device)
+    attn = memory.memory.new_zeros(B * K, max_len, S)
+    flags = torch.zeros(2, B, K, dtype=torch.bool, device=device)  # ended, real
+    t = torch.zeros(1, dtype=torch.long, device=device)
+
+    def body():
+        logits, weights, new = decoder.step(tokens, state, memory)
+        best, tok, rows = _candidates(logits, scores, t[0] < min_len, eos, K)
+        seqs.copy_(seqs.index_select(0, rows))
+        seqs.index_copy_(1, t, tok.view(-1, 1))
+        attn.copy_(attn.index_select(0, rows))
+        attn.index_copy_(1, t, weights.index_select(0, rows)[:, None])
+        is_eos = tok == eos
+        flags.copy_(torch.stack([is_eos, best.isfinite()]))
+        top.copy_(best)
+        scores.copy_(best.masked_fill(is_eos, float("-inf")))
+        tokens.copy_(tok.view(-1))
+        _copy_state(state, new.reorder(rows))
+        t.add_(1)
+
+    step = StepGraph(body, device)
+    finished: List[List[Tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(B)]
+    live = [(b, b) for b in range(B)]
+    for i in range(max_len):
+        step()
+        ended, real = flags.cpu().tolist()  # the step's one host read
+        keep = _collect(finished, live, ended, real, top, seqs[:, :i + 1], attn[:, :i + 1],
+                        length_penalty(i + 1), i == max_len - 1, n_best, K)
+        if not keep:
+            break
+        live = keep
     return _best(finished, n_best)
 
 
