@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make gpu-check: on a machine with a CUDA GPU, builds the extension in place for the GPU
-# it finds, runs the CUDA tests (pytest -m cuda), then the CUDA benchmark and the beam
-# search benchmark. Logs and the benchmarks' tables go to $LOG_DIR. Fits a few minutes on
+# it finds, runs the CUDA tests (pytest -m cuda), then the CUDA benchmark, the beam
+# search benchmark and the end-to-end seq2seq benchmark (quick). Logs and the benchmarks' tables go to $LOG_DIR. Fits a few minutes on
 # an H100 (build about 45 s with 16 jobs).
 #
 # Environment: PY (default python3, the interpreter with a CUDA build of torch), LOG_DIR
@@ -44,6 +44,11 @@ bench_rc=${PIPESTATUS[0]}
 echo "== gpu-check: benchmarks/bench_beam_search.py --quick --device cuda --models bahdanau"
 "$PY" benchmarks/bench_beam_search.py --quick --device cuda --models bahdanau \
   --output "$LOG_DIR/bench_beam_search.md" 2>&1 | tee "$LOG_DIR/bench_beam_search.log"
+(( bench_rc = bench_rc || PIPESTATUS[0] ))
+
+echo "== gpu-check: benchmarks/bench_seq2seq.py --quick --device cuda"
+"$PY" benchmarks/bench_seq2seq.py --quick --device cuda \
+  --output "$LOG_DIR/bench_seq2seq.md" 2>&1 | tee "$LOG_DIR/bench_seq2seq.log"
 (( bench_rc = bench_rc || PIPESTATUS[0] ))
 echo "== gpu-check: tests rc=$tests_rc, benchmark rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

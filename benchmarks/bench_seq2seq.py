@@ -18,6 +18,8 @@ Implementations, interleaved round by round in one process, from the same weight
             plain PyTorch attention, as users write it
   compiled  that eager model with the decoder's forward and step under torch.compile
             (compilation happens in the untimed warm-up)
+  ours-graph, eager-graph   (CUDA, decoding only) ours and eager with cuda_graph=True:
+            each decoding step is the replay of a CUDA graph captured at the first step
 
 Tasks:
 
@@ -65,7 +67,8 @@ MODELS = {
     "luong-dot-nofeed": dict(kind="luong", score="dot", input_feeding=False),
     "luong-general-nofeed": dict(kind="luong", score="general", input_feeding=False),
 }
-IMPLS = ("ours", "eager", "compiled")
+IMPLS = ("ours", "eager", "compiled", "ours-graph", "eager-graph")
+GRAPHED = ("ours-graph", "eager-graph")
 TASKS = ("train", "greedy", "beam")
 UNITS = {"train": "tok/s", "greedy": "tok/s", "beam": "sent/s"}
 QUICK_MODELS = ("bahdanau", "luong-dot")
@@ -82,7 +85,7 @@ def build_model(name: str, args, impl: str, device, dtype) -> Seq2Seq:
     decoder = (BahdanauDecoder(V, E, H) if kind == "bahdanau"
                else LuongDecoder(V, E, H, **spec))
     model = Seq2Seq(encoder, decoder).to(device=device, dtype=dtype)
-    if impl != "ours":
+    if impl not in ("ours", "ours-graph"):
         set_implementation(model, "reference")
     if impl == "compiled":
         # The decoder is where the attention runs; the encoder's packed LSTM is one call.
@@ -100,7 +103,7 @@ def make_batch(args, device):
     return src.to(device), lengths.to(device), tgt.to(device)
 
 
-def task_fn(task: str, model: Seq2Seq, batch, args) -> Callable[[], object]:
+def task_fn(task: str, model: Seq2Seq, batch, args, graph: bool) -> Callable[[], object]:
     src, lengths, tgt = batch
     if task == "train":
         # A small learning rate: the weights stay close to the other implementations'.
@@ -117,9 +120,9 @@ def task_fn(task: str, model: Seq2Seq, batch, args) -> Callable[[], object]:
             return loss.detach()
         return train
     if task == "greedy":
-        return lambda: model.eval().greedy_decode(src, lengths, args.tgt_len)
+        return lambda: model.eval().greedy_decode(src, lengths, args.tgt_len, cuda_graph=graph)
     return lambda: model.eval().beam_search(src, lengths, args.beam, args.tgt_len,
-                                            LengthPenalty(), 1, args.tgt_len)
+                                            LengthPenalty(), 1, args.tgt_len, cuda_graph=graph)
 
 
 def work(task: str, out, args) -> int:
@@ -188,7 +191,7 @@ def memory_child(spec: str, args) -> None:
     name, task, impl, dtype_name = spec.split(":")
     C.glibc_returns_freed_memory_at_once()
     model = build_model(name, args, impl, "cpu", C.DTYPES[dtype_name])
-    fn = task_fn(task, model, make_batch(args, "cpu"), args)
+    fn = task_fn(task, model, make_batch(args, "cpu"), args, graph=False)
     fn()
     C.glibc_returns_freed_memory_at_once()
     print(C.peak_memory_rise_mib(fn, "cpu"))
@@ -211,7 +214,8 @@ def bench_model(name: str, args, device, dtype, argv) -> List[dict]:
     models = {impl: build_model(name, args, impl, device, dtype) for impl in impls}
     records = []
     for task in args.tasks:
-        fns = {impl: task_fn(task, models[impl], batch, args) for impl in impls}
+        fns = {impl: task_fn(task, models[impl], batch, args, impl in GRAPHED)
+               for impl in impls if not (task == "train" and impl in GRAPHED)}
         outs = {}
         for impl, fn in fns.items():  # warm-up: compilation, allocator, Adam's state
             outs[impl] = fn()
@@ -219,56 +223,63 @@ def bench_model(name: str, args, device, dtype, argv) -> List[dict]:
         agreement = check_agreement(task, outs, dtype)
         amount = work(task, outs["ours"], args)
         del outs
-        seconds = {impl: [] for impl in impls}
+        seconds = {impl: [] for impl in fns}
         for _ in range(args.repeats):
             for impl, fn in fns.items():
                 seconds[impl].append(C.time_calls(fn, 1, device))
         rate = {impl: amount / C.median(s) for impl, s in seconds.items()}
         share = ({impl: attention_share(models[impl], fns[impl], device)
-                  for impl in impls if impl != "compiled"} if task == "greedy" else {})
+                  for impl in ("ours", "eager") if impl in fns} if task == "greedy" else {})
         if device.startswith("cuda"):
             peak = {impl: C.peak_memory_rise_mib(fn, device) for impl, fn in fns.items()}
         elif task in args.cpu_memory:
-            peak = {impl: cpu_peak_mib(argv, name, task, impl, dtype_name) for impl in impls}
+            peak = {impl: cpu_peak_mib(argv, name, task, impl, dtype_name) for impl in fns}
         else:
             peak = {}
         records.append(dict(model=name, task=task, unit=UNITS[task], dtype=dtype_name,
                             samples=args.repeats, rate=rate, peak_mib=peak,
                             attention_share=share, agreement=agreement))
-        print(format_record(records[-1], impls), flush=True)
+        print(format_record(records[-1]), flush=True)
         del fns
     del models
     torch._dynamo.reset()
     return records
 
 
-def format_record(r: dict, impls) -> str:
+def format_record(r: dict) -> str:
     parts = [f"{r['model']} {r['dtype']} {r['task']}:"]
-    parts += [f"{i} {r['rate'][i]:.1f} {r['unit']}"
-              + (f" {r['peak_mib'][i]:.0f} MiB" if r["peak_mib"] else "") for i in impls]
+    parts += [f"{i} {rate:.1f} {r['unit']}"
+              + (f" {r['peak_mib'][i]:.0f} MiB" if r["peak_mib"] else "")
+              for i, rate in r["rate"].items()]
     parts += [f"({r['agreement']})"]
     return "  ".join(parts)
 
 
 def table(records: List[dict], impls) -> str:
-    baselines = [i for i in impls if i != "ours"]
+    baselines = [i for i in impls if i not in ("ours", "ours-graph")]
     headers = ["model", "dtype", "task"] + [f"{i}" for i in impls]
     headers += [f"speedup vs {b}" for b in baselines]
+    if "ours-graph" in impls:
+        headers += ["ours-graph vs eager"]
     headers += ["peak MiB " + " / ".join(impls)]
     headers += [f"memory vs {b}" for b in baselines]
     headers += ["attention share (eager / ours)"]
     rows = []
     for r in records:
         rate, peak = r["rate"], r["peak_mib"]
+        # ours-graph is the fused implementation of a graphed decoding: compared with the
+        # graphed eager one as well as with the plain loops.
+        best = rate.get("ours-graph", rate["ours"])
         row = [r["model"], r["dtype"], f"{r['task']} ({r['unit']})"]
-        row += [f"{rate[i]:.1f}" if rate[i] < 100 else f"{rate[i]:.0f}" for i in impls]
-        row += [C.fmt_ratio(rate["ours"] / rate[b]) for b in baselines]
-        if peak:
-            row += [" / ".join(f"{peak[i]:.0f}" for i in impls)]
-            row += [C.fmt_ratio(peak["ours"] / peak[b]) if peak[b] > 0 else "-"
-                    for b in baselines]
-        else:
-            row += ["-"] * (1 + len(baselines))
+        row += ["-" if i not in rate else f"{rate[i]:.1f}" if rate[i] < 100
+                else f"{rate[i]:.0f}" for i in impls]
+        row += [C.fmt_ratio((best if b in GRAPHED else rate["ours"]) / rate[b])
+                if b in rate else "-" for b in baselines]
+        if "ours-graph" in impls:
+            row += [C.fmt_ratio(best / rate["eager"]) if "ours-graph" in rate else "-"]
+        row += [" / ".join(f"{peak[i]:.0f}" if i in peak else "-" for i in impls)]
+        row += [C.fmt_ratio(peak["ours"] / peak[b]) if b in peak and peak[b] > 0 else "-"
+                for b in baselines]
         share = r["attention_share"]
         row += [" / ".join(f"{100 * share[i]:.0f}%" for i in ("eager", "ours") if i in share)
                 or "-"]
@@ -278,7 +289,8 @@ def table(records: List[dict], impls) -> str:
 
 NOTE = ("Throughput of whole models, medians of interleaved calls: target tokens/s for "
         "training (forward + backward + Adam) and greedy decoding, sentences/s for beam "
-        "search (beam 5). speedup vs X = ours' throughput / X's (> 1: ours is faster); "
+        "search (beam 5). speedup vs X = ours' throughput / X's (> 1: ours is faster; "
+        "ours-graph's against eager-graph); "
         "memory vs X = ours' peak rise / X's (< 1: ours needs less). Attention share: "
         "the part of a greedy decoding call spent in the attention layer, which bounds "
         "what a faster attention can gain.")
@@ -291,7 +303,8 @@ def parse_args(argv=None):
                    help=f"comma-separated: {','.join(MODELS)} (default: all; --quick: "
                         f"{','.join(QUICK_MODELS)})")
     p.add_argument("--impls", default=None,
-                   help=f"comma-separated: {','.join(IMPLS)} (default: all; --quick: ours,eager)")
+                   help=f"comma-separated: {','.join(IMPLS)} (default: all the device runs; "
+                        "--quick: without compiled; the -graph ones need CUDA)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {','.join(TASKS)}")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated (default: float32 on the CPU, float32,bfloat16 on CUDA)")
@@ -319,12 +332,15 @@ def parse_args(argv=None):
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.models = C.parse_list(p, "models", args.models or ",".join(
         QUICK_MODELS if args.quick else MODELS), MODELS)
-    args.impls = C.parse_list(p, "impls", args.impls or (
-        "ours,eager" if args.quick else ",".join(IMPLS)), IMPLS)
+    cuda = args.device.startswith("cuda")
+    default = [i for i in IMPLS if (cuda or i not in GRAPHED)
+               and not (args.quick and i == "compiled")]
+    args.impls = C.parse_list(p, "impls", args.impls or ",".join(default), IMPLS)
+    if not cuda and any(i in GRAPHED for i in args.impls):
+        p.error("--impls: ours-graph and eager-graph need --device cuda")
     args.tasks = C.parse_list(p, "tasks", args.tasks, TASKS)
     args.cpu_memory = C.parse_list(p, "cpu-memory", "" if args.quick and args.cpu_memory is None
                                    else args.cpu_memory or "train", TASKS)
-    cuda = args.device.startswith("cuda")
     args.dtypes = C.parse_list(p, "dtypes", args.dtypes or (
         "float32,bfloat16" if cuda else "float32"), C.DTYPES)
     if "ours" not in args.impls:
