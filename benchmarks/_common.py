@@ -222,6 +222,20 @@ def glibc_returns_freed_memory_at_once() -> None:
     libc.malloc_trim(0)
 
 
+def peak_rise_in_fresh_process(script: str, argv, spec: str) -> float:
+    """The peak memory rise (MiB) that `python script *argv --memory-of spec` prints on its
+    last line: a benchmark measured in a fresh process, because memory the allocator
+    keeps from earlier calls in this one hides part of a later call's rise. argv: this
+    benchmark's arguments (None: sys.argv[1:])."""
+    import subprocess
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--memory-of", spec],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def peak_memory_rise_mib(fn: Callable[[], object], device: str) -> float:
     """How far the peak memory rises above what is held before fn runs, in MiB (its
     result is kept until the peak is read): torch's peak allocation on CUDA, the

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -94,16 +93,6 @@ def searches(args, kind, steps, device, dtype):
     return {name: search(dec) for name, dec in variants.items()}
 
 
-def measure_memory(argv, kind: str, variant: str) -> float:
-    """A variant's peak rise, measured in a fresh process: memory the allocator keeps from
-    an earlier search would hide the next one's rise."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
-                          "--memory-of", f"{kind}:{variant}"],
-                         check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +117,7 @@ def main(argv=None):
     if not device.startswith("cuda") and not C.peak_rss_supported():
         p.error("peak memory on the CPU needs a writable /proc/self/clear_refs (Linux)")
 
-    if args.memory_of:  # the child process of measure_memory
+    if args.memory_of:  # the child process of C.peak_rise_in_fresh_process
         kind, variant = args.memory_of.split(":")
         fns = searches(args, kind, steps, device, dtype)
         print(C.peak_memory_rise_mib(fns[variant], device))
@@ -155,7 +144,8 @@ def main(argv=None):
         del outs
         samples = C.interleaved(fns, repeats, device, target_s=0.0, min_repeats=repeats)
         med = {k: C.median(s) for k, s in samples.items()}
-        mem = {name: measure_memory(argv, kind, name) for name in fns}
+        mem = {name: C.peak_rise_in_fresh_process(__file__, argv, f"{kind}:{name}")
+               for name in fns}
         for name in fns:
             row = [kind, name, C.fmt_ms(med[name]),
                    C.fmt_ratio(med[name] / med["memory_index"]), f"{mem[name]:.1f}",

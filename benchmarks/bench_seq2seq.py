@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List
@@ -185,8 +184,8 @@ def attention_share(model: Seq2Seq, fn: Callable[[], object], device) -> float:
 
 
 def memory_child(spec: str, args) -> None:
-    """The child process of cpu_peak_mib: after one warm-up call, the peak RSS rise of one
-    call of a task, printed. glibc returns freed blocks at once from the start, so the
+    """The child process of C.peak_rise_in_fresh_process: after one warm-up call, the
+    peak RSS rise of one call of a task, printed. glibc returns freed blocks at once from the start, so the
     warm-up leaves no freed memory the measured call could reuse."""
     name, task, impl, dtype_name = spec.split(":")
     C.glibc_returns_freed_memory_at_once()
@@ -195,16 +194,6 @@ def memory_child(spec: str, args) -> None:
     fn()
     C.glibc_returns_freed_memory_at_once()
     print(C.peak_memory_rise_mib(fn, "cpu"))
-
-
-def cpu_peak_mib(argv, name: str, task: str, impl: str, dtype_name: str) -> float:
-    """A task's peak memory rise on the CPU, measured in a fresh process: in this one, the
-    heap keeps memory freed by earlier calls, which hides part of a later call's rise."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
-                          "--memory-of", f"{name}:{task}:{impl}:{dtype_name}"],
-                         check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
 
 
 def bench_model(name: str, args, device, dtype, argv) -> List[dict]:
@@ -233,7 +222,8 @@ def bench_model(name: str, args, device, dtype, argv) -> List[dict]:
         if device.startswith("cuda"):
             peak = {impl: C.peak_memory_rise_mib(fn, device) for impl, fn in fns.items()}
         elif task in args.cpu_memory:
-            peak = {impl: cpu_peak_mib(argv, name, task, impl, dtype_name) for impl in fns}
+            peak = {impl: C.peak_rise_in_fresh_process(
+                __file__, argv, f"{name}:{task}:{impl}:{dtype_name}") for impl in fns}
         else:
             peak = {}
         records.append(dict(model=name, task=task, unit=UNITS[task], dtype=dtype_name,
