@@ -5,12 +5,14 @@ everything else stays on the device. Beam search keeps beam_size rows per senten
 index the sentence's precomputed memory through ``memory_index`` (nothing is tiled), and
 drops a sentence's rows once it is done, so finished sentences cost nothing.
 
-With ``captured=True`` a step is one replay of a CUDA graph over static buffers instead of
-a few dozen kernel launches from Python (a decode step is launch-bound on a GPU). Shapes
-are then fixed: greedy decoding checks every ``CHECK_EVERY`` steps whether all rows have
-ended, and beam search keeps computing a done sentence's rows without reading them. Both
-give the tokens of the plain loop. On a CPU the same static
-loop runs without a graph.
+With ``captured=True`` (``Seq2Seq``'s ``cuda_graph=True``) a step is one replay of a CUDA
+graph over static buffers instead of a few dozen kernel launches from Python (a decode
+step is launch-bound on a GPU); each call captures its graph once, at its first step.
+Shapes are then fixed: greedy decoding checks every ``CHECK_EVERY`` steps whether all rows
+have ended, and beam search keeps computing a done sentence's rows without reading them.
+Both compute what the plain loops compute (beam search on all B * K rows, where the plain
+loop drops done sentences, so a GPU library may pick other kernels for its products and
+round differently). On a CPU the same static loop runs without a graph.
 """
 from __future__ import annotations
 
@@ -75,11 +77,26 @@ class BeamSearchResult:
 CHECK_EVERY = 4
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One capture stream per device, kept: a new stream per call would give cuBLAS a new
+    workspace each time (it keeps one per stream)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class StepGraph:
     """Calls ``body`` (no arguments; it reads and writes static tensors in place) as a CUDA
     graph on a CUDA device: the first call runs it on a side stream, as the capture's
-    warm-up and as that step's work, then captures it; later calls replay it. On other
-    devices every call runs body."""
+    warm-up and as that step's work, then captures it on that stream; later calls replay
+    it. On other devices every call runs body.
+
+    The capture uses CUDAGraph.capture_begin/end rather than ``torch.cuda.graph``, which
+    also synchronises the device, collects garbage and empties the allocator's cache at
+    every capture: once per decoding call here."""
 
     def __init__(self, body, device: torch.device):
         self.body, self.device = body, device
@@ -90,17 +107,23 @@ class StepGraph:
         self.calls += 1
         if self.device.type != "cuda":
             self.body()
-        elif self.graph is not None:
-            self.graph.replay()
-        else:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
+            return
+        with torch.cuda.device(self.device):
+            if self.graph is not None:
+                self.graph.replay()
+                return
+            side, current = _side_stream(self.device), torch.cuda.current_stream()
+            side.wait_stream(current)
             with torch.cuda.stream(side):
                 self.body()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.body()
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin()
+                try:
+                    self.body()
+                finally:
+                    graph.capture_end()
+            current.wait_stream(side)
+            self.graph = graph
 
 
 def _copy_state(dst: DecoderState, src: DecoderState) -> None:
