@@ -298,8 +298,9 @@ def test_beam_hypotheses_rescore(kind):
         assert len(res.hypotheses[b]) == 4
         for hyp, score, align in zip(res.hypotheses[b], res.scores[b], res.alignments[b]):
             tgt_in = torch.cat([torch.tensor([BOS]), hyp[:-1]])[None]
-            memory, state = model.encode(src[b:b + 1, :int(lengths[b])], lengths[b:b + 1])
-            logits, weights = model.decoder(tgt_in, model.decoder.init_state(state), memory)
+            with torch.no_grad():
+                memory, state = model.encode(src[b:b + 1, :int(lengths[b])], lengths[b:b + 1])
+                logits, weights = model.decoder(tgt_in, model.decoder.init_state(state), memory)
             logp = torch.log_softmax(logits[0], -1).gather(1, hyp[:, None]).sum()
             assert score == pytest.approx(float(logp) / penalty(len(hyp)), rel=1e-9, abs=1e-9)
             n = int(lengths[b])
