@@ -19,8 +19,8 @@ Implementations, interleaved round by round in one process, from the same weight
   compiled  that eager model with the decoder's forward and step under torch.compile
             (compilation happens in the untimed warm-up)
   ours-graph, eager-graph   (CUDA, decoding only) ours and eager with cuda_graph=True:
-            each decoding step is the replay of a CUDA graph captured at the call's first
-            step (the capture is part of the timed call)
+            each decoding step is the replay of a CUDA graph, captured at the first call of
+            the batch shape (the untimed warm-up) and kept by the model for later calls
 
 Tasks:
 

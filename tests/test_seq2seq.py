@@ -2,12 +2,15 @@
 search (beams share the encoder memory), batch invariance, export/compile, save/load, a
 reverse task learnt inside the test, and every bad input."""
 import functools
+import pickle
+import weakref
 
 import pytest
 import torch
 
 import attention_ext
 from attention_ext.nn import set_implementation
+from attention_ext.seq2seq import model as model_module
 from attention_ext.seq2seq import (BahdanauDecoder, DecoderState, Encoder, LengthPenalty,
                                    LuongDecoder, Seq2Seq)
 from conftest import DEVICES, HAS_CUDA, generator
@@ -158,39 +161,97 @@ def _ending_model(kind, device="cpu"):
     return model
 
 
+def _assert_same_beams(got, want, n_best, where):
+    for b in range(len(want.hypotheses)):
+        assert len(got.hypotheses[b]) == len(want.hypotheses[b]) == n_best, where
+        for x, y in zip(got.hypotheses[b], want.hypotheses[b]):
+            assert torch.equal(x, y), (where, b)
+        for x, y in zip(got.alignments[b], want.alignments[b]):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+        assert got.scores[b] == pytest.approx(want.scores[b], rel=1e-12), (where, b)
+
+
 @pytest.mark.parametrize("kind", list(DECODERS))
 def test_captured_decoding_is_the_plain_loop(kind):
     """The static loop of cuda_graph=True (run without a graph on the CPU: the same
     buffers, device step counter, finished-checks every CHECK_EVERY steps and done
-    sentences kept at -inf) gives the plain loop's tokens, scores and alignments."""
+    sentences kept at -inf) gives the plain loop's tokens, scores and alignments, at its
+    first call and at later calls on other batches of the shape (buffers refilled)."""
     from attention_ext.seq2seq import search
 
-    src, lengths = source(6, 9, seed=3)
     model = _ending_model(kind)
     with torch.no_grad():
-        memory, state = model.encode(src, lengths)
-        lengths_seen = set()
+        batches = [model.encode(*source(6, 9, seed=seed)) for seed in (3, 4, 3)]
+        first = batches[0]
         for max_len in (1, 6, 30):
-            plain = search.greedy_decode(model.decoder, memory, state, BOS, EOS, PAD, max_len)
-            captured = search.greedy_decode(model.decoder, memory, state, BOS, EOS, PAD,
-                                            max_len, captured=True)
-            assert torch.equal(captured, plain), max_len
-            lengths_seen.add(plain.shape[1])
+            greedy = search.CapturedGreedy(model.decoder, *first, BOS, EOS, PAD, max_len)
+            for i, (memory, state) in enumerate(batches):
+                plain = search.greedy_decode(model.decoder, memory, state, BOS, EOS, PAD,
+                                             max_len)
+                assert torch.equal(greedy(memory, state), plain), (max_len, i)
             for K, n_best, min_len in ((1, 1, 0), (4, 2, 0), (5, 3, 1)):
-                args = (model.decoder, memory, state, BOS, EOS, K, max_len,
-                        LengthPenalty("gnmt", 0.6), n_best, min(min_len, max_len))
-                want = search.beam_search(*args)
-                got = search.beam_search(*args, captured=True)
-                for b in range(6):
-                    assert len(got.hypotheses[b]) == len(want.hypotheses[b]) == n_best
-                    for x, y in zip(got.hypotheses[b], want.hypotheses[b]):
-                        assert torch.equal(x, y), (max_len, K, b)
-                    for x, y in zip(got.alignments[b], want.alignments[b]):
-                        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
-                    assert got.scores[b] == pytest.approx(want.scores[b], rel=1e-12)
+                min_len = min(min_len, max_len)
+                beams = search.CapturedBeamSearch(model.decoder, *first, BOS, EOS, K, max_len,
+                                                  min_len)
+                for i, (memory, state) in enumerate(batches):
+                    penalty = LengthPenalty("gnmt", 0.6)
+                    want = search.beam_search(model.decoder, memory, state, BOS, EOS, K,
+                                              max_len, penalty, n_best, min_len)
+                    _assert_same_beams(beams(memory, state, penalty, n_best), want, n_best,
+                                       (max_len, K, i))
         # At 30 steps, rows ended at different steps.
         ends = {int((row == EOS).nonzero()[0, 0]) for row in plain if bool((row == EOS).any())}
         assert len(ends) > 2, (kind, plain)
+
+
+def test_captured_decodings_are_kept_per_key():
+    """A model keeps one captured decoding per key, the least recently used dropped first;
+    the key changes with the options, any decoder module's mode, the implementation and
+    inference mode; clearing frees them at once, copies start without them, and moving
+    the model drops them."""
+    from attention_ext.seq2seq import search
+
+    model = make_model("bahdanau")
+    memory, state = model.encode(*source(2, 5))
+    made = []
+
+    def captured(*options, make=object):
+        return model._captured(search.captured_key(memory, *options),
+                               lambda: made.append(options) or make())
+
+    a = captured("greedy", 5)
+    assert captured("greedy", 5) is a and made == [("greedy", 5)]
+    b = captured("greedy", 6)
+    model.train()
+    assert captured("greedy", 5) is not a
+    model.eval()
+    model.decoder.dropout.train()
+    assert captured("greedy", 5) is not a
+    model.decoder.dropout.eval()
+    set_implementation(model, "reference")
+    assert captured("greedy", 5) is not a
+    set_implementation(model, "fused")
+    with torch.inference_mode():
+        assert captured("greedy", 5) is not a
+    assert captured("greedy", 5) is a and len(made) == len(model._cuda_graphs) == 6
+    for i in range(model_module.CUDA_GRAPHS_KEPT - 6 + 1):
+        captured("greedy", 100 + i)
+    assert len(model._cuda_graphs) == model_module.CUDA_GRAPHS_KEPT
+    assert captured("greedy", 5) is a  # used after b, so b went first
+    assert captured("greedy", 6) is not b
+
+    copy = pickle.loads(pickle.dumps(model))
+    assert len(copy._cuda_graphs) == 0 and len(model._cuda_graphs) > 0
+    model.double()
+    assert len(model._cuda_graphs) == 0
+
+    memory, state = model.encode(*source(2, 5))
+    greedy = weakref.ref(captured(
+        "greedy", 5, make=lambda: search.CapturedGreedy(model.decoder, memory, state, BOS,
+                                                        EOS, PAD, 5)))
+    greedy()(memory, state)
+    model.clear_cuda_graphs()
+    assert greedy() is None  # no reference cycle keeps its buffers (or graph) alive
 
 
 @pytest.mark.cuda
@@ -198,17 +259,17 @@ def test_captured_decoding_is_the_plain_loop(kind):
 @pytest.mark.parametrize("kind", list(DECODERS))
 def test_cuda_graph_decoding(kind):
     """cuda_graph=True captures a step and replays it: the tokens and hypotheses of the
-    plain loop on the GPU."""
-    src, lengths = source(6, 9, seed=3, device="cuda")
+    plain loop on the GPU, at the first call and at later calls on other batches."""
     model = _ending_model(kind, device="cuda")
+    batches = [source(6, 9, seed=seed, device="cuda") for seed in (3, 4, 3)]
     for max_len in (1, 30):
-        assert torch.equal(model.greedy_decode(src, lengths, max_len, cuda_graph=True),
-                           model.greedy_decode(src, lengths, max_len))
-        got = model.beam_search(src, lengths, 4, max_len, n_best=2, cuda_graph=True)
-        want = model.beam_search(src, lengths, 4, max_len, n_best=2)
-        for b in range(6):
-            for x, y in zip(got.hypotheses[b], want.hypotheses[b]):
-                assert torch.equal(x, y), (max_len, b)
+        for src, lengths in batches:
+            assert torch.equal(model.greedy_decode(src, lengths, max_len, cuda_graph=True),
+                               model.greedy_decode(src, lengths, max_len))
+            got = model.beam_search(src, lengths, 4, max_len, n_best=2, cuda_graph=True)
+            want = model.beam_search(src, lengths, 4, max_len, n_best=2)
+            _assert_same_beams(got, want, 2, max_len)
+    assert len(model._cuda_graphs) == 4  # greedy and beam, at two max_len each
 
 
 def test_teacher_forcing_without_input_feeding_matches_the_step_loop():

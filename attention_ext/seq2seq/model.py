@@ -3,19 +3,23 @@ decoded greedily or with beam search; saved as configuration + weights (no pickl
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .decoders import DECODERS, _Decoder
 from .encoder import Encoder, check_tokens
-from .search import BeamSearchResult, LengthPenalty, beam_search, greedy_decode
+from .search import (BeamSearchResult, CapturedBeamSearch, CapturedDecodings, CapturedGreedy,
+                     LengthPenalty, beam_search, captured_key, greedy_decode)
 
 Tensor = torch.Tensor
 
 # The checkpoint format: a dict of plain values and tensors, loadable with weights_only=True.
 _FORMAT = "attention_ext.seq2seq/1"
+
+# Captured decodings (cuda_graph=True) a model keeps.
+CUDA_GRAPHS_KEPT = 8
 
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
@@ -33,6 +37,10 @@ class Seq2Seq(nn.Module):
     encoder's padding_idx) fills greedy outputs after the end token. The decoder's
     memory_dim must be the encoder's hidden_size and its hidden_size the encoder's
     decoder_hidden_size.
+
+    Decoding with ``cuda_graph=True`` captures a step once per batch shape and options and
+    keeps the capture (up to CUDA_GRAPHS_KEPT of them) for later calls;
+    ``clear_cuda_graphs()`` frees them, and moving or casting the model drops them.
     """
 
     def __init__(self, encoder: Encoder, decoder: _Decoder, bos_idx: int = 1, eos_idx: int = 2):
@@ -66,6 +74,17 @@ class Seq2Seq(nn.Module):
         self.bos_idx, self.eos_idx = bos_idx, eos_idx
         self.pad_idx = enc["padding_idx"]
         self.metadata: dict = {}
+        self._cuda_graphs = CapturedDecodings(CUDA_GRAPHS_KEPT)
+
+    def clear_cuda_graphs(self) -> None:
+        """Frees the decodings captured by ``cuda_graph=True`` calls."""
+        self._cuda_graphs.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # The captured steps read the parameters where they were; .to(), .half() and the
+        # like put them elsewhere.
+        self.clear_cuda_graphs()
+        return super()._apply(fn, *args, **kwargs)
 
     def config(self) -> dict:
         return dict(encoder=dict(self.encoder.config), decoder_type=self.decoder.kind,
@@ -98,18 +117,38 @@ class Seq2Seq(nn.Module):
                              f"it is on {device}")
         return cuda_graph
 
+    def _captured(self, key: tuple, make: Callable) -> Callable:
+        """The captured decoding of key, made by make() if this model has none. Keys also
+        hold what else a captured step depends on: the token ids it compares with, where
+        the decoder's parameters lie, its modules' training modes (dropout), its
+        attention's implementation, and the modes that pick kernels and tensor kinds
+        (autocast, TF32, inference mode)."""
+        decoder = self.decoder
+        key += (self.bos_idx, self.eos_idx, self.pad_idx,
+                tuple(t.data_ptr() for t in decoder.parameters()),
+                tuple(m.training for m in decoder.modules()),
+                decoder.attention.implementation,
+                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.is_inference_mode_enabled())
+        return self._cuda_graphs.get(key, make)
+
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int,
                       cuda_graph: bool = False) -> Tensor:
         """(B, L) token ids, L <= max_len: eos included, pad_idx after it.
 
-        cuda_graph: run each step as the replay of a CUDA graph captured at the first step
-        (the same tokens; a decode step is otherwise bound by its kernel launches)."""
+        cuda_graph: run each step as the replay of a CUDA graph, captured at the first call
+        of this batch shape and max_len (the same tokens; a decode step is otherwise bound
+        by its kernel launches)."""
         _positive_int(max_len, "max_len")
-        captured = self._check_cuda_graph(cuda_graph)
+        cuda_graph = self._check_cuda_graph(cuda_graph)
         memory, state = self.encode(src, src_lengths)
-        return greedy_decode(self.decoder, memory, state, self.bos_idx, self.eos_idx,
-                             self.pad_idx, max_len, captured)
+        args = (self.decoder, memory, state, self.bos_idx, self.eos_idx, self.pad_idx, max_len)
+        if not cuda_graph:
+            return greedy_decode(*args)
+        return self._captured(captured_key(memory, "greedy", max_len),
+                              lambda: CapturedGreedy(*args))(memory, state)
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, src_lengths: Tensor, beam_size: int, max_len: int,
@@ -118,9 +157,10 @@ class Seq2Seq(nn.Module):
         """The n_best hypotheses per sentence of a beam search of beam_size, at most max_len
         tokens each and no end token before min_len (see search.beam_search).
 
-        cuda_graph: run each step as the replay of a CUDA graph captured at the first step
-        (the same hypotheses; sentences that are done keep their rows until the end)."""
-        captured = self._check_cuda_graph(cuda_graph)
+        cuda_graph: run each step as the replay of a CUDA graph, captured at the first call
+        of this batch shape, beam_size, max_len and min_len (the same hypotheses; sentences
+        that are done keep their rows until the end)."""
+        cuda_graph = self._check_cuda_graph(cuda_graph)
         _positive_int(beam_size, "beam_size")
         _positive_int(max_len, "max_len")
         _positive_int(n_best, "n_best")
@@ -138,8 +178,14 @@ class Seq2Seq(nn.Module):
             raise TypeError(f"length_penalty must be a LengthPenalty or None, "
                             f"got {type(length_penalty).__name__}")
         memory, state = self.encode(src, src_lengths)
-        return beam_search(self.decoder, memory, state, self.bos_idx, self.eos_idx, beam_size,
-                           max_len, length_penalty, n_best, min_len, captured)
+        if not cuda_graph:
+            return beam_search(self.decoder, memory, state, self.bos_idx, self.eos_idx,
+                               beam_size, max_len, length_penalty, n_best, min_len)
+        search = self._captured(
+            captured_key(memory, "beam", beam_size, max_len, min_len),
+            lambda: CapturedBeamSearch(self.decoder, memory, state, self.bos_idx, self.eos_idx,
+                                       beam_size, max_len, min_len))
+        return search(memory, state, length_penalty, n_best)
 
     def save(self, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
         """Saves the configuration and weights at path, with ``metadata``: a dict of plain

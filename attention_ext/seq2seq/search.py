@@ -5,20 +5,24 @@ everything else stays on the device. Beam search keeps beam_size rows per senten
 index the sentence's precomputed memory through ``memory_index`` (nothing is tiled), and
 drops a sentence's rows once it is done, so finished sentences cost nothing.
 
-With ``captured=True`` (``Seq2Seq``'s ``cuda_graph=True``) a step is one replay of a CUDA
-graph over static buffers instead of a few dozen kernel launches from Python (a decode
-step is launch-bound on a GPU); each call captures its graph once, at its first step.
-Shapes are then fixed: greedy decoding checks every ``CHECK_EVERY`` steps whether all rows
-have ended, and beam search keeps computing a done sentence's rows without reading them.
-Both compute what the plain loops compute (beam search on all B * K rows, where the plain
-loop drops done sentences, so a GPU library may pick other kernels for its products and
-round differently). On a CPU the same static loop runs without a graph.
+``CapturedGreedy`` and ``CapturedBeamSearch`` (``Seq2Seq``'s ``cuda_graph=True``) run a
+step as one replay of a CUDA graph over static buffers instead of a few dozen kernel
+launches from Python (a decode step is launch-bound on a GPU). A captured decoding serves
+every later batch of its shape: a call copies its memory and initial state into the
+buffers and replays. Shapes are fixed: greedy decoding checks every ``CHECK_EVERY`` steps
+whether all rows have ended, and beam search keeps computing a done sentence's rows without
+reading them. Both compute what the plain loops compute (beam search on all B * K rows,
+where the plain loop drops done sentences, so a GPU library may pick other kernels for its
+products and round differently). On a CPU the same static loop runs without a graph.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import List, Tuple
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -77,53 +81,40 @@ class BeamSearchResult:
 CHECK_EVERY = 4
 
 
-_SIDE_STREAMS: dict = {}
+class _DeviceSlot:
+    """What the captured decodings of one device share: a lock that runs their calls one at
+    a time and, on a CUDA device, the stream they capture on, kept (cuBLAS keeps a
+    workspace per stream, which the graphs then use), and an event that orders each call
+    after the last one's queued work (a call returns with its output's copy queued)."""
+
+    def __init__(self, device: torch.device):
+        self.lock = threading.Lock()
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.done = torch.cuda.Event() if cuda else None
 
 
-def _side_stream(device: torch.device):
-    """One capture stream per device, kept: a new stream per call would give cuBLAS a new
-    workspace each time (it keeps one per stream)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+_SLOTS: dict = {}
+_SLOTS_LOCK = threading.Lock()
 
 
-class StepGraph:
-    """Calls ``body`` (no arguments; it reads and writes static tensors in place) as a CUDA
-    graph on a CUDA device: the first call runs it on a side stream, as the capture's
-    warm-up and as that step's work, then captures it on that stream; later calls replay
-    it. On other devices every call runs body.
-
-    The capture uses CUDAGraph.capture_begin/end rather than ``torch.cuda.graph``, which
-    also synchronises the device, collects garbage and empties the allocator's cache at
-    every capture: once per decoding call here."""
-
-    def __init__(self, body, device: torch.device):
-        self.body, self.device = body, device
-        self.graph = None
-        self.calls = 0
-
-    def __call__(self) -> None:
-        self.calls += 1
-        if self.device.type != "cuda":
-            self.body()
+@contextmanager
+def _exclusive(device: torch.device):
+    """One captured decoding at a time on device, each after the last one's queued work."""
+    with _SLOTS_LOCK:
+        if device not in _SLOTS:
+            _SLOTS[device] = _DeviceSlot(device)
+        slot = _SLOTS[device]
+    with slot.lock:
+        if slot.done is None:
+            yield
             return
-        with torch.cuda.device(self.device):
-            if self.graph is not None:
-                self.graph.replay()
-                return
-            side, current = _side_stream(self.device), torch.cuda.current_stream()
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                self.body()
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin()
-                try:
-                    self.body()
-                finally:
-                    graph.capture_end()
-            current.wait_stream(side)
-            self.graph = graph
+        with torch.cuda.device(device):
+            torch.cuda.current_stream().wait_event(slot.done)
+            try:
+                yield
+            finally:
+                slot.done.record()
 
 
 def _copy_state(dst: DecoderState, src: DecoderState) -> None:
@@ -142,12 +133,115 @@ def _static_state(state: DecoderState) -> DecoderState:
                         None if state.memory_index is None else state.memory_index.clone())
 
 
+def _static_memory(memory: PrecomputedMemory) -> PrecomputedMemory:
+    """A copy of memory in tensors of its own (keys stay memory itself where they are)."""
+    own = memory.memory.clone()
+    return replace(
+        memory, memory=own, keys=own if memory.keys is memory.memory else memory.keys.clone(),
+        lengths=None if memory.lengths is None else memory.lengths.clone(),
+        mask=None if memory.mask is None else memory.mask.clone())
+
+
+def _copy_memory(dst: PrecomputedMemory, src: PrecomputedMemory) -> None:
+    dst.memory.copy_(src.memory)
+    if dst.keys is not dst.memory:
+        dst.keys.copy_(src.keys)
+    for d, s in ((dst.lengths, src.lengths), (dst.mask, src.mask)):
+        if d is not None:
+            d.copy_(s)
+
+
+def captured_key(memory: PrecomputedMemory, *options) -> tuple:
+    """What a captured decoding is specific to, besides its decoder: the memory's shapes,
+    dtype, device and masking, and the options its step or buffers depend on. A decoding
+    captured for one key serves every batch of that key."""
+    m = memory.memory
+    return (tuple(m.shape), tuple(memory.keys.shape), m.dtype, m.device,
+            memory.keys is memory.memory,
+            None if memory.lengths is None else memory.lengths.dtype,
+            None if memory.mask is None else tuple(memory.mask.shape)) + options
+
+
+class _CapturedDecoding:
+    """Static buffers and a decoding step over them (a subclass's ``_body``: no arguments,
+    it reads and writes the buffers in place), run as a CUDA graph on a CUDA device, under
+    ``_exclusive``: the first step
+    runs on the device's capture stream, as the capture's warm-up and as that step's work,
+    then is captured there; every later step, of this call and of later calls, is a
+    replay. On other devices each step runs _body.
+
+    The capture uses CUDAGraph.capture_begin/end rather than ``torch.cuda.graph``, which
+    also synchronises the device, collects garbage and empties the allocator's cache. It
+    runs under autocast without autocast's cache, which would keep the weights' casts
+    outside the graph's memory."""
+
+    def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, state: DecoderState):
+        self.decoder, self.device = decoder, memory.memory.device
+        self.memory = _static_memory(memory)
+        self.state = _static_state(state)
+        self.graph = None
+
+    def _refill(self, memory: PrecomputedMemory, state: DecoderState) -> None:
+        _copy_memory(self.memory, memory)
+        _copy_state(self.state, state)
+
+    def _step(self) -> None:
+        if self.device.type != "cuda":
+            self._body()
+        elif self.graph is not None:
+            self.graph.replay()
+        else:
+            side, current = _SLOTS[self.device].stream, torch.cuda.current_stream()
+            side.wait_stream(current)
+            autocast = torch.autocast("cuda", enabled=torch.is_autocast_enabled("cuda"),
+                                      dtype=torch.get_autocast_dtype("cuda"),
+                                      cache_enabled=False)
+            with torch.cuda.stream(side), autocast:
+                self._body()
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin()
+                try:
+                    self._body()
+                finally:
+                    graph.capture_end()
+            current.wait_stream(side)
+            self.graph = graph
+
+
+class CapturedDecodings:
+    """A model's captured decodings by key, the least recently used dropped past ``kept``:
+    each holds its graph's memory pool and buffers of one batch shape."""
+
+    def __init__(self, kept: int):
+        self.kept = kept
+        self.items: "OrderedDict[tuple, _CapturedDecoding]" = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple, make: Callable[[], "_CapturedDecoding"]) -> "_CapturedDecoding":
+        with self.lock:
+            found = self.items.pop(key, None)
+            self.items[key] = found = make() if found is None else found
+            while len(self.items) > self.kept:
+                self.items.popitem(last=False)
+            return found
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __reduce__(self):
+        # A copy or pickle of a model starts without captures: they hold the original's
+        # buffers and graphs.
+        return CapturedDecodings, (self.kept,)
+
+
 def greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos: int,
-                  eos: int, pad: int, max_len: int, captured: bool = False) -> Tensor:
+                  eos: int, pad: int, max_len: int) -> Tensor:
     """The argmax token at every step until every row has produced eos or max_len tokens.
     Returns (B, L) token ids, eos included, pad after it."""
-    if captured:
-        return _captured_greedy_decode(decoder, memory, encoder_state, bos, eos, pad, max_len)
     B = memory.memory.shape[0]
     state = decoder.init_state(encoder_state)
     tokens = memory.memory.new_full((B,), bos, dtype=torch.long)
@@ -163,52 +257,60 @@ def greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, b
     return torch.stack(out, 1)
 
 
-def _captured_greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
-                            bos: int, eos: int, pad: int, max_len: int) -> Tensor:
-    """greedy_decode as replays of one captured step. The step writes its tokens into
-    column t of a static (B, max_len) output, t being a device counter, and records the
-    step at which each row ended; the output is cut after the step at which the last row
-    ended, as the plain loop stops there."""
-    B, device = memory.memory.shape[0], memory.memory.device
-    state = _static_state(decoder.init_state(encoder_state))
-    tokens = torch.full((B,), bos, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    ended_at = torch.full((B,), max_len - 1, dtype=torch.long, device=device)
-    out = torch.full((B, max_len), pad, dtype=torch.long, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)
+class CapturedGreedy(_CapturedDecoding):
+    """greedy_decode as replays of one captured step, for batches of one captured_key. The
+    step writes its tokens into column t of a static (B, max_len) output, t being a device
+    counter, and records the step at which each row ended; the output is cut after the step
+    at which the last row ended, as the plain loop stops there."""
 
-    def body():
-        logits, _, new = decoder.step(tokens, state, memory)
-        nxt = logits.argmax(-1).masked_fill(finished, pad)
-        out.index_copy_(1, t, nxt[:, None])
-        ends = (nxt == eos) & ~finished
-        ended_at.copy_(torch.where(ends, t, ended_at))
-        finished.logical_or_(ends)
-        tokens.copy_(nxt)
-        _copy_state(state, new)
-        t.add_(1)
+    def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
+                 bos: int, eos: int, pad: int, max_len: int):
+        super().__init__(decoder, memory, decoder.init_state(encoder_state))
+        B, device = memory.memory.shape[0], memory.memory.device
+        self.bos, self.eos, self.pad, self.max_len = bos, eos, pad, max_len
+        self.tokens = torch.empty(B, dtype=torch.long, device=device)
+        self.finished = torch.empty(B, dtype=torch.bool, device=device)
+        self.ended_at = torch.empty(B, dtype=torch.long, device=device)
+        # Column t is written for every row at step t, so no call reads an earlier call's.
+        self.out = torch.empty(B, max_len, dtype=torch.long, device=device)
+        self.t = torch.empty(1, dtype=torch.long, device=device)
 
-    step = StepGraph(body, device)
-    while step.calls < max_len:
-        for _ in range(min(CHECK_EVERY, max_len - step.calls)):
-            step()
-        if bool(finished.all()):  # the one host read of CHECK_EVERY steps
-            break
-    length = int(ended_at.max()) + 1 if bool(finished.all()) else max_len
-    return out[:, :length].clone()
+    def _body(self) -> None:
+        logits, _, new = self.decoder.step(self.tokens, self.state, self.memory)
+        nxt = logits.argmax(-1).masked_fill(self.finished, self.pad)
+        self.out.index_copy_(1, self.t, nxt[:, None])
+        ends = (nxt == self.eos) & ~self.finished
+        self.ended_at.copy_(torch.where(ends, self.t, self.ended_at))
+        self.finished.logical_or_(ends)
+        self.tokens.copy_(nxt)
+        _copy_state(self.state, new)
+        self.t.add_(1)
+
+    def __call__(self, memory: PrecomputedMemory, encoder_state) -> Tensor:
+        with _exclusive(self.device):
+            self._refill(memory, self.decoder.init_state(encoder_state))
+            self.tokens.fill_(self.bos)
+            self.finished.zero_()
+            self.ended_at.fill_(self.max_len - 1)
+            self.t.zero_()
+            steps, done = 0, False
+            while steps < self.max_len and not done:
+                for _ in range(min(CHECK_EVERY, self.max_len - steps)):
+                    self._step()
+                    steps += 1
+                done = bool(self.finished.all())  # the one host read of CHECK_EVERY steps
+            length = int(self.ended_at.max()) + 1 if done else self.max_len
+            return self.out[:, :length].clone()
 
 
 def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos: int,
                 eos: int, beam_size: int, max_len: int, length_penalty: LengthPenalty,
-                n_best: int, min_len: int, captured: bool = False) -> BeamSearchResult:
+                n_best: int, min_len: int) -> BeamSearchResult:
     """Beam search with ``beam_size`` rows per sentence. A sentence is done once its best
     candidate of a step ends with eos and it has n_best finished hypotheses (or at max_len,
     when its live beams are finished as they are); its rows are then dropped. A beam that
     ends stops extending (its score becomes -inf), so a sentence may go on with fewer live
     beams, as in OpenNMT-py."""
-    if captured:
-        return _captured_beam_search(decoder, memory, encoder_state, bos, eos, beam_size,
-                                     max_len, length_penalty, n_best, min_len)
     B, S = memory.memory.shape[:2]
     K = beam_size
     device = memory.memory.device
@@ -291,52 +393,65 @@ def _collect(finished, blocks, ended, real, top, seqs, attn, penalty: float, las
     return keep
 
 
-def _captured_beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
-                          bos: int, eos: int, K: int, max_len: int,
-                          length_penalty: LengthPenalty, n_best: int,
-                          min_len: int) -> BeamSearchResult:
-    """beam_search as replays of one captured step over all B * K rows. The histories are
-    static (B * K, max_len) buffers whose column t the step writes; a done sentence's rows
-    go on (the shapes are fixed) but are no longer read."""
-    B, S = memory.memory.shape[:2]
-    device = memory.memory.device
-    memory_index = torch.arange(B, device=device).repeat_interleave(K)
-    state = _static_state(decoder.init_state(encoder_state, memory_index))
-    tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
-    scores = _initial_scores(B, K, memory.memory)
-    top = torch.empty_like(scores)
-    seqs = torch.zeros(B * K, max_len, dtype=torch.long, device=device)
-    attn = memory.memory.new_zeros(B * K, max_len, S)
-    flags = torch.zeros(2, B, K, dtype=torch.bool, device=device)  # ended, real
-    t = torch.zeros(1, dtype=torch.long, device=device)
+class CapturedBeamSearch(_CapturedDecoding):
+    """beam_search as replays of one captured step over all B * K rows, for batches of one
+    captured_key. The histories are static (B * K, max_len) buffers whose column t the step
+    writes; a done sentence's rows go on (the shapes are fixed) but are no longer read."""
 
-    def body():
-        logits, weights, new = decoder.step(tokens, state, memory)
-        best, tok, rows = _candidates(logits, scores, t[0] < min_len, eos, K)
-        seqs.copy_(seqs.index_select(0, rows))
-        seqs.index_copy_(1, t, tok.view(-1, 1))
-        attn.copy_(attn.index_select(0, rows))
-        attn.index_copy_(1, t, weights.index_select(0, rows)[:, None])
-        is_eos = tok == eos
-        flags.copy_(torch.stack([is_eos, best.isfinite()]))
-        top.copy_(best)
-        scores.copy_(best.masked_fill(is_eos, float("-inf")))
-        tokens.copy_(tok.view(-1))
-        _copy_state(state, new.reorder(rows))
-        t.add_(1)
+    def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
+                 bos: int, eos: int, K: int, max_len: int, min_len: int):
+        B, S = memory.memory.shape[:2]
+        device = memory.memory.device
+        self.memory_index = torch.arange(B, device=device).repeat_interleave(K)
+        super().__init__(decoder, memory, decoder.init_state(encoder_state, self.memory_index))
+        self.bos, self.eos, self.max_len, self.min_len = bos, eos, max_len, min_len
+        self.tokens = torch.empty(B * K, dtype=torch.long, device=device)
+        self.scores = _initial_scores(B, K, memory.memory)
+        self.top = torch.empty_like(self.scores)
+        # Column t is written at step t and the rows re-gathered from columns < t, so no
+        # call reads an earlier call's histories.
+        self.seqs = torch.empty(B * K, max_len, dtype=torch.long, device=device)
+        self.attn = memory.memory.new_empty(B * K, max_len, S)
+        self.flags = torch.empty(2, B, K, dtype=torch.bool, device=device)  # ended, real
+        self.t = torch.empty(1, dtype=torch.long, device=device)
 
-    step = StepGraph(body, device)
-    finished: List[List[Tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(B)]
-    live = [(b, b) for b in range(B)]
-    for i in range(max_len):
-        step()
-        ended, real = flags.cpu().tolist()  # the step's one host read
-        keep = _collect(finished, live, ended, real, top, seqs[:, :i + 1], attn[:, :i + 1],
-                        length_penalty(i + 1), i == max_len - 1, n_best, K)
-        if not keep:
-            break
-        live = keep
-    return _best(finished, n_best)
+    def _body(self) -> None:
+        K = self.scores.shape[1]
+        logits, weights, new = self.decoder.step(self.tokens, self.state, self.memory)
+        best, tok, rows = _candidates(logits, self.scores, self.t[0] < self.min_len, self.eos,
+                                      K)
+        self.seqs.copy_(self.seqs.index_select(0, rows))
+        self.seqs.index_copy_(1, self.t, tok.view(-1, 1))
+        self.attn.copy_(self.attn.index_select(0, rows))
+        self.attn.index_copy_(1, self.t, weights.index_select(0, rows)[:, None])
+        is_eos = tok == self.eos
+        self.flags.copy_(torch.stack([is_eos, best.isfinite()]))
+        self.top.copy_(best)
+        self.scores.copy_(best.masked_fill(is_eos, float("-inf")))
+        self.tokens.copy_(tok.view(-1))
+        _copy_state(self.state, new.reorder(rows))
+        self.t.add_(1)
+
+    def __call__(self, memory: PrecomputedMemory, encoder_state,
+                 length_penalty: LengthPenalty, n_best: int) -> BeamSearchResult:
+        B, K = self.scores.shape
+        with _exclusive(self.device):
+            self._refill(memory, self.decoder.init_state(encoder_state, self.memory_index))
+            self.tokens.fill_(self.bos)
+            self.scores.copy_(_initial_scores(B, K, self.scores))
+            self.t.zero_()
+            finished: List[List[Tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(B)]
+            live = [(b, b) for b in range(B)]
+            for i in range(self.max_len):
+                self._step()
+                ended, real = self.flags.cpu().tolist()  # the step's one host read
+                keep = _collect(finished, live, ended, real, self.top, self.seqs[:, :i + 1],
+                                self.attn[:, :i + 1], length_penalty(i + 1),
+                                i == self.max_len - 1, n_best, K)
+                if not keep:
+                    break
+                live = keep
+            return _best(finished, n_best)
 
 
 def _to_device(values: List[int], device) -> Tensor:
