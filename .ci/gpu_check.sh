@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-check: on a machine with a CUDA GPU, builds the extension in place for the GPU
 # it finds, runs the CUDA tests (pytest -m cuda), then the CUDA benchmark, the beam
-# search benchmark and the end-to-end seq2seq benchmark (quick). Logs and the benchmarks' tables go to $LOG_DIR. Fits a few minutes on
-# an H100 (build about 45 s with 16 jobs).
+# search benchmark and the end-to-end seq2seq benchmark (quick). Logs and the benchmarks'
+# tables go to $LOG_DIR. Fits a few minutes on an H100 (build about 45 s with 16 jobs).
 #
 # Environment: PY (default python3, the interpreter with a CUDA build of torch), LOG_DIR
 # (default gpu-check-logs), TEST_WORKERS (pytest-xdist workers when installed, default 8),

@@ -44,12 +44,11 @@ trap show_reports EXIT
 "$PY" -c 'import attention_ext, sys
 sys.exit(0 if attention_ext.__file__.startswith(sys.argv[1]) else
          "test_sanitized: imported another build: " + attention_ext.__file__)' "$WORK"
-# The suite but the slow tests (the 64-bit one needs 9 GB, more with ASan's shadow), the
-# torch.compile ones (they add only Python-side tracing and take long under ASan) and the
-# demo's (Python, calling the ops as the rest of the suite does).
-# The op-level tests: the models built on the ops (seq2seq, the drop-ins, the demo) call
-# the same kernels on shapes the op tests already cover, and take most of their time in
-# PyTorch's own RNNs, which are not instrumented.
+# The op-level tests, less the slow ones (the 64-bit one needs 9 GB, more with ASan's
+# shadow) and the torch.compile ones (they add only Python-side tracing and take long
+# under ASan). The models built on the ops (seq2seq, the drop-ins, the demo) call the same
+# kernels on shapes the op tests already cover, and take most of their time in PyTorch's
+# own RNNs, which are not instrumented.
 "$PY" -m pytest -q -n auto -p no:cacheprovider -x -m "not slow and not demo" -k "not compile" \
   --ignore=tests/test_seq2seq.py --ignore=tests/test_compat_opennmt.py \
   --ignore=tests/test_compat_tutorial.py --ignore=tests/test_demo.py "$@" tests

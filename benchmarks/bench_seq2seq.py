@@ -192,8 +192,8 @@ def attention_share(model: Seq2Seq, fn: Callable[[], object], device) -> float:
 
 def memory_child(spec: str, args) -> None:
     """The child process of C.peak_rise_in_fresh_process: after one warm-up call, the
-    peak RSS rise of one call of a task, printed. glibc returns freed blocks at once from the start, so the
-    warm-up leaves no freed memory the measured call could reuse."""
+    peak RSS rise of one call of a task, printed. glibc returns freed blocks at once from
+    the start, so the warm-up leaves no freed memory the measured call could reuse."""
     name, task, impl, dtype_name = spec.split(":")
     C.glibc_returns_freed_memory_at_once()
     model = build_model(name, args, impl, "cpu", C.DTYPES[dtype_name])

@@ -216,8 +216,8 @@ def test_captured_decodings_are_kept_per_key():
     made = []
 
     def captured(*options, make=object):
-        return model._captured(search.captured_key(memory, *options),
-                               lambda: made.append(options) or make())
+        return model._cuda_graphs.get(search.captured_key(model.decoder, memory, *options),
+                                      lambda: made.append(options) or make())
 
     a = captured("greedy", 5)
     assert captured("greedy", 5) is a and made == [("greedy", 5)]

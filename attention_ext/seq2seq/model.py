@@ -3,7 +3,7 @@ decoded greedily or with beam search; saved as configuration + weights (no pickl
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -117,22 +117,6 @@ class Seq2Seq(nn.Module):
                              f"it is on {device}")
         return cuda_graph
 
-    def _captured(self, key: tuple, make: Callable) -> Callable:
-        """The captured decoding of key, made by make() if this model has none. Keys also
-        hold what else a captured step depends on: the token ids it compares with, where
-        the decoder's parameters lie, its modules' training modes (dropout), its
-        attention's implementation, and the modes that pick kernels and tensor kinds
-        (autocast, TF32, inference mode)."""
-        decoder = self.decoder
-        key += (self.bos_idx, self.eos_idx, self.pad_idx,
-                tuple(t.data_ptr() for t in decoder.parameters()),
-                tuple(m.training for m in decoder.modules()),
-                decoder.attention.implementation,
-                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                torch.is_inference_mode_enabled())
-        return self._cuda_graphs.get(key, make)
-
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int,
                       cuda_graph: bool = False) -> Tensor:
@@ -147,8 +131,9 @@ class Seq2Seq(nn.Module):
         args = (self.decoder, memory, state, self.bos_idx, self.eos_idx, self.pad_idx, max_len)
         if not cuda_graph:
             return greedy_decode(*args)
-        return self._captured(captured_key(memory, "greedy", max_len),
-                              lambda: CapturedGreedy(*args))(memory, state)
+        key = captured_key(self.decoder, memory, "greedy", max_len, self.bos_idx,
+                           self.eos_idx, self.pad_idx)
+        return self._cuda_graphs.get(key, lambda: CapturedGreedy(*args))(memory, state)
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, src_lengths: Tensor, beam_size: int, max_len: int,
@@ -181,9 +166,9 @@ class Seq2Seq(nn.Module):
         if not cuda_graph:
             return beam_search(self.decoder, memory, state, self.bos_idx, self.eos_idx,
                                beam_size, max_len, length_penalty, n_best, min_len)
-        search = self._captured(
-            captured_key(memory, "beam", beam_size, max_len, min_len),
-            lambda: CapturedBeamSearch(self.decoder, memory, state, self.bos_idx, self.eos_idx,
+        key = captured_key(self.decoder, memory, "beam", beam_size, max_len, min_len,
+                           self.bos_idx, self.eos_idx)
+        search = self._cuda_graphs.get(key, lambda: CapturedBeamSearch(self.decoder, memory, state, self.bos_idx, self.eos_idx,
                                        beam_size, max_len, min_len))
         return search(memory, state, length_penalty, n_best)
 

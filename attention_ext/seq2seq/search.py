@@ -151,39 +151,55 @@ def _copy_memory(dst: PrecomputedMemory, src: PrecomputedMemory) -> None:
             d.copy_(s)
 
 
-def captured_key(memory: PrecomputedMemory, *options) -> tuple:
-    """What a captured decoding is specific to, besides its decoder: the memory's shapes,
-    dtype, device and masking, and the options its step or buffers depend on. A decoding
-    captured for one key serves every batch of that key."""
+def captured_key(decoder: _Decoder, memory: PrecomputedMemory, *options) -> tuple:
+    """What a captured decoding is specific to: the memory's shapes, dtype, device and
+    masking, the options its step or buffers depend on (the kind of search, its sizes and
+    token ids), and what else the step reads: where the decoder's parameters lie, its
+    modules' training modes (dropout), its attention's implementation, and the modes that
+    pick kernels and tensor kinds (autocast, TF32, inference mode). A decoding captured
+    for one key serves every batch of that key."""
     m = memory.memory
     return (tuple(m.shape), tuple(memory.keys.shape), m.dtype, m.device,
             memory.keys is memory.memory,
             None if memory.lengths is None else memory.lengths.dtype,
-            None if memory.mask is None else tuple(memory.mask.shape)) + options
+            None if memory.mask is None else tuple(memory.mask.shape), *options,
+            tuple(t.data_ptr() for t in decoder.parameters()),
+            tuple(mod.training for mod in decoder.modules()),
+            decoder.attention.implementation,
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.is_inference_mode_enabled())
 
 
 class _CapturedDecoding:
     """Static buffers and a decoding step over them (a subclass's ``_body``: no arguments,
     it reads and writes the buffers in place), run as a CUDA graph on a CUDA device, under
-    ``_exclusive``: the first step
-    runs on the device's capture stream, as the capture's warm-up and as that step's work,
-    then is captured there; every later step, of this call and of later calls, is a
-    replay. On other devices each step runs _body.
+    ``_exclusive``: the first step runs on the device's capture stream, as the capture's
+    warm-up and as that step's work, then is captured there; every later step, of this
+    call and of later calls, is a replay. On other devices each step runs _body.
 
     The capture uses CUDAGraph.capture_begin/end rather than ``torch.cuda.graph``, which
     also synchronises the device, collects garbage and empties the allocator's cache. It
     runs under autocast without autocast's cache, which would keep the weights' casts
     outside the graph's memory."""
 
-    def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, state: DecoderState):
+    def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, state: DecoderState,
+                 bos: int, eos: int, max_len: int):
         self.decoder, self.device = decoder, memory.memory.device
+        self.bos, self.eos, self.max_len = bos, eos, max_len
         self.memory = _static_memory(memory)
         self.state = _static_state(state)
+        self.tokens = torch.empty(state.hidden[0].shape[1], dtype=torch.long,
+                                  device=self.device)
+        self.t = torch.empty(1, dtype=torch.long, device=self.device)  # the step counter
         self.graph = None
 
-    def _refill(self, memory: PrecomputedMemory, state: DecoderState) -> None:
+    def _start(self, memory: PrecomputedMemory, state: DecoderState) -> None:
+        """A call's inputs into the buffers, at step 0 with bos as every row's token."""
         _copy_memory(self.memory, memory)
         _copy_state(self.state, state)
+        self.tokens.fill_(self.bos)
+        self.t.zero_()
 
     def _step(self) -> None:
         if self.device.type != "cuda":
@@ -265,15 +281,13 @@ class CapturedGreedy(_CapturedDecoding):
 
     def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
                  bos: int, eos: int, pad: int, max_len: int):
-        super().__init__(decoder, memory, decoder.init_state(encoder_state))
+        super().__init__(decoder, memory, decoder.init_state(encoder_state), bos, eos, max_len)
         B, device = memory.memory.shape[0], memory.memory.device
-        self.bos, self.eos, self.pad, self.max_len = bos, eos, pad, max_len
-        self.tokens = torch.empty(B, dtype=torch.long, device=device)
+        self.pad = pad
         self.finished = torch.empty(B, dtype=torch.bool, device=device)
         self.ended_at = torch.empty(B, dtype=torch.long, device=device)
         # Column t is written for every row at step t, so no call reads an earlier call's.
         self.out = torch.empty(B, max_len, dtype=torch.long, device=device)
-        self.t = torch.empty(1, dtype=torch.long, device=device)
 
     def _body(self) -> None:
         logits, _, new = self.decoder.step(self.tokens, self.state, self.memory)
@@ -288,11 +302,9 @@ class CapturedGreedy(_CapturedDecoding):
 
     def __call__(self, memory: PrecomputedMemory, encoder_state) -> Tensor:
         with _exclusive(self.device):
-            self._refill(memory, self.decoder.init_state(encoder_state))
-            self.tokens.fill_(self.bos)
+            self._start(memory, self.decoder.init_state(encoder_state))
             self.finished.zero_()
             self.ended_at.fill_(self.max_len - 1)
-            self.t.zero_()
             steps, done = 0, False
             while steps < self.max_len and not done:
                 for _ in range(min(CHECK_EVERY, self.max_len - steps)):
@@ -403,9 +415,9 @@ class CapturedBeamSearch(_CapturedDecoding):
         B, S = memory.memory.shape[:2]
         device = memory.memory.device
         self.memory_index = torch.arange(B, device=device).repeat_interleave(K)
-        super().__init__(decoder, memory, decoder.init_state(encoder_state, self.memory_index))
-        self.bos, self.eos, self.max_len, self.min_len = bos, eos, max_len, min_len
-        self.tokens = torch.empty(B * K, dtype=torch.long, device=device)
+        super().__init__(decoder, memory, decoder.init_state(encoder_state, self.memory_index),
+                         bos, eos, max_len)
+        self.min_len = min_len
         self.scores = _initial_scores(B, K, memory.memory)
         self.top = torch.empty_like(self.scores)
         # Column t is written at step t and the rows re-gathered from columns < t, so no
@@ -413,7 +425,6 @@ class CapturedBeamSearch(_CapturedDecoding):
         self.seqs = torch.empty(B * K, max_len, dtype=torch.long, device=device)
         self.attn = memory.memory.new_empty(B * K, max_len, S)
         self.flags = torch.empty(2, B, K, dtype=torch.bool, device=device)  # ended, real
-        self.t = torch.empty(1, dtype=torch.long, device=device)
 
     def _body(self) -> None:
         K = self.scores.shape[1]
@@ -436,10 +447,8 @@ class CapturedBeamSearch(_CapturedDecoding):
                  length_penalty: LengthPenalty, n_best: int) -> BeamSearchResult:
         B, K = self.scores.shape
         with _exclusive(self.device):
-            self._refill(memory, self.decoder.init_state(encoder_state, self.memory_index))
-            self.tokens.fill_(self.bos)
+            self._start(memory, self.decoder.init_state(encoder_state, self.memory_index))
             self.scores.copy_(_initial_scores(B, K, self.scores))
-            self.t.zero_()
             finished: List[List[Tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(B)]
             live = [(b, b) for b in range(B)]
             for i in range(self.max_len):
