@@ -29,10 +29,13 @@ echo "== built in $(( $(date +%s) - start )) s"
 "$PY" -c 'import attention_ext as ae, sys; info = ae.build_info(); print(info)
 sys.exit(0 if info["with_cuda"] else "gpu-check: the build has no CUDA kernels")' || exit 1
 
+# One intra-op thread per worker: the CUDA tests also train small models on the CPU, and
+# workers of all-core thread pools stall each other at every parallel op's barrier.
 workers=()
 if "$PY" -c 'import xdist' 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); fi
 echo "== gpu-check: pytest -m cuda ${workers[*]}"
-"$PY" -m pytest -q -p no:cacheprovider -m cuda "${workers[@]}" tests 2>&1 | tee "$LOG_DIR/tests.log"
+OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider -m cuda "${workers[@]}" tests 2>&1 \
+  | tee "$LOG_DIR/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== gpu-check: benchmarks/bench_cuda.py ${BENCH_ARGS:---quick}"

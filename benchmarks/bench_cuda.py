@@ -39,6 +39,8 @@ from attention_ext import reference  # noqa: E402
 L2_SPAN_BYTES = 150 * 2**20  # three times an H100's 50 MB L2
 MAX_SETS = 16
 
+IMPLS = ("ours", "eager", "compiled", "sdpa")
+
 # name -> (op, kind, B, Tq, S, D or A, dtype, implementations)
 CASES = {
     "dot-decode": ("dot", "decode", 64, 1, 100, 512, torch.float32,
@@ -255,6 +257,9 @@ def us(seconds):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {','.join(CASES)}")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"comma-separated: {','.join(IMPLS)} (each case runs those of them "
+                        "that apply; ours and eager always)")
     p.add_argument("--quick", action="store_true", help="fewer rounds")
     p.add_argument("--calls", type=int, default=50, help="calls per graph / loop (decode)")
     p.add_argument("--output", default=None, help="write the markdown tables and machine info")
@@ -264,6 +269,7 @@ def main(argv=None):
     if not attention_ext.build_info()["with_cuda"]:
         p.error("attention_ext was built without its CUDA kernels")
     cases = C.parse_list(p, "cases", args.cases, CASES)
+    chosen = set(C.parse_list(p, "impls", args.impls, IMPLS)) | {"ours", "eager"}
     rounds = 5 if args.quick else 20
     C.set_compile_cache_limit()
 
@@ -277,13 +283,14 @@ def main(argv=None):
     decode_rows, train_rows = [], []
     for name in cases:
         op, kind, B, Tq, S, F_, dtype, impls = CASES[name]
+        impls = tuple(i for i in impls if i in chosen)
         feat = f"{'D' if op == 'dot' else 'A'}{F_} {str(dtype).replace('torch.', '')}"
         label = f"{name} B{B} S{S} {feat}"
         if kind == "decode":
             row, floor = bench_decode(name, op, B, S, F_, dtype, impls, args.calls, rounds,
                                       bandwidth)
             cells = [label, us(floor)]
-            for impl in ("ours", "eager", "compiled", "sdpa"):
+            for impl in IMPLS:
                 cells.append(f"{us(row[impl][0])} / {us(row[impl][1])}" if impl in row else "-")
             cells.append(C.fmt_ratio(row["ours"][0] / row["eager"][0]))
             decode_rows.append(cells)
@@ -291,7 +298,7 @@ def main(argv=None):
             row = bench_train(op, B, Tq, S, F_, dtype, impls, rounds)
             label = f"{name} B{B} T{Tq} S{S} {feat}"
             cells = [label]
-            for impl in ("ours", "eager", "compiled", "sdpa"):
+            for impl in IMPLS:
                 cells.append(f"{row[impl][0] * 1e3:.3f} ms, +{row[impl][1]:.0f} MiB"
                              if impl in row else "-")
             cells.append(C.fmt_ratio(row["ours"][0] / row["eager"][0]))

@@ -441,8 +441,11 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
   for (int64_t m = 0; m < M; ++m) {
     const int64_t r = r0 + m;
     const acc_t d = softmax_grad_delta(delta[m], psum[m]);
-    for (int64_t j = 0; j < limit; ++j)
+    const acc_t scale = softmax_prob_scale(psum[m]);
+    for (int64_t j = 0; j < limit; ++j) {
+      P[r * pb.S + j] *= scale;
       dS[r * pb.S + j] = softmax_backward(P[r * pb.S + j], dS[r * pb.S + j], d);
+    }
   }
 }
 

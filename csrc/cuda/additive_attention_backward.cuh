@@ -42,7 +42,7 @@ __device__ __forceinline__ void tanh_grad_chunk(const scalar_t* x_row, const sca
     load_chunk<VEC>(src_of(n), c, y);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const acc_t t = fast_tanh(x[i] + y[i]);
+      const acc_t t = score_tanh(x[i] + y[i]);
       dx[i] += w * (acc_t(1) - t * t);
       dv[i] += w * t;
     }

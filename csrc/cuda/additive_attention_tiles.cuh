@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kTileThreads) tanh_grad_kernel(const Side w) {
         const acc_t c = cs[tm + 16 * i][k];
 #pragma unroll
         for (int j = 0; j < kCols; ++j) {
-          const acc_t th = fast_tanh(xs[tm + 16 * i][tn + 8 * j] + ys[k][tn + 8 * j]);
+          const acc_t th = score_tanh(xs[tm + 16 * i][tn + 8 * j] + ys[k][tn + 8 * j]);
           g[i][j] += c * (acc_t(1) - th * th);
           if (Side::kQuerySide) share[j] += c * th;
         }

@@ -37,7 +37,7 @@ struct DotScorer : KernelTypes<scalar_t, acc_t, VEC> {
   acc_t scale;
 };
 
-// score_j = sum_a v[a] tanh(query_proj[a] + keys_proj[j, a]). tanh is fast_tanh (math.h)
+// score_j = sum_a v[a] tanh(query_proj[a] + keys_proj[j, a]). tanh is score_tanh (math.h)
 // of the sum in acc_t, as in the backward's tanh_grad_chunk. Each tanh lives in a
 // register only: nothing of size B x Tq x S x A exists.
 template <typename scalar_t, typename acc_t, int VEC>
@@ -57,7 +57,7 @@ struct AdditiveScorer : KernelTypes<scalar_t, acc_t, VEC> {
   __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
     return batched_chunk_sum<kBatch, VEC, acc_t, scalar_t>(
         A / VEC, first, stride,
-        [](const acc_t (&e)[3]) { return e[2] * fast_tanh(e[0] + e[1]); }, q, keys + j * A, v);
+        [](const acc_t (&e)[3]) { return e[2] * score_tanh(e[0] + e[1]); }, q, keys + j * A, v);
   }
   __device__ __forceinline__ acc_t finish(acc_t sum) const { return sum; }
 

@@ -1,8 +1,8 @@
 // The first half of the rows kernel of both ops' backward, everything but the scores:
 // one warp per row (b, t) recomputes p_j = exp(s_j - lse) and
-// dp_j = <grad_ctx, values_j> + grad_weights_j, then ds_j = p_j (dp_j - delta) with delta
-// from softmax_grad_delta, and writes p and ds to the (B, Tq, S) scratch for the attending
-// keys. Every lane later reads back only the entries it wrote itself (j = lane,
+// dp_j = <grad_ctx, values_j> + grad_weights_j, then normalises p (softmax_prob_scale) and
+// forms ds_j = p_j (dp_j - delta) with delta from softmax_grad_delta, and writes p and ds
+// to the (B, Tq, S) scratch for the attending keys. Every lane later reads back only the entries it wrote itself (j = lane,
 // lane + 32, ...), so no barrier is needed.
 #pragma once
 
@@ -56,9 +56,14 @@ __device__ __forceinline__ void softmax_backward_row(
     my_delta += my_p * my_dp;
     my_psum += my_p;
   }
-  const acc_t delta = softmax_grad_delta(warp_sum(my_delta), warp_sum(my_psum));
+  const acc_t psum = warp_sum(my_psum);
+  const acc_t delta = softmax_grad_delta(warp_sum(my_delta), psum);
+  const acc_t scale = softmax_prob_scale(psum);
   for (int64_t j = lane; j < end; j += kWarpSize) {
-    if (p.positions.attends(b, j)) dscores[j] = softmax_backward(probs[j], dscores[j], delta);
+    if (p.positions.attends(b, j)) {
+      probs[j] *= scale;
+      dscores[j] = softmax_backward(probs[j], dscores[j], delta);
+    }
   }
 }
 
@@ -107,15 +112,16 @@ __device__ __forceinline__ void weighted_row_sum(scalar_t* out_row, int64_t chun
 
 
 // The query-tile path's second step (tile_products.cuh), after its products wrote
-// p_j and dp_j (0 where j does not attend) for whole rows: one warp per row turns dp into
-// ds_j = p_j (dp_j - delta) in place, delta from softmax_grad_delta.
+// p_j and dp_j (0 where j does not attend) for whole rows: one warp per row normalises p
+// (softmax_prob_scale) and turns dp into ds_j = p_j (dp_j - delta) in place, delta from
+// softmax_grad_delta.
 template <typename scalar_t, typename acc_t>
 __global__ void softmax_grad_rows_kernel(const SoftmaxBackwardParams<scalar_t, acc_t> p) {
   const int64_t row = blockIdx.x;
   const int lane = static_cast<int>(threadIdx.x);
   const int64_t b = row / p.Tq;
   const int64_t end = p.positions.end(b);
-  const acc_t* probs = p.probs + row * p.S;
+  acc_t* probs = p.probs + row * p.S;
   acc_t* dscores = p.dscores + row * p.S;
   acc_t p_dp = acc_t(0), p_sum = acc_t(0);
   for (int64_t j = lane; j < end; j += kWarpSize) {
@@ -124,9 +130,14 @@ __global__ void softmax_grad_rows_kernel(const SoftmaxBackwardParams<scalar_t, a
       p_sum += probs[j];
     }
   }
-  const acc_t delta = softmax_grad_delta(warp_sum(p_dp), warp_sum(p_sum));
+  p_sum = warp_sum(p_sum);
+  const acc_t delta = softmax_grad_delta(warp_sum(p_dp), p_sum);
+  const acc_t scale = softmax_prob_scale(p_sum);
   for (int64_t j = lane; j < end; j += kWarpSize) {
-    if (p.positions.attends(b, j)) dscores[j] = softmax_backward(probs[j], dscores[j], delta);
+    if (p.positions.attends(b, j)) {
+      probs[j] *= scale;
+      dscores[j] = softmax_backward(probs[j], dscores[j], delta);
+    }
   }
 }
 

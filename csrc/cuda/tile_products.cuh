@@ -209,7 +209,7 @@ class TileAccumulator {
 #pragma unroll
         for (int j = 0; j < kCols; ++j) {
           if constexpr (kTerms == TileTerms::kTanhScore) {
-            acc_[i][j] += s.v[k] * fast_tanh(a[i] + b[j]);
+            acc_[i][j] += s.v[k] * score_tanh(a[i] + b[j]);
           } else {
             acc_[i][j] += a[i] * b[j];
           }

@@ -1,6 +1,6 @@
 // Arithmetic shared by the CPU and CUDA kernels: online-softmax state and merge,
-// log-sum-exp, softmax backward, fast tanh. Everything here is HOST_DEVICE_INLINE so the CPU tests
-// exercise the very code the CUDA kernels run.
+// log-sum-exp, softmax backward, the CUDA kernels' tanh. Everything here is
+// HOST_DEVICE_INLINE so the CPU tests exercise the very code the CUDA kernels run.
 #pragma once
 
 #include <cmath>
@@ -124,32 +124,23 @@ HOST_DEVICE_INLINE T softmax_grad_delta(T sum_p_dp, T sum_p) {
   return sum_p > T(0) ? sum_p_dp / sum_p : T(0);
 }
 
-// tanh(x) ~ x P(x^2) / Q(x^2) on |x| <= kTanhClamp (P, Q of degree 4: a 9/8 rational),
-// and +-tanh(kTanhClamp) beyond. The coefficients are our own near-minimax fit of the
-// absolute error (csrc/tools/fit_tanh.py); evaluated in float32 the result is within
-// 3.5e-7 of tanh everywhere, under the 1e-6 the additive op promises (tested in
-// tests/test_additive_tanh.py). std::tanh in float is scalar and far slower; a vectorised
-// copy of this same formula is in csrc/cpu/vec_tanh.h.
-constexpr float kTanhClamp = 8.5f;
-constexpr float kTanhP0 = 0.99999994039535522f;
-constexpr float kTanhP1 = 0.13406181335449219f;
-constexpr float kTanhP2 = 0.0035257898271083832f;
-constexpr float kTanhP3 = 2.1121084500919096e-05f;
-constexpr float kTanhP4 = 1.4098569423026674e-08f;
-constexpr float kTanhQ1 = 0.46739491820335388f;
-constexpr float kTanhQ2 = 0.025991024449467659f;
-constexpr float kTanhQ3 = 0.00033356421045027673f;
-constexpr float kTanhQ4 = 8.0733428831081255e-07f;
-
-HOST_DEVICE_INLINE float fast_tanh(float x) {
-  x = x > kTanhClamp ? kTanhClamp : (x < -kTanhClamp ? -kTanhClamp : x);
-  const float z = x * x;
-  const float p = (((kTanhP4 * z + kTanhP3) * z + kTanhP2) * z + kTanhP1) * z + kTanhP0;
-  const float q = (((kTanhQ4 * z + kTanhQ3) * z + kTanhQ2) * z + kTanhQ1) * z + 1.0f;
-  return x * p / q;
+// The factor that makes the backward's probabilities sum to 1. Recomputed from scores that
+// round unlike the forward's (a few ulp of a score of 100 is 1e-5), p_j = exp(s_j - lse)
+// sum to 1 only within that rounding, and a row whose weight is nearly all on one key
+// would pass its upstream gradient to grad_values that much too large or small; divided
+// by their sum they are the forward's weights again, and softmax_grad_delta's delta is
+// then sum_j p_j d p_j of these normalised p.
+template <typename T>
+HOST_DEVICE_INLINE T softmax_prob_scale(T sum_p) {
+  return sum_p > T(0) ? T(1) / sum_p : T(0);
 }
 
-// float64 keeps the exact tanh: it is the precision users pick to check gradients.
-HOST_DEVICE_INLINE double fast_tanh(double x) { return ::tanh(x); }
+// The additive score's tanh in the CUDA kernels (and in their emulation): the platform's
+// tanhf, within 2 ulp of tanh (CUDA's: an exp and a reciprocal beyond small |x|, an odd
+// polynomial inside, no dearer than a rational with an IEEE division), so float32 scores
+// of large v against saturated projections err no more than eager's torch.tanh. float64
+// keeps the exact tanh. The CPU kernels' vectorised tanh is csrc/cpu/vec_tanh.h.
+HOST_DEVICE_INLINE float score_tanh(float x) { return ::tanhf(x); }
+HOST_DEVICE_INLINE double score_tanh(double x) { return ::tanh(x); }
 
 }  // namespace attention_ext
