@@ -386,13 +386,17 @@ def test_dot_large_scores_do_not_overflow(dtype, device):
                                atol=0.05 * oracle["context"].abs().max().item() + 1e-6, rtol=0)
 
 
+# Over these seeds, float32 gradients reached 2x the tolerance with a tanh a few ulp off
+# near +-1 (CPU kernels, seed 73) and 3x without the backward's normalised probabilities
+# (emulated CUDA kernels, seed 70; the H100 failed seed 59).
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_additive_saturated_tanh_and_large_scores(dtype, device):
+@pytest.mark.parametrize("seed", range(59, 75))
+def test_additive_saturated_tanh_and_large_scores(seed, dtype, device):
     """Projections far into tanh's saturation and a large v: scores of +-100s, beyond
     fp16's exp range. The softmax must stay finite and the weights sum to 1 per row."""
     case = ADDITIVE.make_case(B=3, Tq=2, S=12, A=32, Dv=8, dtype=dtype, device=device,
-                              seed=59, mask_kind="lengths64")
+                              seed=seed, mask_kind="lengths64")
     big = case.replace(query_proj=case.query_proj * 6, keys_proj=case.keys_proj * 6,
                        v=case.v * 40)
     got = check_parity(big)
