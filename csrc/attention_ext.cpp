@@ -79,6 +79,7 @@ PYBIND11_MODULE(_C, mod) {
         d["warps"] = plan.warps;
         d["key_lanes"] = plan.key_lanes;
         d["round_keys"] = plan.round_keys;
+        d["weight_parts"] = plan.weight_parts;
         d["blocks"] = plan.blocks(rows);
         return d;
       },

@@ -52,6 +52,14 @@ def test_decode_shapes_fill_an_h100(rows, S, D, Dv, itemsize):
     assert resident * plan["round_keys"] * d_chunks * 16 <= 50 * 2**20
 
 
+def test_a_long_sources_weights_are_written_by_many_blocks():
+    """8 rows over 4096 keys: the merge writes each row's weights with 8 blocks of 128
+    threads, 4 weights a thread, beside its one context block per row."""
+    plan = plan_of(8, 4096, 32, 32, H100_SMS)
+    assert plan["splits"] > 1 and plan["warps"] == 4
+    assert plan["weight_parts"] == 8
+
+
 def test_many_rows_need_no_split():
     """A beam batch (1280 rows) fills the GPU with one block per row: no merge pass."""
     plan = plan_of(1280, 66, 256, 256, H100_SMS)
@@ -87,6 +95,9 @@ def test_plan_covers_keys_and_values_once(rows, S, d_chunks, v_chunks, sms):
     lanes = plan["key_lanes"]
     assert 1 <= lanes <= 32 and lanes & (lanes - 1) == 0
     assert plan["blocks"] == rows * splits * slices
+    # The merge's weight parts cover the row, 4 weights a thread at most, none empty.
+    parts, threads = plan["weight_parts"], plan["warps"] * 32
+    assert parts * threads * 4 >= S > (parts - 1) * threads * 4
     # Rounds of 8 to 32 keys, at most 32 KB of key rows unless that is under 8 keys.
     rk = plan["round_keys"]
     assert 8 <= rk <= 32

@@ -518,6 +518,7 @@ SPLIT_SHAPES = per_op(
         ("B2_S1", dict(B=2, Tq=2, S=1, D=8)),
         ("B3_S100_valnone", dict(B=3, Tq=2, S=100, D=24, values_none=True)),
         ("B2_S29_Dv", dict(B=2, Tq=2, S=29, D=10, Dv=3)),
+        ("B2_S700", dict(B=2, Tq=1, S=700, D=16)),  # the merge's weights in 6 parts
         ("B0", dict(B=0, Tq=2, S=9, D=8)),
     ],
     additive=[
@@ -527,6 +528,7 @@ SPLIT_SHAPES = per_op(
         ("B2_S1", dict(B=2, Tq=2, S=1, A=8)),
         ("B3_S100", dict(B=3, Tq=2, S=100, A=24, Dv=11)),
         ("B2_S29_A3", dict(B=2, Tq=2, S=29, A=3, Dv=17)),
+        ("B2_S700", dict(B=2, Tq=1, S=700, A=16, Dv=8)),  # the merge's weights in 6 parts
         ("B0", dict(B=0, Tq=2, S=9, A=8)),
     ],
 )

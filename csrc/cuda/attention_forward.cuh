@@ -144,17 +144,19 @@ __device__ __forceinline__ ForwardBlock forward_block(int64_t splits, int64_t sl
   return ForwardBlock{row_slice / slices, block % splits, row_slice % slices};
 }
 
-// weights[row, j] = exp(score_j - lse), 0 where j does not attend; the block's threads
-// take j = tid, tid + threads, ... The raw scores were written by this block (one split)
-// or by the row's split blocks in an earlier launch.
+// weights[row, j] = exp(score_j - lse) for j in [first, last), 0 where j does not attend;
+// the block's threads take j = first + tid, first + tid + threads, ... The raw scores were
+// written by this block (one split) or by the row's split blocks in an earlier launch.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_weights(const SoftmaxForwardParams<scalar_t, acc_t>& p,
-                                              int64_t row, acc_t lse) {
+                                              int64_t row, acc_t lse, int64_t first,
+                                              int64_t last) {
   const int64_t b = row / p.Tq;
   const int64_t end = p.positions.end(b);
   scalar_t* w = p.weights + row * p.S;
   const acc_t* s = p.scores + row * p.S;
-  for (int64_t j = threadIdx.x; j < p.S; j += blockDim.x) {
+#pragma unroll 4
+  for (int64_t j = first + threadIdx.x; j < last; j += blockDim.x) {
     const bool att = j < end && p.positions.attends(b, j);
     w[j] = static_cast<scalar_t>(att ? prob_from_lse(s[j], lse) : acc_t(0));
   }
@@ -185,7 +187,7 @@ __global__ void softmax_rows_kernel(const SoftmaxForwardParams<scalar_t, acc_t> 
   st.sum = warp_sum(sum);
   const acc_t lse = softmax_lse(st);
   if (lane == 0) p.lse[row] = lse;
-  if (p.weights != nullptr) write_weights(p, row, lse);
+  if (p.weights != nullptr) write_weights(p, row, lse, 0, p.S);
 }
 
 // The forward kernel of an op whose score is Scorer's (scorers.cuh).
@@ -256,7 +258,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
     const acc_t lse = softmax_lse(state);
     if (tid == 0) p.lse[row] = lse;
     // The raw scores this block wrote are visible to it after the rounds' barriers.
-    if (p.weights != nullptr) write_weights(p, row, lse);
+    if (p.weights != nullptr) write_weights(p, row, lse, 0, p.S);
     return;
   }
   const int64_t part = row * p.splits + blk.split;
@@ -267,15 +269,17 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
   }
 }
 
-// One block per (row, slice): merges the row's split partials in split order. Every thread
-// merges the softmax states itself (the same bits in all); the context is
+// p.merge_parts blocks per row: parts [0, slices) merge one slice of the context from
+// the row's split partials in split order (part 0 also writes lse); the parts after them,
+// when the weights are asked for, each write a contiguous range of the row's weights.
+// Every thread merges the softmax states itself (the same bits in all); the context is
 // sum_k exp(max_k - max) ctx_k / sum over the splits that saw a key.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
     split_merge_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p) {
   const int tid = static_cast<int>(threadIdx.x);
-  const ForwardBlock blk = forward_block(1, p.slices);
-  const int64_t row = blk.row;
+  const int64_t row = blockIdx.x / p.merge_parts;
+  const int64_t part = blockIdx.x % p.merge_parts;
   const acc_t* part_max = p.part_max + row * p.splits;
   const acc_t* part_sum = p.part_sum + row * p.splits;
   SoftmaxState<acc_t> state = softmax_init<acc_t>();
@@ -283,8 +287,15 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
     acc_t scale_state, scale_part;
     softmax_merge(state, SoftmaxState<acc_t>{part_max[k], part_sum[k]}, scale_state, scale_part);
   }
+  if (part >= p.slices) {
+    const int64_t weight_parts = p.merge_parts - p.slices;
+    const int64_t len = ceil_div(p.S, weight_parts);
+    const int64_t first = (part - p.slices) * len;
+    write_weights(p, row, softmax_lse(state), first, std::min(p.S, first + len));
+    return;
+  }
 
-  const int64_t first_chunk = blk.slice * p.slice_chunks;
+  const int64_t first_chunk = part * p.slice_chunks;
   const int64_t Dv = p.Dv;
   BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
                                   tid, static_cast<int>(blockDim.x));
@@ -300,10 +311,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
       [&](int64_t k) { return partials + k * Dv; });
   context.combine();
   context.store(p.context + row * Dv, softmax_inv_sum(state));
-  if (blk.slice != 0) return;
-  const acc_t lse = softmax_lse(state);
-  if (tid == 0) p.lse[row] = lse;
-  if (p.weights != nullptr) write_weights(p, row, lse);
+  if (part == 0 && tid == 0) p.lse[row] = softmax_lse(state);
 }
 
 }  // namespace attention_ext

@@ -36,6 +36,11 @@ constexpr int64_t kMaxSplits = 64;
 // Fewest keys per split: below this the merge's extra pass costs more than the splits
 // save.
 constexpr int64_t kMinKeysPerSplit = 8;
+// Weights per thread of the merge's weight blocks: a split row's weights get
+// ceil(S / (threads * kMergeWeightsPerThread)) merge blocks of their own, so a long
+// source's weights are written by many blocks, each thread with a few independent loads
+// in flight, and not by one block per row looping over all S.
+constexpr int64_t kMergeWeightsPerThread = 4;
 // Blocks to aim for per SM, so that the grid runs in one wave: the forward kernels are
 // compiled for 4 resident blocks of 4 warps (__launch_bounds__, at most 128 registers per
 // thread; ptxas gives them 94-124 on sm_90).
@@ -49,8 +54,11 @@ struct ForwardPlan {
   int warps;             // per block, of the forward and of the merge
   int key_lanes;         // a power of two <= 32
   int round_keys;        // keys per round of the forward's loop
+  int64_t weight_parts;  // merge blocks per split row that write its weights (when asked)
 
   int64_t blocks(int64_t rows) const { return rows * splits * slices; }
+  // The merge's blocks per row: one per context slice, then the weights' parts.
+  int64_t merge_parts(bool weights) const { return slices + (weights ? weight_parts : 0); }
 };
 
 // rows = B * Tq >= 1, S >= 1; d_chunks and v_chunks: the scores' and the context's row
@@ -87,6 +95,7 @@ inline ForwardPlan plan_forward(int64_t rows, int64_t S, int64_t d_chunks, int64
       ceil_div(std::min(v_chunks, kMaxSliceChunks), int64_t(32) * kContextChunksPerThread);
   plan.warps = pow2_at_least(std::max(score_warps, slice_warps), kForwardMaxWarps);
   plan.slice_chunks = int64_t(plan.warps) * 32 * kContextChunksPerThread;
+  plan.weight_parts = ceil_div(S, int64_t(plan.warps) * 32 * kMergeWeightsPerThread);
   return plan;
 }
 

@@ -140,6 +140,7 @@ void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::T
   p.split_len = plan.split_len;
   p.slices = plan.slices;
   p.slice_chunks = plan.slice_chunks;
+  p.merge_parts = plan.merge_parts(p.weights != nullptr);
   p.key_lanes = plan.key_lanes;
   p.round_keys = plan.round_keys;
 
@@ -162,7 +163,7 @@ void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::T
   launch_kernel(attention_forward_kernel<Scorer<scalar_t, acc_t, VEC>>,
                 block_grid(plan.blocks(rows)), block, 0, stream, p);
   if (plan.splits > 1) {
-    launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>, block_grid(rows * plan.slices),
+    launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>, block_grid(rows * p.merge_parts),
                   block, 0, stream, static_cast<const SoftmaxForwardParams<scalar_t, acc_t>&>(p));
   }
 }

@@ -28,9 +28,11 @@ struct SoftmaxForwardParams {
   acc_t* part_sum;
   int64_t B, Tq, S, Dv;
   // The launch plan (forward_plan.h): source splits, context slices (in chunks of the
-  // kernel's vector width), lanes that score one key together, keys per round.
+  // kernel's vector width), the merge's blocks per row (slices, then weight parts), lanes
+  // that score one key together, keys per round.
   int64_t splits, split_len;
   int64_t slices, slice_chunks;
+  int64_t merge_parts;
   int key_lanes;
   int round_keys;
 };
