@@ -86,7 +86,7 @@ PYBIND11_MODULE(_C, mod) {
       "The CUDA forward's launch plan (csrc/cuda/forward_plan.h) for rows x S keys, row "
       "lengths in 16-byte chunks, on a GPU of sm_count SMs.");
 #ifndef ATTENTION_EXT_WITH_EMULATED_CUDA
-  testing.def("fast_tanh", &attention_ext::cpu::fast_tanh,
+  testing.def("tanh_float32", &attention_ext::cpu::tanh_float32,
               "The CPU kernels' float32 tanh, elementwise.");
 #endif
 }

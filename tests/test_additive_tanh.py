@@ -1,8 +1,8 @@
-"""The CPU kernels' vectorised float32 tanh (attention_ext._C._testing.fast_tanh, the function
-they apply) against torch.tanh: within 1.5e-7 absolute everywhere (about an ulp of 1; it
-measures 9e-8, torch's own float32 tanh 3e-8), correctly rounded to +-1 where tanh
-saturates, exact at the special values, odd-symmetric, and the same on vector tails. A
-rational tanh within 3.5e-7 passed the old 1e-6 bound but, times a large v against
+"""The CPU kernels' vectorised float32 tanh (attention_ext._C._testing.tanh_float32, the
+function they apply) against torch.tanh: within 1.5e-7 absolute everywhere (about an ulp
+of 1; it measures 9e-8, torch's own float32 tanh 3e-8), correctly rounded to +-1 where
+tanh saturates, exact at the special values, odd-symmetric, and the same on vector tails.
+A rational tanh within 3.5e-7 passed the old 1e-6 bound but, times a large v against
 saturated projections, gave gradients at twice the parity tolerance."""
 import math
 
@@ -16,14 +16,14 @@ pytestmark = pytest.mark.cpu_kernels
 TOL = 1.5e-7
 
 
-def fast_tanh(x):
-    return attention_ext._C._testing.fast_tanh(x)
+def tanh32(x):
+    return attention_ext._C._testing.tanh_float32(x)
 
 
 def _max_err(x: torch.Tensor):
     """(max |fast - torch.tanh| in float32, max |fast - tanh| against the float64 truth,
     the x where the latter is reached)."""
-    got = fast_tanh(x)
+    got = tanh32(x)
     assert got.dtype == torch.float32 and got.shape == x.shape
     err32 = (got - torch.tanh(x)).abs()
     err64 = (got.double() - torch.tanh(x.double())).abs()
@@ -36,8 +36,8 @@ def test_dense_sweep():
     and beyond) plus a log sweep of tiny to huge magnitudes."""
     x = torch.linspace(-20.0, 20.0, 8_000_001, dtype=torch.float32)
     e32, e64, at = _max_err(x)
-    assert e32 <= TOL, f"max |fast_tanh - torch.tanh| = {e32:.3g} (float64 truth: {e64:.3g} at x = {at})"
-    assert e64 <= TOL, f"max |fast_tanh - tanh| = {e64:.3g} at x = {at}"
+    assert e32 <= TOL, f"max |tanh32 - torch.tanh| = {e32:.3g} (float64 truth: {e64:.3g} at x = {at})"
+    assert e64 <= TOL, f"max |tanh32 - tanh| = {e64:.3g} at x = {at}"
     mags = torch.logspace(-40, 38, 200_001, dtype=torch.float64).float()
     x = torch.cat([mags, -mags])
     e32, e64, at = _max_err(x)
@@ -65,8 +65,8 @@ def test_saturation_is_exactly_one():
     every saturated term of an additive score then carries no bias."""
     x = _every_float(9.5, 12.0)
     assert torch.equal(torch.tanh(x), torch.ones_like(x))
-    assert torch.equal(fast_tanh(x), torch.ones_like(x))
-    assert torch.equal(fast_tanh(-x), -torch.ones_like(x))
+    assert torch.equal(tanh32(x), torch.ones_like(x))
+    assert torch.equal(tanh32(-x), -torch.ones_like(x))
 
 
 def test_special_values():
@@ -77,7 +77,7 @@ def test_special_values():
     x = torch.tensor([0.0, -0.0, tiny, -tiny, denorm, -denorm, 1e-30, -1e-30, 1e-8, -1e-8,
                       20.0, -20.0, 1e4, -1e4, 1e30, -1e30, big, -big, inf, -inf, nan],
                      dtype=torch.float32)
-    got = fast_tanh(x)
+    got = tanh32(x)
     want = torch.tanh(x)
     finite = ~torch.isnan(x)
     assert ((got[finite] - want[finite]).abs() <= TOL).all(), list(zip(x.tolist(), got.tolist()))
@@ -97,7 +97,7 @@ def test_odd_lengths(n):
     as accurate as the body, and NaN/inf in the tail handled like in the body."""
     gen = torch.Generator().manual_seed(n)
     x = (torch.rand(n, generator=gen) * 24 - 12).float()
-    got = fast_tanh(x)
+    got = tanh32(x)
     assert got.shape == (n,)
     if n:
         assert (got - torch.tanh(x)).abs().max().item() <= TOL
@@ -105,16 +105,16 @@ def test_odd_lengths(n):
         for pos in (0, n - 1):
             y = x.clone()
             y[pos] = math.nan
-            r = fast_tanh(y)
+            r = tanh32(y)
             assert torch.isnan(r[pos]) and not torch.isnan(r[torch.arange(n) != pos]).any()
             y[pos] = -math.inf
-            assert abs(fast_tanh(y)[pos].item() + 1.0) <= TOL
+            assert abs(tanh32(y)[pos].item() + 1.0) <= TOL
 
 
 def test_odd_symmetric():
-    """fast_tanh(-x) == -fast_tanh(x) bitwise: the kernels' scores and gradients then have
+    """tanh32(-x) == -tanh32(x) bitwise: the kernels' scores and gradients then have
     no sign bias."""
     x = torch.linspace(0.0, 20.0, 2_000_001, dtype=torch.float32)
     x = torch.cat([x, torch.logspace(-40, 38, 10_001, dtype=torch.float64).float()])
-    pos, neg = fast_tanh(x), fast_tanh(-x)
+    pos, neg = tanh32(x), tanh32(-x)
     assert torch.equal(neg, -pos)

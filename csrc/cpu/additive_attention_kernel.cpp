@@ -328,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
 }  // namespace
 
 // The kernels' vectorised float32 tanh, elementwise (test_hooks.h).
-at::Tensor fast_tanh(const at::Tensor& x) {
+at::Tensor tanh_float32(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   const at::Tensor in = x.contiguous();

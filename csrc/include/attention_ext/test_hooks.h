@@ -25,7 +25,7 @@ inline int64_t forced_splits() { return forced_splits_storage().load(std::memory
 
 namespace cpu {
 // Defined with the CPU additive kernels (csrc/cpu/additive_attention_kernel.cpp).
-at::Tensor fast_tanh(const at::Tensor& x);
+at::Tensor tanh_float32(const at::Tensor& x);
 }  // namespace cpu
 
 }  // namespace attention_ext
