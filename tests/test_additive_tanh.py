@@ -2,8 +2,8 @@
 function they apply) against torch.tanh: within 1.5e-7 absolute everywhere (about an ulp
 of 1; it measures 9e-8, torch's own float32 tanh 3e-8), correctly rounded to +-1 where
 tanh saturates, exact at the special values, odd-symmetric, and the same on vector tails.
-A rational tanh within 3.5e-7 passed the old 1e-6 bound but, times a large v against
-saturated projections, gave gradients at twice the parity tolerance."""
+A tanh a few ulp off near +-1 (3.5e-7), times a large v against saturated projections,
+gives gradients at twice the parity tolerance (test_parity's saturated case)."""
 import math
 
 import pytest
@@ -21,7 +21,7 @@ def tanh32(x):
 
 
 def _max_err(x: torch.Tensor):
-    """(max |fast - torch.tanh| in float32, max |fast - tanh| against the float64 truth,
+    """(max |tanh32 - torch.tanh| in float32, max |tanh32 - tanh| against the float64 truth,
     the x where the latter is reached)."""
     got = tanh32(x)
     assert got.dtype == torch.float32 and got.shape == x.shape

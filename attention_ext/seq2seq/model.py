@@ -168,8 +168,9 @@ class Seq2Seq(nn.Module):
                                beam_size, max_len, length_penalty, n_best, min_len)
         key = captured_key(self.decoder, memory, "beam", beam_size, max_len, min_len,
                            self.bos_idx, self.eos_idx)
-        search = self._cuda_graphs.get(key, lambda: CapturedBeamSearch(self.decoder, memory, state, self.bos_idx, self.eos_idx,
-                                       beam_size, max_len, min_len))
+        search = self._cuda_graphs.get(key, lambda: CapturedBeamSearch(
+            self.decoder, memory, state, self.bos_idx, self.eos_idx, beam_size, max_len,
+            min_len))
         return search(memory, state, length_penalty, n_best)
 
     def save(self, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:

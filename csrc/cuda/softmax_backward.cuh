@@ -2,8 +2,8 @@
 // one warp per row (b, t) recomputes p_j = exp(s_j - lse) and
 // dp_j = <grad_ctx, values_j> + grad_weights_j, then normalises p (softmax_prob_scale) and
 // forms ds_j = p_j (dp_j - delta) with delta from softmax_grad_delta, and writes p and ds
-// to the (B, Tq, S) scratch for the attending keys. Every lane later reads back only the entries it wrote itself (j = lane,
-// lane + 32, ...), so no barrier is needed.
+// to the (B, Tq, S) scratch for the attending keys. Every lane later reads back only the
+// entries it wrote itself (j = lane, lane + 32, ...), so no barrier is needed.
 #pragma once
 
 #include <algorithm>
@@ -123,16 +123,16 @@ __global__ void softmax_grad_rows_kernel(const SoftmaxBackwardParams<scalar_t, a
   const int64_t end = p.positions.end(b);
   acc_t* probs = p.probs + row * p.S;
   acc_t* dscores = p.dscores + row * p.S;
-  acc_t p_dp = acc_t(0), p_sum = acc_t(0);
+  acc_t my_delta = acc_t(0), my_psum = acc_t(0);
   for (int64_t j = lane; j < end; j += kWarpSize) {
     if (p.positions.attends(b, j)) {
-      p_dp += probs[j] * dscores[j];
-      p_sum += probs[j];
+      my_delta += probs[j] * dscores[j];
+      my_psum += probs[j];
     }
   }
-  p_sum = warp_sum(p_sum);
-  const acc_t delta = softmax_grad_delta(warp_sum(p_dp), p_sum);
-  const acc_t scale = softmax_prob_scale(p_sum);
+  const acc_t psum = warp_sum(my_psum);
+  const acc_t delta = softmax_grad_delta(warp_sum(my_delta), psum);
+  const acc_t scale = softmax_prob_scale(psum);
   for (int64_t j = lane; j < end; j += kWarpSize) {
     if (p.positions.attends(b, j)) {
       probs[j] *= scale;
