@@ -1,14 +1,16 @@
-// Backward kernels of the additive op; deterministic (no atomics), three launches.
-//  rows, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh, scores
-//    recomputed by AdditiveScorer), then per A-chunk
-//    grad_query_proj[a] = v[a] sum_j ds_j (1 - tanh_ja^2) and this row's share of
-//    grad_v[a] = sum_j ds_j tanh_ja; the block adds its warps' shares in warp order
-//    (shared memory) and writes one partial per block;
-//  keys, one warp per key (b, j): grad_keys_proj[a] = v[a] sum_t ds_tj (1 - tanh_ta^2)
-//    and grad_values_j = sum_t p_tj grad_ctx_t, summing t in order;
-//  grad_v, one thread per a: the block partials summed in block order.
+// The additive op's backward on the rows path (few query rows per batch element);
+// deterministic (no atomics), five launches:
+//  1. backward_probs_kernel, one warp per (row, key): p and dp (softmax_backward.cuh,
+//     scores recomputed by AdditiveScorer);
+//  2. softmax_grad_rows_kernel, one warp per row: ds;
+//  3. query, one warp per (row, 32 A-chunks):
+//     grad_query_proj[a] = v[a] sum_j ds_j (1 - tanh_ja^2), and the row's share of
+//     grad_v[a] = sum_j ds_j tanh_ja, one (rows, A) partial per row;
+//  4. keys, one warp per key (b, j): grad_keys_proj[a] = v[a] sum_t ds_tj (1 - tanh_ta^2)
+//     and grad_values_j = sum_t p_tj grad_ctx_t, summing t in order;
+//  5. grad_v, one thread per a: the rows' partials summed in row order.
 // tanh is recomputed every time (tanh_grad_chunk); scratch is (B, Tq, S), partials
-// (blocks, A): never B x Tq x S x A.
+// (rows, A): never B x Tq x S x A.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +26,7 @@ namespace attention_ext {
 // Chunk c of the gradient of a row x (A elements) from its partner rows y_n, n < count:
 //   out_row[c, i] = v[c, i] sum_n coef_n (1 - t_ni^2)   and   dv[i] = sum_n coef_n t_ni,
 // t_ni = tanh(x[c, i] + y_n[c, i]) (rows: x a query, y_n the keys; keys: the reverse).
-// Coefficients as in for_each_warp_coef (softmax_backward.cuh): every lane calls this
+// Coefficients as in for_each_coef_chunk (softmax_backward.cuh): every lane calls this
 // together; `active` says whether chunk c exists for it, and an inactive lane writes
 // nothing and returns dv = 0.
 template <int VEC, typename scalar_t, typename acc_t, typename CoefOf, typename SrcOf>
@@ -36,18 +38,20 @@ __device__ __forceinline__ void tanh_grad_chunk(const scalar_t* x_row, const sca
 #pragma unroll
   for (int i = 0; i < VEC; ++i) x[i] = dx[i] = dv[i] = acc_t(0);
   if (active) load_chunk<VEC>(x_row, c, x);
-  for_each_warp_coef(count, lane, coef_of, [&](int64_t n, acc_t w) {
-    if (!active) return;
-    acc_t y[VEC];
-    load_chunk<VEC>(src_of(n), c, y);
+  for_each_coef_chunk<VEC>(count, lane, c, active, coef_of, src_of,
+                           [&](acc_t w, const auto& y) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const acc_t t = score_tanh(x[i] + y[i]);
-      dx[i] += w * (acc_t(1) - t * t);
-      dv[i] += w * t;
-    }
-  });
-  if (!active) return;
+                             for (int i = 0; i < VEC; ++i) {
+                               const acc_t t = score_tanh(x[i] + unpack<acc_t>(y, i));
+                               dx[i] += w * (acc_t(1) - t * t);
+                               dv[i] += w * t;
+                             }
+                           });
+  if (!active) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dv[i] = acc_t(0);
+    return;
+  }
   acc_t vv[VEC];
   load_chunk<VEC>(v, c, vv);
 #pragma unroll
@@ -58,53 +62,24 @@ __device__ __forceinline__ void tanh_grad_chunk(const scalar_t* x_row, const sca
 constexpr int kGradVThreads = 128;
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void additive_attention_backward_rows_kernel(
+__global__ void additive_attention_backward_query_kernel(
     const AdditiveBackwardParams<scalar_t, acc_t> p) {
-  // Shares of grad_v per warp for one round of A-chunks.
-  __shared__ acc_t block_dv[kBackwardWarpsPerBlock][kWarpSize][VEC];
-  const int lane = lane_id();
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int64_t row = global_warp_id(kBackwardWarpsPerBlock);
-  // No early return: every warp takes part in the block's barriers. A warp past the last
-  // row has no keys and contributes zeros.
-  const bool valid = row < p.B * p.Tq;
-  const int64_t b = valid ? row / p.Tq : 0;
-  const int64_t end = valid ? p.positions.end(b) : 0;
-  const scalar_t* q = p.query_proj + (valid ? row : 0) * p.A;
-  const scalar_t* keys = p.keys_proj + p.positions.row(b) * p.S * p.A;
   const int64_t A = p.A;
-  const int64_t a_chunks = A / VEC;
-  if (valid) {
-    const AdditiveScorer<scalar_t, acc_t, VEC> scorer(p, row);
-    softmax_backward_row<VEC>(p, row, lane,
-                              [&](int64_t j) { return warp_score(scorer, j, lane); });
-  }
-
-  const KeyPositions km = p.positions;
-  const acc_t* dscores = p.dscores + (valid ? row : 0) * p.S;
-  for (int64_t r = 0; r < warp_rounds(a_chunks); ++r) {
-    const int64_t c = r * kWarpSize + lane;
-    const bool active = valid && c < a_chunks;
-    acc_t dv[VEC];
-    tanh_grad_chunk<VEC>(
-        q, p.v, p.grad_query_proj + row * A, c, active, end, lane,
-        [=](int64_t j) { return km.attends(b, j) ? dscores[j] : acc_t(0); },
-        [=](int64_t j) { return keys + j * A; }, dv);
+  const RowRound at = row_round(A / VEC);
+  if (at.row >= p.B * p.Tq) return;
+  const int64_t b = at.row / p.Tq;
+  const bool active = at.chunk < A / VEC;
+  const scalar_t* keys = p.keys_proj + p.positions.row(b) * p.S * A;
+  const acc_t* dscores = p.dscores + at.row * p.S;
+  acc_t dv[VEC];
+  tanh_grad_chunk<VEC>(
+      p.query_proj + at.row * A, p.v, p.grad_query_proj + at.row * A, at.chunk, active,
+      p.positions.end(b), lane_id(), [=](int64_t j) { return dscores[j]; },
+      [=](int64_t j) { return keys + j * A; }, dv);
+  if (!active) return;
+  acc_t* share = p.grad_v_partials + at.row * A + at.chunk * VEC;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) block_dv[warp][lane][i] = dv[i];  // 0 when inactive
-    __syncthreads();
-    if (warp == 0 && c < a_chunks) {
-      acc_t sum[VEC] = {};
-      for (int w = 0; w < kBackwardWarpsPerBlock; ++w) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) sum[i] += block_dv[w][lane][i];
-      }
-      acc_t* out = p.grad_v_partials + static_cast<int64_t>(blockIdx.x) * A + c * VEC;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) out[i] = sum[i];
-    }
-    __syncthreads();  // block_dv is overwritten by the next round
-  }
+  for (int i = 0; i < VEC; ++i) share[i] = dv[i];
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -145,7 +120,7 @@ __global__ void additive_attention_backward_keys_kernel(
       [=](int64_t t) { return g + t * Dv; });
 }
 
-// grad_v[a] = sum over the rows kernel's blocks of their partials, in block order.
+// grad_v[a] = the sum of the `blocks` rows of partials, in row order.
 template <typename scalar_t, typename acc_t>
 __global__ void additive_grad_v_kernel(const acc_t* partials, int64_t blocks, int64_t A,
                                        scalar_t* grad_v) {

@@ -24,24 +24,31 @@
 namespace attention_ext {
 namespace {
 
-// Rows, then keys (they read the rows kernel's scratch), then grad_v from the rows
-// kernel's per-block partials; stream order is the only synchronisation needed.
+// p and dp, ds, the query side (with grad_v's shares per row), the keys side, then grad_v
+// from the shares (additive_attention_backward.cuh); stream order is the only
+// synchronisation needed.
 template <typename scalar_t, typename acc_t, int VEC>
-void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, int64_t row_blocks,
-                     scalar_t* grad_v, cudaStream_t stream) {
+void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, scalar_t* grad_v,
+                     cudaStream_t stream) {
   if (uses_query_tiles(p.Tq)) {
     launch_additive_backward_tiles<VEC>(p, grad_v, stream);
     return;
   }
   const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
-  launch_kernel(additive_attention_backward_rows_kernel<scalar_t, acc_t, VEC>,
-                warp_grid(p.B * p.Tq, kBackwardWarpsPerBlock), block, 0, stream, p);
+  const int64_t rows = p.B * p.Tq;
+  launch_kernel(backward_probs_kernel<AdditiveScorer<scalar_t, acc_t, VEC>,
+                                      AdditiveBackwardParams<scalar_t, acc_t>>,
+                warp_grid(rows * p.S, kBackwardWarpsPerBlock), block, 0, stream, p);
+  launch_kernel(softmax_grad_rows_kernel<scalar_t, acc_t>, block_grid(rows), dim3(kWarpSize), 0,
+                stream, static_cast<const SoftmaxBackwardParams<scalar_t, acc_t>&>(p));
+  launch_kernel(additive_attention_backward_query_kernel<scalar_t, acc_t, VEC>,
+                warp_grid(row_round_warps(rows, p.A / VEC), kBackwardWarpsPerBlock), block, 0,
+                stream, p);
   launch_kernel(additive_attention_backward_keys_kernel<scalar_t, acc_t, VEC>,
                 warp_grid(p.B * p.S, kBackwardWarpsPerBlock), block, 0, stream, p);
   launch_kernel(additive_grad_v_kernel<scalar_t, acc_t>,
                 dim3(static_cast<unsigned>(ceil_div(p.A, kGradVThreads))), dim3(kGradVThreads),
-                0, stream, static_cast<const acc_t*>(p.grad_v_partials), row_blocks, p.A,
-                grad_v);
+                0, stream, static_cast<const acc_t*>(p.grad_v_partials), rows, p.A, grad_v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
@@ -113,10 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   const MemoryGradient grad_keys_proj(in.query_proj, in.memory_index, s.B, s.M, s.S, s.A);
   const MemoryGradient grad_values(in.query_proj, in.memory_index, s.B, s.M, s.S, s.Dv);
   const BackwardScratch scratch(in.query_proj, rows, s.S);
-  // grad_v's shares: one row per block of the rows kernel, or per query tile.
-  const int64_t row_blocks = ceil_div(rows, kBackwardWarpsPerBlock);
-  const int64_t share_rows =
-      uses_query_tiles(s.Tq) ? additive_tile_share_rows(s.B, s.Tq) : row_blocks;
+  // grad_v's shares: one row per query row, or per query tile.
+  const int64_t share_rows = uses_query_tiles(s.Tq) ? additive_tile_share_rows(s.B, s.Tq) : rows;
   const at::Tensor grad_v_partials =
       at::empty({share_rows, s.A}, opts.dtype(acc_dtype(in.query_proj.scalar_type())));
   const cudaStream_t stream = current_stream();
@@ -139,9 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     if (can_vectorize(kVec, s.A, s.Dv,
                       {in.query_proj, in.keys_proj, in.v, in.values, grad_context,
                        grad_query_proj, grad_keys_proj.rows(), grad_values.rows()})) {
-      launch_backward<scalar_t, acc_t, kVec>(p, row_blocks, gv, stream);
+      launch_backward<scalar_t, acc_t, kVec>(p, gv, stream);
     } else {
-      launch_backward<scalar_t, acc_t, 1>(p, row_blocks, gv, stream);
+      launch_backward<scalar_t, acc_t, 1>(p, gv, stream);
     }
   });
   return {grad_query_proj, grad_keys_proj.sum(), grad_v, grad_values.sum()};

@@ -8,8 +8,10 @@
 //  3. context: the block's threads add p_j v_j into the context, held in registers
 //     (BlockRowSum); each warp's lanes get p_j from the lane that holds it by a shuffle.
 // With one split the block finalises the row (context, lse, weights); with several it
-// writes its partial (max, sum, unnormalised context) and split_merge_kernel combines
-// the splits in split order, so results never depend on timing.
+// writes its partial (max, sum, unnormalised context), and the splits are combined in a
+// fixed order, so results never depend on timing: by the row's last block to finish
+// (counted in p.row_done) when the plan merges in the forward, else by
+// split_merge_kernel.
 #pragma once
 
 #include <algorithm>
@@ -190,6 +192,93 @@ __global__ void softmax_rows_kernel(const SoftmaxForwardParams<scalar_t, acc_t> 
   if (p.weights != nullptr) write_weights(p, row, lse, 0, p.S);
 }
 
+// The combined softmax state of a row's split partials, and each split's context factor
+// exp(max_k - max) (0 for a split that saw no key). Lane l of every warp loads splits l
+// and l + 32 at once and the warp combines them by shuffles, in a fixed order: every
+// thread holds the same bits.
+template <typename acc_t>
+class MergedSplits {
+ public:
+  static_assert(kMaxSplits <= 2 * kWarpSize, "two splits per lane");
+
+  __device__ __forceinline__ MergedSplits(const acc_t* part_max, const acc_t* part_sum,
+                                          int64_t splits) {
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    acc_t m[2], s[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t k = lane + i * kWarpSize;
+      m[i] = k < splits ? part_max[k] : neg_inf<acc_t>();
+      s[i] = k < splits ? part_sum[k] : acc_t(0);
+    }
+    state_.max = warp_max(ae_max(m[0], m[1]));
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const acc_t f = rescale_factor(m[i], state_.max);
+      sum += s[i] * f;
+      factor_[i] = softmax_saw_keys(SoftmaxState<acc_t>{m[i], s[i]}) ? f : acc_t(0);
+    }
+    state_.sum = warp_sum(sum);
+  }
+
+  __device__ __forceinline__ const SoftmaxState<acc_t>& state() const { return state_; }
+
+  // Split k's factor; every lane of the warp calls it together, with the same k.
+  __device__ __forceinline__ acc_t factor(int64_t k) const {
+    return __shfl_sync(kFullWarpMask, k < kWarpSize ? factor_[0] : factor_[1],
+                       static_cast<int>(k % kWarpSize));
+  }
+
+ private:
+  SoftmaxState<acc_t> state_;
+  acc_t factor_[2];
+};
+
+// Part `part` of the merge of a row's split partials, by the whole block: parts
+// [0, slices) merge one slice of the context in split order (part 0 also writes lse); the
+// parts after them, when the weights are asked for, each write a contiguous range of the
+// row's weights. The context is sum_k exp(max_k - max) ctx_k / sum.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void merge_splits(const SoftmaxForwardParams<scalar_t, acc_t>& p,
+                                             int64_t row, int64_t part,
+                                             const MergedSplits<acc_t>& merged) {
+  const SoftmaxState<acc_t>& state = merged.state();
+  if (part >= p.slices) {
+    const int64_t weight_parts = p.merge_parts - p.slices;
+    const int64_t len = ceil_div(p.S, weight_parts);
+    const int64_t first = (part - p.slices) * len;
+    write_weights(p, row, softmax_lse(state), first, std::min(p.S, first + len));
+    return;
+  }
+
+  const int64_t first_chunk = part * p.slice_chunks;
+  const int64_t Dv = p.Dv;
+  BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
+                                  static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
+  const acc_t* partials = p.ctx_acc + row * p.splits * Dv;
+  context.add(
+      p.splits, [&](int64_t k) { return merged.factor(k); },
+      [&](int64_t k) { return partials + k * Dv; });
+  context.combine();
+  context.store(p.context + row * Dv, softmax_inv_sum(state));
+  if (part == 0 && threadIdx.x == 0) p.lse[row] = softmax_lse(state);
+}
+
+// Whether this block is the last of `blocks` to call this on `counter`; every thread of
+// the block calls it together. The writes every such block made before its call are
+// visible to the last one (a fence on each side of the count, as CUDA's
+// threadFenceReduction sample).
+__device__ __forceinline__ bool last_block_to_finish(unsigned* counter, unsigned blocks) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == blocks - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // The forward kernel of an op whose score is Scorer's (scorers.cuh).
 template <typename Scorer>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
@@ -267,51 +356,26 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
     p.part_max[part] = state.max;
     p.part_sum[part] = state.sum;
   }
+  if (p.row_done == nullptr) return;  // split_merge_kernel merges
+  if (!last_block_to_finish(p.row_done + row, static_cast<unsigned>(p.splits * p.slices))) {
+    return;
+  }
+  const MergedSplits<acc_t> merged(p.part_max + row * p.splits, p.part_sum + row * p.splits,
+                                   p.splits);
+  for (int64_t merge_part = 0; merge_part < p.merge_parts; ++merge_part) {
+    merge_splits<VEC>(p, row, merge_part, merged);
+    __syncthreads();  // the next part's BlockRowSum reuses the shared copies
+  }
 }
 
-// p.merge_parts blocks per row: parts [0, slices) merge one slice of the context from
-// the row's split partials in split order (part 0 also writes lse); the parts after them,
-// when the weights are asked for, each write a contiguous range of the row's weights.
-// Every thread merges the softmax states itself (the same bits in all); the context is
-// sum_k exp(max_k - max) ctx_k / sum over the splits that saw a key.
+// p.merge_parts blocks per row, each one merge_splits part.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
     split_merge_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p) {
-  const int tid = static_cast<int>(threadIdx.x);
   const int64_t row = blockIdx.x / p.merge_parts;
-  const int64_t part = blockIdx.x % p.merge_parts;
-  const acc_t* part_max = p.part_max + row * p.splits;
-  const acc_t* part_sum = p.part_sum + row * p.splits;
-  SoftmaxState<acc_t> state = softmax_init<acc_t>();
-  for (int64_t k = 0; k < p.splits; ++k) {
-    acc_t scale_state, scale_part;
-    softmax_merge(state, SoftmaxState<acc_t>{part_max[k], part_sum[k]}, scale_state, scale_part);
-  }
-  if (part >= p.slices) {
-    const int64_t weight_parts = p.merge_parts - p.slices;
-    const int64_t len = ceil_div(p.S, weight_parts);
-    const int64_t first = (part - p.slices) * len;
-    write_weights(p, row, softmax_lse(state), first, std::min(p.S, first + len));
-    return;
-  }
-
-  const int64_t first_chunk = part * p.slice_chunks;
-  const int64_t Dv = p.Dv;
-  BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
-                                  tid, static_cast<int>(blockDim.x));
-  const acc_t* partials = p.ctx_acc + row * p.splits * Dv;
-  context.add(
-      p.splits,
-      [&](int64_t k) {
-        // A split that saw no key (sum 0) adds nothing.
-        return softmax_saw_keys(SoftmaxState<acc_t>{part_max[k], part_sum[k]})
-                   ? rescale_factor(part_max[k], state.max)
-                   : acc_t(0);
-      },
-      [&](int64_t k) { return partials + k * Dv; });
-  context.combine();
-  context.store(p.context + row * Dv, softmax_inv_sum(state));
-  if (part == 0 && tid == 0) p.lse[row] = softmax_lse(state);
+  const MergedSplits<acc_t> merged(p.part_max + row * p.splits, p.part_sum + row * p.splits,
+                                   p.splits);
+  merge_splits<VEC>(p, row, blockIdx.x % p.merge_parts, merged);
 }
 
 }  // namespace attention_ext

@@ -1,10 +1,11 @@
-// Backward kernels of the dot attention op; deterministic (no atomics), two launches.
-//  phase 1, one warp per row (b, t): p and ds to scratch (softmax_backward.cuh, scores
-//    recomputed by DotScorer), then grad_query = scale * sum_j ds_j k_j;
-//  phase 2, one warp per key (b, j): grad_keys_j = scale * sum_t ds_tj q_t and
-//    grad_values_j = sum_t p_tj grad_ctx_t, summing t in order.
-// Scratch entries are only written for attending keys and are only read for them; in
-// phase 1 every lane reads back only the entries it wrote itself.
+// The dot op's backward on the rows path (few query rows per batch element); deterministic
+// (no atomics), four launches:
+//  1. backward_probs_kernel, one warp per (row, key): p and dp (softmax_backward.cuh,
+//     scores recomputed by DotScorer);
+//  2. softmax_grad_rows_kernel, one warp per row: ds;
+//  3. query, one warp per (row, 32 chunks of D): grad_query = scale * sum_j ds_j k_j;
+//  4. keys, one warp per key (b, j): grad_keys_j = scale * sum_t ds_tj q_t and
+//     grad_values_j = sum_t p_tj grad_ctx_t, summing t in order.
 #pragma once
 
 #include <algorithm>
@@ -18,22 +19,17 @@
 namespace attention_ext {
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void dot_attention_backward_rows_kernel(const DotBackwardParams<scalar_t, acc_t> p) {
-  const int lane = lane_id();
-  const int64_t row = global_warp_id(kBackwardWarpsPerBlock);
-  if (row >= p.B * p.Tq) return;
-  const int64_t b = row / p.Tq;
-  const DotScorer<scalar_t, acc_t, VEC> scorer(p, row);
-  softmax_backward_row<VEC>(p, row, lane, [&](int64_t j) { return warp_score(scorer, j, lane); });
-
+__global__ void dot_attention_backward_query_kernel(const DotBackwardParams<scalar_t, acc_t> p) {
+  const RowRound at = row_round(p.D / VEC);
+  if (at.row >= p.B * p.Tq) return;
+  const int64_t b = at.row / p.Tq;
   const KeyPositions km = p.positions;
-  const acc_t* dscores = p.dscores + row * p.S;
-  const scalar_t* keys = p.keys + p.positions.row(b) * p.S * p.D;
+  const acc_t* dscores = p.dscores + at.row * p.S;
+  const scalar_t* keys = p.keys + km.row(b) * p.S * p.D;
   const int64_t D = p.D;
-  weighted_row_sum<VEC>(
-      p.grad_query + row * p.D, D / VEC, km.end(b), p.scale, lane,
-      [=](int64_t j) { return km.attends(b, j) ? dscores[j] : acc_t(0); },
-      [=](int64_t j) { return keys + j * D; });
+  weighted_chunk_sum<VEC>(
+      p.grad_query + at.row * D, at.chunk, at.chunk < D / VEC, km.end(b), p.scale, lane_id(),
+      [=](int64_t j) { return dscores[j]; }, [=](int64_t j) { return keys + j * D; });
 }
 
 template <typename scalar_t, typename acc_t, int VEC>

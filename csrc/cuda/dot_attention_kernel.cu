@@ -1,7 +1,8 @@
 // CUDA implementation of attention_ext::dot_attention and its backward: argument checks,
 // contiguous inputs, dtype and vector-width dispatch, launches. The kernels: for few query
 // rows per batch element, attention_forward.cuh with DotScorer (scorers.cuh) and
-// dot_attention_backward.cuh; from kQueryTileMinRows up, dot_attention_tiles.cuh.
+// dot_attention_backward.cuh (with softmax_backward.cuh); from kQueryTileMinRows up,
+// dot_attention_tiles.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,8 +30,15 @@ void launch_backward(const DotBackwardParams<scalar_t, acc_t>& p, cudaStream_t s
     return;
   }
   const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
-  launch_kernel(dot_attention_backward_rows_kernel<scalar_t, acc_t, VEC>,
-                warp_grid(p.B * p.Tq, kBackwardWarpsPerBlock), block, 0, stream, p);
+  const int64_t rows = p.B * p.Tq;
+  launch_kernel(
+      backward_probs_kernel<DotScorer<scalar_t, acc_t, VEC>, DotBackwardParams<scalar_t, acc_t>>,
+      warp_grid(rows * p.S, kBackwardWarpsPerBlock), block, 0, stream, p);
+  launch_kernel(softmax_grad_rows_kernel<scalar_t, acc_t>, block_grid(rows), dim3(kWarpSize), 0,
+                stream, static_cast<const SoftmaxBackwardParams<scalar_t, acc_t>&>(p));
+  launch_kernel(dot_attention_backward_query_kernel<scalar_t, acc_t, VEC>,
+                warp_grid(row_round_warps(rows, p.D / VEC), kBackwardWarpsPerBlock), block, 0,
+                stream, p);
   launch_kernel(dot_attention_backward_keys_kernel<scalar_t, acc_t, VEC>,
                 warp_grid(p.B * p.S, kBackwardWarpsPerBlock), block, 0, stream, p);
 }

@@ -70,22 +70,6 @@ struct ValueGradRows : KernelTypes<scalar_t, acc_t, VEC> {
   }
 };
 
-// The backward's first step for element (t, j) of batch element b, from the recomputed
-// score and <g_t, v_j>: p_tj = exp(score - lse_t) and dp_tj = <g_t, v_j> + gw_tj, both 0
-// where j does not attend (the later steps read whole rows).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void write_p_dp(const SoftmaxBackwardParams<scalar_t, acc_t>& p,
-                                           int64_t b, int64_t t, int64_t j, acc_t score,
-                                           acc_t g_dot_v) {
-  const int64_t row = b * p.Tq + t;
-  const int64_t at = row * p.S + j;
-  const bool att = j < p.positions.end(b) && p.positions.attends(b, j);
-  p.probs[at] = att ? prob_from_lse(score, p.lse[row]) : acc_t(0);
-  p.dscores[at] =
-      att ? g_dot_v + (p.grad_weights ? static_cast<acc_t>(p.grad_weights[at]) : acc_t(0))
-          : acc_t(0);
-}
-
 // A tile kernel's launch: one block per 32 x 32 tile of each batch element's M x N.
 template <typename Kernel, typename Work>
 void launch_tiles(Kernel kernel, const Work& w, cudaStream_t stream) {
