@@ -60,8 +60,31 @@ class _Decoder(nn.Module):
                                   batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
 
     def _run_rnn(self, x: Tensor, hidden: Tuple[Tensor, ...]):
+        """The RNN over all steps of x (B, T, input) at once (cuDNN on a GPU)."""
         out, new = self.rnn(x, hidden if self.cell == "lstm" else hidden[0])
         return out, (new if isinstance(new, tuple) else (new,))
+
+    def _rnn_step(self, x: Tensor, hidden: Tuple[Tensor, ...]):
+        """One step of the RNN for x (N, input): its output (N, hidden_size) and the new
+        hidden state. The RNN's own weights, layer by layer through the cell ops
+        (torch.lstm_cell, torch.gru_cell; one fused kernel on a GPU) with the RNN's dropout
+        between layers: one step through nn.LSTM takes cuDNN's sequence API, whose set-up
+        on the host costs more than the step's work."""
+        rnn, lstm = self.rnn, self.cell == "lstm"
+        states = []
+        for layer in range(rnn.num_layers):
+            weights = [getattr(rnn, f"{name}_l{layer}")
+                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if lstm:
+                h, c = torch.lstm_cell(x, (hidden[0][layer], hidden[1][layer]), *weights)
+                states.append((h, c))
+            else:
+                h = torch.gru_cell(x, hidden[0][layer], *weights)
+                states.append((h,))
+            x = h
+            if layer < rnn.num_layers - 1 and rnn.dropout > 0:
+                x = nn.functional.dropout(x, rnn.dropout, self.training)
+        return x, tuple(torch.stack(parts) for parts in zip(*states))
 
     def init_state(self, encoder_state: Tuple[Tensor, ...],
                    memory_index: Optional[Tensor] = None) -> DecoderState:
@@ -128,8 +151,8 @@ class LuongDecoder(_Decoder):
         weights (N, S) and the next state."""
         if self.input_feeding:
             x = torch.cat([x, state.input_feed], dim=-1)
-        out, hidden = self._run_rnn(x.unsqueeze(1), state.hidden)
-        attn_h, weights = self.attention(out[:, 0], memory, memory_index=state.memory_index)
+        out, hidden = self._rnn_step(x, state.hidden)
+        attn_h, weights = self.attention(out, memory, memory_index=state.memory_index)
         feed = attn_h if self.input_feeding else None
         return attn_h, weights, DecoderState(hidden, feed, state.memory_index)
 
@@ -166,9 +189,8 @@ class BahdanauDecoder(_Decoder):
         weights (N, S) and the next state."""
         context, weights = self.attention(state.hidden[0][-1], memory,
                                           memory_index=state.memory_index)
-        out, hidden = self._run_rnn(torch.cat([emb, context], dim=-1).unsqueeze(1),
-                                    state.hidden)
-        features = torch.cat([out[:, 0], context, emb], dim=-1)
+        out, hidden = self._rnn_step(torch.cat([emb, context], dim=-1), state.hidden)
+        features = torch.cat([out, context, emb], dim=-1)
         return features, weights, DecoderState(hidden, None, state.memory_index)
 
 

@@ -338,6 +338,7 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
     for t in range(max_len):
         logits, weights, state = decoder.step(tokens, state, memory)
         top, tok, rows = _candidates(logits, scores, t < min_len, eos, K)
+        del logits  # not held while the next step makes its own
         seqs = torch.cat([seqs.index_select(0, rows), tok.view(-1, 1)], dim=1)
         attn = torch.cat([attn.index_select(0, rows), weights.index_select(0, rows)[:, None]],
                          dim=1)
@@ -376,9 +377,14 @@ def _initial_scores(B: int, K: int, like: Tensor) -> Tensor:
 def _candidates(logits: Tensor, scores: Tensor, block_eos, eos: int, K: int):
     """The K best extensions of each sentence's beams: their scores (A, K), tokens (A, K)
     and the rows (A * K,) of the beams they extend. block_eos (a bool, or a bool tensor
-    for a captured step) forbids the end token."""
+    for a captured step) forbids the end token.
+
+    logits (A * K, V) is the step's own tensor and is overwritten: the log-probabilities
+    and candidate scores take its place rather than two more (A * K, V) tensors, the
+    largest of a step's transients."""
     A, V = scores.shape[0], logits.shape[-1]
-    logp = torch.log_softmax(logits.to(scores.dtype), dim=-1)
+    logp = logits.to(scores.dtype)
+    logp = logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
     if isinstance(block_eos, Tensor):
         logp[:, eos] = logp[:, eos].masked_fill(block_eos, float("-inf"))
     elif block_eos:
