@@ -80,7 +80,6 @@ PYBIND11_MODULE(_C, mod) {
         d["key_lanes"] = plan.key_lanes;
         d["round_keys"] = plan.round_keys;
         d["weight_parts"] = plan.weight_parts;
-        d["merges_in_forward"] = plan.merges_in_forward(/*weights=*/true);
         d["blocks"] = plan.blocks(rows);
         return d;
       },

@@ -54,12 +54,10 @@ def test_decode_shapes_fill_an_h100(rows, S, D, Dv, itemsize):
 
 def test_a_long_sources_weights_are_written_by_many_blocks():
     """8 rows over 4096 keys: the merge writes each row's weights with 8 blocks of 128
-    threads, 4 weights a thread, beside its one context block per row; too much for the
-    row's last forward block alone."""
+    threads, 4 weights a thread, beside its one context block per row."""
     plan = plan_of(8, 4096, 32, 32, H100_SMS)
     assert plan["splits"] > 1 and plan["warps"] == 4
     assert plan["weight_parts"] == 8
-    assert not plan["merges_in_forward"]
 
 
 def test_many_rows_need_no_split():
@@ -71,12 +69,10 @@ def test_many_rows_need_no_split():
 def test_few_rows_split_the_keys():
     """B = 64 rows over 100 keys: as many splits as fit 4 blocks per SM in one wave (8, of
     13 keys: 512 blocks of the 528 an H100 holds at once; 9 would leave 48 blocks to a
-    second wave), never fewer than 8 keys per split. The row's last block merges the
-    splits: one context slice and one part of weights."""
+    second wave), never fewer than 8 keys per split."""
     plan = plan_of(64, 100, 128, 128, H100_SMS)
     assert (plan["splits"], plan["split_len"], plan["blocks"]) == (8, 13, 512)
     assert (plan["warps"], plan["key_lanes"]) == (4, 32)
-    assert plan["merges_in_forward"]
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64, 5000])
@@ -111,5 +107,3 @@ def test_plan_covers_keys_and_values_once(rows, S, d_chunks, v_chunks, sms):
     assert split_len >= min(8, S)
     # Split plans run in one wave of 4 blocks per SM.
     assert splits == 1 or plan["blocks"] <= 4 * sms
-    # The last forward block merges at most two parts itself.
-    assert plan["merges_in_forward"] == (splits > 1 and slices + parts <= 2)

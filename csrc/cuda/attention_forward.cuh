@@ -8,10 +8,8 @@
 //  3. context: the block's threads add p_j v_j into the context, held in registers
 //     (BlockRowSum); each warp's lanes get p_j from the lane that holds it by a shuffle.
 // With one split the block finalises the row (context, lse, weights); with several it
-// writes its partial (max, sum, unnormalised context), and the splits are combined in a
-// fixed order, so results never depend on timing: by the row's last block to finish
-// (counted in p.row_done) when the plan merges in the forward, else by
-// split_merge_kernel.
+// writes its partial (max, sum, unnormalised context) and split_merge_kernel combines
+// the splits in a fixed order, so results never depend on timing.
 #pragma once
 
 #include <algorithm>
@@ -265,20 +263,6 @@ __device__ __forceinline__ void merge_splits(const SoftmaxForwardParams<scalar_t
   if (part == 0 && threadIdx.x == 0) p.lse[row] = softmax_lse(state);
 }
 
-// Whether this block is the last of `blocks` to call this on `counter`; every thread of
-// the block calls it together. The writes every such block made before its call are
-// visible to the last one (a fence on each side of the count, as CUDA's
-// threadFenceReduction sample).
-__device__ __forceinline__ bool last_block_to_finish(unsigned* counter, unsigned blocks) {
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == blocks - 1;
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
-}
-
 // The forward kernel of an op whose score is Scorer's (scorers.cuh).
 template <typename Scorer>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
@@ -355,16 +339,6 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
   if (row_writer && tid == 0) {
     p.part_max[part] = state.max;
     p.part_sum[part] = state.sum;
-  }
-  if (p.row_done == nullptr) return;  // split_merge_kernel merges
-  if (!last_block_to_finish(p.row_done + row, static_cast<unsigned>(p.splits * p.slices))) {
-    return;
-  }
-  const MergedSplits<acc_t> merged(p.part_max + row * p.splits, p.part_sum + row * p.splits,
-                                   p.splits);
-  for (int64_t merge_part = 0; merge_part < p.merge_parts; ++merge_part) {
-    merge_splits<VEC>(p, row, merge_part, merged);
-    __syncthreads();  // the next part's BlockRowSum reuses the shared copies
   }
 }
 

@@ -6,9 +6,7 @@
 // One block per (row, source split, context slice), attention_forward.cuh:
 //  - source splits (flash-decoding): when the rows give too few blocks to fill the GPU,
 //    each row's keys are cut into `splits` chunks of `split_len` keys that run in parallel,
-//    as many as fit one wave; the splits are combined by log-sum-exp, by the row's last
-//    block to finish when the merge is small (merges_in_forward), else by
-//    split_merge_kernel;
+//    as many as fit one wave; split_merge_kernel combines them by log-sum-exp;
 //  - context slices: a block keeps at most kContextChunksPerThread chunks of the context
 //    per thread in registers, so values wider than the block's threads can hold are cut
 //    into slices, each block recomputing the scores of its keys;
@@ -48,9 +46,6 @@ constexpr int64_t kMergeWeightsPerThread = 4;
 // forward kernels are compiled for 4 resident blocks of 4 warps (__launch_bounds__, at
 // most 128 registers per thread; ptxas gives them 94-124 on sm_90).
 constexpr int kTargetBlocksPerSm = 4;
-// The most merge parts (context slices, then weight parts) that the row's last forward
-// block runs itself, one after another; more go to split_merge_kernel's blocks.
-constexpr int64_t kMaxForwardMergeParts = 2;
 
 struct ForwardPlan {
   int64_t splits;        // >= 1
@@ -65,10 +60,6 @@ struct ForwardPlan {
   int64_t blocks(int64_t rows) const { return rows * splits * slices; }
   // The merge's blocks per row: one per context slice, then the weights' parts.
   int64_t merge_parts(bool weights) const { return slices + (weights ? weight_parts : 0); }
-  // Whether the row's last forward block merges the splits (no split_merge_kernel).
-  bool merges_in_forward(bool weights) const {
-    return splits > 1 && merge_parts(weights) <= kMaxForwardMergeParts;
-  }
 };
 
 // rows = B * Tq >= 1, S >= 1; d_chunks and v_chunks: the scores' and the context's row

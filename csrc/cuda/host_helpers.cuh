@@ -127,8 +127,7 @@ class BackwardScratch {
 
 // An op's forward with the op's Scorer (scorers.cuh), p bound by ForwardBuffers and the op:
 // the launch plan (forward_plan.h) for rows of D score features, one workspace
-// allocation, attention_forward_kernel, then split_merge_kernel when the keys are split
-// and the forward's last blocks do not merge them.
+// allocation, attention_forward_kernel, then split_merge_kernel when the keys are split.
 template <template <typename, typename, int> class Scorer, int VEC,
           template <typename, typename> class Params, typename scalar_t, typename acc_t>
 void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::Tensor& like,
@@ -141,40 +140,29 @@ void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::T
   p.split_len = plan.split_len;
   p.slices = plan.slices;
   p.slice_chunks = plan.slice_chunks;
-  const bool weights = p.weights != nullptr;
-  p.merge_parts = plan.merge_parts(weights);
+  p.merge_parts = plan.merge_parts(p.weights != nullptr);
   p.key_lanes = plan.key_lanes;
   p.round_keys = plan.round_keys;
-  const bool merge_in_forward = plan.merges_in_forward(weights);
 
-  // Workspace: split partials (context, max, sum), the raw scores unless the weights hold
-  // them (they have the accumulation type), then the rows' finished-block counters (one
-  // acc_t element each, at least 4 bytes) when the last block merges.
+  // Workspace: split partials (context, max, sum), then the raw scores unless the weights
+  // hold them (they have the accumulation type).
   const int64_t parts = plan.splits > 1 ? rows * plan.splits : 0;
-  const bool own_scores = weights && !std::is_same_v<scalar_t, acc_t>;
-  const int64_t scores_size = own_scores ? rows * p.S : 0;
-  const int64_t counters = merge_in_forward ? rows : 0;
+  const bool own_scores = p.weights != nullptr && !std::is_same_v<scalar_t, acc_t>;
   const at::Tensor workspace =
-      at::empty({parts * p.Dv + 2 * parts + scores_size + counters},
+      at::empty({parts * p.Dv + 2 * parts + (own_scores ? rows * p.S : 0)},
                 like.options().dtype(acc_dtype(like.scalar_type())));
   acc_t* ws = workspace.data_ptr<acc_t>();
   p.ctx_acc = ws;  // first: its rows keep the allocation's alignment for chunk access
   p.part_max = ws + parts * p.Dv;
   p.part_sum = p.part_max + parts;
-  p.scores = !weights ? nullptr : own_scores ? p.part_sum + parts
-                                             : reinterpret_cast<acc_t*>(p.weights);
-  p.row_done = nullptr;
-  if (merge_in_forward) {
-    static_assert(sizeof(acc_t) >= sizeof(unsigned));
-    acc_t* first = p.part_sum + parts + scores_size;
-    p.row_done = reinterpret_cast<unsigned*>(first);
-    zero_async(first, counters * sizeof(acc_t), stream);
-  }
+  p.scores = p.weights == nullptr ? nullptr
+             : own_scores         ? p.part_sum + parts
+                                  : reinterpret_cast<acc_t*>(p.weights);
 
   const dim3 block(plan.warps * kWarpSize);
   launch_kernel(attention_forward_kernel<Scorer<scalar_t, acc_t, VEC>>,
                 block_grid(plan.blocks(rows)), block, 0, stream, p);
-  if (plan.splits > 1 && !merge_in_forward) {
+  if (plan.splits > 1) {
     launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>, block_grid(rows * p.merge_parts),
                   block, 0, stream, static_cast<const SoftmaxForwardParams<scalar_t, acc_t>&>(p));
   }

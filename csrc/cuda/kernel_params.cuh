@@ -21,14 +21,11 @@ struct SoftmaxForwardParams {
   acc_t* lse;         // (B, Tq)
   // Workspace. scores: raw scores (B, Tq, S), only with weights (it may alias them when
   // scalar_t == acc_t). With splits > 1, per (row, split): ctx_acc the unnormalised context
-  // (rows, splits, Dv), part_max / part_sum the softmax state, and when the row's last
-  // forward block merges them, row_done: per row, the blocks finished so far (zeroed before
-  // the launch); else nullptr.
+  // (rows, splits, Dv), part_max / part_sum the softmax state.
   acc_t* scores;
   acc_t* ctx_acc;
   acc_t* part_max;
   acc_t* part_sum;
-  unsigned* row_done;
   int64_t B, Tq, S, Dv;
   // The launch plan (forward_plan.h): source splits, context slices (in chunks of the
   // kernel's vector width), the merge's blocks per row (slices, then weight parts), lanes

@@ -1,6 +1,6 @@
 // The host code's only contact with the CUDA runtime: the dispatch key its entry points
-// serve, device guard, current stream, multiprocessor count, launch_kernel, the one
-// place kernels are launched, and zero_async. Kept in one header so the CPU emulation of the execution
+// serve, device guard, current stream, multiprocessor count, and launch_kernel, the one
+// place kernels are launched. Kept in one header so the CPU emulation of the execution
 // model (tests, csrc/emulated/emulation.h) has one small thing to replace: there the
 // launcher runs the grid on CPU fibers, so the host code that plans, sizes grids and
 // allocates workspaces is the same code in both builds.
@@ -10,7 +10,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <utility>
 
 #if defined(ATTENTION_EXT_CUDA_EMULATION)
@@ -46,11 +45,6 @@ inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
   if (const char* msg = emu::launch(kernel, grid, block, smem, std::forward<Args>(args)...)) {
     TORCH_CHECK_VALUE(false, msg, " (a device-side check of the emulated CUDA kernels)");
   }
-}
-
-// Zeroes `bytes` at ptr, in stream order (at once: launches are synchronous here).
-inline void zero_async(void* ptr, size_t bytes, cudaStream_t /*stream*/) {
-  std::memset(ptr, 0, bytes);
 }
 
 }  // namespace attention_ext
@@ -94,11 +88,6 @@ inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Zeroes `bytes` at ptr in stream order: a memset node, not a kernel, in a captured graph.
-inline void zero_async(void* ptr, size_t bytes, cudaStream_t stream) {
-  if (bytes > 0) C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
 }
 
 }  // namespace attention_ext

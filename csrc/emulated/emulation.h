@@ -7,8 +7,7 @@
 // few nanoseconds instead of 32 futex wake-ups, which lets the whole test suite run
 // through the emulated kernels. Only what this project's kernels use is provided, with
 // the 16 x 16 x 16 tiles of nvcuda::wmma (tensor cores) at the end: anything else
-// (dynamic shared memory, atomics but an unsigned atomicAdd, votes, __half intrinsics,
-// inline PTX) fails to compile.
+// (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX) fails to compile.
 //
 // Not emulated: the GPU memory model, concurrency between blocks, timing. Shuffles check
 // that every lane named in the mask took part; they do not check that the lanes reached
@@ -407,17 +406,6 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   const T got = attention_ext::emu::shuffle(mask, v, src < 32 ? src : lane);
   return src < 32 ? got : v;
 }
-
-// A block's count of finished blocks (attention_forward.cuh): blocks run one at a time,
-// so the read-modify-write is plain and the fences have nothing to order. Only the
-// unsigned form the kernels use.
-inline unsigned atomicAdd(unsigned* address, unsigned value) {
-  const unsigned old = *address;
-  *address = old + value;
-  return old;
-}
-
-inline void __threadfence() {}
 
 // nvcuda::wmma, the warp-wide matrix products of the tensor cores: the subset the kernels
 // may use, 16 x 16 x 16 tiles of 16-bit inputs (c10::Half as __half, c10::BFloat16 as
