@@ -110,7 +110,7 @@ __global__ void additive_attention_backward_keys_kernel(
   const scalar_t* g = p.grad_context + b * p.Tq * Dv;
   for (int64_t r = 0; r < warp_rounds(a_chunks); ++r) {
     const int64_t c = r * kWarpSize + lane;
-    acc_t dv[VEC];  // unused: grad_v is the rows kernel's
+    acc_t dv[VEC];  // unused: grad_v is the query side's
     tanh_grad_chunk<VEC>(
         k, p.v, gk, c, c < a_chunks, p.Tq, lane, [=](int64_t t) { return dscores[t * S]; },
         [=](int64_t t) { return q + t * A; }, dv);

@@ -36,11 +36,7 @@ void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, scalar_t*
   }
   const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
   const int64_t rows = p.B * p.Tq;
-  launch_kernel(backward_probs_kernel<AdditiveScorer<scalar_t, acc_t, VEC>,
-                                      AdditiveBackwardParams<scalar_t, acc_t>>,
-                warp_grid(rows * p.S, kBackwardWarpsPerBlock), block, 0, stream, p);
-  launch_kernel(softmax_grad_rows_kernel<scalar_t, acc_t>, block_grid(rows), dim3(kWarpSize), 0,
-                stream, static_cast<const SoftmaxBackwardParams<scalar_t, acc_t>&>(p));
+  launch_backward_probs<AdditiveScorer<scalar_t, acc_t, VEC>>(p, stream);
   launch_kernel(additive_attention_backward_query_kernel<scalar_t, acc_t, VEC>,
                 warp_grid(row_round_warps(rows, p.A / VEC), kBackwardWarpsPerBlock), block, 0,
                 stream, p);

@@ -1,7 +1,7 @@
 // Host code shared by the ops' CUDA entry points (dot_attention_kernel.cu,
 // additive_attention_kernel.cu): 16-byte path test, grid sizing, the
-// softmax part of the kernels' arguments (outputs, workspace, scratch, mask, sizes) and
-// the forward's launches.
+// softmax part of the kernels' arguments (outputs, workspace, scratch, mask, sizes), the
+// forward's launches and the rows-path backward's first two.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,6 +21,7 @@
 #include "forward_plan.h"
 #include "kernel_params.cuh"
 #include "runtime.cuh"
+#include "softmax_backward.cuh"
 
 namespace attention_ext {
 
@@ -166,6 +167,20 @@ void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::T
     launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>, block_grid(rows * p.merge_parts),
                   block, 0, stream, static_cast<const SoftmaxForwardParams<scalar_t, acc_t>&>(p));
   }
+}
+
+// The rows path's backward, first two steps (softmax_backward.cuh): p and dp for every
+// (row, key) with the op's Scorer, then ds; the op's kernels then read the scratch.
+template <typename Scorer, typename Params>
+void launch_backward_probs(const Params& p, cudaStream_t stream) {
+  using SoftmaxParams = SoftmaxBackwardParams<typename Scorer::scalar_t, typename Scorer::acc_t>;
+  const int64_t rows = p.B * p.Tq;
+  launch_kernel(backward_probs_kernel<Scorer, Params>,
+                warp_grid(rows * p.S, kBackwardWarpsPerBlock),
+                dim3(kBackwardWarpsPerBlock * kWarpSize), 0, stream, p);
+  launch_kernel(softmax_grad_rows_kernel<typename Scorer::scalar_t, typename Scorer::acc_t>,
+                block_grid(rows), dim3(kWarpSize), 0, stream,
+                static_cast<const SoftmaxParams&>(p));
 }
 
 }  // namespace attention_ext

@@ -45,7 +45,8 @@ struct SoftmaxBackwardParams {
   KeyPositions positions;
   const acc_t* lse;       // (B, Tq)
   scalar_t* grad_values;  // (B, S, Dv); dot: unused when the keys are the values
-  // Scratch (B, Tq, S), written by the rows kernel for attending keys only, read after it.
+  // Scratch (B, Tq, S): p and dp, then p and ds (softmax_backward.cuh); 0 where a key
+  // does not attend.
   acc_t* probs;
   acc_t* dscores;
   int64_t B, Tq, S, Dv;
@@ -90,8 +91,8 @@ struct AdditiveBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t> {
   const scalar_t* v;
   scalar_t* grad_query_proj;  // (B, Tq, A)
   scalar_t* grad_keys_proj;   // (B, S, A)
-  // grad_v per block of the rows kernel, (blocks, A); summed over blocks in block order
-  // by additive_grad_v_kernel: no atomics, the same bits on every run.
+  // grad_v's shares, one row per query row (rows path) or per query tile, (rows, A);
+  // summed in row order by additive_grad_v_kernel: no atomics, the same bits on every run.
   acc_t* grad_v_partials;
   int64_t A;
 };

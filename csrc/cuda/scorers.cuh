@@ -68,7 +68,7 @@ struct AdditiveScorer : KernelTypes<scalar_t, acc_t, VEC> {
 };
 
 // The score of key j by a whole warp, the same in every lane; every lane calls it together
-// (the backward rows kernels).
+// (backward_probs_kernel).
 template <typename Scorer>
 __device__ __forceinline__ typename Scorer::acc_t warp_score(const Scorer& scorer, int64_t j,
                                                              int lane) {
