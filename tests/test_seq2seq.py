@@ -272,10 +272,12 @@ def test_cuda_graph_decoding(kind):
     assert len(model._cuda_graphs) == 4  # greedy and beam, at two max_len each
 
 
-def test_teacher_forcing_without_input_feeding_matches_the_step_loop():
-    """Without input feeding, forward() runs the RNN over all steps and attention once with
-    Tq = T: the logits of step() one token at a time."""
-    model = make_model("luong_general_no_feed", dtype=torch.float64)
+@pytest.mark.parametrize("layers,cell", [(1, "lstm"), (2, "lstm"), (2, "gru")])
+def test_teacher_forcing_without_input_feeding_matches_the_step_loop(layers, cell):
+    """Without input feeding, forward() runs the RNN (nn.LSTM / nn.GRU) over all steps and
+    attention once with Tq = T: the logits of step() one token at a time, whose RNN runs
+    layer by layer through the cell ops on the same weights."""
+    model = make_model("luong_general_no_feed", layers=layers, cell=cell, dtype=torch.float64)
     src, lengths = source(3, 6, seed=2)
     tgt_in = torch.randint(3, V, (3, 5), generator=generator(3))
     logits = model(src, lengths, tgt_in)
