@@ -233,36 +233,6 @@ class MergedSplits {
   acc_t factor_[2];
 };
 
-// Part `part` of the merge of a row's split partials, by the whole block: parts
-// [0, slices) merge one slice of the context in split order (part 0 also writes lse); the
-// parts after them, when the weights are asked for, each write a contiguous range of the
-// row's weights. The context is sum_k exp(max_k - max) ctx_k / sum.
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void merge_splits(const SoftmaxForwardParams<scalar_t, acc_t>& p,
-                                             int64_t row, int64_t part,
-                                             const MergedSplits<acc_t>& merged) {
-  const SoftmaxState<acc_t>& state = merged.state();
-  if (part >= p.slices) {
-    const int64_t weight_parts = p.merge_parts - p.slices;
-    const int64_t len = ceil_div(p.S, weight_parts);
-    const int64_t first = (part - p.slices) * len;
-    write_weights(p, row, softmax_lse(state), first, std::min(p.S, first + len));
-    return;
-  }
-
-  const int64_t first_chunk = part * p.slice_chunks;
-  const int64_t Dv = p.Dv;
-  BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
-                                  static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
-  const acc_t* partials = p.ctx_acc + row * p.splits * Dv;
-  context.add(
-      p.splits, [&](int64_t k) { return merged.factor(k); },
-      [&](int64_t k) { return partials + k * Dv; });
-  context.combine();
-  context.store(p.context + row * Dv, softmax_inv_sum(state));
-  if (part == 0 && threadIdx.x == 0) p.lse[row] = softmax_lse(state);
-}
-
 // The forward kernel of an op whose score is Scorer's (scorers.cuh).
 template <typename Scorer>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
@@ -342,14 +312,37 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
   }
 }
 
-// p.merge_parts blocks per row, each one merge_splits part.
+// p.merge_parts blocks per row: parts [0, slices) merge one slice of the context from
+// the row's split partials in split order (part 0 also writes lse); the parts after them,
+// when the weights are asked for, each write a contiguous range of the row's weights. The
+// context is sum_k exp(max_k - max) ctx_k / sum.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
     split_merge_kernel(const SoftmaxForwardParams<scalar_t, acc_t> p) {
   const int64_t row = blockIdx.x / p.merge_parts;
+  const int64_t part = blockIdx.x % p.merge_parts;
   const MergedSplits<acc_t> merged(p.part_max + row * p.splits, p.part_sum + row * p.splits,
                                    p.splits);
-  merge_splits<VEC>(p, row, blockIdx.x % p.merge_parts, merged);
+  const SoftmaxState<acc_t>& state = merged.state();
+  if (part >= p.slices) {
+    const int64_t weight_parts = p.merge_parts - p.slices;
+    const int64_t len = ceil_div(p.S, weight_parts);
+    const int64_t first = (part - p.slices) * len;
+    write_weights(p, row, softmax_lse(state), first, std::min(p.S, first + len));
+    return;
+  }
+
+  const int64_t first_chunk = part * p.slice_chunks;
+  const int64_t Dv = p.Dv;
+  BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
+                                  static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
+  const acc_t* partials = p.ctx_acc + row * p.splits * Dv;
+  context.add(
+      p.splits, [&](int64_t k) { return merged.factor(k); },
+      [&](int64_t k) { return partials + k * Dv; });
+  context.combine();
+  context.store(p.context + row * Dv, softmax_inv_sum(state));
+  if (part == 0 && threadIdx.x == 0) p.lse[row] = softmax_lse(state);
 }
 
 }  // namespace attention_ext
