@@ -135,19 +135,23 @@ __device__ __forceinline__ void weighted_row_sum(scalar_t* out_row, int64_t chun
 }
 
 // A rows-path kernel's work item: one warp per (row, round of 32 chunks of a row of
-// `chunks`), rounds fastest; row >= rows is past the end.
+// `chunks`), rounds fastest, at least one round per row; row >= rows is past the end.
 struct RowRound {
   int64_t row, chunk;
 };
 
+HOST_DEVICE_INLINE int64_t rounds_per_row(int64_t chunks) {
+  return std::max<int64_t>(1, ceil_div(chunks, kWarpSize));
+}
+
 __device__ __forceinline__ RowRound row_round(int64_t chunks) {
   const int64_t item = global_warp_id(kBackwardWarpsPerBlock);
-  const int64_t rounds = std::max<int64_t>(1, warp_rounds(chunks));
+  const int64_t rounds = rounds_per_row(chunks);
   return RowRound{item / rounds, (item % rounds) * kWarpSize + lane_id()};
 }
 
 inline int64_t row_round_warps(int64_t rows, int64_t chunks) {
-  return rows * std::max<int64_t>(1, ceil_div(chunks, kWarpSize));
+  return rows * rounds_per_row(chunks);
 }
 
 // The second step, after the first wrote p_j and dp_j (0 where j does not attend) for
