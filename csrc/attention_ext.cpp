@@ -68,9 +68,10 @@ PYBIND11_MODULE(_C, mod) {
   testing.def("forced_splits", &attention_ext::forced_splits);
   testing.def(
       "forward_plan",
-      [](int64_t rows, int64_t S, int64_t d_chunks, int64_t v_chunks, int64_t sm_count) {
-        const auto plan =
-            attention_ext::plan_forward(rows, S, d_chunks, v_chunks, sm_count, /*forced=*/0);
+      [](int64_t rows, int64_t S, int64_t d_chunks, int64_t v_chunks, bool values_are_keys,
+         int64_t sm_count) {
+        const auto plan = attention_ext::plan_forward(rows, S, d_chunks, v_chunks,
+                                                      values_are_keys, sm_count, /*forced=*/0);
         pybind11::dict d;
         d["splits"] = plan.splits;
         d["split_len"] = plan.split_len;
@@ -79,12 +80,15 @@ PYBIND11_MODULE(_C, mod) {
         d["warps"] = plan.warps;
         d["key_lanes"] = plan.key_lanes;
         d["round_keys"] = plan.round_keys;
+        d["stage_buffers"] = plan.stage_buffers;
+        d["stage_values"] = plan.stage_values;
         d["weight_parts"] = plan.weight_parts;
         d["blocks"] = plan.blocks(rows);
         return d;
       },
       "The CUDA forward's launch plan (csrc/cuda/forward_plan.h) for rows x S keys, row "
-      "lengths in 16-byte chunks, on a GPU of sm_count SMs.");
+      "lengths in 16-byte chunks (values_are_keys: the values are the key rows), on a GPU of "
+      "sm_count SMs.");
 #ifndef ATTENTION_EXT_WITH_EMULATED_CUDA
   testing.def("tanh_float32", &attention_ext::cpu::tanh_float32,
               "The CPU kernels' float32 tanh, elementwise.");

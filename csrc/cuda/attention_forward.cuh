@@ -1,6 +1,9 @@
 // The forward pass of both ops, everything but the score (each op's Scorer, scorers.cuh).
 // One block per (row, source split, context slice), row = (b, t), sized by the launch plan
 // (forward_plan.h). The block walks its split's keys in rounds of up to 32 keys:
+//  0. staging (when the plan stages): every thread issues its share of the asynchronous
+//     copies of the round's key rows, and value rows, into shared memory, then waits; with
+//     two buffers the next round's copies are issued first, so they fly during this round;
 //  1. scores: groups of key_lanes lanes take one key each, every lane a few 16-byte chunks,
 //     summed over the group by shuffles; the round's scores meet in shared memory;
 //  2. softmax step: every warp reads the round's scores (lane jj holds key jj) and takes the
@@ -55,18 +58,18 @@ class BlockRowSum {
 
   // Adds sum_k weight_of(k) row_of(k) over k < count, k in order. Every thread calls
   // weight_of the same number of times (with k clamped below count), so weight_of may
-  // shuffle within the warp. Rows go in batches of kChunksInFlight: their weights first,
-  // then each chunk's loads for the whole batch at once; a zero weight (masked or
-  // underflowed) never reads its row.
-  template <typename WeightOf, typename RowOf>
+  // shuffle within the warp. Rows go in batches of kBatch: their weights first, then each
+  // chunk's loads for the whole batch at once; a zero weight (masked or underflowed) never
+  // reads its row.
+  template <int kBatch = kChunksInFlight, typename WeightOf, typename RowOf>
   __device__ __forceinline__ void add(int64_t count, WeightOf weight_of, RowOf row_of) {
     using row_t = std::remove_cv_t<std::remove_pointer_t<decltype(row_of(int64_t{0}))>>;
     const int64_t rounds = ceil_div(count, slots_);
-    for (int64_t r0 = 0; r0 < rounds; r0 += kChunksInFlight) {
-      acc_t w[kChunksInFlight];
-      const row_t* rows[kChunksInFlight];
+    for (int64_t r0 = 0; r0 < rounds; r0 += kBatch) {
+      acc_t w[kBatch];
+      const row_t* rows[kBatch];
 #pragma unroll
-      for (int u = 0; u < kChunksInFlight; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
         const int64_t k = (r0 + u) * slots_ + slot_;
         const int64_t kk = std::min(k, count - 1);
         w[u] = r0 + u < rounds ? weight_of(kk) : acc_t(0);  // the same in every thread
@@ -77,9 +80,9 @@ class BlockRowSum {
       for (int n = 0; n < kContextChunksPerThread; ++n) {
         const int64_t c = first_ + int64_t(n) * row_threads_;
         if (c >= end_) break;
-        Pack<row_t, VEC> x[kChunksInFlight];
+        Pack<row_t, VEC> x[kBatch];
 #pragma unroll
-        for (int u = 0; u < kChunksInFlight; ++u) {
+        for (int u = 0; u < kBatch; ++u) {
           if (w[u] != acc_t(0)) {
             x[u] = load_pack<VEC>(rows[u], c);
           } else {
@@ -88,7 +91,7 @@ class BlockRowSum {
           }
         }
 #pragma unroll
-        for (int u = 0; u < kChunksInFlight; ++u) {
+        for (int u = 0; u < kBatch; ++u) {
 #pragma unroll
           for (int i = 0; i < VEC; ++i) acc_[n][i] += w[u] * unpack<acc_t>(x[u], i);
         }
@@ -233,6 +236,44 @@ class MergedSplits {
   acc_t factor_[2];
 };
 
+// A block's stage (forward_plan.h): one or two buffers, each holding a round's key rows
+// (round_keys x width) and, with stage_values, its value rows after them (round_keys x Dv).
+template <typename scalar_t>
+class RoundStage {
+ public:
+  __device__ __forceinline__ RoundStage(scalar_t* shared, int round_keys, int64_t width,
+                                        int64_t Dv, bool with_values)
+      : shared_(shared),
+        round_keys_(round_keys),
+        width_(width),
+        Dv_(Dv),
+        buffer_len_(round_keys * (width + (with_values ? Dv : 0))) {}
+
+  __device__ __forceinline__ scalar_t* key(int buffer, int jj) const {
+    return shared_ + buffer * buffer_len_ + jj * width_;
+  }
+  __device__ __forceinline__ scalar_t* value(int buffer, int jj) const {
+    return shared_ + buffer * buffer_len_ + round_keys_ * width_ + jj * Dv_;
+  }
+
+  // Issues the copies of `keys` rows from each source (rows of `len` elements, contiguous
+  // from src) into the buffer's rows from dst, dealt to the block's threads, then closes
+  // the copy group.
+  template <int VEC>
+  __device__ __forceinline__ static void copy_rows(scalar_t* dst, const scalar_t* src,
+                                                   int keys, int64_t len, int tid, int threads) {
+    const int64_t chunks = keys * len / VEC;
+    for (int64_t c = tid; c < chunks; c += threads) {
+      copy_chunk_async<VEC>(dst + c * VEC, src + c * VEC);
+    }
+  }
+
+ private:
+  scalar_t* shared_;
+  int round_keys_;
+  int64_t width_, Dv_, buffer_len_;
+};
+
 // The forward kernel of an op whose score is Scorer's (scorers.cuh).
 template <typename Scorer>
 __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
@@ -262,14 +303,51 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
   BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
                                   tid, threads);
 
+  // The stage: sized for 16-byte chunks, so a narrower kernel's rows fit it too.
+  __shared__ Pack<scalar_t, vec_width<scalar_t>()> stage_chunks[kStageChunks];
+  const int buffers = p.stage_buffers;
+  const int64_t width = scorer.width();
+  const RoundStage<scalar_t> stage(reinterpret_cast<scalar_t*>(stage_chunks), p.round_keys,
+                                   width, Dv, p.stage_values);
+  const auto stage_round = [&](int64_t j0, int buffer) {
+    const int keys = static_cast<int>(std::min<int64_t>(p.round_keys, j_end - j0));
+    RoundStage<scalar_t>::template copy_rows<VEC>(stage.key(buffer, 0), scorer.key(j0), keys,
+                                                  width, tid, threads);
+    if (p.stage_values) {
+      RoundStage<scalar_t>::template copy_rows<VEC>(stage.value(buffer, 0), values + j0 * Dv,
+                                                    keys, Dv, tid, threads);
+    }
+    commit_async_copies();
+  };
+  if (buffers > 0 && j_begin < j_end) stage_round(j_begin, 0);
+
   SoftmaxState<acc_t> state = softmax_init<acc_t>();
+  int buffer = 0;
   for (int64_t j0 = j_begin; j0 < j_end; j0 += p.round_keys) {
     const int keys = static_cast<int>(std::min<int64_t>(p.round_keys, j_end - j0));
+    if (buffers > 0) {
+      if (buffers == 2 && j0 + p.round_keys < j_end) {
+        stage_round(j0 + p.round_keys, 1 - buffer);  // its buffer's last round is done
+        wait_async_copies<1>();
+      } else {
+        wait_async_copies<0>();
+      }
+      __syncthreads();  // every thread's copies of this round have landed
+    }
+    const auto key_row = [&](int jj) {
+      return buffers > 0 ? stage.key(buffer, jj) : scorer.key(j0 + jj);
+    };
+    const auto value_row = [&](int64_t k) -> const scalar_t* {
+      if (buffers > 0 && p.values_are_keys) return stage.key(buffer, static_cast<int>(k));
+      if (buffers > 0 && p.stage_values) return stage.value(buffer, static_cast<int>(k));
+      return values + (j0 + k) * Dv;
+    };
     // 1. Scores of the round's keys, group by group.
     for (int jj0 = 0; jj0 < keys; jj0 += groups) {
       const int jj = jj0 + group;
       const bool live = jj < keys && p.positions.attends(b, j0 + jj);
-      const acc_t part = live ? scorer.partial(j0 + jj, tid % key_lanes, key_lanes) : acc_t(0);
+      const acc_t part =
+          live ? scorer.partial(key_row(jj), tid % key_lanes, key_lanes) : acc_t(0);
       const acc_t sum = group_sum(part, key_lanes);
       if (tid % key_lanes == 0 && jj < keys) {
         const acc_t s = live ? scorer.finish(sum) : neg_inf<acc_t>();
@@ -289,9 +367,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
       context.scale(alpha);
       context.add(
           keys, [&](int64_t k) { return __shfl_sync(kFullWarpMask, my_p, static_cast<int>(k)); },
-          [&](int64_t k) { return values + (j0 + k) * Dv; });
+          value_row);
     }
-    __syncthreads();  // round_scores is rewritten by the next round
+    __syncthreads();  // round_scores and this round's stage buffer are rewritten next
+    if (buffers == 2) buffer = 1 - buffer;
   }
   context.combine();
 
@@ -311,6 +390,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
     p.part_sum[part] = state.sum;
   }
 }
+
+// Split partials the merge loads at once: the splits of a decode plan (8 for 64 rows on an
+// H100) in one batch.
+constexpr int kMergeBatch = 8;
 
 // p.merge_parts blocks per row: parts [0, slices) merge one slice of the context from
 // the row's split partials in split order (part 0 also writes lse); the parts after them,
@@ -337,7 +420,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads, kTargetBlocksPerSm)
   BlockRowSum<VEC, acc_t> context(first_chunk, std::min(p.slice_chunks, Dv / VEC - first_chunk),
                                   static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
   const acc_t* partials = p.ctx_acc + row * p.splits * Dv;
-  context.add(
+  context.template add<kMergeBatch>(
       p.splits, [&](int64_t k) { return merged.factor(k); },
       [&](int64_t k) { return partials + k * Dv; });
   context.combine();

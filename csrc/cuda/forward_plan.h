@@ -11,7 +11,13 @@
 //    per thread in registers, so values wider than the block's threads can hold are cut
 //    into slices, each block recomputing the scores of its keys;
 //  - key_lanes lanes score one key together, each about kScoreChunksPerLane 16-byte
-//    loads, so a warp has several keys and a lane several loads in flight.
+//    chunks;
+//  - staging: a round's key rows (and value rows, unless the values are the keys or are
+//    sliced) are copied into shared memory by asynchronous copies that every thread issues
+//    at once, so a round waits on one memory latency, not on one per key group and one
+//    per batch of context rows. With more keys in the split than one buffer holds, two
+//    buffers alternate and the next round's copies fly while this round computes. Rows too
+//    wide for kMinStagedKeys keys a round are read from global memory in place.
 #pragma once
 
 #include <algorithm>
@@ -24,13 +30,20 @@ namespace attention_ext {
 constexpr int kForwardMaxWarps = 4;
 constexpr int kForwardMaxThreads = kForwardMaxWarps * 32;
 // Keys per round of a block: at most one per lane, so a warp holds a round's
-// probabilities; and at most kRoundBytes of key rows, because the context phase reads a
-// round's keys again when they are the values (the dot op without values): about 800
-// resident blocks x 32 KB stay within an H100's 50 MB L2, so that second read hits it.
+// probabilities. Staged, as many as the stage holds; read in place, at most kRoundBytes of
+// key rows, because the context phase reads a round's keys again when they are the values
+// (the dot op without values): about 800 resident blocks x 32 KB stay within an H100's 50
+// MB L2, so that second read hits it.
 constexpr int kMaxRoundKeys = 32;
 constexpr int kMinRoundKeys = 8;
 constexpr int64_t kRoundBytes = 32 * 1024;
 constexpr int kScoreChunksPerLane = 4;
+// The stage's shared memory per block, with the block's other shared arrays within the 48
+// KB of static shared memory a block may have: 4 blocks per SM take 176 KB of an H100's
+// 228 KB.
+constexpr int64_t kStageBytes = 40 * 1024;
+constexpr int64_t kStageChunks = kStageBytes / 16;
+constexpr int kMinStagedKeys = 4;
 constexpr int kContextChunksPerThread = 4;
 constexpr int64_t kMaxSplits = 64;
 // Fewest keys per split: below this the merge's extra pass costs more than the splits
@@ -55,6 +68,8 @@ struct ForwardPlan {
   int warps;             // per block, of the forward and of the merge
   int key_lanes;         // a power of two <= 32
   int round_keys;        // keys per round of the forward's loop
+  int stage_buffers;     // 0: rows read in place; 1 or 2 stage buffers of round_keys rows
+  bool stage_values;     // the value rows are staged beside the key rows
   int64_t weight_parts;  // merge blocks per split row that write its weights (when asked)
 
   int64_t blocks(int64_t rows) const { return rows * splits * slices; }
@@ -63,14 +78,13 @@ struct ForwardPlan {
 };
 
 // rows = B * Tq >= 1, S >= 1; d_chunks and v_chunks: the scores' and the context's row
-// lengths in chunks of the kernel's vector width. forced > 0 (test hook) fixes the number
-// of splits, capped by S and kMaxSplits.
+// lengths in chunks of the kernel's vector width (16 bytes or less); values_are_keys: the
+// values are the key rows themselves (the dot op without values). forced > 0 (test hook)
+// fixes the number of splits, capped by S and kMaxSplits.
 inline ForwardPlan plan_forward(int64_t rows, int64_t S, int64_t d_chunks, int64_t v_chunks,
-                                int64_t sm_count, int64_t forced) {
+                                bool values_are_keys, int64_t sm_count, int64_t forced) {
   ForwardPlan plan{};
   plan.key_lanes = pow2_at_least(ceil_div(d_chunks, kScoreChunksPerLane), 32);
-  plan.round_keys = static_cast<int>(std::clamp<int64_t>(
-      kRoundBytes / std::max<int64_t>(1, d_chunks * 16), kMinRoundKeys, kMaxRoundKeys));
   constexpr int64_t kMaxSliceChunks = int64_t(kForwardMaxThreads) * kContextChunksPerThread;
   plan.slices = std::max<int64_t>(1, ceil_div(v_chunks, kMaxSliceChunks));
 
@@ -86,6 +100,23 @@ inline ForwardPlan plan_forward(int64_t rows, int64_t S, int64_t d_chunks, int64
   // Recounted so that no split is left empty.
   plan.split_len = ceil_div(S, std::max<int64_t>(splits, 1));
   plan.splits = ceil_div(S, plan.split_len);
+
+  // The stage: the whole split in one buffer when it fits, else two buffers.
+  plan.stage_values = !values_are_keys && plan.slices == 1;
+  const int64_t row_chunks = std::max<int64_t>(1, d_chunks + (plan.stage_values ? v_chunks : 0));
+  const int64_t fit = kStageChunks / row_chunks;
+  if (plan.split_len <= std::min<int64_t>(fit, kMaxRoundKeys)) {
+    plan.stage_buffers = 1;
+    plan.round_keys = static_cast<int>(plan.split_len);
+  } else if (fit / 2 >= kMinStagedKeys) {
+    plan.stage_buffers = 2;
+    plan.round_keys = static_cast<int>(std::min<int64_t>(fit / 2, kMaxRoundKeys));
+  } else {
+    plan.stage_buffers = 0;
+    plan.stage_values = false;
+    plan.round_keys = static_cast<int>(std::clamp<int64_t>(
+        kRoundBytes / std::max<int64_t>(1, d_chunks * 16), kMinRoundKeys, kMaxRoundKeys));
+  }
 
   // Warps: enough that a round's keys are scored at once, and that the slice's context
   // fits kContextChunksPerThread chunks per thread; a power of two, so the context's

@@ -133,8 +133,10 @@ template <template <typename, typename, int> class Scorer, int VEC,
           template <typename, typename> class Params, typename scalar_t, typename acc_t>
 void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::Tensor& like,
                               cudaStream_t stream) {
+  using ScorerT = Scorer<scalar_t, acc_t, VEC>;
   const int64_t rows = p.B * p.Tq;
-  const ForwardPlan plan = plan_forward(rows, p.S, D / VEC, p.Dv / VEC,
+  p.values_are_keys = p.values == ScorerT::keys_of(p) && p.Dv == D;
+  const ForwardPlan plan = plan_forward(rows, p.S, D / VEC, p.Dv / VEC, p.values_are_keys,
                                         multiprocessor_count(like.device().index()),
                                         forced_splits());
   p.splits = plan.splits;
@@ -144,6 +146,8 @@ void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::T
   p.merge_parts = plan.merge_parts(p.weights != nullptr);
   p.key_lanes = plan.key_lanes;
   p.round_keys = plan.round_keys;
+  p.stage_buffers = plan.stage_buffers;
+  p.stage_values = plan.stage_values;
 
   // Workspace: split partials (context, max, sum), then the raw scores unless the weights
   // hold them (they have the accumulation type).
@@ -161,7 +165,7 @@ void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::T
                                   : reinterpret_cast<acc_t*>(p.weights);
 
   const dim3 block(plan.warps * kWarpSize);
-  launch_kernel(attention_forward_kernel<Scorer<scalar_t, acc_t, VEC>>,
+  launch_kernel(attention_forward_kernel<ScorerT>,
                 block_grid(plan.blocks(rows)), block, 0, stream, p);
   if (plan.splits > 1) {
     launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>, block_grid(rows * p.merge_parts),

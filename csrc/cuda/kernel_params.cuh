@@ -29,12 +29,17 @@ struct SoftmaxForwardParams {
   int64_t B, Tq, S, Dv;
   // The launch plan (forward_plan.h): source splits, context slices (in chunks of the
   // kernel's vector width), the merge's blocks per row (slices, then weight parts), lanes
-  // that score one key together, keys per round.
+  // that score one key together, keys per round, the stage's buffers (0: none) and whether
+  // it holds value rows; values_are_keys: the values are the key rows (the stage's key
+  // rows serve as both).
   int64_t splits, split_len;
   int64_t slices, slice_chunks;
   int64_t merge_parts;
   int key_lanes;
   int round_keys;
+  int stage_buffers;
+  bool stage_values;
+  bool values_are_keys;
 };
 
 template <typename scalar_t, typename acc_t>

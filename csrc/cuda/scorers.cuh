@@ -2,9 +2,12 @@
 // differs between the ops (attention_forward.cuh runs everything else); the backward rows
 // kernels recompute the scores with the same code.
 //
-// A scorer splits a key's score into lane shares: partial(j, first, stride) sums the
-// 16-byte chunks first, first + stride, ... of the feature dimension, the lanes that split
-// the chunks add their shares (group_sum), and finish() turns the sum into the score.
+// A scorer splits a key's score into lane shares: partial(key_row, first, stride) sums
+// the 16-byte chunks first, first + stride, ... of the feature dimension against the key's
+// row, the lanes that split the chunks add their shares (group_sum), and finish() turns
+// the sum into the score. The row (width() elements) is key(j) in global memory, or the
+// forward's copy of it in shared memory; keys_of(p) is the rows' base, which the launch
+// compares with the values'.
 #pragma once
 
 #include <cstdint>
@@ -26,8 +29,13 @@ struct DotScorer : KernelTypes<scalar_t, acc_t, VEC> {
       : q(p.query + row * p.D), keys(p.keys + p.positions.row(row / p.Tq) * p.S * p.D), D(p.D),
         scale(p.scale) {}
 
-  __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
-    return lane_dot<VEC, scalar_t, acc_t>(q, keys + j * D, D / VEC, first, stride);
+  static const scalar_t* keys_of(const ForwardParams& p) { return p.keys; }
+  __device__ __forceinline__ const scalar_t* key(int64_t j) const { return keys + j * D; }
+  __device__ __forceinline__ int64_t width() const { return D; }
+
+  __device__ __forceinline__ acc_t partial(const scalar_t* key_row, int64_t first,
+                                           int stride) const {
+    return lane_dot<VEC, scalar_t, acc_t>(q, key_row, D / VEC, first, stride);
   }
   __device__ __forceinline__ acc_t finish(acc_t sum) const { return scale * sum; }
 
@@ -54,10 +62,15 @@ struct AdditiveScorer : KernelTypes<scalar_t, acc_t, VEC> {
   // and the 16-bit kernels within their 128 registers (ptxas: a batch of 4 spills).
   static constexpr int kBatch = kChunksInFlight / 2;
 
-  __device__ __forceinline__ acc_t partial(int64_t j, int64_t first, int stride) const {
+  static const scalar_t* keys_of(const ForwardParams& p) { return p.keys_proj; }
+  __device__ __forceinline__ const scalar_t* key(int64_t j) const { return keys + j * A; }
+  __device__ __forceinline__ int64_t width() const { return A; }
+
+  __device__ __forceinline__ acc_t partial(const scalar_t* key_row, int64_t first,
+                                           int stride) const {
     return batched_chunk_sum<kBatch, VEC, acc_t, scalar_t>(
         A / VEC, first, stride,
-        [](const acc_t (&e)[3]) { return e[2] * score_tanh(e[0] + e[1]); }, q, keys + j * A, v);
+        [](const acc_t (&e)[3]) { return e[2] * score_tanh(e[0] + e[1]); }, q, key_row, v);
   }
   __device__ __forceinline__ acc_t finish(acc_t sum) const { return sum; }
 
@@ -72,7 +85,7 @@ struct AdditiveScorer : KernelTypes<scalar_t, acc_t, VEC> {
 template <typename Scorer>
 __device__ __forceinline__ typename Scorer::acc_t warp_score(const Scorer& scorer, int64_t j,
                                                              int lane) {
-  return scorer.finish(warp_sum(scorer.partial(j, lane, kWarpSize)));
+  return scorer.finish(warp_sum(scorer.partial(scorer.key(j), lane, kWarpSize)));
 }
 
 }  // namespace attention_ext
