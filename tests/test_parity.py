@@ -63,8 +63,9 @@ DOT_SHAPES = [
     # rescale of the running contexts reaches the 3-row blocks too.
     ("row_tails", dict(B=16, Tq=30, S=150, D=19, Dv=21)),
     # CUDA query tiles (16 or more rows) with 16-byte rows: 2 x 2 tiles of 32 x 32 scores,
-    # 3 contraction steps of 32 over D, 2 column tiles of the context and 3 of grad_query.
-    ("cuda_tiles", dict(B=2, Tq=33, S=45, D=72, Dv=40)),
+    # contraction steps of 256 bytes over D with a partial last one (3 in 16-bit types, 5
+    # in float32, 9 in float64), 2 column tiles of the context and 9 of grad_query.
+    ("cuda_tiles", dict(B=2, Tq=33, S=45, D=264, Dv=40)),
     ("cuda_tiles_values_none", dict(B=1, Tq=64, S=32, D=64, values_none=True)),
 ]
 
@@ -95,9 +96,10 @@ ADDITIVE_SHAPES = [
     ("query_tiles_9", dict(B=2, Tq=9, S=37, A=19, Dv=21)),
     ("query_tiles_13", dict(B=3, Tq=13, S=10, A=40, Dv=24)),
     ("query_tiles_35", dict(B=1, Tq=35, S=3, A=3, Dv=2)),  # CUDA: tiles of 32 rows, then 3
-    # CUDA query tiles with 16-byte rows: 2 x 2 tiles of 32 x 32 scores, 3 steps of 32 over
-    # A, 3 column tiles of the tanh gradients and 2 of the context.
-    ("cuda_tiles", dict(B=2, Tq=33, S=45, A=72, Dv=40)),
+    # CUDA query tiles with 16-byte rows: 2 x 2 tiles of 32 x 32 scores, steps of 256 bytes
+    # over A with a partial last one (3 in 16-bit types, 5 in float32, 9 in float64), 9
+    # column tiles of the tanh gradients and 2 of the context.
+    ("cuda_tiles", dict(B=2, Tq=33, S=45, A=264, Dv=40)),
 ]
 
 

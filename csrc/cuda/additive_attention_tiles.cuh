@@ -116,14 +116,15 @@ __global__ void __launch_bounds__(kTileThreads) tanh_grad_kernel(const Side w) {
     return at.m0 + l < w.M ? w.x(at.b, at.m0 + l) : nullptr;
   });
   acc_t g[kRows][kCols] = {}, share[kCols] = {};
+  LineShare<Side::kVec, scalar_t, kTile> partners;
   for (int64_t k0 = 0; k0 < w.K; k0 += kTile) {
+    // The partner rows' loads fly while the coefficients are loaded.
+    partners.fetch(at.n0, w.N, [&](int l) { return k0 + l < w.K ? w.y(at.b, k0 + l) : nullptr; });
     stage_coefficients<acc_t>(cs, [&](int m, int k) {
       const int64_t mm = at.m0 + m, kk = k0 + k;
       return mm < w.M && kk < w.K ? w.coef(at.b, mm, kk) : acc_t(0);
     });
-    stage_lines<Side::kVec, acc_t>(ys, at.n0, w.N, [&](int l) {
-      return k0 + l < w.K ? w.y(at.b, k0 + l) : nullptr;
-    });
+    partners.put(ys);
     __syncthreads();
     for (int k = 0; k < kTile; ++k) {
 #pragma unroll

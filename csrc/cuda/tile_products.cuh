@@ -1,7 +1,10 @@
 // Block-level matrix products for many query rows at once (teacher forcing and the
 // backward, Tq >= kQueryTileMinRows): a block computes a 32 x 32 tile of C = A B, walking
-// the contraction in steps of 32 staged in shared memory, so each input row is read once
-// per tile instead of once per query row or key.
+// the contraction in steps staged in shared memory, so each input row is read once per
+// tile instead of once per query row or key. A step waits on one memory latency, so the
+// steps are long (kPairStep) and the next step's loads are issued before this step's
+// products (pair_product_kernel), and a thread issues all its loads of a step, lines and
+// coefficients, before storing any.
 //  - 16-bit dtypes multiply on the tensor cores (nvcuda::wmma 16 x 16 x 16, float
 //    accumulators; each of the 4 warps owns one 16 x 16 quarter of the tile);
 //  - float32 and float64 multiply exactly with FMAs (each thread owns 2 x 4 outputs), as
@@ -37,7 +40,7 @@ namespace attention_ext {
 constexpr int64_t kQueryTileMinRows = 16;
 inline bool uses_query_tiles(int64_t Tq) { return Tq >= kQueryTileMinRows; }
 
-constexpr int kTile = 32;  // a block's output rows and columns, and its contraction step
+constexpr int kTile = 32;  // a block's output rows and columns; the row sums' step over rows
 constexpr int kTileThreads = 128;
 
 // The tensor cores' input type for a dtype, or void where the product runs on FMAs
@@ -58,69 +61,115 @@ struct TensorCoreInput<c10::BFloat16> {
 #endif
 
 // What a tile product of scalar_t inputs stages and multiplies: the staged element type
-// (the dtype itself for the tensor cores, else the accumulation type) and the rows of its
-// shared-memory tiles, padded by 16 bytes so that rows keep 16-byte alignment (wmma needs
-// it) without all starting in the same bank.
+// (the dtype itself for the tensor cores, else the accumulation type) and the row length
+// of the finished tile of C, padded by 16 bytes (see TileShared).
 template <typename scalar_t, typename acc_t>
 struct TileTypes {
   using mma_t = typename TensorCoreInput<scalar_t>::type;
   static constexpr bool kTensorCores = !std::is_void_v<mma_t>;
   using in_t = std::conditional_t<kTensorCores, scalar_t, acc_t>;
-  static constexpr int kLd = kTile + 16 / static_cast<int>(sizeof(in_t));
   static constexpr int kCLd = kTile + 16 / static_cast<int>(sizeof(acc_t));
 };
 
-// The shared memory of one tile product: the staged step of A (rows m, columns k) and of B
-// (kBLinesAreN: rows n, columns k, as keys are stored; else rows k, columns n), the step
-// of v (additive scores only), and the finished tile of C.
-template <typename scalar_t, typename acc_t>
+// Contraction elements per step of a pair product (its rows' features): 256 bytes of
+// every line, so that each thread has 4 16-byte loads of each operand in flight a step,
+// and D = 1024 bfloat16 takes 8 steps, each waiting on one memory latency, instead of 32.
+template <typename in_t>
+constexpr int kPairStep = 256 / static_cast<int>(sizeof(in_t));
+
+// The shared memory of one tile product with contraction steps of kK: the staged step of
+// A (rows m, columns k) and of B (kBLinesAreN: rows n, columns k, as keys are stored; else
+// rows k, columns n, with kK == kTile), the step of v (additive scores only), and the
+// finished tile of C. Rows are padded by 16 bytes, so that they keep 16-byte alignment
+// (wmma needs it) without all starting in the same bank.
+template <typename scalar_t, typename acc_t, int kK = kTile>
 struct TileShared {
   using T = TileTypes<scalar_t, acc_t>;
-  alignas(32) typename T::in_t a[kTile][T::kLd];
-  alignas(32) typename T::in_t b[kTile][T::kLd];
-  acc_t v[kTile];
+  using in_t = typename T::in_t;
+  static constexpr int kStep = kK;
+  static constexpr int kLd = kK + 16 / static_cast<int>(sizeof(in_t));
+  alignas(32) in_t a[kTile][kLd];
+  alignas(32) in_t b[kTile][kLd];
+  acc_t v[kK];
   alignas(32) acc_t c[kTile][T::kCLd];
 };
 
-// Stages elements [e0, e0 + kTile) of 32 lines into dst[line][e]: line l's data starts at
-// line_of(l) (nullptr: a line of zeros) and has `len` elements; elements past len are
-// zeros. Each thread moves 8 consecutive elements of one line, in 16-byte chunks of VEC
-// (all its loads before its stores); VEC divides len, or is 1.
+// One thread's share of staging elements [e0, e0 + kElems) of 32 lines: line l's data
+// starts at line_of(l) (nullptr: a line of zeros) and has `len` elements, zeros past len.
+// Four threads a line, each kElems / 4 consecutive elements in chunks of VEC (VEC divides
+// len, or is 1). fetch() issues the loads into registers and put() converts and stores
+// them, so the loads of several operands, or of the next step, are in flight together.
+template <int VEC, typename scalar_t, int kElems>
+class LineShare {
+  static_assert(kTileThreads == 4 * kTile, "four threads a line");
+  static constexpr int kPerThread = kElems / 4;
+  static_assert(kPerThread % VEC == 0, "whole chunks per thread");
+  static constexpr int kChunks = kPerThread / VEC;
+
+ public:
+  __device__ __forceinline__ LineShare()
+      : line_(static_cast<int>(threadIdx.x) / 4),
+        first_((static_cast<int>(threadIdx.x) % 4) * kPerThread) {}
+
+  template <typename LineOf>
+  __device__ __forceinline__ void fetch(int64_t e0, int64_t len, LineOf line_of) {
+    const scalar_t* src = line_of(line_);
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+      const int64_t at = e0 + first_ + u * VEC;
+      if (src != nullptr && at + VEC <= len) {
+        x_[u] = load_pack<VEC>(src, at / VEC);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) x_[u].v[i] = scalar_t(0);
+      }
+    }
+  }
+
+  template <typename in_t, int LD>
+  __device__ __forceinline__ void put(in_t (*dst)[LD]) const {
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        dst[line_][first_ + u * VEC + i] = static_cast<in_t>(x_[u].v[i]);
+      }
+    }
+  }
+
+ private:
+  Pack<scalar_t, VEC> x_[kChunks];
+  int line_, first_;
+};
+
+// Stages elements [e0, e0 + kTile) of 32 lines into dst[line][e] (LineShare's fetch, then
+// put).
 template <int VEC, typename in_t, int LD, typename LineOf>
 __device__ __forceinline__ void stage_lines(in_t (*dst)[LD], int64_t e0, int64_t len,
                                             LineOf line_of) {
-  static_assert(kTileThreads * 8 == kTile * kTile, "one pass of 8 elements per thread");
-  const int tid = static_cast<int>(threadIdx.x);
-  const int l = tid / 4;
-  const int e = (tid % 4) * 8;
-  const auto* src = line_of(l);
-  using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
-  constexpr int kChunks = 8 / VEC;
-  Pack<scalar_t, VEC> x[kChunks];
-#pragma unroll
-  for (int u = 0; u < kChunks; ++u) {
-    const int64_t at = e0 + e + u * VEC;
-    if (src != nullptr && at + VEC <= len) {
-      x[u] = load_pack<VEC>(src, at / VEC);
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) x[u].v[i] = scalar_t(0);
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < kChunks; ++u) {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) dst[l][e + u * VEC + i] = static_cast<in_t>(x[u].v[i]);
-  }
+  using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(line_of(0))>>;
+  LineShare<VEC, scalar_t, kTile> share;
+  share.fetch(e0, len, line_of);
+  share.put(dst);
 }
 
-// Stages a step of A from coef(m, k) (m, k < kTile, relative to the step), which the
-// caller makes 0 past its ends.
+// Stages a 32 x 32 step of A from coef(m, k) (relative to the step), which the caller makes
+// 0 past its ends: every thread computes its 8 coefficients, their loads all in flight,
+// before it stores any.
 template <typename in_t, int LD, typename CoefOf>
 __device__ __forceinline__ void stage_coefficients(in_t (*dst)[LD], CoefOf coef) {
-  for (int i = static_cast<int>(threadIdx.x); i < kTile * kTile; i += kTileThreads) {
-    const int m = i / kTile, k = i % kTile;
-    dst[m][k] = static_cast<in_t>(coef(m, k));
+  constexpr int kPerThread = kTile * kTile / kTileThreads;
+  using coef_t = decltype(coef(0, 0));
+  coef_t c[kPerThread];
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = static_cast<int>(threadIdx.x) + u * kTileThreads;
+    c[u] = coef(i / kTile, i % kTile);
+  }
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = static_cast<int>(threadIdx.x) + u * kTileThreads;
+    dst[i / kTile][i % kTile] = static_cast<in_t>(c[u]);
   }
 }
 
@@ -154,20 +203,23 @@ class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTensorCores> {
     nvcuda::wmma::fill_fragment(acc_, 0.0f);
   }
 
-  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t>& s) {
+  template <int kK>
+  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t, kK>& s) {
+    using S = TileShared<scalar_t, acc_t, kK>;
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, mma_t, nvcuda::wmma::row_major>
         a;
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, mma_t, BLayout> b;
 #pragma unroll
-    for (int k = 0; k < kTile; k += 16) {
-      nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(&s.a[m0_][k]), T::kLd);
+    for (int k = 0; k < kK; k += 16) {
+      nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(&s.a[m0_][k]), S::kLd);
       const auto* b_at = kBLinesAreN ? &s.b[n0_][k] : &s.b[k][n0_];
-      nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(b_at), T::kLd);
+      nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(b_at), S::kLd);
       nvcuda::wmma::mma_sync(acc_, a, b, acc_);
     }
   }
 
-  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t>& s) const {
+  template <int kK>
+  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t, kK>& s) const {
     nvcuda::wmma::store_matrix_sync(&s.c[m0_][n0_], acc_, T::kCLd, nvcuda::wmma::mem_row_major);
   }
 
@@ -194,9 +246,10 @@ class TileAccumulator {
     }
   }
 
-  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t>& s) {
+  template <int kK>
+  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t, kK>& s) {
 #pragma unroll 4
-    for (int k = 0; k < kTile; ++k) {
+    for (int k = 0; k < kK; ++k) {
       acc_t a[kRows], b[kCols];
 #pragma unroll
       for (int i = 0; i < kRows; ++i) a[i] = static_cast<acc_t>(s.a[tm_ + 16 * i][k]);
@@ -218,7 +271,8 @@ class TileAccumulator {
     }
   }
 
-  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t>& s) const {
+  template <int kK>
+  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t, kK>& s) const {
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
 #pragma unroll
@@ -256,26 +310,35 @@ __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs 
   using scalar_t = typename Pairs::scalar_t;
   using acc_t = typename Pairs::acc_t;
   using In = typename TileTypes<scalar_t, acc_t>::in_t;
-  __shared__ TileShared<scalar_t, acc_t> s;
+  constexpr int kK = kPairStep<In>;
+  static_assert(kK <= kTileThreads, "a thread stages v[k] of a step");
+  __shared__ TileShared<scalar_t, acc_t, kK> s;
   __shared__ acc_t first[kTile][kTile];  // the first product while the second runs
   const TileIndex at = tile_index(ceil_div(pairs.M, kTile), ceil_div(pairs.N, kTile));
 
   auto run = [&](int i, auto& acc) {
     const int64_t len = pairs.len(i);
-    for (int64_t k0 = 0; k0 < len; k0 += kTile) {
-      stage_lines<Pairs::kVec, In>(s.a, k0, len, [&](int l) {
+    LineShare<Pairs::kVec, scalar_t, kK> xs, ys;
+    const auto fetch = [&](int64_t k0) {
+      xs.fetch(k0, len, [&](int l) {
         return at.m0 + l < pairs.M ? pairs.x(i, at.b, at.m0 + l) : nullptr;
       });
-      stage_lines<Pairs::kVec, In>(s.b, k0, len, [&](int l) {
+      ys.fetch(k0, len, [&](int l) {
         return at.n0 + l < pairs.N ? pairs.y(i, at.b, at.n0 + l) : nullptr;
       });
+    };
+    if (len > 0) fetch(0);
+    for (int64_t k0 = 0; k0 < len; k0 += kK) {
+      xs.put(s.a);
+      ys.put(s.b);
       if constexpr (Pairs::kTanhScore) {
-        if (i == 0 && threadIdx.x < kTile) {
+        if (i == 0 && threadIdx.x < kK) {
           const int64_t k = k0 + threadIdx.x;
           s.v[threadIdx.x] = k < len ? static_cast<acc_t>(pairs.v()[k]) : acc_t(0);
         }
       }
       __syncthreads();
+      if (k0 + kK < len) fetch(k0 + kK);  // in flight during this step's products
       acc.multiply(s);
       __syncthreads();
     }
@@ -327,14 +390,15 @@ __global__ void __launch_bounds__(kTileThreads)
   const TileIndex at = tile_index(ceil_div(w.M, kTile), ceil_div(w.N, kTile));
 
   TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/false> acc;
+  LineShare<WeightedRows::kVec, scalar_t, kTile> rows;
   for (int64_t k0 = 0; k0 < w.K; k0 += kTile) {
+    // The rows' loads fly while the coefficients are computed.
+    rows.fetch(at.n0, w.N, [&](int l) { return k0 + l < w.K ? w.row(at.b, k0 + l) : nullptr; });
     stage_coefficients<In>(s.a, [&](int m, int k) {
       const int64_t mm = at.m0 + m, kk = k0 + k;
       return mm < w.M && kk < w.K ? w.coef(at.b, mm, kk) : acc_t(0);
     });
-    stage_lines<WeightedRows::kVec, In>(s.b, at.n0, w.N, [&](int l) {
-      return k0 + l < w.K ? w.row(at.b, k0 + l) : nullptr;
-    });
+    rows.put(s.b);
     __syncthreads();
     acc.multiply(s);
     __syncthreads();
