@@ -29,9 +29,9 @@ namespace {
 // synchronisation needed.
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, scalar_t* grad_v,
-                     cudaStream_t stream) {
+                     const at::Tensor& like, cudaStream_t stream) {
   if (uses_query_tiles(p.Tq)) {
-    launch_additive_backward_tiles<VEC>(p, grad_v, stream);
+    launch_additive_backward_tiles<VEC>(p, grad_v, like, stream);
     return;
   }
   const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
@@ -116,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
   const MemoryGradient grad_keys_proj(in.query_proj, in.memory_index, s.B, s.M, s.S, s.A);
   const MemoryGradient grad_values(in.query_proj, in.memory_index, s.B, s.M, s.S, s.Dv);
   const BackwardScratch scratch(in.query_proj, rows, s.S);
-  // grad_v's shares: one row per query row, or per query tile.
-  const int64_t share_rows = uses_query_tiles(s.Tq) ? additive_tile_share_rows(s.B, s.Tq) : rows;
+  // grad_v's shares: one row per query row, or per batch element on the query-tile path.
+  const int64_t share_rows = uses_query_tiles(s.Tq) ? s.B : rows;
   const at::Tensor grad_v_partials =
       at::empty({share_rows, s.A}, opts.dtype(acc_dtype(in.query_proj.scalar_type())));
   const cudaStream_t stream = current_stream();
@@ -140,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     if (can_vectorize(kVec, s.A, s.Dv,
                       {in.query_proj, in.keys_proj, in.v, in.values, grad_context,
                        grad_query_proj, grad_keys_proj.rows(), grad_values.rows()})) {
-      launch_backward<scalar_t, acc_t, kVec>(p, gv, stream);
+      launch_backward<scalar_t, acc_t, kVec>(p, gv, in.query_proj, stream);
     } else {
-      launch_backward<scalar_t, acc_t, 1>(p, gv, stream);
+      launch_backward<scalar_t, acc_t, 1>(p, gv, in.query_proj, stream);
     }
   });
   return {grad_query_proj, grad_keys_proj.sum(), grad_v, grad_values.sum()};

@@ -4,15 +4,18 @@
 // (FMAs and tanh in the accumulation type), never as a B x Tq x S x A tensor:
 //  forward: scores -> lse and weights -> context = P V;
 //  backward: p from the recomputed score and lse, and dp = dO V^T + grad_weights (one pair
-//    product kernel) -> ds = p (dp - delta) -> grad_values = P^T dO, and the tanh
-//    gradients (tanh_grad_kernel), tanh recomputed once per side:
-//      grad_query_proj[t, a] = v[a] sum_j ds_tj (1 - tanh_tja^2), with grad_v's shares
-//        sum_{t, j} ds_tj tanh_tja per block of 32 query rows;
-//      grad_keys_proj[j, a] = v[a] sum_t ds_tj (1 - tanh_tja^2);
-//    then grad_v from the shares, summed in block order (additive_grad_v_kernel).
+//    product kernel) -> ds = p (dp - delta) -> grad_values = P^T dO, and both sides' tanh
+//    gradients and grad_v's shares in one pass that computes each tanh once
+//    (tanh_grads_kernel), then grad_v from the shares, summed in batch order
+//    (additive_grad_v_kernel). tanh is computed twice in the backward: for the score, and
+//    for the gradients.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
+
+#include <ATen/ATen.h>
 
 #include "additive_attention_backward.cuh"
 #include "kernel_params.cuh"
@@ -65,109 +68,108 @@ struct AdditiveGradPairs : KernelTypes<scalar_t, acc_t, VEC> {
   }
 };
 
-// One side's tanh gradient: own rows x_m (query_proj rows, or keys_proj rows of the keys)
-// against partner rows y_k, weighted by c(m, k) = ds (or its transpose):
-//   out_m[a] = v[a] sum_k c(m, k) (1 - tanh(x_m[a] + y_k[a])^2),
-// and on the query side (kQuerySide) the block's share of grad_v,
-//   share[a] = sum_{m, k} c(m, k) tanh(x_m[a] + y_k[a]).
-template <typename scalar_t, typename acc_t, int VEC, bool kQuery>
-struct TanhGradSide : KernelTypes<scalar_t, acc_t, VEC> {
-  static constexpr bool kQuerySide = kQuery;
-  AdditiveBackwardParams<scalar_t, acc_t> p;
-  int64_t B, M, K, N;
-
-  __device__ __forceinline__ const scalar_t* x(int64_t b, int64_t m) const {
-    return kQuerySide ? p.query_proj + (b * p.Tq + m) * p.A
-                      : attending_row(p.positions, p.keys_proj, p.S, p.A, b, m);
-  }
-  __device__ __forceinline__ const scalar_t* y(int64_t b, int64_t k) const {
-    return kQuerySide ? attending_row(p.positions, p.keys_proj, p.S, p.A, b, k)
-                      : p.query_proj + (b * p.Tq + k) * p.A;
-  }
-  __device__ __forceinline__ acc_t coef(int64_t b, int64_t m, int64_t k) const {
-    return kQuerySide ? p.dscores[(b * p.Tq + m) * p.S + k] : p.dscores[(b * p.Tq + k) * p.S + m];
-  }
-  __device__ __forceinline__ scalar_t* out(int64_t b, int64_t m) const {
-    return kQuerySide ? p.grad_query_proj + (b * p.Tq + m) * p.A
-                      : p.grad_keys_proj + (b * p.S + m) * p.A;
-  }
-  __device__ __forceinline__ bool live(int64_t b, int64_t m) const {
-    return kQuerySide || (m < p.positions.end(b) && p.positions.attends(b, m));
-  }
-};
-
-// One block per (b, 32 own rows, 32 columns a); the partner rows in steps of 32. Thread
-// (tm, tn) owns rows tm + 16 i and columns tn + 8 j, as TileAccumulator's FMA tiles; a
-// thread sums its grad_v share in (k, i) order, then the block over tm in order.
-template <typename Side>
-__global__ void __launch_bounds__(kTileThreads) tanh_grad_kernel(const Side w) {
-  using scalar_t = typename Side::scalar_t;
-  using acc_t = typename Side::acc_t;
+// The tanh gradients of both sides in one pass over (t, j, a), each tanh computed once:
+//   grad_query_proj[t, a] = v[a] sum_j ds_tj (1 - h_tja^2),
+//   grad_keys_proj[j, a] = v[a] sum_t ds_tj (1 - h_tja^2),
+//   grad_v's share of batch element b: sum_{t, j} ds_tj h_tja,
+// h_tja = tanh(qp_t[a] + kp_j[a]). One block per (b, 32 columns a) owns all of b's query
+// rows and keys for its columns, so every sum is one block's, in a fixed order: keys in
+// tiles of 32 (outer loop), query rows in tiles of 32 (inner). Thread (warp w, lane l)
+// takes column 8 w + l % 8 and the 8 keys from 8 (l / 8) of the key tile: its key-side
+// sums stay in registers over all query rows; the query side's sum over the tile's keys is
+// its 8 terms plus shuffles over the 4 lanes of its column. With more than one key tile
+// the query side's running sums go through query_sums ((B, Tq, A), acc_t).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kTileThreads)
+    tanh_grads_kernel(const AdditiveBackwardParams<scalar_t, acc_t> p, acc_t* query_sums) {
   constexpr int kLd = kTile + 16 / static_cast<int>(sizeof(acc_t));
-  constexpr int kRows = 2, kCols = 4;
-  constexpr int kRowGroups = kTileThreads / 8;
-  __shared__ acc_t xs[kTile][kLd], ys[kTile][kLd], cs[kTile][kLd];
-  __shared__ acc_t shares[kRowGroups][kTile];
-  const int64_t m_tiles = ceil_div(w.M, kTile);
-  const TileIndex at = tile_index(m_tiles, ceil_div(w.N, kTile));
-  const int tm = static_cast<int>(threadIdx.x) / 8, tn = static_cast<int>(threadIdx.x) % 8;
+  constexpr int kKeysPerThread = 8;
+  static_assert(kTileThreads == kTile * kTile / kKeysPerThread, "a thread per (column, 8 keys)");
+  __shared__ acc_t qs[kTile][kLd], ks[kTile][kLd], cs[kTile][kLd];
+  __shared__ acc_t query_part[kTile][kTile + 1];
+  const int64_t a_tiles = ceil_div(p.A, kTile);
+  const int64_t b = blockIdx.x / a_tiles;
+  const int64_t a0 = (blockIdx.x % a_tiles) * kTile;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % kWarpSize;
+  const int col = (tid / kWarpSize) * 8 + lane % 8;
+  const int key0 = (lane / 8) * kKeysPerThread;
+  const bool col_live = a0 + col < p.A;
+  const int64_t key_tiles = ceil_div(p.S, kTile);
+  acc_t share = acc_t(0);
 
-  stage_lines<Side::kVec, acc_t>(xs, at.n0, w.N, [&](int l) {
-    return at.m0 + l < w.M ? w.x(at.b, at.m0 + l) : nullptr;
-  });
-  acc_t g[kRows][kCols] = {}, share[kCols] = {};
-  LineShare<Side::kVec, scalar_t, kTile> partners;
-  for (int64_t k0 = 0; k0 < w.K; k0 += kTile) {
-    // The partner rows' loads fly while the coefficients are loaded.
-    partners.fetch(at.n0, w.N, [&](int l) { return k0 + l < w.K ? w.y(at.b, k0 + l) : nullptr; });
-    stage_coefficients<acc_t>(cs, [&](int m, int k) {
-      const int64_t mm = at.m0 + m, kk = k0 + k;
-      return mm < w.M && kk < w.K ? w.coef(at.b, mm, kk) : acc_t(0);
+  LineShare<VEC, scalar_t, kTile> query_rows;
+  for (int64_t jt = 0; jt < key_tiles; ++jt) {
+    const int64_t j0 = jt * kTile;
+    stage_lines<VEC, acc_t>(ks, a0, p.A, [&](int l) {
+      return j0 + l < p.S ? attending_row(p.positions, p.keys_proj, p.S, p.A, b, j0 + l)
+                          : nullptr;
     });
-    partners.put(ys);
     __syncthreads();
-    for (int k = 0; k < kTile; ++k) {
+    acc_t key[kKeysPerThread], key_sum[kKeysPerThread];
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const acc_t c = cs[tm + 16 * i][k];
+    for (int u = 0; u < kKeysPerThread; ++u) {
+      key[u] = ks[key0 + u][col];
+      key_sum[u] = acc_t(0);
+    }
+    for (int64_t t0 = 0; t0 < p.Tq; t0 += kTile) {
+      query_rows.fetch(a0, p.A, [&](int l) -> const scalar_t* {
+        return t0 + l < p.Tq ? p.query_proj + (b * p.Tq + t0 + l) * p.A : nullptr;
+      });
+      stage_coefficients<acc_t>(cs, [&](int m, int k) {
+        const int64_t t = t0 + m, j = j0 + k;
+        return t < p.Tq && j < p.S ? p.dscores[(b * p.Tq + t) * p.S + j] : acc_t(0);
+      });
+      query_rows.put(qs);
+      __syncthreads();
+      const int rows = static_cast<int>(std::min<int64_t>(kTile, p.Tq - t0));  // block-wide
+      for (int m = 0; m < rows; ++m) {
+        const acc_t x = qs[m][col];
+        acc_t part = acc_t(0);
 #pragma unroll
-        for (int j = 0; j < kCols; ++j) {
-          const acc_t th = score_tanh(xs[tm + 16 * i][tn + 8 * j] + ys[k][tn + 8 * j]);
-          g[i][j] += c * (acc_t(1) - th * th);
-          if (Side::kQuerySide) share[j] += c * th;
+        for (int u = 0; u < kKeysPerThread; ++u) {
+          const acc_t c = cs[m][key0 + u];
+          const acc_t h = score_tanh(x + key[u]);
+          const acc_t e = c * (acc_t(1) - h * h);
+          key_sum[u] += e;
+          part += e;
+          share += c * h;
+        }
+        part += __shfl_xor_sync(kFullWarpMask, part, 8);
+        part += __shfl_xor_sync(kFullWarpMask, part, 16);
+        if (lane < 8) query_part[m][col] = part;
+      }
+      __syncthreads();
+      // The query side: this key tile's sums added to the earlier tiles', in tile order.
+      for (int i = tid; i < kTile * kTile; i += kTileThreads) {
+        const int m = i / kTile, n = i % kTile;
+        if (m >= rows || a0 + n >= p.A) continue;
+        const int64_t at = (b * p.Tq + t0 + m) * p.A + a0 + n;
+        acc_t sum = query_part[m][n];
+        if (jt > 0) sum += query_sums[at];
+        if (jt + 1 < key_tiles) {
+          query_sums[at] = sum;
+        } else {
+          p.grad_query_proj[at] = static_cast<scalar_t>(static_cast<acc_t>(p.v[a0 + n]) * sum);
         }
       }
+      __syncthreads();  // qs, cs, query_part and (after the last query tile) ks are rewritten
     }
-    __syncthreads();
-  }
+    if (col_live) {
+      const acc_t v = static_cast<acc_t>(p.v[a0 + col]);
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int64_t m = at.m0 + tm + 16 * i;
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) {
-      const int64_t n = at.n0 + tn + 8 * j;
-      if (m >= w.M || n >= w.N) continue;
-      w.out(at.b, m)[n] = w.live(at.b, m)
-                              ? static_cast<scalar_t>(static_cast<acc_t>(w.p.v[n]) * g[i][j])
-                              : scalar_t(0);
-    }
-  }
-  if constexpr (Side::kQuerySide) {
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) shares[tm][tn + 8 * j] = share[j];
-    __syncthreads();
-    const int n = static_cast<int>(threadIdx.x);
-    if (n < kTile && at.n0 + n < w.N) {
-      acc_t sum = acc_t(0);
-      for (int r = 0; r < kRowGroups; ++r) sum += shares[r][n];
-      w.p.grad_v_partials[(at.b * m_tiles + at.m0 / kTile) * w.N + at.n0 + n] = sum;
+      for (int u = 0; u < kKeysPerThread; ++u) {
+        const int64_t j = j0 + key0 + u;
+        if (j >= p.S) break;
+        const bool live = j < p.positions.end(b) && p.positions.attends(b, j);
+        p.grad_keys_proj[(b * p.S + j) * p.A + a0 + col] =
+            live ? static_cast<scalar_t>(v * key_sum[u]) : scalar_t(0);
+      }
     }
   }
-}
-
-// Rows of grad_v shares the tile backward writes: one per batch element and 32 query rows.
-inline int64_t additive_tile_share_rows(int64_t B, int64_t Tq) {
-  return B * ceil_div(Tq, kTile);
+  share += __shfl_xor_sync(kFullWarpMask, share, 8);
+  share += __shfl_xor_sync(kFullWarpMask, share, 16);
+  if (lane < 8 && col_live) p.grad_v_partials[b * p.A + a0 + col] = share;
 }
 
 template <int VEC, typename scalar_t, typename acc_t>
@@ -176,19 +178,30 @@ void launch_additive_forward_tiles(AdditiveForwardParams<scalar_t, acc_t>& p,
   launch_forward_tiles<AdditiveScorePairs<scalar_t, acc_t, VEC>>(p, like, stream);
 }
 
-// p.grad_v_partials holds additive_tile_share_rows(B, Tq) rows of A.
+// p.grad_v_partials holds B rows of A (a share per batch element).
 template <int VEC, typename scalar_t, typename acc_t>
 void launch_additive_backward_tiles(const AdditiveBackwardParams<scalar_t, acc_t>& p,
-                                    scalar_t* grad_v, cudaStream_t stream) {
+                                    scalar_t* grad_v, const at::Tensor& like,
+                                    cudaStream_t stream) {
   launch_backward_tiles<AdditiveGradPairs<scalar_t, acc_t, VEC>>(p, true, stream);
-  using Query = TanhGradSide<scalar_t, acc_t, VEC, true>;
-  launch_tiles(tanh_grad_kernel<Query>, Query{{}, p, p.B, p.Tq, p.S, p.A}, stream);
-  using Keys = TanhGradSide<scalar_t, acc_t, VEC, false>;
-  launch_tiles(tanh_grad_kernel<Keys>, Keys{{}, p, p.B, p.S, p.Tq, p.A}, stream);
+  // The query side's running sums over key tiles: grad_query_proj itself when it has the
+  // accumulation dtype.
+  at::Tensor scratch;
+  acc_t* query_sums = nullptr;
+  if (p.S > kTile) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      query_sums = p.grad_query_proj;
+    } else {
+      scratch = at::empty({p.B * p.Tq * p.A}, like.options().dtype(acc_dtype(like.scalar_type())));
+      query_sums = scratch.data_ptr<acc_t>();
+    }
+  }
+  launch_kernel(tanh_grads_kernel<scalar_t, acc_t, VEC>,
+                block_grid(p.B * ceil_div(p.A, kTile)), dim3(kTileThreads), 0, stream, p,
+                query_sums);
   launch_kernel(additive_grad_v_kernel<scalar_t, acc_t>,
                 dim3(static_cast<unsigned>(ceil_div(p.A, kGradVThreads))), dim3(kGradVThreads),
-                0, stream, static_cast<const acc_t*>(p.grad_v_partials),
-                additive_tile_share_rows(p.B, p.Tq), p.A, grad_v);
+                0, stream, static_cast<const acc_t*>(p.grad_v_partials), p.B, p.A, grad_v);
 }
 
 }  // namespace attention_ext

@@ -96,7 +96,7 @@ struct AdditiveBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t> {
   const scalar_t* v;
   scalar_t* grad_query_proj;  // (B, Tq, A)
   scalar_t* grad_keys_proj;   // (B, S, A)
-  // grad_v's shares, one row per query row (rows path) or per query tile, (rows, A);
+  // grad_v's shares, one row per query row (rows path) or per batch element (tile path);
   // summed in row order by additive_grad_v_kernel: no atomics, the same bits on every run.
   acc_t* grad_v_partials;
   int64_t A;
