@@ -32,7 +32,7 @@ DECODE = [
     ("additive_B64_S100_A512_fp32", 64, 100, 512, 512, 4, False),
 ]
 
-STAGE_CHUNKS = 40 * 1024 // 16
+STAGE_CHUNKS = 32 * 1024 // 16
 
 
 def round_bytes_in_flight(plan, d_chunks, v_chunks):
@@ -89,9 +89,9 @@ def test_few_rows_split_the_keys():
 
 def test_separate_values_share_the_stage():
     """The additive decode: keys and values of 512 float32 each, 4 KB a key; a split's 13
-    keys do not fit the 40 KB stage, so two buffers of 5 keys alternate."""
+    keys do not fit the 32 KB stage, so two buffers of 4 keys alternate."""
     plan = plan_of(64, 100, 128, 128, False, H100_SMS)
-    assert (plan["stage_buffers"], plan["round_keys"], plan["stage_values"]) == (2, 5, True)
+    assert (plan["stage_buffers"], plan["round_keys"], plan["stage_values"]) == (2, 4, True)
 
 
 def test_rows_too_wide_for_the_stage_are_read_in_place():
@@ -132,7 +132,7 @@ def test_plan_covers_keys_and_values_once(rows, S, d_chunks, v_chunks, values_ar
     assert parts * threads * 4 >= S > (parts - 1) * threads * 4
     rk, buffers = plan["round_keys"], plan["stage_buffers"]
     if buffers:
-        # Staged rounds fit the 40 KB stage: the whole split in one buffer, or two buffers
+        # Staged rounds fit the 32 KB stage: the whole split in one buffer, or two buffers
         # of at least 4 keys; value rows are staged unless they are the keys or are sliced.
         row_chunks = max(1, d_chunks + (v_chunks if plan["stage_values"] else 0))
         assert 1 <= rk <= 32 and buffers * rk * row_chunks <= STAGE_CHUNKS
