@@ -70,6 +70,32 @@ def test_wmma_tiles(dtype):
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
 
 
+def tf32(x):
+    """x (float32) rounded to TF32's 10 explicit mantissa bits, to nearest with ties away
+    from zero (cvt.rna.tf32.f32)."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_wmma_tf32_tiles():
+    """float32 inputs on the TF32 tiles (16 x 16 x 8, rounded by __float_to_tf32): the
+    products of TF32 values are exact in float32, so the result is the float64 product of
+    the rounded inputs up to the float32 sums; it differs from the exact product."""
+    g = generator(28)
+    a = torch.randn(48, 32, generator=g)
+    b = torch.randn(32, 32, generator=g)
+    c = torch.randn(48, 32, generator=g)
+    # Ties: a mantissa whose dropped 13 bits are exactly half rounds away from zero.
+    a[0, 0] = torch.tensor([0x3F801000], dtype=torch.int32).view(torch.float32)
+    a[0, 1] = -a[0, 0]
+    assert tf32(a[:1, :2]).tolist() == [[1 + 2 ** -10, -(1 + 2 ** -10)]]
+    got = OPS._emulation_wmma_matmul(a, b, c).double()
+    expected = tf32(a).double() @ tf32(b).double().T + c.double()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    exact = a.double() @ b.double().T + c.double()
+    assert (got - exact).abs().max() > 1e-4
+
+
 def test_wmma_refuses_a_misaligned_tile():
     """A tile pointer that is not 32-byte aligned is undefined on a GPU: the emulation stops."""
     code = ("import torch, attention_ext\n"

@@ -2,6 +2,7 @@
 input), over dtypes, shapes, masks, strides and split-S. Every comparison goes through
 conftest's tolerance rule (harness.check_parity / assert_rule)."""
 import gc
+from contextlib import contextmanager
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import (
     DEVICES,
     DTYPES,
+    EMULATED_CUDA,
     MASK_KINDS,
     dtype_id,
     forced_splits_now,
@@ -18,6 +20,7 @@ from conftest import (
     make_lengths,
     make_mask,
     randn,
+    tolerance,
 )
 from attention_ext.reference import tile_memory
 from harness import ADDITIVE, DOT, OPS, assert_same, call, check_parity, per_op, run
@@ -111,6 +114,49 @@ def test_parity(op, shape, mask_kind, dtype, device):
     case = op.make_case(**shape, dtype=dtype, device=device, seed=op.pick(dot=11, additive=51),
                         mask_kind=mask_kind)
     check_parity(case)
+
+
+# The CUDA kernels, wherever this build runs them: the emulated build's "cpu" and a GPU.
+CUDA_KERNEL_DEVICES = (["cpu"] if EMULATED_CUDA else []) + [DEVICES[1]]
+
+
+@contextmanager
+def tf32_matmuls(allowed: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("op,shape", per_op(dot=[s for s in DOT_SHAPES if s[0] == "cuda_tiles"],
+                                            additive=[s for s in ADDITIVE_SHAPES
+                                                      if s[0] == "cuda_tiles"]))
+def test_tf32_tile_products(op, shape, device):
+    """With torch.backends.cuda.matmul.allow_tf32 the query-tile path's float32 products
+    run on the TF32 tensor cores (the additive score's tanh terms stay float32): every
+    output and gradient within the float16 rule of the float64 oracle (TF32 keeps float16's
+    10 mantissa bits, with float32's range and accumulation), and not the exact products'
+    bits, which the parity tests check without the flag."""
+    case = op.make_case(**shape, dtype=torch.float32, device=device,
+                        seed=op.pick(dot=15, additive=55), mask_kind="lengths64")
+    with tf32_matmuls(True):
+        got = run(case)
+    with tf32_matmuls(False):
+        exact = run(case)
+    half = run(case, op.reference, dtype=torch.float16)
+    oracle = run(case, op.reference, dtype=torch.float64)
+    for name in op.outputs:
+        if oracle[name] is None:
+            assert got[name] is None, name
+            continue
+        want = oracle[name].double().cpu()
+        err = (got[name].double().cpu() - want).abs().max().item()
+        ref_err = (half[name].double().cpu() - want).abs().max().item()
+        assert err <= tolerance(torch.float16, want, ref_err), (name, err, ref_err)
+    assert not torch.equal(got["context"], exact["context"])
 
 
 # Query rows over shared memory rows (memory_index, harness.MEMORY_INDEX_KINDS): B query rows,

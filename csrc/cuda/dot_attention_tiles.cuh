@@ -112,14 +112,13 @@ template <int VEC, typename scalar_t, typename acc_t>
 void launch_dot_backward_tiles(const DotBackwardParams<scalar_t, acc_t>& p, cudaStream_t stream) {
   launch_backward_tiles<DotGradPairs<scalar_t, acc_t, VEC>>(p, !p.values_are_keys, stream);
   using Query = DotGradQueryRows<scalar_t, acc_t, VEC>;
-  launch_tiles(weighted_rows_kernel<Query>, Query{{}, p, p.B, p.Tq, p.S, p.D, p.scale}, stream);
+  launch_weighted_rows(Query{{}, p, p.B, p.Tq, p.S, p.D, p.scale}, stream);
   if (p.values_are_keys) {
     using Both = DotGradKeyRows<scalar_t, acc_t, VEC, true>;
-    launch_tiles(weighted_rows_kernel<Both>, Both{{}, p, p.B, p.S, 2 * p.Tq, p.D, acc_t(1)},
-                 stream);
+    launch_weighted_rows(Both{{}, p, p.B, p.S, 2 * p.Tq, p.D, acc_t(1)}, stream);
   } else {
     using Keys = DotGradKeyRows<scalar_t, acc_t, VEC, false>;
-    launch_tiles(weighted_rows_kernel<Keys>, Keys{{}, p, p.B, p.S, p.Tq, p.D, p.scale}, stream);
+    launch_weighted_rows(Keys{{}, p, p.B, p.S, p.Tq, p.D, p.scale}, stream);
   }
 }
 

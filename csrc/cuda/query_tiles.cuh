@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention_forward.cuh"
 #include "host_helpers.cuh"
@@ -77,6 +78,35 @@ void launch_tiles(Kernel kernel, const Work& w, cudaStream_t stream) {
                 dim3(kTileThreads), 0, stream, w);
 }
 
+// The one choice of the tile products' float32 terms: the TF32 tensor cores when the user
+// allows TF32 for matmuls (torch.backends.cuda.matmul.allow_tf32), as matmul does, else
+// exact FMAs. launch(std::bool_constant<tf32>) launches with that choice.
+template <typename scalar_t, typename Launch>
+void with_tile_terms(Launch launch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (at::globalContext().allowTF32CuBLAS()) {
+      launch(std::true_type{});
+      return;
+    }
+  }
+  launch(std::false_type{});
+}
+
+// pair_product_kernel and weighted_rows_kernel (tile_products.cuh) over w's tiles.
+template <typename Pairs>
+void launch_pair_products(const Pairs& w, cudaStream_t stream) {
+  with_tile_terms<typename Pairs::scalar_t>([&](auto tf32) {
+    launch_tiles(pair_product_kernel<Pairs, decltype(tf32)::value>, w, stream);
+  });
+}
+
+template <typename WeightedRows>
+void launch_weighted_rows(const WeightedRows& w, cudaStream_t stream) {
+  with_tile_terms<typename WeightedRows::scalar_t>([&](auto tf32) {
+    launch_tiles(weighted_rows_kernel<WeightedRows, decltype(tf32)::value>, w, stream);
+  });
+}
+
 // The forward of an op whose Pairs (built from p, bound by ForwardBuffers and the op)
 // writes the raw scores to p.scores: scores, then lse and weights, then the context. One
 // scratch allocation.
@@ -88,12 +118,11 @@ void launch_forward_tiles(Params<scalar_t, acc_t>& p, const at::Tensor& like,
   const at::Tensor scores =
       at::empty({p.B * p.Tq * p.S}, like.options().dtype(acc_dtype(like.scalar_type())));
   p.scores = scores.data_ptr<acc_t>();
-  launch_tiles(pair_product_kernel<Pairs>, Pairs{{}, p, p.B, p.Tq, p.S}, stream);
+  launch_pair_products(Pairs{{}, p, p.B, p.Tq, p.S}, stream);
   launch_kernel(softmax_rows_kernel<scalar_t, acc_t>, block_grid(p.B * p.Tq), dim3(kWarpSize),
                 0, stream, static_cast<const SoftmaxForwardParams<scalar_t, acc_t>&>(p));
   using Context = ContextRows<scalar_t, acc_t, VEC>;
-  launch_tiles(weighted_rows_kernel<Context>, Context{{}, p, p.B, p.Tq, p.S, p.Dv, acc_t(1)},
-               stream);
+  launch_weighted_rows(Context{{}, p, p.B, p.Tq, p.S, p.Dv, acc_t(1)}, stream);
 }
 
 // The start of the backward of an op whose Pairs (built from p) writes p and dp for whole
@@ -104,14 +133,13 @@ template <typename Pairs, template <typename, typename> class Params, typename s
 void launch_backward_tiles(const Params<scalar_t, acc_t>& p, bool grad_values,
                            cudaStream_t stream) {
   constexpr int VEC = Pairs::kVec;
-  launch_tiles(pair_product_kernel<Pairs>, Pairs{{}, p, p.B, p.Tq, p.S}, stream);
+  launch_pair_products(Pairs{{}, p, p.B, p.Tq, p.S}, stream);
   launch_kernel(softmax_grad_rows_kernel<scalar_t, acc_t>, block_grid(p.B * p.Tq),
                 dim3(kWarpSize), 0, stream,
                 static_cast<const SoftmaxBackwardParams<scalar_t, acc_t>&>(p));
   if (grad_values) {
     using Values = ValueGradRows<scalar_t, acc_t, VEC>;
-    launch_tiles(weighted_rows_kernel<Values>, Values{{}, p, p.B, p.S, p.Tq, p.Dv, acc_t(1)},
-                 stream);
+    launch_weighted_rows(Values{{}, p, p.B, p.S, p.Tq, p.Dv, acc_t(1)}, stream);
   }
 }
 

@@ -8,7 +8,8 @@
 //  - 16-bit dtypes multiply on the tensor cores (nvcuda::wmma 16 x 16 x 16, float
 //    accumulators; each of the 4 warps owns one 16 x 16 quarter of the tile);
 //  - float32 and float64 multiply exactly with FMAs (each thread owns 2 x 4 outputs), as
-//    matmul does without allow_tf32;
+//    matmul does without allow_tf32; with it, float32 multiplies on the TF32 tensor cores
+//    (16 x 16 x 8, inputs rounded to TF32, float accumulators), as matmul does then;
 //  - the additive score's terms v[k] tanh(a + b) are FMAs and tanh in the accumulation
 //    type, whatever the dtype.
 // Two kernels use it: pair_product_kernel (scores-like products of two row sets,
@@ -42,6 +43,14 @@ inline bool uses_query_tiles(int64_t Tq) { return Tq >= kQueryTileMinRows; }
 
 constexpr int kTile = 32;  // a block's output rows and columns; the row sums' step over rows
 constexpr int kTileThreads = 128;
+
+// Whether this compilation has TF32 tensor cores (sm_80 and later; the emulation has
+// them): where it does not, the TF32 choice runs FMAs.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+constexpr bool kTf32Available = true;
+#else
+constexpr bool kTf32Available = false;
+#endif
 
 // The tensor cores' input type for a dtype, or void where the product runs on FMAs
 // (float32, float64; bfloat16 before sm_80, which lacks bfloat16 tensor cores).
@@ -173,14 +182,19 @@ __device__ __forceinline__ void stage_coefficients(in_t (*dst)[LD], CoefOf coef)
   }
 }
 
-// How a tile's terms are formed: C[m, n] += A[m, k] B[k, n] on the tensor cores or with
-// FMAs, or the additive score C[m, n] += v[k] tanh(A[m, k] + B[k, n]) (FMAs and tanh in
-// the accumulation type, whatever the dtype).
-enum class TileTerms { kTensorCores, kFma, kTanhScore };
+// How a tile's terms are formed: C[m, n] += A[m, k] B[k, n] on the tensor cores (16-bit
+// inputs), on the TF32 tensor cores (float32 inputs, when allowed) or with FMAs, or the
+// additive score C[m, n] += v[k] tanh(A[m, k] + B[k, n]) (FMAs and tanh in the
+// accumulation type, whatever the dtype).
+enum class TileTerms { kTensorCores, kTf32, kFma, kTanhScore };
 
-template <typename scalar_t, typename acc_t>
+// The products' terms of a dtype; kTf32: float32 may run on TF32 (the host's choice,
+// query_tiles.cuh).
+template <typename scalar_t, typename acc_t, bool kTf32 = false>
 constexpr TileTerms kProductTerms =
-    TileTypes<scalar_t, acc_t>::kTensorCores ? TileTerms::kTensorCores : TileTerms::kFma;
+    TileTypes<scalar_t, acc_t>::kTensorCores ? TileTerms::kTensorCores
+    : kTf32 && kTf32Available                ? TileTerms::kTf32
+                                             : TileTerms::kFma;
 
 // The block's accumulators for one 32 x 32 tile of C and the multiplication of one staged
 // step. kBLinesAreN says how B was staged (see TileShared).
@@ -228,11 +242,61 @@ class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTensorCores> {
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc_;
 };
 
+// float32 on the TF32 tensor cores: as the 16-bit tiles, in 16 x 16 x 8 steps, each
+// fragment's elements rounded to TF32 (__float_to_tf32) after the load. Only where
+// kTf32Available (CUDA declares the TF32 fragments from sm_80 on).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <typename scalar_t, typename acc_t, bool kBLinesAreN>
+class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTf32> {
+  static_assert(std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>,
+                "TF32 tiles multiply float32");
+  using T = TileTypes<scalar_t, acc_t>;
+  using Tf32 = nvcuda::wmma::precision::tf32;
+  using BLayout = std::conditional_t<kBLinesAreN, nvcuda::wmma::col_major,
+                                     nvcuda::wmma::row_major>;
+
+ public:
+  __device__ __forceinline__ TileAccumulator()
+      : m0_((static_cast<int>(threadIdx.x) / kWarpSize / 2) * 16),
+        n0_((static_cast<int>(threadIdx.x) / kWarpSize % 2) * 16) {
+    nvcuda::wmma::fill_fragment(acc_, 0.0f);
+  }
+
+  template <int kK>
+  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t, kK>& s) {
+    using S = TileShared<scalar_t, acc_t, kK>;
+    static_assert(kK % 8 == 0, "whole TF32 steps");
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, Tf32, nvcuda::wmma::row_major> a;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, Tf32, BLayout> b;
+#pragma unroll
+    for (int k = 0; k < kK; k += 8) {
+      nvcuda::wmma::load_matrix_sync(a, &s.a[m0_][k], S::kLd);
+      nvcuda::wmma::load_matrix_sync(b, kBLinesAreN ? &s.b[n0_][k] : &s.b[k][n0_], S::kLd);
+#pragma unroll
+      for (int e = 0; e < a.num_elements; ++e) a.x[e] = nvcuda::wmma::__float_to_tf32(a.x[e]);
+#pragma unroll
+      for (int e = 0; e < b.num_elements; ++e) b.x[e] = nvcuda::wmma::__float_to_tf32(b.x[e]);
+      nvcuda::wmma::mma_sync(acc_, a, b, acc_);
+    }
+  }
+
+  template <int kK>
+  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t, kK>& s) const {
+    nvcuda::wmma::store_matrix_sync(&s.c[m0_][n0_], acc_, T::kCLd, nvcuda::wmma::mem_row_major);
+  }
+
+ private:
+  int m0_, n0_;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc_;
+};
+#endif
+
 // Thread (tm, tn) owns rows tm + 16 i and columns tn + 8 j: the 8 threads reading a B
 // step's column group at once hit 8 different banks.
 template <typename scalar_t, typename acc_t, bool kBLinesAreN, TileTerms kTerms>
 class TileAccumulator {
-  static_assert(kTerms != TileTerms::kTensorCores, "specialised above");
+  static_assert(kTerms == TileTerms::kFma || kTerms == TileTerms::kTanhScore,
+                "the tensor-core terms are specialised above");
   static constexpr int kRows = 2, kCols = 4;
   static_assert(kTileThreads * kRows * kCols == kTile * kTile, "the threads cover the tile");
 
@@ -304,8 +368,8 @@ __device__ __forceinline__ TileIndex tile_index(int64_t m_tiles, int64_t n_tiles
 // zeros, e.g. a key that does not attend). Product i is C_i[t, j] = <x_t, y_j>, except
 // with kTanhScore product 0, the additive score sum_k v[k] tanh(x_t[k] + y_j[k]) (v(), of
 // len(0) elements). finish(b, t, j, c) is called once per element of the tile within
-// M x N, with c[i] = C_i[t, j].
-template <typename Pairs>
+// M x N, with c[i] = C_i[t, j]. kTf32: float32 products run on TF32 (kProductTerms).
+template <typename Pairs, bool kTf32>
 __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs pairs) {
   using scalar_t = typename Pairs::scalar_t;
   using acc_t = typename Pairs::acc_t;
@@ -348,7 +412,7 @@ __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs 
 
   {
     constexpr TileTerms kFirst =
-        Pairs::kTanhScore ? TileTerms::kTanhScore : kProductTerms<scalar_t, acc_t>;
+        Pairs::kTanhScore ? TileTerms::kTanhScore : kProductTerms<scalar_t, acc_t, kTf32>;
     TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/true, kFirst> acc;
     run(0, acc);
   }
@@ -357,7 +421,8 @@ __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs 
       first[e / kTile][e % kTile] = s.c[e / kTile][e % kTile];
     }
     __syncthreads();  // before the second product's store, which comes at once for len 0
-    TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/true> acc;
+    TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/true, kProductTerms<scalar_t, acc_t, kTf32>>
+        acc;
     run(1, acc);
   }
   for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kTileThreads) {
@@ -379,8 +444,9 @@ __global__ void __launch_bounds__(kTileThreads) pair_product_kernel(const Pairs 
 //  - out(b, m): output row m, and live(b, m): whether it is a sum at all (a key that does
 //    not attend gets zeros, whatever the inputs hold);
 //  - alpha: the factor applied to every sum.
-// out(b, m)[n] = alpha * sum_k coef(b, m, k) row(b, k)[n], k in steps of 32.
-template <typename WeightedRows>
+// out(b, m)[n] = alpha * sum_k coef(b, m, k) row(b, k)[n], k in steps of 32. kTf32: float32
+// products run on TF32 (kProductTerms).
+template <typename WeightedRows, bool kTf32>
 __global__ void __launch_bounds__(kTileThreads)
     weighted_rows_kernel(const WeightedRows w) {
   using scalar_t = typename WeightedRows::scalar_t;
@@ -389,7 +455,8 @@ __global__ void __launch_bounds__(kTileThreads)
   __shared__ TileShared<scalar_t, acc_t> s;
   const TileIndex at = tile_index(ceil_div(w.M, kTile), ceil_div(w.N, kTile));
 
-  TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/false> acc;
+  TileAccumulator<scalar_t, acc_t, /*kBLinesAreN=*/false, kProductTerms<scalar_t, acc_t, kTf32>>
+      acc;
   LineShare<WeightedRows::kVec, scalar_t, kTile> rows;
   for (int64_t k0 = 0; k0 < w.K; k0 += kTile) {
     // The rows' loads fly while the coefficients are computed.

@@ -6,8 +6,9 @@
 // after another. Fibers rather than OS threads: a shuffle is then 32 stack switches of a
 // few nanoseconds instead of 32 futex wake-ups, which lets the whole test suite run
 // through the emulated kernels. Only what this project's kernels use is provided, with
-// the 16 x 16 x 16 tiles of nvcuda::wmma (tensor cores) at the end: anything else
-// (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX) fails to compile.
+// the 16 x 16 x 16 and TF32 16 x 16 x 8 tiles of nvcuda::wmma (tensor cores) at the end:
+// anything else (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX)
+// fails to compile.
 //
 // Not emulated: the GPU memory model, concurrency between blocks, timing. Shuffles check
 // that every lane named in the mask took part; they do not check that the lanes reached
@@ -409,13 +410,15 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
 
 // nvcuda::wmma, the warp-wide matrix products of the tensor cores: the subset the kernels
 // may use, 16 x 16 x 16 tiles of 16-bit inputs (c10::Half as __half, c10::BFloat16 as
-// __nv_bfloat16) with float accumulators; fragments, fill, load, store, mma. A fragment's
-// element layout is opaque in CUDA; here lane l holds elements 8l .. 8l + 7 of its tile in
-// row-major order. Every call is a warp collective that all 32 lanes must reach, as on a
-// GPU (a missing lane stops the process). Loads and stores refuse what CUDA leaves
-// undefined: a pointer not 32-byte aligned, a leading dimension not a multiple of 16 bytes.
-// mma_sync computes D = A B + C in float, summing k in order: the products of 16-bit
-// values are exact in float, as in the tensor cores; the sums' rounding may differ.
+// __nv_bfloat16) and 16 x 16 x 8 tiles of precision::tf32 (float storage, rounded by
+// __float_to_tf32), with float accumulators; fragments, fill, load, store, mma. A
+// fragment's element layout is opaque in CUDA; here lane l holds elements n l .. n l + n - 1
+// of its tile (rows x cols) in row-major order, n = num_elements. Every call is a warp
+// collective that all 32 lanes must reach, as on a GPU (a missing lane stops the process).
+// Loads and stores refuse what CUDA leaves undefined: a pointer not 32-byte aligned, a
+// leading dimension not a multiple of 16 bytes. mma_sync computes D = A B + C in float,
+// summing k in order: the products of 16-bit or TF32 values are exact in float, as in the
+// tensor cores; the sums' rounding may differ.
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 
@@ -458,86 +461,133 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// What a fragment of element type T stores: TF32 values live in floats.
+template <typename T>
+struct storage_of {
+  using type = T;
+};
+template <>
+struct storage_of<precision::tf32> {
+  using type = float;
+};
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation provides 16 x 16 x 16 tiles");
-  static constexpr int num_elements = 8;
-  T x[num_elements];
+  static_assert(M == 16 && N == 16 && (K == 16 || K == 8),
+                "the emulation provides 16 x 16 x 16 and 16 x 16 x 8 tiles");
+  static_assert(K == 16 || std::is_same_v<T, precision::tf32> || std::is_same_v<T, float>,
+                "16 x 16 x 8 tiles are TF32's");
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols / 32;
+  typename storage_of<T>::type x[num_elements];
 };
 
-// Element e of the running lane: row and column of the 16 x 16 tile.
-inline int tile_row(int e) { return (attention_ext::emu::lane_now() * 8 + e) / 16; }
-inline int tile_col(int e) { return (attention_ext::emu::lane_now() * 8 + e) % 16; }
+// Element e of the running lane in a fragment of Frag's shape: its row and column.
+template <typename Frag>
+inline int tile_row(int e) {
+  return (attention_ext::emu::lane_now() * Frag::num_elements + e) / Frag::cols;
+}
+template <typename Frag>
+inline int tile_col(int e) {
+  return (attention_ext::emu::lane_now() * Frag::num_elements + e) % Frag::cols;
+}
 
-template <typename Use, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+template <typename Use, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, K, T, Layout>& f,
+                             const typename storage_of<T>::type* p, unsigned ldm) {
   static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>,
                 "accumulators are loaded with a layout_t");
+  using Frag = fragment<Use, 16, 16, K, T, Layout>;
   attention_ext::emu::warp_rendezvous(0);
-  attention_ext::emu::check_tile_address(p, ldm, sizeof(T));
-  for (int e = 0; e < 8; ++e) {
-    const int r = tile_row(e), c = tile_col(e);
+  attention_ext::emu::check_tile_address(p, ldm, sizeof(*p));
+  for (int e = 0; e < Frag::num_elements; ++e) {
+    const int r = tile_row<Frag>(e), c = tile_col<Frag>(e);
     f.x[e] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
   }
 }
 
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
+template <int K>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, K, float>& f, const float* p,
                              unsigned ldm, layout_t layout) {
+  using Frag = fragment<accumulator, 16, 16, K, float>;
   attention_ext::emu::warp_rendezvous(0);
   attention_ext::emu::check_tile_address(p, ldm, sizeof(float));
-  for (int e = 0; e < 8; ++e) {
-    const int r = tile_row(e), c = tile_col(e);
+  for (int e = 0; e < Frag::num_elements; ++e) {
+    const int r = tile_row<Frag>(e), c = tile_col<Frag>(e);
     f.x[e] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
   }
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+template <int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f,
                               unsigned ldm, layout_t layout) {
+  using Frag = fragment<accumulator, 16, 16, K, float>;
   attention_ext::emu::warp_rendezvous(0);
   attention_ext::emu::check_tile_address(p, ldm, sizeof(float));
-  for (int e = 0; e < 8; ++e) {
-    const int r = tile_row(e), c = tile_col(e);
+  for (int e = 0; e < Frag::num_elements; ++e) {
+    const int r = tile_row<Frag>(e), c = tile_col<Frag>(e);
     (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
   }
 }
 
-template <typename Use, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const T& v) {
+template <typename Use, int K, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, K, T, Layout>& f,
+                          const typename storage_of<T>::type& v) {
   attention_ext::emu::warp_rendezvous(0);
-  for (int e = 0; e < 8; ++e) f.x[e] = v;
+  for (auto& x : f.x) x = v;
+}
+
+// x rounded to TF32 (10 explicit mantissa bits), to nearest with ties away from zero, as
+// cvt.rna.tf32.f32; infinities and NaNs pass unchanged.
+inline float __float_to_tf32(float x) {
+  uint32_t bits = 0;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&x, &bits, sizeof(bits));
+  return x;
 }
 
 // D = A B + C. Each lane publishes where its A and B fragments are, reads the row of A and
 // the columns of B its elements need from the other lanes, and writes its D only after
 // the whole warp has read (D may be C).
-template <typename T, typename LayoutA, typename LayoutB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  using FragA = fragment<matrix_a, 16, 16, 16, T, LayoutA>;
-  using FragB = fragment<matrix_b, 16, 16, 16, T, LayoutB>;
+template <int K, typename T, typename LayoutA, typename LayoutB>
+inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d,
+                     const fragment<matrix_a, 16, 16, K, T, LayoutA>& a,
+                     const fragment<matrix_b, 16, 16, K, T, LayoutB>& b,
+                     const fragment<accumulator, 16, 16, K, float>& c) {
+  using FragA = fragment<matrix_a, 16, 16, K, T, LayoutA>;
+  using FragB = fragment<matrix_b, 16, 16, K, T, LayoutB>;
+  using FragD = fragment<accumulator, 16, 16, K, float>;
   const void* mine[2] = {&a, &b};
   uint64_t bits = 0;
   const void* where = mine;
   std::memcpy(&bits, &where, sizeof(where));
   const int buf = attention_ext::emu::warp_rendezvous(bits);
-  // Element i (row-major) of a tile lies in lane i / 8, slot i % 8.
-  auto element = [&](int which, int i) {
-    const auto* ops = static_cast<const void* const*>(attention_ext::emu::warp_slot(buf, i / 8));
-    return which == 0 ? static_cast<float>(static_cast<const FragA*>(ops[0])->x[i % 8])
-                      : static_cast<float>(static_cast<const FragB*>(ops[1])->x[i % 8]);
+  // Element i (row-major) of a fragment lies in lane i / n, slot i % n.
+  auto element_a = [&](int i) {
+    const auto* ops = static_cast<const void* const*>(
+        attention_ext::emu::warp_slot(buf, i / FragA::num_elements));
+    return static_cast<float>(static_cast<const FragA*>(ops[0])->x[i % FragA::num_elements]);
   };
-  float out[8];
-  for (int e = 0; e < 8; ++e) {
-    const int r = tile_row(e), n = tile_col(e);
+  auto element_b = [&](int i) {
+    const auto* ops = static_cast<const void* const*>(
+        attention_ext::emu::warp_slot(buf, i / FragB::num_elements));
+    return static_cast<float>(static_cast<const FragB*>(ops[1])->x[i % FragB::num_elements]);
+  };
+  float out[FragD::num_elements];
+  for (int e = 0; e < FragD::num_elements; ++e) {
+    const int r = tile_row<FragD>(e), n = tile_col<FragD>(e);
     float sum = c.x[e];
-    for (int k = 0; k < 16; ++k) sum += element(0, r * 16 + k) * element(1, k * 16 + n);
+    for (int k = 0; k < K; ++k) sum += element_a(r * K + k) * element_b(k * 16 + n);
     out[e] = sum;
   }
   attention_ext::emu::warp_rendezvous(0);
-  for (int e = 0; e < 8; ++e) d.x[e] = out[e];
+  for (int e = 0; e < FragD::num_elements; ++e) d.x[e] = out[e];
 }
 
 }  // namespace nvcuda::wmma

@@ -57,25 +57,33 @@ __global__ void divergent_wait_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
 }
 
-// out = a b^T + c for a (M, K), b (N, K) in a 16-bit type, c and out (M, N) float32, all
-// dimensions multiples of 16: one warp per 16 x 16 tile of out, two warps per block (the
-// last block's second warp may have no tile). b^T is read as a column-major matrix_b, the
-// way attention reads K^T from rows of keys.
+// out = a b^T + c for a (M, K), b (N, K) in a 16-bit type or float32 (on TF32 tiles, the
+// inputs rounded by __float_to_tf32), c and out (M, N) float32, all dimensions multiples
+// of 16: one warp per 16 x 16 tile of out, two warps per block (the last block's second
+// warp may have no tile). b^T is read as a column-major matrix_b, the way attention reads
+// K^T from rows of keys.
 template <typename T>
 __global__ void wmma_matmul_kernel(const T* a, const T* b, const float* c, float* out, int64_t M,
                                    int64_t N, int64_t K) {
   namespace wmma = nvcuda::wmma;
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int kK = kTf32 ? 8 : 16;
+  using In = std::conditional_t<kTf32, wmma::precision::tf32, T>;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * 2 + threadIdx.x / 32;
   const int64_t n_tiles = N / 16;
   if (tile >= M / 16 * n_tiles) return;  // the whole warp
   const int64_t m0 = tile / n_tiles * 16, n0 = tile % n_tiles * 16;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
   wmma::load_matrix_sync(acc, c + m0 * N + n0, static_cast<unsigned>(N), wmma::mem_row_major);
-  for (int64_t k0 = 0; k0 < K; k0 += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+  for (int64_t k0 = 0; k0 < K; k0 += kK) {
+    wmma::fragment<wmma::matrix_a, 16, 16, kK, In, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, kK, In, wmma::col_major> fb;
     wmma::load_matrix_sync(fa, a + m0 * K + k0, static_cast<unsigned>(K));
     wmma::load_matrix_sync(fb, b + n0 * K + k0, static_cast<unsigned>(K));
+    if constexpr (kTf32) {
+      for (auto& x : fa.x) x = wmma::__float_to_tf32(x);
+      for (auto& x : fb.x) x = wmma::__float_to_tf32(x);
+    }
     wmma::mma_sync(acc, fa, fb, acc);
   }
   wmma::store_matrix_sync(out + m0 * N + n0, acc, static_cast<unsigned>(N), wmma::mem_row_major);
@@ -88,7 +96,7 @@ at::Tensor wmma_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   TORCH_CHECK(a.size(0) % 16 == 0 && b.size(0) % 16 == 0 && a.size(1) % 16 == 0,
               "M, N, K must be multiples of 16");
   TORCH_CHECK(a.scalar_type() == b.scalar_type() && c.scalar_type() == at::kFloat,
-              "a and b of one 16-bit type, c float32");
+              "a and b of one type, c float32");
   // Contiguous but not copied to a fresh allocation: a storage offset stays, so a
   // misaligned view reaches the kernel (the refusal test).
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous(), "contiguous inputs");
@@ -103,8 +111,11 @@ at::Tensor wmma_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   };
   if (a.scalar_type() == at::kHalf) {
     run(__half{});
+  } else if (a.scalar_type() == at::kFloat) {
+    run(float{});
   } else {
-    TORCH_CHECK(a.scalar_type() == at::kBFloat16, "a and b must be float16 or bfloat16");
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16,
+                "a and b must be float16, bfloat16 or float32");
     run(__nv_bfloat16{});
   }
   return out;
