@@ -202,16 +202,31 @@ template <typename scalar_t, typename acc_t, bool kBLinesAreN,
           TileTerms kTerms = kProductTerms<scalar_t, acc_t>>
 class TileAccumulator;
 
-template <typename scalar_t, typename acc_t, bool kBLinesAreN>
-class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTensorCores> {
+// A TF32 fragment's elements rounded to TF32, after a load of float32 (CUDA declares the
+// TF32 fragments from sm_80 on: kTf32Available).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <typename Fragment>
+__device__ __forceinline__ void round_to_tf32(Fragment& f) {
+#pragma unroll
+  for (int e = 0; e < f.num_elements; ++e) f.x[e] = nvcuda::wmma::__float_to_tf32(f.x[e]);
+}
+#endif
+
+// The tensor cores' accumulators: each of the 4 warps owns one 16 x 16 quarter of the tile
+// and multiplies fragments of In, kFragK of the contraction at a time: a 16-bit type, or
+// (kTf32) precision::tf32 for float32 in 16 x 16 x 8 steps, each fragment's elements
+// rounded to TF32 after the load (round_to_tf32).
+template <typename scalar_t, typename acc_t, bool kBLinesAreN, typename In, int kFragK,
+          bool kTf32>
+class WmmaTileAccumulator {
   using T = TileTypes<scalar_t, acc_t>;
-  using mma_t = typename T::mma_t;
+  using Stored = std::conditional_t<kTf32, float, In>;  // the elements' type in memory
   using BLayout = std::conditional_t<kBLinesAreN, nvcuda::wmma::col_major,
                                      nvcuda::wmma::row_major>;
   static_assert(std::is_same_v<acc_t, float>, "tensor cores accumulate in float");
 
  public:
-  __device__ __forceinline__ TileAccumulator()
+  __device__ __forceinline__ WmmaTileAccumulator()
       : m0_((static_cast<int>(threadIdx.x) / kWarpSize / 2) * 16),
         n0_((static_cast<int>(threadIdx.x) / kWarpSize % 2) * 16) {
     nvcuda::wmma::fill_fragment(acc_, 0.0f);
@@ -220,14 +235,19 @@ class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTensorCores> {
   template <int kK>
   __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t, kK>& s) {
     using S = TileShared<scalar_t, acc_t, kK>;
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, mma_t, nvcuda::wmma::row_major>
+    static_assert(kK % kFragK == 0, "whole fragment steps");
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, kFragK, In, nvcuda::wmma::row_major>
         a;
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, mma_t, BLayout> b;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, kFragK, In, BLayout> b;
 #pragma unroll
-    for (int k = 0; k < kK; k += 16) {
-      nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(&s.a[m0_][k]), S::kLd);
+    for (int k = 0; k < kK; k += kFragK) {
+      nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const Stored*>(&s.a[m0_][k]), S::kLd);
       const auto* b_at = kBLinesAreN ? &s.b[n0_][k] : &s.b[k][n0_];
-      nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(b_at), S::kLd);
+      nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const Stored*>(b_at), S::kLd);
+      if constexpr (kTf32) {
+        round_to_tf32(a);
+        round_to_tf32(b);
+      }
       nvcuda::wmma::mma_sync(acc_, a, b, acc_);
     }
   }
@@ -239,55 +259,20 @@ class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTensorCores> {
 
  private:
   int m0_, n0_;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc_;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kFragK, float> acc_;
 };
 
-// float32 on the TF32 tensor cores: as the 16-bit tiles, in 16 x 16 x 8 steps, each
-// fragment's elements rounded to TF32 (__float_to_tf32) after the load. Only where
-// kTf32Available (CUDA declares the TF32 fragments from sm_80 on).
+template <typename scalar_t, typename acc_t, bool kBLinesAreN>
+class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTensorCores>
+    : public WmmaTileAccumulator<scalar_t, acc_t, kBLinesAreN,
+                                 typename TileTypes<scalar_t, acc_t>::mma_t, 16, false> {};
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 template <typename scalar_t, typename acc_t, bool kBLinesAreN>
-class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTf32> {
-  static_assert(std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>,
-                "TF32 tiles multiply float32");
-  using T = TileTypes<scalar_t, acc_t>;
-  using Tf32 = nvcuda::wmma::precision::tf32;
-  using BLayout = std::conditional_t<kBLinesAreN, nvcuda::wmma::col_major,
-                                     nvcuda::wmma::row_major>;
-
- public:
-  __device__ __forceinline__ TileAccumulator()
-      : m0_((static_cast<int>(threadIdx.x) / kWarpSize / 2) * 16),
-        n0_((static_cast<int>(threadIdx.x) / kWarpSize % 2) * 16) {
-    nvcuda::wmma::fill_fragment(acc_, 0.0f);
-  }
-
-  template <int kK>
-  __device__ __forceinline__ void multiply(const TileShared<scalar_t, acc_t, kK>& s) {
-    using S = TileShared<scalar_t, acc_t, kK>;
-    static_assert(kK % 8 == 0, "whole TF32 steps");
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, Tf32, nvcuda::wmma::row_major> a;
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, Tf32, BLayout> b;
-#pragma unroll
-    for (int k = 0; k < kK; k += 8) {
-      nvcuda::wmma::load_matrix_sync(a, &s.a[m0_][k], S::kLd);
-      nvcuda::wmma::load_matrix_sync(b, kBLinesAreN ? &s.b[n0_][k] : &s.b[k][n0_], S::kLd);
-#pragma unroll
-      for (int e = 0; e < a.num_elements; ++e) a.x[e] = nvcuda::wmma::__float_to_tf32(a.x[e]);
-#pragma unroll
-      for (int e = 0; e < b.num_elements; ++e) b.x[e] = nvcuda::wmma::__float_to_tf32(b.x[e]);
-      nvcuda::wmma::mma_sync(acc_, a, b, acc_);
-    }
-  }
-
-  template <int kK>
-  __device__ __forceinline__ void store(TileShared<scalar_t, acc_t, kK>& s) const {
-    nvcuda::wmma::store_matrix_sync(&s.c[m0_][n0_], acc_, T::kCLd, nvcuda::wmma::mem_row_major);
-  }
-
- private:
-  int m0_, n0_;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc_;
+class TileAccumulator<scalar_t, acc_t, kBLinesAreN, TileTerms::kTf32>
+    : public WmmaTileAccumulator<scalar_t, acc_t, kBLinesAreN, nvcuda::wmma::precision::tf32, 8,
+                                 true> {
+  static_assert(std::is_same_v<scalar_t, float>, "TF32 tiles multiply float32");
 };
 #endif
 
