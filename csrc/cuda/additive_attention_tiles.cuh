@@ -98,13 +98,14 @@ __global__ void __launch_bounds__(kTileThreads)
   const int64_t key_tiles = ceil_div(p.S, kTile);
   acc_t share = acc_t(0);
 
-  LineShare<VEC, scalar_t, kTile> query_rows;
+  LineShare<VEC, scalar_t, kTile> key_rows, query_rows;
   for (int64_t jt = 0; jt < key_tiles; ++jt) {
     const int64_t j0 = jt * kTile;
-    stage_lines<VEC, acc_t>(ks, a0, p.A, [&](int l) {
+    key_rows.fetch(a0, p.A, [&](int l) {
       return j0 + l < p.S ? attending_row(p.positions, p.keys_proj, p.S, p.A, b, j0 + l)
                           : nullptr;
     });
+    key_rows.put(ks);
     __syncthreads();
     acc_t key[kKeysPerThread], key_sum[kKeysPerThread];
 #pragma unroll

@@ -95,7 +95,6 @@ template <typename scalar_t, typename acc_t, int kK = kTile>
 struct TileShared {
   using T = TileTypes<scalar_t, acc_t>;
   using in_t = typename T::in_t;
-  static constexpr int kStep = kK;
   static constexpr int kLd = kK + 16 / static_cast<int>(sizeof(in_t));
   alignas(32) in_t a[kTile][kLd];
   alignas(32) in_t b[kTile][kLd];
@@ -150,17 +149,6 @@ class LineShare {
   Pack<scalar_t, VEC> x_[kChunks];
   int line_, first_;
 };
-
-// Stages elements [e0, e0 + kTile) of 32 lines into dst[line][e] (LineShare's fetch, then
-// put).
-template <int VEC, typename in_t, int LD, typename LineOf>
-__device__ __forceinline__ void stage_lines(in_t (*dst)[LD], int64_t e0, int64_t len,
-                                            LineOf line_of) {
-  using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(line_of(0))>>;
-  LineShare<VEC, scalar_t, kTile> share;
-  share.fetch(e0, len, line_of);
-  share.put(dst);
-}
 
 // Stages a 32 x 32 step of A from coef(m, k) (relative to the step), which the caller makes
 // 0 past its ends: every thread computes its 8 coefficients, their loads all in flight,
