@@ -106,3 +106,26 @@ def test_wmma_refuses_a_misaligned_tile():
                           timeout=120)
     assert proc.returncode != 0
     assert "wmma: pointer not 32-byte aligned" in proc.stderr
+
+
+def test_async_copies_land_at_the_wait_of_their_group():
+    """cp.async as on a GPU: a copy may land as late as the wait that covers its group, so
+    the emulation lands it there and fills its destination with NaNs until then. Two
+    groups: waiting with none in flight lands both; with one in flight, only the first."""
+    x = torch.randn(256, generator=generator(29))
+    torch.testing.assert_close(OPS._emulation_async_copy(x, 0), x, rtol=0, atol=0)
+    partial = OPS._emulation_async_copy(x, 1)
+    torch.testing.assert_close(partial[:128], x[:128], rtol=0, atol=0)
+    assert partial[128:].isnan().all()
+
+
+def test_async_copy_refuses_a_misaligned_address():
+    """A 16-byte cp.async from an address that is not 16-byte aligned is undefined on a
+    GPU: the emulation stops."""
+    code = ("import torch, attention_ext\n"
+            "x = torch.zeros(257)[1:]\n"
+            "torch.ops.attention_ext._emulation_async_copy(x, 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "cp.async: an address not aligned to the copy's size" in proc.stderr

@@ -78,17 +78,20 @@ __device__ __forceinline__ void store_chunk(scalar_t* row, int64_t c, const acc_
 // way: cp.async on sm_80 and later, so a thread issues all its copies of a round before
 // waiting for any (commit_async_copies closes a group, wait_async_copies<N> waits until at
 // most N groups are in flight). A plain copy elsewhere: older GPUs, chunks under 16 bytes
-// (cp.async moves 4, 8 or 16; VEC = 1 of a 16-bit type is 2), and the CPU emulation, where
-// the copy is complete when issued.
+// (cp.async moves 4, 8 or 16; VEC = 1 of a 16-bit type is 2). The CPU emulation models
+// cp.async (emulation.h): a copy lands only at the wait that covers its group.
 template <int VEC, typename scalar_t>
 __device__ __forceinline__ void copy_chunk_async(scalar_t* shared_dst, const scalar_t* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (VEC * sizeof(scalar_t) == 16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
     return;
-  }
+#elif defined(ATTENTION_EXT_CUDA_EMULATION)
+    emu::copy_async(shared_dst, src, 16);
+    return;
 #endif
+  }
   *reinterpret_cast<Pack<scalar_t, VEC>*>(shared_dst) =
       *reinterpret_cast<const Pack<scalar_t, VEC>*>(src);
 }
@@ -96,6 +99,8 @@ __device__ __forceinline__ void copy_chunk_async(scalar_t* shared_dst, const sca
 __device__ __forceinline__ void commit_async_copies() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(ATTENTION_EXT_CUDA_EMULATION)
+  emu::commit_async_group();
 #endif
 }
 
@@ -103,6 +108,8 @@ template <int N>
 __device__ __forceinline__ void wait_async_copies() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(ATTENTION_EXT_CUDA_EMULATION)
+  emu::wait_async_groups(N);
 #endif
 }
 

@@ -6,7 +6,8 @@
 // after another. Fibers rather than OS threads: a shuffle is then 32 stack switches of a
 // few nanoseconds instead of 32 futex wake-ups, which lets the whole test suite run
 // through the emulated kernels. Only what this project's kernels use is provided, with
-// the 16 x 16 x 16 and TF32 16 x 16 x 8 tiles of nvcuda::wmma (tensor cores) at the end:
+// cp.async's copies, groups and waits (copy_async, for device_primitives.cuh) and the
+// 16 x 16 x 16 and TF32 16 x 16 x 8 tiles of nvcuda::wmma (tensor cores) at the end:
 // anything else (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX)
 // fails to compile.
 //
@@ -220,14 +221,69 @@ class BlockBarrier {
   unsigned members_ = 0, arrived_ = 0;
 };
 
+// One thread's asynchronous copies (cp.async) that have not landed, in issue order, and
+// the end of each group its commits closed.
+struct AsyncCopies {
+  struct Copy {
+    void* dst;
+    const void* src;
+    std::size_t bytes;
+  };
+  std::vector<Copy> copies;
+  std::vector<std::size_t> group_ends;
+
+  // Lands the first `count` copies.
+  void land(std::size_t count) {
+    for (std::size_t i = 0; i < count; ++i) {
+      std::memcpy(copies[i].dst, copies[i].src, copies[i].bytes);
+    }
+    copies.erase(copies.begin(), copies.begin() + static_cast<std::ptrdiff_t>(count));
+    std::size_t kept = 0;
+    for (const std::size_t end : group_ends) {
+      if (end > count) group_ends[kept++] = end - count;
+    }
+    group_ends.resize(kept);
+  }
+};
+
 struct Block {
   Scheduler scheduler;
   BlockBarrier barrier;
   std::unique_ptr<Rendezvous[]> warps;
+  std::unique_ptr<AsyncCopies[]> async_copies;  // one per thread
 };
 
 inline thread_local Block* tl_block = nullptr;
 inline thread_local unsigned tl_linear = 0;  // the running thread's linear index in its block
+
+// cp.async, commit_group and wait_group (sm_80 and later). A copy lands at some moment
+// between its issue and the wait that covers its group; the emulation lands it as late as
+// that allows, at the wait, and fills its destination with 0xff bytes (a NaN in every
+// floating type) when it is issued. So a stage read before its wait, or a copy issued into
+// a buffer that other threads still read, shows in the results. Both addresses must be
+// aligned to the copy's size, as on a GPU. Copies still in flight when their thread
+// returns land then.
+inline void copy_async(void* dst, const void* src, std::size_t bytes) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % bytes != 0 ||
+      reinterpret_cast<std::uintptr_t>(src) % bytes != 0) {
+    fail("cp.async: an address not aligned to the copy's size");
+  }
+  std::memset(dst, 0xff, bytes);
+  tl_block->async_copies[tl_linear].copies.push_back({dst, src, bytes});
+}
+
+inline void commit_async_group() {
+  AsyncCopies& mine = tl_block->async_copies[tl_linear];
+  mine.group_ends.push_back(mine.copies.size());
+}
+
+// Lands every committed group but the newest `in_flight`.
+inline void wait_async_groups(std::size_t in_flight) {
+  AsyncCopies& mine = tl_block->async_copies[tl_linear];
+  if (mine.group_ends.size() > in_flight) {
+    mine.land(mine.group_ends[mine.group_ends.size() - 1 - in_flight]);
+  }
+}
 
 // One shuffle: every lane publishes `v`, then reads lane `src`'s value. Lanes in `mask`
 // that did not take part (returned early, or diverged away) and sources outside the mask
@@ -294,14 +350,18 @@ const char* launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::si
   Block& state = launch_state();
   const unsigned warps = (threads + kWarpLanes - 1) / kWarpLanes;
   state.warps = std::make_unique<Rendezvous[]>(warps);
+  state.async_copies = std::make_unique<AsyncCopies[]>(threads);
   tl_block = &state;
   blockDim = block;
   gridDim = grid;
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   const std::function<void()> body = [&] {
     std::apply(kernel, packed);
-    // Returned: the rest of the block no longer waits for this thread.
+    // Returned: the thread's copies in flight land, and the rest of the block no longer
+    // waits for it.
     const unsigned linear = tl_linear;
+    AsyncCopies& copies = state.async_copies[linear];
+    copies.land(copies.copies.size());
     state.warps[linear / kWarpLanes].leave(state.scheduler, static_cast<int>(linear % kWarpLanes));
     state.barrier.leave(state.scheduler);
   };

@@ -1,8 +1,9 @@
 // Test build only: tiny kernels that check the emulation layer itself (emulation.h), apart
 // from the attention kernels: __shared__ and __syncthreads() (a wrong barrier gives a wrong
-// sum), __shfl_down_sync, the wmma tiles (a matrix product), the refusal of a shuffle
-// whose mask names a lane that has already returned and of a misaligned wmma load, and the
-// report of a block whose threads wait for each other forever.
+// sum), __shfl_down_sync, the wmma tiles (a matrix product), cp.async's groups (what a wait
+// lands), the refusal of a shuffle whose mask names a lane that has already returned, of a
+// misaligned wmma load and of a misaligned cp.async, and the report of a block whose
+// threads wait for each other forever.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 
 #include <ATen/ATen.h>
@@ -13,6 +14,7 @@
 #include "emulation.h"
 #include "attention_ext/math.h"
 #include "../cuda/runtime.cuh"
+#include "../cuda/device_primitives.cuh"
 
 namespace attention_ext {
 namespace {
@@ -55,6 +57,48 @@ __global__ void divergent_wait_kernel(float* out) {
     return;
   }
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
+constexpr int kAsyncGroups = 2;
+constexpr int kAsyncGroupFloats = 128;
+
+// Copies x (kAsyncGroups x kAsyncGroupFloats floats) into shared memory in 16-byte chunks
+// by cp.async, one commit group per row of kAsyncGroupFloats, then waits with the newest
+// `in_flight` groups still in flight (0 or 1) and writes the stage to out after a barrier
+// (and before another: a thread's return lands its copies still in flight).
+__global__ void async_copy_kernel(const float* x, float* out, int in_flight) {
+  __shared__ Pack<float, 4> stage[kAsyncGroups * kAsyncGroupFloats / 4];
+  float* staged = reinterpret_cast<float*>(stage);
+  const int t = static_cast<int>(threadIdx.x);
+  for (int g = 0; g < kAsyncGroups; ++g) {
+    for (int c = t; c < kAsyncGroupFloats / 4; c += static_cast<int>(blockDim.x)) {
+      const int at = g * kAsyncGroupFloats + c * 4;
+      copy_chunk_async<4>(staged + at, x + at);
+    }
+    commit_async_copies();
+  }
+  if (in_flight == 0) {
+    wait_async_copies<0>();
+  } else {
+    wait_async_copies<1>();
+  }
+  __syncthreads();
+  for (int i = t; i < kAsyncGroups * kAsyncGroupFloats; i += static_cast<int>(blockDim.x)) {
+    out[i] = staged[i];
+  }
+  __syncthreads();
+}
+
+at::Tensor async_copy(const at::Tensor& x, int64_t in_flight) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1 &&
+                  x.numel() == kAsyncGroups * kAsyncGroupFloats && x.is_contiguous(),
+              "x must be a contiguous float32 vector of ", kAsyncGroups * kAsyncGroupFloats);
+  TORCH_CHECK(in_flight == 0 || in_flight == 1, "in_flight must be 0 or 1");
+  at::Tensor out = at::empty_like(x);
+  // x's storage offset stays: a misaligned view reaches the kernel (the refusal test).
+  launch_kernel(async_copy_kernel, dim3(1), dim3(32), 0, nullptr, x.data_ptr<float>(),
+                out.data_ptr<float>(), static_cast<int>(in_flight));
+  return out;
 }
 
 // out = a b^T + c for a (M, K), b (N, K) in a 16-bit type or float32 (on TF32 tiles, the
@@ -148,6 +192,7 @@ void divergent_wait() {
 TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
   m.def("_emulation_block_sum(Tensor x) -> Tensor");
   m.def("_emulation_wmma_matmul(Tensor a, Tensor b, Tensor c) -> Tensor");
+  m.def("_emulation_async_copy(Tensor x, int in_flight) -> Tensor");
   m.def("_emulation_early_exit_shuffle() -> ()");
   m.def("_emulation_divergent_wait() -> ()");
 }
@@ -155,6 +200,7 @@ TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
   m.impl("_emulation_block_sum", &attention_ext::block_sum);
   m.impl("_emulation_wmma_matmul", &attention_ext::wmma_matmul);
+  m.impl("_emulation_async_copy", &attention_ext::async_copy);
 }
 
 // No tensor argument, so no dispatch key to pick a CPU kernel by.
