@@ -40,6 +40,20 @@ def test_shared_memory_barriers_and_shfl_down():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_race_between_threads_shows_in_one_of_the_orders():
+    """Thread 0 of each block writes a __shared__ value that every thread then reads, with
+    no barrier between: a race. Even blocks resume their threads in thread order, where
+    the race goes unseen; odd blocks in reverse order, where threads 31 .. 1 read the
+    value before thread 0 writes it (the previous block's) and only thread 0 reads its own."""
+    x = torch.tensor([10.0, 11.0, 12.0, 13.0])
+    got = OPS._emulation_unsynchronised_broadcast(x).view(4, 32)
+    for block in (0, 2):
+        assert (got[block] == x[block]).all()
+    for block in (1, 3):
+        assert got[block, 0] == x[block]
+        assert (got[block, 1:] == x[block - 1]).all()
+
+
 @pytest.mark.parametrize("kernel,message", [
     ("early_exit_shuffle", "shuffle mask names a lane that did not take part"),
     ("divergent_wait", "deadlock: every live thread of the block waits"),

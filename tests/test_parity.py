@@ -70,6 +70,9 @@ DOT_SHAPES = [
     # in float32, 9 in float64), 2 column tiles of the context and 9 of grad_query.
     ("cuda_tiles", dict(B=2, Tq=33, S=45, D=264, Dv=40)),
     ("cuda_tiles_values_none", dict(B=1, Tq=64, S=32, D=64, values_none=True)),
+    # Values of width 0 on the CUDA query tiles: the backward's second product (dO V^T) has
+    # no steps, so its tile is stored at once, over the first product's.
+    ("cuda_tiles_Dv0", dict(B=2, Tq=33, S=45, D=40, Dv=0)),
 ]
 
 # A is the score width (the tanh/v axis), Dv the values' width: both are swept over sizes
@@ -103,6 +106,7 @@ ADDITIVE_SHAPES = [
     # over A with a partial last one (3 in 16-bit types, 5 in float32, 9 in float64), 9
     # column tiles of the tanh gradients and 2 of the context.
     ("cuda_tiles", dict(B=2, Tq=33, S=45, A=264, Dv=40)),
+    ("cuda_tiles_Dv0", dict(B=2, Tq=33, S=45, A=40, Dv=0)),
 ]
 
 

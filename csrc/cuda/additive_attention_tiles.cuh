@@ -140,6 +140,10 @@ __global__ void __launch_bounds__(kTileThreads)
         part += __shfl_xor_sync(kFullWarpMask, part, 16);
         if (lane < 8) query_part[m][col] = part;
       }
+      // query_part is complete, and qs, cs and ks are read no more in this query tile, so
+      // the next tile's stores to them need no barrier of their own; query_part is next
+      // written after the next tile's first barrier, which every thread reaches only once
+      // it is done with the sums below.
       __syncthreads();
       // The query side: this key tile's sums added to the earlier tiles', in tile order.
       for (int i = tid; i < kTile * kTile; i += kTileThreads) {
@@ -154,7 +158,6 @@ __global__ void __launch_bounds__(kTileThreads)
           p.grad_query_proj[at] = static_cast<scalar_t>(static_cast<acc_t>(p.v[a0 + n]) * sum);
         }
       }
-      __syncthreads();  // qs, cs, query_part and (after the last query tile) ks are rewritten
     }
     if (col_live) {
       const acc_t v = static_cast<acc_t>(p.v[a0 + col]);

@@ -112,8 +112,10 @@ class Scheduler {
  public:
   static constexpr std::size_t kStackBytes = 256 * 1024;  // sanitizer builds need room
 
-  // Runs body() once per thread of a block of `threads` threads, as fibers.
-  void run_block(unsigned threads, const dim3& block, const std::function<void()>& body);
+  // Runs body() once per thread of a block of `threads` threads, as fibers, resuming them
+  // in thread order, or in reverse thread order with `reverse`.
+  void run_block(unsigned threads, const dim3& block, bool reverse,
+                 const std::function<void()>& body);
 
   void yield() { switch_out(); }
   void note_progress() { ++progress_; }
@@ -374,7 +376,10 @@ const char* launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::si
       const unsigned lanes = std::min<unsigned>(kWarpLanes, threads - w * kWarpLanes);
       state.warps[w].reset((uint64_t(1) << lanes) - 1);
     }
-    state.scheduler.run_block(threads, block, body);
+    // Odd blocks resume their threads in reverse order. A race between threads of a block
+    // (shared memory written and read with no barrier between) gives the intended result
+    // in one of the orders only, so blocks that run the same code in both orders show it.
+    state.scheduler.run_block(threads, block, n % 2 == 1, body);
   }
   tl_block = nullptr;
   return failed_device_check().exchange(nullptr);
@@ -382,7 +387,7 @@ const char* launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::si
 
 // The scheduler's loop and fiber entry, header-only so that every emulated translation
 // unit shares one definition (inline).
-inline void Scheduler::run_block(unsigned threads, const dim3& block,
+inline void Scheduler::run_block(unsigned threads, const dim3& block, bool reverse,
                                  const std::function<void()>& body) {
   if (fibers_.size() < threads) fibers_.resize(threads);
   body_ = &body;
@@ -395,7 +400,8 @@ inline void Scheduler::run_block(unsigned threads, const dim3& block,
   unsigned live = threads;
   while (live > 0) {
     const uint64_t before = progress_;
-    for (unsigned t = 0; t < threads; ++t) {
+    for (unsigned i = 0; i < threads; ++i) {
+      const unsigned t = reverse ? threads - 1 - i : i;
       Fiber& f = fibers_[t];
       if (f.done) continue;
       current_ = t;

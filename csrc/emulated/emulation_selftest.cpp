@@ -1,9 +1,10 @@
 // Test build only: tiny kernels that check the emulation layer itself (emulation.h), apart
 // from the attention kernels: __shared__ and __syncthreads() (a wrong barrier gives a wrong
 // sum), __shfl_down_sync, the wmma tiles (a matrix product), cp.async's groups (what a wait
-// lands), the refusal of a shuffle whose mask names a lane that has already returned, of a
-// misaligned wmma load and of a misaligned cp.async, and the report of a block whose
-// threads wait for each other forever.
+// lands), a race that the reverse thread order of odd blocks shows, the refusal of a
+// shuffle whose mask names a lane that has already returned, of a misaligned wmma load and
+// of a misaligned cp.async, and the report of a block whose threads wait for each other
+// forever.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 
 #include <ATen/ATen.h>
@@ -57,6 +58,24 @@ __global__ void divergent_wait_kernel(float* out) {
     return;
   }
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
+// A race on purpose: thread 0 writes `value`, every thread reads it with no barrier between
+// (out[block * 32 + t]: what thread t of the block read).
+__global__ void unsynchronised_broadcast_kernel(const float* x, float* out) {
+  __shared__ float value;
+  if (threadIdx.x == 0) value = x[blockIdx.x];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = value;
+}
+
+at::Tensor unsynchronised_broadcast(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1 && x.is_contiguous() &&
+                  x.numel() > 0,
+              "x must be a non-empty contiguous float32 vector");
+  at::Tensor out = at::empty({x.numel() * 32}, x.options());
+  launch_kernel(unsynchronised_broadcast_kernel, dim3(static_cast<unsigned>(x.numel())),
+                dim3(32), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>());
+  return out;
 }
 
 constexpr int kAsyncGroups = 2;
@@ -193,6 +212,7 @@ TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
   m.def("_emulation_block_sum(Tensor x) -> Tensor");
   m.def("_emulation_wmma_matmul(Tensor a, Tensor b, Tensor c) -> Tensor");
   m.def("_emulation_async_copy(Tensor x, int in_flight) -> Tensor");
+  m.def("_emulation_unsynchronised_broadcast(Tensor x) -> Tensor");
   m.def("_emulation_early_exit_shuffle() -> ()");
   m.def("_emulation_divergent_wait() -> ()");
 }
@@ -201,6 +221,7 @@ TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
   m.impl("_emulation_block_sum", &attention_ext::block_sum);
   m.impl("_emulation_wmma_matmul", &attention_ext::wmma_matmul);
   m.impl("_emulation_async_copy", &attention_ext::async_copy);
+  m.impl("_emulation_unsynchronised_broadcast", &attention_ext::unsynchronised_broadcast);
 }
 
 // No tensor argument, so no dispatch key to pick a CPU kernel by.
