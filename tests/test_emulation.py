@@ -21,6 +21,14 @@ pytestmark = pytest.mark.skipif(
 OPS = torch.ops.attention_ext
 
 
+def assert_stops_the_process(code: str, message: str):
+    """Running `code` in a fresh interpreter stops it, with `message` on stderr."""
+    proc = subprocess.run([sys.executable, "-c", "import torch, attention_ext\n" + code],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
 def test_ops_are_the_emulated_cuda_code():
     """Lengths on the kernels' device are checked by the CUDA kernels as they read them: the
     error comes from the emulated launch, not from a host-side check."""
@@ -62,11 +70,7 @@ def test_undefined_behaviour_stops_the_process(kernel, message):
     """Undefined behaviour on a GPU (a shuffle naming a lane that returned; lanes waiting
     at different rendezvous, which hangs a GPU) must stop the emulation with a message,
     not return a value or hang."""
-    code = f"import torch, attention_ext; torch.ops.attention_ext._emulation_{kernel}()"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr
+    assert_stops_the_process(f"torch.ops.attention_ext._emulation_{kernel}()", message)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -112,14 +116,11 @@ def test_wmma_tf32_tiles():
 
 def test_wmma_refuses_a_misaligned_tile():
     """A tile pointer that is not 32-byte aligned is undefined on a GPU: the emulation stops."""
-    code = ("import torch, attention_ext\n"
-            "a = torch.zeros(16 * 16 + 1, dtype=torch.float16)[1:].view(16, 16)\n"
-            "b = torch.zeros(16, 16, dtype=torch.float16)\n"
-            "torch.ops.attention_ext._emulation_wmma_matmul(a, b, torch.zeros(16, 16))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode != 0
-    assert "wmma: pointer not 32-byte aligned" in proc.stderr
+    assert_stops_the_process(
+        "a = torch.zeros(16 * 16 + 1, dtype=torch.float16)[1:].view(16, 16)\n"
+        "b = torch.zeros(16, 16, dtype=torch.float16)\n"
+        "torch.ops.attention_ext._emulation_wmma_matmul(a, b, torch.zeros(16, 16))\n",
+        "wmma: pointer not 32-byte aligned")
 
 
 def test_async_copies_land_at_the_wait_of_their_group():
@@ -136,10 +137,6 @@ def test_async_copies_land_at_the_wait_of_their_group():
 def test_async_copy_refuses_a_misaligned_address():
     """A 16-byte cp.async from an address that is not 16-byte aligned is undefined on a
     GPU: the emulation stops."""
-    code = ("import torch, attention_ext\n"
-            "x = torch.zeros(257)[1:]\n"
-            "torch.ops.attention_ext._emulation_async_copy(x, 0)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode != 0
-    assert "cp.async: an address not aligned to the copy's size" in proc.stderr
+    assert_stops_the_process(
+        "torch.ops.attention_ext._emulation_async_copy(torch.zeros(257)[1:], 0)\n",
+        "cp.async: an address not aligned to the copy's size")
