@@ -246,6 +246,7 @@ struct AsyncCopies {
     }
     group_ends.resize(kept);
   }
+  void land_all() { land(copies.size()); }
 };
 
 struct Block {
@@ -362,8 +363,7 @@ const char* launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::si
     // Returned: the thread's copies in flight land, and the rest of the block no longer
     // waits for it.
     const unsigned linear = tl_linear;
-    AsyncCopies& copies = state.async_copies[linear];
-    copies.land(copies.copies.size());
+    state.async_copies[linear].land_all();
     state.warps[linear / kWarpLanes].leave(state.scheduler, static_cast<int>(linear % kWarpLanes));
     state.barrier.leave(state.scheduler);
   };
