@@ -84,7 +84,9 @@ class _Decoder(nn.Module):
             x = h
             if layer < rnn.num_layers - 1 and rnn.dropout > 0:
                 x = nn.functional.dropout(x, rnn.dropout, self.training)
-        return x, tuple(torch.stack(parts) for parts in zip(*states))
+        # One layer's state is a view, not a copy: a decode step is launch-bound on a GPU.
+        return x, tuple(torch.stack(parts) if len(parts) > 1 else parts[0].unsqueeze(0)
+                        for parts in zip(*states))
 
     def init_state(self, encoder_state: Tuple[Tensor, ...],
                    memory_index: Optional[Tensor] = None) -> DecoderState:

@@ -20,15 +20,16 @@ def rnn_cell(cell: str):
 
 
 def check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
-    """tokens: an integer (B, T) tensor of ids in [0, vocab_size)."""
+    """tokens: an integer (B, T) tensor of ids in [0, vocab_size), B and T >= 1."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a tensor of token ids, got {type(tokens).__name__}")
     if tokens.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, "
                         f"got dtype {tokens.dtype}")
-    if tokens.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, T), got {tuple(tokens.shape)}")
-    if tokens.numel() and not bool(((tokens >= 0) & (tokens < vocab_size)).all()):
+    if tokens.dim() != 2 or 0 in tokens.shape:
+        raise ValueError(f"{name} must have shape (B, T) with B, T >= 1, "
+                         f"got {tuple(tokens.shape)}")
+    if not bool(((tokens >= 0) & (tokens < vocab_size)).all()):
         raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): "
                          f"min {int(tokens.min())}, max {int(tokens.max())}")
 
@@ -42,10 +43,10 @@ def check_lengths(lengths: Tensor, name: str, batch: int, max_len: int) -> Tenso
     if lengths.shape != (batch,):
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
     host = lengths.to("cpu", torch.int64)
-    if batch and int(host.min()) < 1:
+    if int(host.min()) < 1:
         raise ValueError(f"{name} must be >= 1: empty source sequences cannot be attended to "
                          f"(got a length of {int(host.min())})")
-    if batch and int(host.max()) > max_len:
+    if int(host.max()) > max_len:
         raise ValueError(f"{name} must be <= the padded length {max_len}, got {int(host.max())}")
     return host
 

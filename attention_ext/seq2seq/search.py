@@ -276,8 +276,8 @@ def greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, b
 class CapturedGreedy(_CapturedDecoding):
     """greedy_decode as replays of one captured step, for batches of one captured_key. The
     step writes its tokens into column t of a static (B, max_len) output, t being a device
-    counter, and records the step at which each row ended; the output is cut after the step
-    at which the last row ended, as the plain loop stops there."""
+    counter; the output is cut after the step at which the last row ended, as the plain
+    loop stops there."""
 
     def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
                  bos: int, eos: int, pad: int, max_len: int):
@@ -285,18 +285,17 @@ class CapturedGreedy(_CapturedDecoding):
         B, device = memory.memory.shape[0], memory.memory.device
         self.pad = pad
         self.finished = torch.empty(B, dtype=torch.bool, device=device)
-        self.ended_at = torch.empty(B, dtype=torch.long, device=device)
         # Column t is written for every row at step t, so no call reads an earlier call's.
         self.out = torch.empty(B, max_len, dtype=torch.long, device=device)
 
     def _body(self) -> None:
+        # A step is launch-bound on a GPU, so its bookkeeping is the fewest kernels: the
+        # tokens are written in place, and the length is read from the output once per call.
         logits, _, new = self.decoder.step(self.tokens, self.state, self.memory)
-        nxt = logits.argmax(-1).masked_fill(self.finished, self.pad)
-        self.out.index_copy_(1, self.t, nxt[:, None])
-        ends = (nxt == self.eos) & ~self.finished
-        self.ended_at.copy_(torch.where(ends, self.t, self.ended_at))
-        self.finished.logical_or_(ends)
-        self.tokens.copy_(nxt)
+        torch.argmax(logits, -1, out=self.tokens)
+        self.tokens.masked_fill_(self.finished, self.pad)
+        self.out.index_copy_(1, self.t, self.tokens[:, None])
+        self.finished.logical_or_(self.tokens == self.eos)
         _copy_state(self.state, new)
         self.t.add_(1)
 
@@ -304,15 +303,16 @@ class CapturedGreedy(_CapturedDecoding):
         with _exclusive(self.device):
             self._start(memory, self.decoder.init_state(encoder_state))
             self.finished.zero_()
-            self.ended_at.fill_(self.max_len - 1)
             steps, done = 0, False
             while steps < self.max_len and not done:
                 for _ in range(min(CHECK_EVERY, self.max_len - steps)):
                     self._step()
                     steps += 1
                 done = bool(self.finished.all())  # the one host read of CHECK_EVERY steps
-            length = int(self.ended_at.max()) + 1 if done else self.max_len
-            return self.out[:, :length].clone()
+            out = self.out[:, :steps]
+            if done:  # cut after the last row's end token: only pad follows it in any row
+                out = out[:, :int((out == self.eos).any(0).nonzero()[-1]) + 1]
+            return out.clone()
 
 
 def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos: int,
@@ -441,10 +441,10 @@ class CapturedBeamSearch(_CapturedDecoding):
         self.seqs.index_copy_(1, self.t, tok.view(-1, 1))
         self.attn.copy_(self.attn.index_select(0, rows))
         self.attn.index_copy_(1, self.t, weights.index_select(0, rows)[:, None])
-        is_eos = tok == self.eos
-        self.flags.copy_(torch.stack([is_eos, best.isfinite()]))
+        is_eos = torch.eq(tok, self.eos, out=self.flags[0])
+        self.flags[1].copy_(best.isfinite())
         self.top.copy_(best)
-        self.scores.copy_(best.masked_fill(is_eos, float("-inf")))
+        self.scores.copy_(best).masked_fill_(is_eos, float("-inf"))
         self.tokens.copy_(tok.view(-1))
         _copy_state(self.state, new.reorder(rows))
         self.t.add_(1)
