@@ -34,9 +34,10 @@ warm-up call (Adam's state exists by then): torch's peak allocation on CUDA; on 
 (training only by default) the peak RSS of a fresh process per implementation, with glibc
 told to return every freed block of 1 MiB or more at once (see
 _common.glibc_returns_freed_memory_at_once), so that the rise is not hidden in memory kept from
-an earlier call. The attention's share of a greedy step is the time spent inside the
+an earlier call. The attention's share of a greedy call is the time spent inside the
 decoder's attention layer (timed with the device synchronised around it, in a separate
-untimed call) over the whole call.
+untimed call) over the whole call; the encoder's share, the same for the encoder (of ours
+and ours-graph: what the decoding loop leaves, which bounds the gain of capturing it).
 
 Usage: python benchmarks/bench_seq2seq.py [--quick] [--device cuda] [--output FILE.md]
 """
@@ -163,8 +164,8 @@ def check_agreement(task: str, outs: Dict[str, object], dtype) -> str:
     return "rows alike " + ", ".join(f"{n} {k}/{total}" for n, k in alike.items())
 
 
-def attention_share(model: Seq2Seq, fn: Callable[[], object], device) -> float:
-    """The fraction of one call of fn spent inside the decoder's attention layer."""
+def share_of(module: torch.nn.Module, fn: Callable[[], object], device) -> float:
+    """The fraction of one call of fn spent inside module's forward."""
     spent = [0.0]
     start = [0.0]
 
@@ -176,8 +177,7 @@ def attention_share(model: Seq2Seq, fn: Callable[[], object], device) -> float:
         C.sync(device)
         spent[0] += time.perf_counter() - start[0]
 
-    hooks = [model.decoder.attention.register_forward_pre_hook(before),
-             model.decoder.attention.register_forward_hook(after)]
+    hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         C.sync(device)
         t0 = time.perf_counter()
@@ -224,8 +224,11 @@ def bench_model(name: str, args, device, dtype, argv) -> List[dict]:
             for impl, fn in fns.items():
                 seconds[impl].append(C.time_calls(fn, 1, device))
         rate = {impl: amount / C.median(s) for impl, s in seconds.items()}
-        share = ({impl: attention_share(models[impl], fns[impl], device)
-                  for impl in ("ours", "eager") if impl in fns} if task == "greedy" else {})
+        greedy = task == "greedy"
+        share = {impl: share_of(models[impl].decoder.attention, fns[impl], device)
+                 for impl in ("ours", "eager") if greedy and impl in fns}
+        encoder = {impl: share_of(models[impl].encoder, fns[impl], device)
+                   for impl in ("ours", "ours-graph") if greedy and impl in fns}
         if device.startswith("cuda"):
             peak = {impl: C.peak_memory_rise_mib(fn, device) for impl, fn in fns.items()}
         elif task in args.cpu_memory:
@@ -235,7 +238,8 @@ def bench_model(name: str, args, device, dtype, argv) -> List[dict]:
             peak = {}
         records.append(dict(model=name, task=task, unit=UNITS[task], dtype=dtype_name,
                             samples=args.repeats, rate=rate, peak_mib=peak,
-                            attention_share=share, agreement=agreement))
+                            attention_share=share, encoder_share=encoder,
+                            agreement=agreement))
         print(format_record(records[-1]), flush=True)
         del fns
     del models
@@ -261,6 +265,8 @@ def table(records: List[dict], impls) -> str:
     headers += ["peak MiB " + " / ".join(impls)]
     headers += [f"memory vs {b}" for b in baselines]
     headers += ["attention share (eager / ours)"]
+    shown = [i for i in ("ours", "ours-graph") if i in impls]
+    headers += ["encoder share (" + " / ".join(shown) + ")"]
     rows = []
     for r in records:
         rate, peak = r["rate"], r["peak_mib"]
@@ -280,6 +286,8 @@ def table(records: List[dict], impls) -> str:
         share = r["attention_share"]
         row += [" / ".join(f"{100 * share[i]:.0f}%" for i in ("eager", "ours") if i in share)
                 or "-"]
+        share = r["encoder_share"]
+        row += [" / ".join(f"{100 * share[i]:.0f}%" for i in shown if i in share) or "-"]
         rows.append(row)
     return C.markdown_table(headers, rows)
 
@@ -290,7 +298,8 @@ NOTE = ("Throughput of whole models, medians of interleaved calls: target tokens
         "ours-graph's against eager-graph); "
         "memory vs X = ours' peak rise / X's (< 1: ours needs less). Attention share: "
         "the part of a greedy decoding call spent in the attention layer, which bounds "
-        "what a faster attention can gain.")
+        "what a faster attention can gain. Encoder share: the part spent in the encoder, "
+        "which bounds what a faster decoding loop can gain.")
 
 
 def parse_args(argv=None):
