@@ -189,7 +189,9 @@ def test_captured_decoding_is_the_plain_loop(kind):
                 plain = search.greedy_decode(model.decoder, memory, state, BOS, EOS, PAD,
                                              max_len)
                 assert torch.equal(greedy(memory, state), plain), (max_len, i)
-            for K, n_best, min_len in ((1, 1, 0), (4, 2, 0), (5, 3, 1)):
+            # K = V with min_len: the end token is blocked in the first steps, where fewer
+            # than K candidates are real.
+            for K, n_best, min_len in ((1, 1, 0), (4, 2, 0), (5, 3, 1), (V, 2, 3)):
                 min_len = min(min_len, max_len)
                 beams = search.CapturedBeamSearch(model.decoder, *first, BOS, EOS, K, max_len,
                                                   min_len)
@@ -202,6 +204,25 @@ def test_captured_decoding_is_the_plain_loop(kind):
         # At 30 steps, rows ended at different steps.
         ends = {int((row == EOS).nonzero()[0, 0]) for row in plain if bool((row == EOS).any())}
         assert len(ends) > 2, (kind, plain)
+
+
+def test_beam_search_keeps_only_real_candidates():
+    """With beam_size = V and the end token blocked, a step has fewer than K candidates: a
+    one-step search returns each of the V - 1 other tokens once, with a finite score, and
+    no candidate of score -inf, in the plain loop and the captured one."""
+    from attention_ext.seq2seq import search
+
+    model = _ending_model("bahdanau")
+    with torch.no_grad():
+        memory, state = model.encode(*source(3, 6, seed=1))
+        plain = search.beam_search(model.decoder, memory, state, BOS, EOS, V, 1,
+                                   LengthPenalty(), V, 1)
+        captured = search.CapturedBeamSearch(model.decoder, memory, state, BOS, EOS, V, 1, 1)
+        for res in (plain, captured(memory, state, LengthPenalty(), V)):
+            for b in range(3):
+                assert sorted(int(h[0]) for h in res.hypotheses[b]) == [
+                    t for t in range(V) if t != EOS]
+                assert all(s > float("-inf") for s in res.scores[b]), res.scores[b]
 
 
 def test_captured_decodings_are_kept_per_key():

@@ -345,7 +345,7 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
         is_eos = tok == eos
         # The step's one host read: which candidates ended, and which are real (a -inf
         # score is no candidate: fewer than K were possible, as when eos is not allowed).
-        ended, real = torch.stack([is_eos, top.isfinite()]).cpu().tolist()
+        ended, real = torch.stack([is_eos, top > float("-inf")]).cpu().tolist()
         A = len(active)
         keep = _collect(finished, list(enumerate(active)), ended, real, top, seqs, attn,
                         length_penalty(t + 1), t == max_len - 1, n_best, K)
@@ -379,18 +379,17 @@ def _candidates(logits: Tensor, scores: Tensor, block_eos, eos: int, K: int):
     and the rows (A * K,) of the beams they extend. block_eos (a bool, or a bool tensor
     for a captured step) forbids the end token.
 
-    logits (A * K, V) is the step's own tensor and is overwritten: the log-probabilities
-    and candidate scores take its place rather than two more (A * K, V) tensors, the
-    largest of a step's transients."""
+    The log-probabilities are one (A * K, V) tensor in the scores' dtype, from one
+    log_softmax (logsumexp is nine kernels on a GPU, and its own (A * K, V) temporary),
+    and the candidate scores are added to it in place."""
     A, V = scores.shape[0], logits.shape[-1]
-    logp = logits.to(scores.dtype)
-    logp = logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+    logp = torch.log_softmax(logits, dim=-1, dtype=scores.dtype)
     if isinstance(block_eos, Tensor):
-        logp[:, eos] = logp[:, eos].masked_fill(block_eos, float("-inf"))
+        logp[:, eos].masked_fill_(block_eos, float("-inf"))
     elif block_eos:
         logp[:, eos] = float("-inf")
     top, idx = logp.add_(scores.view(-1, 1)).view(A, K * V).topk(K, dim=1)
-    rows = (torch.arange(A, device=idx.device)[:, None] * K + idx // V).view(-1)
+    rows = (torch.arange(0, A * K, K, device=idx.device)[:, None] + idx // V).view(-1)
     return top, idx % V, rows
 
 
@@ -442,7 +441,7 @@ class CapturedBeamSearch(_CapturedDecoding):
         self.attn.copy_(self.attn.index_select(0, rows))
         self.attn.index_copy_(1, self.t, weights.index_select(0, rows)[:, None])
         is_eos = torch.eq(tok, self.eos, out=self.flags[0])
-        self.flags[1].copy_(best.isfinite())
+        torch.gt(best, float("-inf"), out=self.flags[1])  # real (isfinite is four kernels)
         self.top.copy_(best)
         self.scores.copy_(best).masked_fill_(is_eos, float("-inf"))
         self.tokens.copy_(tok.view(-1))
