@@ -445,7 +445,12 @@ class CapturedBeamSearch(_CapturedDecoding):
         self.top.copy_(best)
         self.scores.copy_(best).masked_fill_(is_eos, float("-inf"))
         self.tokens.copy_(tok.view(-1))
-        _copy_state(self.state, new.reorder(rows))
+        # The new state's rows gathered straight into the buffers; memory_index stays, as
+        # every row extends a beam of its own sentence.
+        for dst, src in zip(self.state.hidden, new.hidden):
+            torch.index_select(src, 1, rows, out=dst)
+        if new.input_feed is not None:
+            torch.index_select(new.input_feed, 0, rows, out=self.state.input_feed)
         self.t.add_(1)
 
     def __call__(self, memory: PrecomputedMemory, encoder_state,
