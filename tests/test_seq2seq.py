@@ -81,26 +81,46 @@ def test_layer_memory_index_is_tiling(layer, device):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_encoder_memory_is_the_padded_packed_output(cell):
-    """The encoder's one-gather unpacking gives pad_packed_sequence's values (zeros past each
-    length) and gradients."""
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("rnn_dropout", [0.0, 1.0])
+@pytest.mark.parametrize("grad", [True, False], ids=["step_loop", "module"])
+def test_encoder_is_the_packed_rnn(cell, bidirectional, rnn_dropout, grad):
+    """The encoder's memory (unpacked by one gather) and bridged states are those of its
+    RNN module run on the packed source and unpacked by pad_packed_sequence (zeros past
+    each length), with their gradients: whether it runs the module (no autograd) or, where
+    autograd records on the CPU, the RNN one step at a time. Dropout 1 between the layers
+    (training) zeroes the second layer's input in both."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     torch.manual_seed(0)
-    enc = Encoder(V, 8, 12, num_layers=2, cell=cell).double()
+    enc = Encoder(V, 8, 12, num_layers=2, cell=cell, bidirectional=bidirectional).double()
+    enc.rnn.dropout = rnn_dropout
     src, _ = source(5, 7, seed=2, min_len=1)
     lengths = torch.tensor([3, 7, 3, 1, 7])  # ties: the sort order must be the encoder's own
     src = src.masked_fill(torch.arange(7)[None, :] >= lengths[:, None], PAD)
-    memory, _, _ = enc(src, lengths)
+    with torch.set_grad_enabled(grad):
+        memory, _, state = enc(src, lengths)
     packed = pack_padded_sequence(enc.embedding(src), lengths, batch_first=True,
                                   enforce_sorted=False)
-    want, _ = pad_packed_sequence(enc.rnn(packed)[0], batch_first=True, total_length=7)
-    torch.testing.assert_close(memory, want, rtol=0, atol=0)
-    upstream = torch.randn(memory.shape, dtype=torch.float64)
-    got = torch.autograd.grad((memory * upstream).sum(), list(enc.rnn.parameters()))
-    want_grads = torch.autograd.grad((want * upstream).sum(), list(enc.rnn.parameters()))
-    for a, b in zip(got, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    out, final = enc.rnn(packed)
+    want, _ = pad_packed_sequence(out, batch_first=True, total_length=7)
+    finals = final if isinstance(final, tuple) else (final,)
+    want_state = tuple(torch.tanh(lin(enc._layers(f))) for lin, f in zip(enc.bridge, finals))
+    tol = dict(rtol=1e-12, atol=1e-12) if grad else dict(rtol=0, atol=0)
+    torch.testing.assert_close(memory, want, **tol)
+    for got, expected in zip(state, want_state, strict=True):
+        torch.testing.assert_close(got, expected, **tol)
+    if grad:
+        ups = [torch.randn(t.shape, dtype=torch.float64) for t in (memory, *state)]
+
+        def loss(outputs):
+            return sum((t * u).sum() for t, u in zip(outputs, ups))
+
+        params = list(enc.rnn.parameters())
+        got = torch.autograd.grad(loss((memory, *state)), params)
+        expected = torch.autograd.grad(loss((want, *want_state)), params)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_set_implementation():

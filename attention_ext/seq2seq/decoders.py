@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..nn import BahdanauAttention, LuongAttention, PrecomputedMemory
-from .encoder import rnn_cell
+from .encoder import cell_step, rnn_cell
 
 Tensor = torch.Tensor
 
@@ -70,18 +70,11 @@ class _Decoder(nn.Module):
         (torch.lstm_cell, torch.gru_cell; one fused kernel on a GPU) with the RNN's dropout
         between layers: one step through nn.LSTM takes cuDNN's sequence API, whose set-up
         on the host costs more than the step's work."""
-        rnn, lstm = self.rnn, self.cell == "lstm"
+        rnn = self.rnn
         states = []
         for layer in range(rnn.num_layers):
-            weights = [getattr(rnn, f"{name}_l{layer}")
-                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            if lstm:
-                h, c = torch.lstm_cell(x, (hidden[0][layer], hidden[1][layer]), *weights)
-                states.append((h, c))
-            else:
-                h = torch.gru_cell(x, hidden[0][layer], *weights)
-                states.append((h,))
-            x = h
+            states.append(cell_step(rnn, layer, x, tuple(h[layer] for h in hidden)))
+            x = states[-1][0]
             if layer < rnn.num_layers - 1 and rnn.dropout > 0:
                 x = nn.functional.dropout(x, rnn.dropout, self.training)
         # One layer's state is a view, not a copy: a decode step is launch-bound on a GPU.

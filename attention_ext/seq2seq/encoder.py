@@ -2,7 +2,7 @@
 final state to the decoder's."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -17,6 +17,72 @@ def rnn_cell(cell: str):
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {tuple(CELLS)}, got {cell!r}")
     return CELLS[cell]
+
+
+def cell_step(rnn: nn.RNNBase, layer: int, x: Tensor, state: Tuple[Tensor, ...],
+              reverse: bool = False) -> Tuple[Tensor, ...]:
+    """One step of the cell of rnn's layer (its reverse direction with reverse) for x
+    (N, input) from state ((h, c) for an LSTM, (h,) for a GRU, each (N, hidden)): the new
+    state, by torch.lstm_cell or torch.gru_cell on the RNN's own weights."""
+    suffix = "_reverse" if reverse else ""
+    weights = [getattr(rnn, f"{name}_l{layer}{suffix}")
+               for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    if isinstance(rnn, nn.LSTM):
+        return torch.lstm_cell(x, state, *weights)
+    return (torch.gru_cell(x, state[0], *weights),)
+
+
+def packed_rnn_steps(rnn: nn.RNNBase, data: Tensor, batch_sizes: list):
+    """What ``rnn`` returns for the packed sequence (data, batch_sizes): the output's data
+    and the final states ((h, c) for an LSTM, (h,) for a GRU, each (layers * directions, B,
+    hidden)) with the batch in its packed (sorted) order, one step at a time through
+    cell_step.
+
+    PyTorch's own packed RNN on the CPU cuts each step's input gates out of one tensor of
+    all steps with narrow, whose backward writes a zeroed gradient of that whole tensor per
+    step: quadratic in the length. Here each layer's input is cut into steps by one split,
+    whose backward is one cat."""
+    T, lstm = len(batch_sizes), isinstance(rnn, nn.LSTM)
+    finals, x = [], data
+
+    def zeros(rows: int) -> Tensor:
+        return data.new_zeros(rows, rnn.hidden_size)
+
+    for layer in range(rnn.num_layers):
+        if layer and rnn.dropout > 0:
+            x = nn.functional.dropout(x, rnn.dropout, rnn.training)
+        steps = x.split(batch_sizes)
+        directions = []
+        for reverse in (False, True)[:2 if rnn.bidirectional else 1]:
+            outs = [None] * T
+            if reverse:
+                # Backwards in time the batch grows: a sequence starts at its last step.
+                state = tuple(zeros(batch_sizes[-1]) for _ in range(1 + lstm))
+                for t in reversed(range(T)):
+                    new = batch_sizes[t] - state[0].shape[0]
+                    if new:
+                        state = tuple(torch.cat([s, zeros(new)]) for s in state)
+                    state = cell_step(rnn, layer, steps[t], state, reverse=True)
+                    outs[t] = state[0]
+                final = state
+            else:
+                # The batch shrinks as sequences end: the rows that leave keep their state.
+                state = tuple(zeros(batch_sizes[0]) for _ in range(1 + lstm))
+                ended = []
+                for t in range(T):
+                    gone = state[0].shape[0] - batch_sizes[t]
+                    if gone:
+                        parts = [s.split([batch_sizes[t], gone]) for s in state]
+                        state = tuple(p[0] for p in parts)
+                        ended.append(tuple(p[1] for p in parts))
+                    state = cell_step(rnn, layer, steps[t], state)
+                    outs[t] = state[0]
+                # Rows in order: the longest sequences' state first, the earliest ended last.
+                final = tuple(torch.cat(rows) for rows in zip(state, *reversed(ended)))
+            directions.append(torch.cat(outs))
+            finals.append(final)
+        x = torch.cat(directions, 1) if len(directions) > 1 else directions[0]
+    return x, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
 def check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
@@ -51,17 +117,17 @@ def check_lengths(lengths: Tensor, name: str, batch: int, max_len: int) -> Tenso
     return host
 
 
-def _padded(packed: PackedSequence, lengths: Tensor, unsorted: Tensor,
+def _padded(data: Tensor, batch_sizes: Tensor, lengths: Tensor, unsorted: Tensor,
             total_length: int) -> Tensor:
-    """The (B, total_length, H) batch-first tensor of a packed sequence, zeros past each
-    length, by one gather. pad_packed_sequence writes one time step at a time into slices
-    of its output, and its backward copies the whole output once per step (quadratic in
-    the length); the gather's backward is one scatter-add.
+    """The (B, total_length, H) batch-first tensor of the packed sequence (data,
+    batch_sizes), zeros past each length, by one gather. pad_packed_sequence writes one
+    time step at a time into slices of its output, and its backward copies the whole
+    output once per step (quadratic in the length); the gather's backward is one
+    scatter-add.
 
     Packed data is time-major: step t holds batch_sizes[t] rows, one per sequence still
     running, in sorted order; sequence b is row unsorted[b] of every step. The index is
     built on the host from host tensors (batch_sizes, lengths, unsorted)."""
-    data, batch_sizes = packed.data, packed.batch_sizes
     starts = torch.cumsum(batch_sizes, 0) - batch_sizes
     steps = torch.arange(total_length)
     rows = starts[steps.clamp(max=len(batch_sizes) - 1)].unsqueeze(0) + unsorted.unsqueeze(1)
@@ -136,10 +202,15 @@ class Encoder(nn.Module):
         on_device = torch.stack([order, unsorted]).to(src.device, non_blocking=True)
         packed = pack_padded_sequence(emb.index_select(0, on_device[0]), lengths[order],
                                       batch_first=True)
-        packed = PackedSequence(packed.data, packed.batch_sizes, on_device[0], on_device[1])
-        out, final = self.rnn(packed)
-        memory = _padded(out, lengths, unsorted, S)
-        finals = final if isinstance(final, tuple) else (final,)
+        if packed.data.device.type == "cpu" and torch.is_grad_enabled():
+            # Training on the CPU: the step loop's backward is linear in the length.
+            data, finals = packed_rnn_steps(self.rnn, packed.data, packed.batch_sizes.tolist())
+            finals = tuple(f.index_select(1, on_device[1]) for f in finals)
+        else:
+            out, final = self.rnn(PackedSequence(packed.data, packed.batch_sizes,
+                                                 on_device[0], on_device[1]))
+            data, finals = out.data, final if isinstance(final, tuple) else (final,)
+        memory = _padded(data, packed.batch_sizes, lengths, unsorted, S)
         bridged = tuple(torch.tanh(lin(self._layers(f))) for lin, f in zip(self.bridge, finals))
         return self.dropout(memory), lengths.to(src.device), bridged
 
