@@ -283,11 +283,11 @@ def table(records: List[dict], impls) -> str:
         row += [" / ".join(f"{peak[i]:.0f}" if i in peak else "-" for i in impls)]
         row += [C.fmt_ratio(peak["ours-graph" if b in GRAPHED else "ours"] / peak[b])
                 if b in peak and peak[b] > 0 else "-" for b in baselines]
-        share = r["attention_share"]
-        row += [" / ".join(f"{100 * share[i]:.0f}%" for i in ("eager", "ours") if i in share)
-                or "-"]
-        share = r["encoder_share"]
-        row += [" / ".join(f"{100 * share[i]:.0f}%" for i in shown if i in share) or "-"]
+        for key, impls_shown in (("attention_share", ("eager", "ours")),
+                                 ("encoder_share", shown)):
+            share = r[key]
+            row += [" / ".join(f"{100 * share[i]:.0f}%" for i in impls_shown if i in share)
+                    or "-"]
         rows.append(row)
     return C.markdown_table(headers, rows)
 
