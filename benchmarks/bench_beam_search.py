@@ -92,8 +92,9 @@ def searches(args, kind, steps, device, dtype):
     def search(dec):
         @torch.no_grad()
         def run():
-            return beam_search(dec, memory, state, model.bos_idx, model.eos_idx, args.beam,
-                               steps, LengthPenalty(), 1, steps)
+            return beam_search(dec, memory, state, bos_idx=model.bos_idx,
+                               eos_idx=model.eos_idx, beam_size=args.beam, max_len=steps,
+                               length_penalty=LengthPenalty(), n_best=1, min_len=steps)
         return run
 
     return {name: search(dec) for name, dec in variants.items()}

@@ -121,9 +121,11 @@ def task_fn(task: str, model: Seq2Seq, batch, args, graph: bool) -> Callable[[],
             return loss.detach()
         return train
     if task == "greedy":
-        return lambda: model.eval().greedy_decode(src, lengths, args.tgt_len, cuda_graph=graph)
-    return lambda: model.eval().beam_search(src, lengths, args.beam, args.tgt_len,
-                                            LengthPenalty(), 1, args.tgt_len, cuda_graph=graph)
+        return lambda: model.eval().greedy_decode(src, lengths, max_len=args.tgt_len,
+                                                  cuda_graph=graph)
+    return lambda: model.eval().beam_search(src, lengths, beam_size=args.beam,
+                                            max_len=args.tgt_len, min_len=args.tgt_len,
+                                            cuda_graph=graph)
 
 
 def work(task: str, out, args) -> int:

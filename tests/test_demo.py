@@ -17,10 +17,10 @@ pytest.importorskip("babel", reason="the demo's optional dependencies (attention
 
 from attention_ext.demo import dates as D  # noqa: E402
 from attention_ext.demo.cli import main  # noqa: E402
-from attention_ext.demo.training import build_model, compare_training_speed, loss_of  # noqa: E402
+from attention_ext.demo.training import build_model, compare_training_speed  # noqa: E402
 from attention_ext import functional, reference  # noqa: E402
 from attention_ext.nn import set_implementation  # noqa: E402
-from attention_ext.seq2seq import Seq2Seq  # noqa: E402
+from attention_ext.seq2seq import Seq2Seq, Vocabulary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,9 @@ def test_source_vocabulary_covers_every_form_and_noise():
     writer = D.DateWriter(D.all_dates())
     rng = random.Random(1)
     for e in writer.examples(3000, rng):
-        assert all(ch in vocab.ids for ch in e.text), e
-    assert all(D.locale_token(n) in vocab.ids for n in D.LOCALES)
-    assert vocab.tokens[0] == D.PAD
+        assert all(ch in vocab for ch in e.text), e
+    assert all(D.locale_token(n) in vocab for n in D.LOCALES)
+    assert vocab.tokens[0] == D.PAD and vocab.bos_idx is vocab.eos_idx is None
 
 
 def _digit_runs(text: str):
@@ -126,10 +126,9 @@ def test_batches_encode_locale_tag_and_iso_targets():
     assert batch.src.shape == (2, 1 + len("23. November 2026"))
     assert batch.src_lengths.tolist() == [18, 11]
     assert batch.src[0, 0] == source.id("<de_DE>") and batch.src[1, 11:].eq(0).all()
-    assert batch.tgt_in[:, 0].eq(target.id(D.BOS)).all()
-    assert batch.tgt_out[:, -1].eq(target.id(D.EOS)).all()
-    assert [D.decode_target(r, target) for r in batch.tgt_out.tolist()] == ["2026-11-23"] * 2
-    assert torch.equal(batch.tgt_in[:, 1:], batch.tgt_out[:, :-1])
+    assert batch.tgt_lengths.tolist() == [10, 10]
+    assert [D.decode_target(r, target) for r in batch.tgt.tolist()] == ["2026-11-23"] * 2
+    assert (target.id(D.BOS), target.id(D.EOS)) == (target.bos_idx, target.eos_idx) == (1, 2)
     unknown, _ = D.encode_sources([("de_DE", "\u2603")], source)
     assert unknown[0, 1] == source.id(D.UNK)
 
@@ -150,7 +149,7 @@ def test_speed_comparison_compares_the_same_model(attention, monkeypatch):
     for impl in ("fused", "reference"):
         set_implementation(model, impl)
         model.zero_grad()
-        loss = loss_of(model, batch)
+        loss = model.loss(batch.src, batch.src_lengths, batch.tgt, batch.tgt_lengths)
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -166,7 +165,7 @@ def test_speed_comparison_compares_the_same_model(attention, monkeypatch):
             monkeypatch.setattr(module, op, counted)
     speed = compare_training_speed(set_implementation(model.float(), "fused"), [batch] * 3)
     assert set(speed) == {"fused", "reference"} and min(speed.values()) > 0
-    steps = batch.tgt_in.shape[1] if attention == "bahdanau" else 1
+    steps = batch.tgt.shape[1] + 1 if attention == "bahdanau" else 1
     assert calls["fused"] >= 3 * steps and calls["fused"] == calls["reference"]
 
 
@@ -264,8 +263,8 @@ def test_normalize_with_a_saved_model(tiny_checkpoint):
     (["--load", "{foreign}"], 1, "not one saved by this demo"),
     (["--load", "{ckpt}", "--normalize", "1.2.2026", "--locale", "xx_YY"], 1,
      "--locale 'xx_YY' is not one of the model's locales"),
-    (["--load", "{mangled}"], 1, "the demo's metadata is invalid: source_tokens must be a "
-     "non-empty list of strings"),
+    (["--load", "{mangled}"], 1, "the demo's metadata is invalid: source: a vocabulary's "
+     "dict holds its tokens and special tokens, got 5"),
     (["--load", "{ckpt}", "--steps", "5"], 2, "--steps: these set up training"),
     (["--load", "{ckpt}", "--normalize", "1.2.2026", "--locale", "de_DE", "--save", "x.pt"],
      2, "--save: --normalize saves nothing"),
@@ -281,11 +280,11 @@ def test_bad_input_is_a_clear_message_without_traceback(args, exit_code, message
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     foreign = tmp_path / "foreign.pt"
-    Seq2Seq.from_config(build_model("luong-dot", D.Vocabulary([D.PAD, "a", "b"]),
-                                    D.target_vocabulary()).config()).save(foreign)
+    Seq2Seq.from_config(build_model("luong-dot", Vocabulary(["a", "b"], bos=None, eos=None),
+                                    D.target_vocabulary()).config).save(foreign)
     mangled = tmp_path / "mangled.pt"
     model = Seq2Seq.load(tiny_checkpoint[0])
-    model.save(mangled, dict(model.metadata, source_tokens=5))
+    model.save(mangled, dict(model.metadata, source=5))
     afile = tmp_path / "afile"
     afile.write_text("")
     names = dict(missing=tmp_path / "missing.pt", corrupt=corrupt, foreign=foreign,

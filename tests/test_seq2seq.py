@@ -12,7 +12,7 @@ import attention_ext
 from attention_ext.nn import set_implementation
 from attention_ext.seq2seq import model as model_module
 from attention_ext.seq2seq import (BahdanauDecoder, DecoderState, Encoder, LengthPenalty,
-                                   LuongDecoder, Seq2Seq)
+                                   LuongDecoder, Seq2Seq, Vocabulary, pad_batch)
 from conftest import DEVICES, HAS_CUDA, generator
 
 V, PAD, BOS, EOS = 13, 0, 1, 2
@@ -165,10 +165,7 @@ def _ending_weights(kind):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = generator(0)
     for _ in range(40):
-        src, lengths, tgt_in, tgt = reverse_batch(32, gen)
-        logits = model(src, lengths, tgt_in)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1),
-                                                 ignore_index=PAD)
+        loss = model.loss(*reverse_batch(32, gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -197,48 +194,48 @@ def test_captured_decoding_is_the_plain_loop(kind):
     buffers, device step counter, finished-checks every CHECK_EVERY steps and done
     sentences kept at -inf) gives the plain loop's tokens, scores and alignments, at its
     first call and at later calls on other batches of the shape (buffers refilled)."""
-    from attention_ext.seq2seq import search
+    from attention_ext.seq2seq import captured, search
 
     model = _ending_model(kind)
     with torch.no_grad():
         batches = [model.encode(*source(6, 9, seed=seed)) for seed in (3, 4, 3)]
         first = batches[0]
         for max_len in (1, 6, 30):
-            greedy = search.CapturedGreedy(model.decoder, *first, BOS, EOS, PAD, max_len)
+            ids = dict(bos_idx=BOS, eos_idx=EOS, max_len=max_len)
+            greedy = captured.CapturedGreedy(model.decoder, *first, pad_idx=PAD, **ids)
             for i, (memory, state) in enumerate(batches):
-                plain = search.greedy_decode(model.decoder, memory, state, BOS, EOS, PAD,
-                                             max_len)
+                plain = search.greedy_decode(model.decoder, memory, state, pad_idx=PAD, **ids)
                 assert torch.equal(greedy(memory, state), plain), (max_len, i)
-            # K = V with min_len: the end token is blocked in the first steps, where fewer
-            # than K candidates are real.
-            for K, n_best, min_len in ((1, 1, 0), (4, 2, 0), (5, 3, 1), (V, 2, 3)):
-                min_len = min(min_len, max_len)
-                beams = search.CapturedBeamSearch(model.decoder, *first, BOS, EOS, K, max_len,
-                                                  min_len)
+            # beam_size = V with min_len: the end token is blocked in the first steps, where
+            # fewer than beam_size candidates are real.
+            for beam_size, n_best, min_len in ((1, 1, 0), (4, 2, 0), (5, 3, 1), (V, 2, 3)):
+                sizes = dict(ids, beam_size=beam_size, min_len=min(min_len, max_len))
+                beams = captured.CapturedBeamSearch(model.decoder, *first, **sizes)
                 for i, (memory, state) in enumerate(batches):
                     penalty = LengthPenalty("gnmt", 0.6)
-                    want = search.beam_search(model.decoder, memory, state, BOS, EOS, K,
-                                              max_len, penalty, n_best, min_len)
+                    want = search.beam_search(model.decoder, memory, state,
+                                              length_penalty=penalty, n_best=n_best, **sizes)
                     _assert_same_beams(beams(memory, state, penalty, n_best), want, n_best,
-                                       (max_len, K, i))
+                                       (max_len, beam_size, i))
         # At 30 steps, rows ended at different steps.
         ends = {int((row == EOS).nonzero()[0, 0]) for row in plain if bool((row == EOS).any())}
         assert len(ends) > 2, (kind, plain)
 
 
 def test_beam_search_keeps_only_real_candidates():
-    """With beam_size = V and the end token blocked, a step has fewer than K candidates: a
-    one-step search returns each of the V - 1 other tokens once, with a finite score, and
-    no candidate of score -inf, in the plain loop and the captured one."""
-    from attention_ext.seq2seq import search
+    """With beam_size = V and the end token blocked, a step has fewer than beam_size
+    candidates: a one-step search returns each of the V - 1 other tokens once, with a finite
+    score, and no candidate of score -inf, in the plain loop and the captured one."""
+    from attention_ext.seq2seq import captured, search
 
     model = _ending_model("bahdanau")
     with torch.no_grad():
         memory, state = model.encode(*source(3, 6, seed=1))
-        plain = search.beam_search(model.decoder, memory, state, BOS, EOS, V, 1,
-                                   LengthPenalty(), V, 1)
-        captured = search.CapturedBeamSearch(model.decoder, memory, state, BOS, EOS, V, 1, 1)
-        for res in (plain, captured(memory, state, LengthPenalty(), V)):
+        sizes = dict(bos_idx=BOS, eos_idx=EOS, beam_size=V, max_len=1, min_len=1)
+        plain = search.beam_search(model.decoder, memory, state, length_penalty=LengthPenalty(),
+                                   n_best=V, **sizes)
+        beams = captured.CapturedBeamSearch(model.decoder, memory, state, **sizes)
+        for res in (plain, beams(memory, state, LengthPenalty(), V)):
             for b in range(3):
                 assert sorted(int(h[0]) for h in res.hypotheses[b]) == [
                     t for t in range(V) if t != EOS]
@@ -250,14 +247,15 @@ def test_captured_decodings_are_kept_per_key():
     the key changes with the options, any decoder module's mode, the implementation and
     inference mode; clearing frees them at once, copies start without them, and moving
     the model drops them."""
-    from attention_ext.seq2seq import search
+    from attention_ext.seq2seq import captured as captured_module
 
     model = make_model("bahdanau")
     memory, state = model.encode(*source(2, 5))
     made = []
 
     def captured(*options, make=object):
-        return model._cuda_graphs.get(search.captured_key(model.decoder, memory, *options),
+        return model._cuda_graphs.get(captured_module.captured_key(model.decoder, memory,
+                                                                   *options),
                                       lambda: made.append(options) or make())
 
     a = captured("greedy", 5)
@@ -288,8 +286,8 @@ def test_captured_decodings_are_kept_per_key():
 
     memory, state = model.encode(*source(2, 5))
     greedy = weakref.ref(captured(
-        "greedy", 5, make=lambda: search.CapturedGreedy(model.decoder, memory, state, BOS,
-                                                        EOS, PAD, 5)))
+        "greedy", 5, make=lambda: captured_module.CapturedGreedy(
+            model.decoder, memory, state, bos_idx=BOS, eos_idx=EOS, pad_idx=PAD, max_len=5)))
     greedy()(memory, state)
     model.clear_cuda_graphs()
     assert greedy() is None  # no reference cycle keeps its buffers (or graph) alive
@@ -305,10 +303,12 @@ def test_cuda_graph_decoding(kind):
     batches = [source(6, 9, seed=seed, device="cuda") for seed in (3, 4, 3)]
     for max_len in (1, 30):
         for src, lengths in batches:
-            assert torch.equal(model.greedy_decode(src, lengths, max_len, cuda_graph=True),
-                               model.greedy_decode(src, lengths, max_len))
-            got = model.beam_search(src, lengths, 4, max_len, n_best=2, cuda_graph=True)
-            want = model.beam_search(src, lengths, 4, max_len, n_best=2)
+            assert torch.equal(model.greedy_decode(src, lengths, max_len=max_len,
+                                                   cuda_graph=True),
+                               model.greedy_decode(src, lengths, max_len=max_len))
+            got = model.beam_search(src, lengths, beam_size=4, max_len=max_len, n_best=2,
+                                    cuda_graph=True)
+            want = model.beam_search(src, lengths, beam_size=4, max_len=max_len, n_best=2)
             _assert_same_beams(got, want, 2, max_len)
     assert len(model._cuda_graphs) == 4  # greedy and beam, at two max_len each
 
@@ -418,6 +418,117 @@ def test_length_penalties():
     assert LengthPenalty("power", 1.0)(7) == 7.0
 
 
+# ------------------------------------------------------------------ a first model's helpers
+
+def test_vocabulary():
+    """Special tokens first (pad, bos, eos, unk, those given), encode and decode, an unknown
+    token as unk or as an error, and a round trip through plain values."""
+    tgt = Vocabulary("0123456789-")
+    assert (tgt.pad_idx, tgt.bos_idx, tgt.eos_idx, tgt.unk_idx) == (0, 1, 2, None)
+    assert len(tgt) == 14 and tgt.tokens[:4] == ["<pad>", "<s>", "</s>", "0"]
+    ids = tgt.encode("2026-12-07")
+    assert ids == [5, 3, 5, 9, 13, 4, 5, 13, 3, 10]
+    assert "".join(tgt.decode([tgt.bos_idx] + ids + [tgt.eos_idx, 4, 0])) == "2026-12-07"
+    with pytest.raises(ValueError, match="token 'x' is not in the vocabulary, which has no unk"):
+        tgt.encode("2x")
+    src = Vocabulary(["a", "b"], bos=None, eos=None, unk="<unk>")
+    assert src.tokens == ["<pad>", "<unk>", "a", "b"] and src.encode("abz") == [2, 3, 1]
+    assert src.pad_idx == tgt.pad_idx == 0
+    assert Vocabulary.from_dict(src.to_dict()) == src != tgt
+    with pytest.raises(ValueError, match="tokens must be distinct .* got '<s>' twice"):
+        Vocabulary(["a", "<s>"])
+
+
+def test_pad_batch_and_token_lists():
+    ids, lengths = pad_batch([[5, 6, 7], [8], []], PAD)
+    assert torch.equal(ids, torch.tensor([[5, 6, 7], [8, 0, 0], [0, 0, 0]]))
+    assert torch.equal(lengths, torch.tensor([3, 1, 0]))
+    model = make_model("bahdanau")
+    greedy = torch.tensor([[4, 5, EOS, PAD], [EOS, PAD, PAD, PAD], [3, 3, 3, 3]])
+    assert model.token_lists(greedy) == [[4, 5], [], [3, 3, 3, 3]]
+    src, src_lengths = source(2, 5, seed=3)
+    beams = model.beam_search(src, src_lengths, beam_size=3, max_len=4, n_best=2)
+    lists = model.token_lists(beams)
+    for hyps, cut in zip(beams.hypotheses, lists):
+        assert len(cut) == 2
+        for h, c in zip(hyps, cut):
+            ends = h.tolist().index(EOS) if EOS in h.tolist() else len(h)
+            assert c == h.tolist()[:ends]
+
+
+def test_loss_is_the_shifted_cross_entropy():
+    """loss() reads bos + target and scores target + eos, ignoring what lies past each
+    length: the cross-entropy of forward()'s logits against the shifted targets written
+    out by hand, also for an empty target."""
+    model = make_model("luong_dot", dtype=torch.float64)
+    src, src_lengths = source(3, 6, seed=2)
+    tgt = torch.tensor([[5, 6, 7], [8, 9, 11], [3, 4, 12]])
+    tgt_lengths = torch.tensor([3, 1, 0])
+    tgt_in, tgt_out = model.teacher_forcing(tgt, tgt_lengths)
+    assert torch.equal(tgt_in, torch.tensor([[BOS, 5, 6, 7], [BOS, 8, PAD, PAD],
+                                             [BOS, PAD, PAD, PAD]]))
+    assert torch.equal(tgt_out, torch.tensor([[5, 6, 7, EOS], [8, EOS, PAD, PAD],
+                                              [EOS, PAD, PAD, PAD]]))
+    logits = model(src, src_lengths, tgt_in)
+    logp = torch.log_softmax(logits, -1)
+    picked = [logp[b, t, tgt_out[b, t]] for b in range(3) for t in range(4)
+              if t <= int(tgt_lengths[b])]
+    assert len(picked) == 4 + 2 + 1
+    want = -torch.stack(picked).mean()
+    torch.testing.assert_close(model.loss(src, src_lengths, tgt, tgt_lengths), want,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(model.loss(src, src_lengths, tgt, tgt_lengths, reduction="sum"),
+                               want * 7, rtol=1e-12, atol=0)
+
+
+def test_decoding_never_applies_dropout():
+    """A model in training mode with dropout decodes as in eval mode, the same at every
+    call, and keeps each module's mode; Seq2Seq.load gives a model ready to decode."""
+    torch.manual_seed(0)
+    model = Seq2Seq(Encoder(V, 16, 24, dropout=0.5),
+                    LuongDecoder(V, 16, 24, dropout=0.5), bos_idx=BOS, eos_idx=EOS)
+    src, lengths = source(4, 7, seed=5)
+    model.eval()
+    want_greedy = model.greedy_decode(src, lengths, max_len=9)
+    want_beam = model.beam_search(src, lengths, beam_size=3, max_len=9, n_best=2)
+    model.train()
+    model.encoder.dropout.eval()  # a mixed mode comes back as it was
+    for _ in range(2):
+        assert torch.equal(model.greedy_decode(src, lengths, max_len=9), want_greedy)
+        _assert_same_beams(model.beam_search(src, lengths, beam_size=3, max_len=9, n_best=2),
+                           want_beam, 2, "train mode")
+    assert model.training and model.decoder.dropout.training
+    assert not model.encoder.dropout.training
+
+
+def test_loading_a_format_1_checkpoint(tmp_path):
+    """Checkpoints of format 1 (the padding id named padding_idx) load as they were."""
+    model = make_model("bahdanau", seed=5)
+    model.save(tmp_path / "new.pt")
+    ckpt = torch.load(tmp_path / "new.pt", weights_only=True)
+    ckpt["format"] = "attention_ext.seq2seq/1"
+    for part in ("encoder", "decoder"):
+        ckpt["config"][part]["padding_idx"] = ckpt["config"][part].pop("pad_idx")
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = Seq2Seq.load(tmp_path / "old.pt")
+    assert old.config == model.config
+    src, lengths = source(3, 6, seed=1)
+    assert torch.equal(old.greedy_decode(src, lengths, max_len=7),
+                       model.greedy_decode(src, lengths, max_len=7))
+
+
+def test_a_mismatched_decoder_is_one_error():
+    """Every way the decoder does not fit the encoder is named in one error, each with the
+    argument to set."""
+    with pytest.raises(ValueError) as err:
+        Seq2Seq(Encoder(V, 8, 16), LuongDecoder(V, 8, 32, num_layers=2, cell="gru", pad_idx=3))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "the decoder does not fit the encoder:" and len(lines) == 6
+    for want in ("memory_dim=16", "decoder_hidden_size=32", "decoder_layers=2",
+                 "cell='lstm'", "pad_idx=0"):
+        assert sum(want in line for line in lines) == 1, want
+
+
 # ------------------------------------------------------------------ export, compile
 
 def test_decoder_step_exports():
@@ -474,7 +585,7 @@ def test_save_load_round_trip(kind, tmp_path):
     path = tmp_path / "model.pt"
     model.save(path)
     loaded = Seq2Seq.load(path)
-    assert loaded.config() == model.config()
+    assert loaded.config == model.config and not loaded.training
     assert all(p.dtype == torch.float64 for p in loaded.parameters())
     src, lengths = source(3, 6, seed=9)
     tgt_in = torch.randint(3, V, (3, 4), generator=generator(9))
@@ -482,7 +593,8 @@ def test_save_load_round_trip(kind, tmp_path):
                                rtol=0, atol=0)
     fresh = make_model(kind, layers=2, cell="gru", seed=4, dtype=torch.float64)
     fresh.load_weights(path)
-    assert torch.equal(fresh.greedy_decode(src, lengths, 8), model.greedy_decode(src, lengths, 8))
+    assert torch.equal(fresh.greedy_decode(src, lengths, max_len=8),
+                       model.greedy_decode(src, lengths, max_len=8))
 
 
 def test_checkpoint_metadata_round_trip(tmp_path):
@@ -529,48 +641,76 @@ def test_checkpoint_errors(tmp_path):
 # ------------------------------------------------------------------ bad input
 
 BAD_CALLS = [
-    ("empty_source", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 0, 2]), 5),
+    ("empty_source", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 0, 2]), max_len=5),
      r"src_lengths must be >= 1: empty source"),
-    ("lengths_past_padding", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 6, 2]), 5),
+    ("lengths_past_padding", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 6, 2]), max_len=5),
      r"src_lengths must be <= the padded length 5"),
-    ("lengths_shape", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 2]), 5),
+    ("lengths_shape", lambda m, s, l: m.greedy_decode(s, torch.tensor([5, 2]), max_len=5),
      r"src_lengths must have shape \(B,\) = \(3,\)"),
-    ("lengths_float", lambda m, s, l: m.greedy_decode(s, l.float(), 5),
+    ("lengths_float", lambda m, s, l: m.greedy_decode(s, l.float(), max_len=5),
      r"src_lengths must be an int64 or int32 tensor, got torch.float32"),
-    ("beam_size_gt_vocab", lambda m, s, l: m.beam_search(s, l, V + 1, 5, n_best=1),
+    ("beam_size_gt_vocab",
+     lambda m, s, l: m.beam_search(s, l, beam_size=V + 1, max_len=5, n_best=1),
      r"beam_size must be <= the vocabulary size 13"),
-    ("src_token", lambda m, s, l: m.greedy_decode(s.index_fill(1, torch.tensor([0]), V), l, 5),
+    ("src_token",
+     lambda m, s, l: m.greedy_decode(s.index_fill(1, torch.tensor([0]), V), l, max_len=5),
      r"src has token ids outside the vocabulary \[0, 13\)"),
-    ("src_negative", lambda m, s, l: m.greedy_decode(s.index_fill(1, torch.tensor([0]), -1), l, 5),
+    ("src_negative",
+     lambda m, s, l: m.greedy_decode(s.index_fill(1, torch.tensor([0]), -1), l, max_len=5),
      r"src has token ids outside the vocabulary"),
-    ("src_float", lambda m, s, l: m.greedy_decode(s.float(), l, 5),
+    ("src_float", lambda m, s, l: m.greedy_decode(s.float(), l, max_len=5),
      r"src must be an int64 or int32 tensor of token ids, got dtype torch.float32"),
-    ("empty_batch", lambda m, s, l: m.beam_search(s[:0], l[:0], 2, 5),
-     r"src must have shape \(B, T\) with B, T >= 1, got \(0, 5\)"),
+    ("empty_batch", lambda m, s, l: m.beam_search(s[:0], l[:0], beam_size=2, max_len=5),
+     r"src must have shape \(B, T\) with B >= 1, T >= 1, got \(0, 5\)"),
     ("empty_target", lambda m, s, l: m(s, l, s[:, :0]),
-     r"tgt_in must have shape \(B, T\) with B, T >= 1, got \(3, 0\)"),
+     r"tgt_in must have shape \(B, T\) with B >= 1, T >= 1, got \(3, 0\)"),
     ("tgt_token", lambda m, s, l: m(s, l, torch.full((3, 4), V + 2)),
      r"tgt_in has token ids outside the vocabulary"),
     ("tgt_batch", lambda m, s, l: m(s, l, torch.full((2, 4), 3)),
      r"tgt_in must have batch size 3"),
-    ("beam_size_0", lambda m, s, l: m.beam_search(s, l, 0, 5), r"beam_size must be an integer >= 1"),
-    ("beam_size_float", lambda m, s, l: m.beam_search(s, l, 2.0, 5), r"beam_size must be an integer"),
-    ("n_best_gt_beam", lambda m, s, l: m.beam_search(s, l, 2, 5, n_best=3),
+    ("beam_size_0",
+     lambda m, s, l: m.beam_search(s, l, beam_size=0, max_len=5),
+     r"beam_size must be an integer >= 1"),
+    ("beam_size_float",
+     lambda m, s, l: m.beam_search(s, l, beam_size=2.0, max_len=5),
+     r"beam_size must be an integer"),
+    ("n_best_gt_beam", lambda m, s, l: m.beam_search(s, l, beam_size=2, max_len=5, n_best=3),
      r"n_best must be <= beam_size = 2"),
-    ("max_len_0", lambda m, s, l: m.beam_search(s, l, 2, 0), r"max_len must be an integer >= 1"),
-    ("greedy_max_len_0", lambda m, s, l: m.greedy_decode(s, l, 0), r"max_len must be an integer >= 1"),
-    ("min_len_gt_max_len", lambda m, s, l: m.beam_search(s, l, 2, 5, min_len=6),
+    ("max_len_0",
+     lambda m, s, l: m.beam_search(s, l, beam_size=2, max_len=0),
+     r"max_len must be an integer >= 1"),
+    ("greedy_max_len_0",
+     lambda m, s, l: m.greedy_decode(s, l, max_len=0),
+     r"max_len must be an integer >= 1"),
+    ("min_len_gt_max_len", lambda m, s, l: m.beam_search(s, l, beam_size=2, max_len=5, min_len=6),
      r"min_len must be <= max_len = 5"),
-    ("length_penalty_kind", lambda m, s, l: m.beam_search(s, l, 2, 5,
+    ("length_penalty_kind", lambda m, s, l: m.beam_search(s, l, beam_size=2, max_len=5,
                                                           length_penalty=LengthPenalty("avg")),
      r"length_penalty kind must be one of"),
-    ("length_penalty_type", lambda m, s, l: m.beam_search(s, l, 2, 5, length_penalty=0.6),
+    ("length_penalty_type",
+     lambda m, s, l: m.beam_search(s, l, beam_size=2, max_len=5, length_penalty=0.6),
      r"length_penalty must be a LengthPenalty"),
-    ("cuda_graph_on_cpu", lambda m, s, l: m.greedy_decode(s, l, 5, cuda_graph=True),
+    ("cuda_graph_on_cpu", lambda m, s, l: m.greedy_decode(s, l, max_len=5, cuda_graph=True),
      r"cuda_graph=True needs the model on a CUDA device, it is on cpu"),
-    ("beam_cuda_graph_on_cpu", lambda m, s, l: m.beam_search(s, l, 2, 5, cuda_graph=True),
+    ("beam_cuda_graph_on_cpu",
+     lambda m, s, l: m.beam_search(s, l, beam_size=2, max_len=5, cuda_graph=True),
      r"cuda_graph=True needs the model on a CUDA device"),
-    ("cuda_graph_type", lambda m, s, l: m.greedy_decode(s, l, 5, cuda_graph=1),
+    ("loss_tgt_lengths_past_padding",
+     lambda m, s, l: m.loss(s, l, torch.full((3, 4), 3), torch.tensor([4, 5, 1])),
+     r"tgt_lengths must be <= the padded length 4, got 5"),
+    ("loss_tgt_lengths_negative",
+     lambda m, s, l: m.loss(s, l, torch.full((3, 4), 3), torch.tensor([4, -1, 1])),
+     r"tgt_lengths must be >= 0 \(got a length of -1\)"),
+    ("loss_tgt_lengths_shape",
+     lambda m, s, l: m.loss(s, l, torch.full((3, 4), 3), torch.tensor([4, 1])),
+     r"tgt_lengths must have shape \(B,\) = \(3,\)"),
+    ("loss_tgt_token", lambda m, s, l: m.loss(s, l, torch.full((3, 4), V), l.clamp(max=4)),
+     r"tgt has token ids outside the vocabulary"),
+    ("loss_tgt_batch", lambda m, s, l: m.loss(s, l, torch.full((2, 4), 3), l[:2].clamp(max=4)),
+     r"tgt must have batch size 3 like src, got \(2, 4\)"),
+    ("token_lists_type", lambda m, s, l: m.token_lists([[1, 2]]),
+     r"output must be greedy_decode's tensor or a BeamSearchResult, got list"),
+    ("cuda_graph_type", lambda m, s, l: m.greedy_decode(s, l, max_len=5, cuda_graph=1),
      r"cuda_graph must be a bool, got 1"),
 ]
 
@@ -586,16 +726,18 @@ def test_bad_input(call, match):
 @pytest.mark.parametrize("build,match", [
     (lambda: Encoder(V, 8, 7), r"hidden_size must be even"),
     (lambda: Encoder(V, 8, 8, cell="rnn"), r"cell must be one of"),
-    (lambda: Encoder(V, 8, 8, padding_idx=V), r"padding_idx must lie in"),
+    (lambda: Encoder(V, 8, 8, pad_idx=V), r"pad_idx must lie in"),
+    (lambda: BahdanauDecoder(V, 8, 8, pad_idx=-1), r"pad_idx must lie in"),
     (lambda: LuongDecoder(V, 8, 8, score="mlp"), r"score must be one of"),
     (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8, memory_dim=6)),
-     r"decoder memory_dim \(6\) must be the encoder's hidden_size \(8\)"),
+     r"set the decoder's memory_dim=8 \(the encoder's hidden_size\), got 6"),
     (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 10, memory_dim=8)),
-     r"bridge must fit"),
+     r"set the encoder's decoder_hidden_size=10 \(the decoder's hidden_size\) or the "
+     r"decoder's hidden_size=8"),
     (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8), eos_idx=V), r"eos_idx must lie"),
     (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8), bos_idx=2), r"must differ"),
-    (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8, padding_idx=3)),
-     r"padding_idx \(3\) must be the encoder's \(0\)"),
+    (lambda: Seq2Seq(Encoder(V, 8, 8), BahdanauDecoder(V, 8, 8, pad_idx=3)),
+     r"set the decoder's pad_idx=0 \(the encoder's\), got 3"),
 ])
 def test_bad_configuration(build, match):
     with pytest.raises(ValueError, match=match):
@@ -605,18 +747,13 @@ def test_bad_configuration(build, match):
 # ------------------------------------------------------------------ a task learnt
 
 def reverse_batch(n, gen):
-    """Sequences of 3-8 ids in [3, V) and their reversals followed by eos."""
+    """Sequences of 3-8 ids in [3, V) and their reversals: src, src_lengths, tgt,
+    tgt_lengths (Seq2Seq.loss's arguments)."""
     lengths = torch.randint(3, 9, (n,), generator=gen)
-    S = int(lengths.max())
-    src = torch.full((n, S), PAD)
-    tgt = torch.full((n, S + 1), PAD)
-    for i, L in enumerate(lengths.tolist()):
-        seq = torch.randint(3, V, (L,), generator=gen)
-        src[i, :L] = seq
-        tgt[i, :L] = seq.flip(0)
-        tgt[i, L] = EOS
-    tgt_in = torch.cat([torch.full((n, 1), BOS), tgt[:, :-1]], dim=1)
-    return src, lengths, tgt_in, tgt
+    sequences = [torch.randint(3, V, (L,), generator=gen).tolist() for L in lengths.tolist()]
+    src, src_lengths = pad_batch(sequences, PAD)
+    tgt, tgt_lengths = pad_batch([s[::-1] for s in sequences], PAD)
+    return src, src_lengths, tgt, tgt_lengths
 
 
 @pytest.mark.slow
@@ -630,21 +767,17 @@ def test_reverse_task_is_learnt():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = generator(1)
     for _ in range(300):
-        src, lengths, tgt_in, tgt = reverse_batch(64, gen)
-        loss = torch.nn.functional.cross_entropy(model(src, lengths, tgt_in).reshape(-1, V),
-                                                 tgt.reshape(-1), ignore_index=PAD)
+        loss = model.loss(*reverse_batch(64, gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    src, lengths, _, tgt = reverse_batch(500, generator(99))
-    greedy = model.greedy_decode(src, lengths, max_len=10)
-    beam = model.beam_search(src, lengths, beam_size=3, max_len=10)
-    n_greedy = n_beam = 0
-    for i, L in enumerate(lengths.tolist()):
-        want = tgt[i, :L + 1]
-        n_greedy += int(torch.equal(until_eos(greedy[i]), want))
-        n_beam += int(torch.equal(beam.hypotheses[i][0], want))
+    src, lengths, tgt, _ = reverse_batch(500, generator(99))
+    want = [row[:L] for row, L in zip(tgt.tolist(), lengths.tolist())]
+    greedy = model.token_lists(model.greedy_decode(src, lengths, max_len=10))
+    beam = model.token_lists(model.beam_search(src, lengths, beam_size=3, max_len=10))
+    n_greedy = sum(got == w for got, w in zip(greedy, want))
+    n_beam = sum(got[0] == w for got, w in zip(beam, want))
     assert n_greedy >= 495 and n_beam >= 495, (n_greedy, n_beam)
 
     rows = []

@@ -8,3 +8,7 @@ its command line parser do not.
 
 # --attention: the decoder and its score.
 ATTENTIONS = ("bahdanau", "luong-dot", "luong-general", "luong-concat")
+
+
+class UserError(Exception):
+    """A mistake in the command line or in what it names: printed without a traceback."""

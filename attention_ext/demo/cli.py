@@ -7,17 +7,13 @@ from typing import List, Optional
 
 import torch
 
-from . import ATTENTIONS
+from . import ATTENTIONS, UserError
 
 # What the demo imports beyond the core package: the optional extra "demo".
 EXTRA = ("babel", "tqdm", "matplotlib")
 
 # The training run's defaults: 800 steps take under 2 minutes on 2 CPU cores.
 TRAINING = {"attention": "bahdanau", "steps": 800, "batch_size": 128, "seed": 0}
-
-
-class UserError(Exception):
-    """A mistake in the command line or in what it names: printed without a traceback."""
 
 
 def _integer(minimum: int):

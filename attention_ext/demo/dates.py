@@ -13,10 +13,12 @@ import random
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from babel import Locale, dates
+
+from ..seq2seq import Vocabulary, pad_batch
 
 # 44 locales, 19 of them in 13 non-Latin scripts (Cyrillic, Greek, Hebrew, Arabic,
 # Devanagari, Bengali, Tamil, Thai, Georgian, Armenian, Ethiopic, Han, Hangul).
@@ -157,22 +159,6 @@ def locale_token(locale: str) -> str:
     return f"<{locale}>"
 
 
-class Vocabulary:
-    """Token strings <-> ids; id 0 is padding."""
-
-    def __init__(self, tokens: Sequence[str]):
-        self.tokens = list(tokens)
-        self.ids: Dict[str, int] = {t: i for i, t in enumerate(self.tokens)}
-        if len(self.ids) != len(self.tokens) or self.tokens[0] != PAD:
-            raise ValueError("tokens must be distinct and start with the padding token")
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def id(self, token: str) -> int:
-        return self.ids.get(token, self.ids.get(UNK, 0))
-
-
 def source_vocabulary(locales: Sequence[str] = LOCALES) -> Vocabulary:
     """Padding, unknown, one tag per locale, then every character that the formats and the
     noise can write in these locales (case variants included): all month and weekday names
@@ -186,56 +172,44 @@ def source_vocabulary(locales: Sequence[str] = LOCALES) -> Vocabulary:
                 text = write_date(day, locale, fmt)
                 for variant in (text, text.upper(), text.lower(), text.title()):
                     chars.update(variant)
-    return Vocabulary([PAD, UNK] + [locale_token(n) for n in locales] + sorted(chars))
+    return Vocabulary([locale_token(n) for n in locales] + sorted(chars), pad=PAD, bos=None,
+                      eos=None, unk=UNK)
 
 
 def target_vocabulary() -> Vocabulary:
-    return Vocabulary([PAD, BOS, EOS] + list(TARGET_CHARACTERS))
+    return Vocabulary(TARGET_CHARACTERS, pad=PAD, bos=BOS, eos=EOS)
 
 
 @dataclass
 class Batch:
-    """src (B, S) ids, the locale tag first; src_lengths (B,); tgt_in (B, T) bos + ISO
-    characters; tgt_out (B, T) ISO characters + eos, padded with 0."""
+    """Seq2Seq.loss's arguments: src (B, S) ids, the locale tag first, and src_lengths (B,);
+    tgt (B, T) the ISO characters (neither bos nor eos), and tgt_lengths (B,)."""
 
     src: torch.Tensor
     src_lengths: torch.Tensor
-    tgt_in: torch.Tensor
-    tgt_out: torch.Tensor
+    tgt: torch.Tensor
+    tgt_lengths: torch.Tensor
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.src, self.src_lengths, self.tgt_in,
-                                              self.tgt_out)))
+        return Batch(*(t.to(device) for t in (self.src, self.src_lengths, self.tgt,
+                                              self.tgt_lengths)))
 
 
 def encode_sources(pairs: Sequence[Tuple[str, str]], vocab: Vocabulary):
     """(locale, text) pairs -> src (B, S) and src_lengths (B,)."""
-    ids = vocab.ids.get
-    unk = vocab.id(UNK)
-    rows = [[vocab.id(locale_token(locale))] + [ids(ch, unk) for ch in text]
-            for locale, text in pairs]
-    width = max(map(len, rows))
-    src = torch.tensor([row + [0] * (width - len(row)) for row in rows])
-    return src, torch.tensor([len(row) for row in rows])
+    return pad_batch([[vocab.id(locale_token(locale))] + vocab.encode(text)
+                      for locale, text in pairs], vocab.pad_idx)
 
 
 def encode_batch(examples: Sequence[Example], source: Vocabulary, target: Vocabulary) -> Batch:
     src, src_lengths = encode_sources([(e.locale, e.text) for e in examples], source)
-    iso = torch.tensor([[target.id(ch) for ch in e.iso] for e in examples])
-    bos = torch.full((len(examples), 1), target.id(BOS))
-    eos = torch.full((len(examples), 1), target.id(EOS))
-    return Batch(src, src_lengths, torch.cat([bos, iso], 1), torch.cat([iso, eos], 1))
+    tgt, tgt_lengths = pad_batch([target.encode(e.iso) for e in examples], target.pad_idx)
+    return Batch(src, src_lengths, tgt, tgt_lengths)
 
 
 def decode_target(ids: Sequence[int], target: Vocabulary) -> str:
     """Characters up to the end token."""
-    out = []
-    for i in ids:
-        token = target.tokens[i]
-        if token in (EOS, PAD):
-            break
-        out.append(token)
-    return "".join(out)
+    return "".join(target.decode(ids))
 
 
 def script(text: str) -> str:

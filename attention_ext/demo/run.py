@@ -15,14 +15,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..seq2seq import Seq2Seq
+from ..seq2seq import Seq2Seq, Vocabulary
 from . import dates as D
-from . import ATTENTIONS
-from .cli import UserError
+from . import UserError
+from .checkpoint import load, save
 from .heatmaps import drawable, save_heatmap
 from .training import TrainConfig, build_model, compare_training_speed, predict, train
 
-CHECKPOINT_FORMAT = "attention_ext.demo/1"
 TEST_EXAMPLES = 2000
 BEAM_SIZE = 5
 SPEED_STEPS = 10
@@ -31,7 +30,7 @@ ERROR_ROWS = 5
 HEATMAPS = 4
 
 
-def test_examples() -> List[D.Example]:
+def held_out_examples() -> List[D.Example]:
     """The test set: the same for every run and checkpoint."""
     return D.DateWriter(D.split_dates()[1]).examples(TEST_EXAMPLES, random.Random(D.SPLIT_SEED))
 
@@ -146,56 +145,7 @@ def _babel_version() -> str:
     return babel.__version__
 
 
-def save(model: Seq2Seq, path: str, source: D.Vocabulary, target: D.Vocabulary,
-         attention: str) -> None:
-    metadata = {"format": CHECKPOINT_FORMAT, "attention": attention,
-                "source_tokens": source.tokens, "target_tokens": target.tokens,
-                "locales": list(D.LOCALES), "first_year": D.FIRST_YEAR}
-    try:
-        model.save(path, metadata)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"--save {path!r}: {e}") from None
-    print(f"saved the model to {path}")
-
-
-def load(path: str, device: torch.device):
-    try:
-        model = Seq2Seq.load(path, map_location=device)
-    except ValueError as e:
-        raise UserError(f"--load: {e}") from None
-    meta = model.metadata
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"--load {path!r}: a Seq2Seq checkpoint, but not one saved by this "
-                        f"demo (it lacks the demo's vocabularies and locales)")
-    if meta.get("first_year") != D.FIRST_YEAR:
-        raise UserError(f"--load {path!r}: saved for the years from {meta.get('first_year')}, "
-                        f"this demo reads two-digit years from {D.FIRST_YEAR}")
-    try:
-        source, target = (D.Vocabulary(_strings(meta, key)) for key in ("source_tokens",
-                                                                         "target_tokens"))
-        locales = _strings(meta, "locales")
-        fits = (meta.get("attention") in ATTENTIONS
-                and len(source) == model.encoder.vocab_size
-                and len(target) == model.decoder.vocab_size
-                and (target.id(D.BOS), target.id(D.EOS)) == (model.bos_idx, model.eos_idx)
-                and all(source.id(D.locale_token(name)) != source.id(D.UNK) for name in locales))
-    except ValueError as e:
-        raise UserError(f"--load {path!r}: the demo's metadata is invalid: {e}") from None
-    if not fits:
-        raise UserError(f"--load {path!r}: the demo's metadata does not fit the model (its "
-                        f"attention, vocabularies or locales)")
-    model.eval()
-    return model, source, target, locales
-
-
-def _strings(meta: dict, key: str) -> List[str]:
-    value = meta.get(key)
-    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-        raise ValueError(f"{key} must be a non-empty list of strings")
-    return value
-
-
-def normalize(model: Seq2Seq, source: D.Vocabulary, target: D.Vocabulary,
+def normalize(model: Seq2Seq, source: Vocabulary, target: Vocabulary,
               locales: Sequence[str], text: str, locale: str, device: torch.device) -> int:
     """Prints text (a date written in locale) as ISO 8601."""
     name = locale.replace("-", "_")
@@ -203,21 +153,22 @@ def normalize(model: Seq2Seq, source: D.Vocabulary, target: D.Vocabulary,
         raise UserError(f"--locale {locale!r} is not one of the model's locales: "
                         f"{', '.join(sorted(locales))}")
     text = text.strip()
-    unseen = sorted({ch for ch in text if ch not in source.ids})
+    unseen = sorted({ch for ch in text if ch not in source})
     if unseen:
         print(f"note: the model has never seen the characters {' '.join(unseen)}",
               file=sys.stderr)
     src, lengths = D.encode_sources([(name, text)], source)
-    result = model.beam_search(src.to(device), lengths.to(device), BEAM_SIZE, D.TARGET_LENGTH)
+    result = model.beam_search(src.to(device), lengths.to(device), beam_size=BEAM_SIZE,
+                               max_len=D.TARGET_LENGTH)
     print(D.decode_target(result.hypotheses[0][0].tolist(), target))
     return 0
 
 
-def evaluate(model: Seq2Seq, source: D.Vocabulary, target: D.Vocabulary,
+def evaluate(model: Seq2Seq, source: Vocabulary, target: Vocabulary,
              device: torch.device, args: argparse.Namespace) -> None:
     """Accuracy (greedy and beam), examples, training speed against eager attention and
     heatmaps, printed."""
-    examples = test_examples()
+    examples = held_out_examples()
     results = {}
     for name, beam in (("greedy", 0), (f"beam search ({BEAM_SIZE})", BEAM_SIZE)):
         start = time.perf_counter()
@@ -287,7 +238,8 @@ def _heatmaps(model, examples, source, target, device, out: str) -> List[str]:
         if len(chosen) == HEATMAPS:
             break
     batch = D.encode_batch(chosen, source, target).to(device)
-    result = model.beam_search(batch.src, batch.src_lengths, BEAM_SIZE, D.TARGET_LENGTH)
+    result = model.beam_search(batch.src, batch.src_lengths, beam_size=BEAM_SIZE,
+                               max_len=D.TARGET_LENGTH)
     paths = []
     for i, e in enumerate(chosen):
         tokens = result.hypotheses[i][0].tolist()

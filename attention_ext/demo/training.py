@@ -12,14 +12,13 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import set_implementation
-from ..seq2seq import BahdanauDecoder, Encoder, LuongDecoder, Seq2Seq
+from ..seq2seq import BahdanauDecoder, Encoder, LuongDecoder, Seq2Seq, Vocabulary
 from . import ATTENTIONS
-from .dates import (BOS, EOS, TARGET_LENGTH, DateWriter, Example, Vocabulary, decode_target,
-                    encode_batch)
+from .dates import TARGET_LENGTH, DateWriter, Example, decode_target, encode_batch
 
 EMBED_DIM = 64
 HIDDEN_SIZE = 192
@@ -38,7 +37,7 @@ def build_model(attention: str, source: Vocabulary, target: Vocabulary) -> Seq2S
     else:
         decoder = LuongDecoder(len(target), EMBED_DIM, HIDDEN_SIZE, cell=CELL,
                                score=attention.split("-", 1)[1])
-    return Seq2Seq(encoder, decoder, bos_idx=target.id(BOS), eos_idx=target.id(EOS))
+    return Seq2Seq(encoder, decoder, bos_idx=target.bos_idx, eos_idx=target.eos_idx)
 
 
 @dataclass(frozen=True)
@@ -59,14 +58,22 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def loss_of(model: torch.nn.Module, batch) -> torch.Tensor:
-    logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-    return F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=0)
+class TeacherForcedLoss(nn.Module):
+    """model.loss as a module's forward: DistributedDataParallel synchronises the gradients
+    of what runs through the forward of the module it wraps."""
+
+    def __init__(self, model: Seq2Seq):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.model.loss(batch.src, batch.src_lengths, batch.tgt, batch.tgt_lengths)
 
 
 def batch_tokens(batch) -> int:
-    """Source and target tokens of a batch: what tokens/s counts."""
-    return int(batch.src_lengths.sum()) + batch.tgt_out.numel()
+    """Source and target tokens of a batch (the end tokens included): what tokens/s
+    counts."""
+    return int(batch.src_lengths.sum()) + int(batch.tgt_lengths.sum()) + len(batch.tgt_lengths)
 
 
 def train(model: Seq2Seq, writer: DateWriter, source: Vocabulary, target: Vocabulary,
@@ -79,7 +86,8 @@ def train(model: Seq2Seq, writer: DateWriter, source: Vocabulary, target: Vocabu
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rng = random.Random(cfg.seed * 1_000_003 + rank)
     per_process = max(1, cfg.batch_size // world)
-    net = DistributedDataParallel(model) if world > 1 else model
+    objective = TeacherForcedLoss(model)
+    net = DistributedDataParallel(objective) if world > 1 else objective
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
     for step in range(cfg.steps):
@@ -88,7 +96,7 @@ def train(model: Seq2Seq, writer: DateWriter, source: Vocabulary, target: Vocabu
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(net, batch)
+        loss = net(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()
@@ -107,10 +115,11 @@ def predict(model: Seq2Seq, examples: Sequence[Example], source: Vocabulary,
     for i in range(0, len(examples), batch_size):
         batch = encode_batch(examples[i:i + batch_size], source, target).to(device)
         if beam_size:
-            result = model.beam_search(batch.src, batch.src_lengths, beam_size, TARGET_LENGTH)
+            result = model.beam_search(batch.src, batch.src_lengths, beam_size=beam_size,
+                                       max_len=TARGET_LENGTH)
             out += [decode_target(h[0].tolist(), target) for h in result.hypotheses]
         else:
-            tokens = model.greedy_decode(batch.src, batch.src_lengths, TARGET_LENGTH)
+            tokens = model.greedy_decode(batch.src, batch.src_lengths, max_len=TARGET_LENGTH)
             out += [decode_target(row, target) for row in tokens.tolist()]
     return out
 
@@ -128,7 +137,7 @@ def compare_training_speed(model: Seq2Seq, batches: Sequence) -> dict:
         for net, optimizer, seconds in order[::-1] if i % 2 else order:
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss_of(net, batch).backward()
+            net.loss(batch.src, batch.src_lengths, batch.tgt, batch.tgt_lengths).backward()
             optimizer.step()
             if batch.src.is_cuda:
                 torch.cuda.synchronize(batch.src.device)

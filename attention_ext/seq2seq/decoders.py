@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..nn import BahdanauAttention, LuongAttention, PrecomputedMemory
-from .encoder import cell_step, rnn_cell
+from .rnn import cell_step, rnn_cell
 
 Tensor = torch.Tensor
 
@@ -45,19 +45,27 @@ class _Decoder(nn.Module):
     attention: nn.Module
 
     def __init__(self, kind, vocab_size, embed_dim, hidden_size, memory_dim, num_layers, cell,
-                 dropout, padding_idx, rnn_input, config):
+                 dropout, pad_idx, rnn_input, config):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim),
                             ("hidden_size", hidden_size), ("memory_dim", memory_dim),
                             ("num_layers", num_layers)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.kind, self.config = kind, config
+        if not 0 <= pad_idx < vocab_size:
+            raise ValueError(f"pad_idx must lie in [0, vocab_size) = [0, {vocab_size}), "
+                             f"got {pad_idx}")
+        self.kind, self._config = kind, config
         self.vocab_size, self.hidden_size, self.cell = vocab_size, hidden_size, cell
-        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_idx)
         self.dropout = nn.Dropout(dropout)
         self.rnn = rnn_cell(cell)(rnn_input, hidden_size, num_layers=num_layers,
                                   batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+
+    @property
+    def config(self) -> dict:
+        """The constructor's arguments: ``type(decoder)(**decoder.config)`` builds its like."""
+        return dict(self._config)
 
     def _run_rnn(self, x: Tensor, hidden: Tuple[Tensor, ...]):
         """The RNN over all steps of x (B, T, input) at once (cuDNN on a GPU)."""
@@ -126,14 +134,14 @@ class LuongDecoder(_Decoder):
     def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int,
                  memory_dim: Optional[int] = None, num_layers: int = 1, cell: str = "lstm",
                  score: str = "dot", input_feeding: bool = True, dropout: float = 0.0,
-                 padding_idx: int = 0):
+                 pad_idx: int = 0):
         memory_dim = hidden_size if memory_dim is None else memory_dim
         config = dict(vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size,
                       memory_dim=memory_dim, num_layers=num_layers, cell=cell, score=score,
-                      input_feeding=input_feeding, dropout=dropout, padding_idx=padding_idx)
+                      input_feeding=input_feeding, dropout=dropout, pad_idx=pad_idx)
         rnn_input = embed_dim + (hidden_size if input_feeding else 0)
         super().__init__("luong", vocab_size, embed_dim, hidden_size, memory_dim, num_layers,
-                         cell, dropout, padding_idx, rnn_input, config)
+                         cell, dropout, pad_idx, rnn_input, config)
         self.input_feeding = input_feeding
         self.attention = LuongAttention(hidden_size, memory_dim, score=score, attentional=True)
         self.out = nn.Linear(hidden_size, vocab_size)
@@ -166,15 +174,15 @@ class BahdanauDecoder(_Decoder):
     def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int,
                  memory_dim: Optional[int] = None, attention_units: Optional[int] = None,
                  num_layers: int = 1, cell: str = "lstm", normalize: bool = False,
-                 dropout: float = 0.0, padding_idx: int = 0):
+                 dropout: float = 0.0, pad_idx: int = 0):
         memory_dim = hidden_size if memory_dim is None else memory_dim
         attention_units = hidden_size if attention_units is None else attention_units
         config = dict(vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size,
                       memory_dim=memory_dim, attention_units=attention_units,
                       num_layers=num_layers, cell=cell, normalize=normalize, dropout=dropout,
-                      padding_idx=padding_idx)
+                      pad_idx=pad_idx)
         super().__init__("bahdanau", vocab_size, embed_dim, hidden_size, memory_dim,
-                         num_layers, cell, dropout, padding_idx, embed_dim + memory_dim, config)
+                         num_layers, cell, dropout, pad_idx, embed_dim + memory_dim, config)
         self.attention = BahdanauAttention(hidden_size, memory_dim, attention_units,
                                            normalize=normalize)
         self.out = nn.Linear(hidden_size + memory_dim + embed_dim, vocab_size)

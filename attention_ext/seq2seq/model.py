@@ -3,63 +3,97 @@ decoded greedily or with beam search; saved as configuration + weights (no pickl
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .captured import CapturedBeamSearch, CapturedDecodings, CapturedGreedy, captured_key
+from .checkpoint import check_plain, read_checkpoint, write_checkpoint
+from .checks import check_lengths, check_tokens, positive_int
 from .decoders import DECODERS, _Decoder
-from .encoder import Encoder, check_tokens
-from .search import (BeamSearchResult, CapturedBeamSearch, CapturedDecodings, CapturedGreedy,
-                     LengthPenalty, beam_search, captured_key, greedy_decode)
+from .encoder import Encoder
+from .search import BeamSearchResult, LengthPenalty, beam_search, greedy_decode
+from .tokens import until_eos
 
 Tensor = torch.Tensor
-
-# The checkpoint format: a dict of plain values and tensors, loadable with weights_only=True.
-_FORMAT = "attention_ext.seq2seq/1"
 
 # Captured decodings (cuda_graph=True) a model keeps.
 CUDA_GRAPHS_KEPT = 8
 
 
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+def _mismatches(enc: dict, dec: dict) -> List[str]:
+    """What keeps the decoder from fitting the encoder, one line each, with the arguments
+    that make it fit."""
+    found = []
+    if dec["memory_dim"] != enc["hidden_size"]:
+        found.append(f"the decoder reads the encoder's memory: set the decoder's "
+                     f"memory_dim={enc['hidden_size']} (the encoder's hidden_size), "
+                     f"got {dec['memory_dim']}")
+    if dec["hidden_size"] != enc["decoder_hidden_size"]:
+        found.append(f"the encoder's bridge starts the decoder: set the encoder's "
+                     f"decoder_hidden_size={dec['hidden_size']} (the decoder's hidden_size) "
+                     f"or the decoder's hidden_size={enc['decoder_hidden_size']}")
+    if dec["num_layers"] != enc["decoder_layers"]:
+        found.append(f"the encoder's bridge starts every decoder layer: set the encoder's "
+                     f"decoder_layers={dec['num_layers']} (the decoder's num_layers, at most the "
+                     f"encoder's num_layers = {enc['num_layers']}) or the decoder's "
+                     f"num_layers={enc['decoder_layers']}")
+    if dec["cell"] != enc["cell"]:
+        article = "an" if enc["cell"] == "lstm" else "a"
+        found.append(f"the encoder's bridge gives {article} {enc['cell'].upper()} state: set "
+                     f"the decoder's cell={enc['cell']!r}, got {dec['cell']!r}")
+    if dec["pad_idx"] != enc["pad_idx"]:
+        found.append(f"both vocabularies share the padding id: set the decoder's "
+                     f"pad_idx={enc['pad_idx']} (the encoder's), got {dec['pad_idx']}")
+    return found
+
+
+@contextmanager
+def _without_dropout(model: nn.Module):
+    """model's modules in eval mode, each put back in its own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class Seq2Seq(nn.Module):
     """An encoder-decoder with attention over the encoder's memory.
 
-    Token ids ``bos_idx`` and ``eos_idx`` start and end target sequences; ``pad_idx`` (the
-    encoder's padding_idx) fills greedy outputs after the end token. The decoder's
-    memory_dim must be the encoder's hidden_size and its hidden_size the encoder's
-    decoder_hidden_size.
+    Token ids: ``bos_idx`` and ``eos_idx`` are target ids, the begin token the decoder
+    reads first and the end token it writes last; a source needs neither. ``pad_idx``, the
+    encoder's and the decoder's (they must agree), pads sources and targets and fills
+    greedy outputs after the end token. ``Vocabulary`` puts pad, bos and eos at 0, 1 and 2,
+    these arguments' defaults.
+
+    The decoder's memory_dim must be the encoder's hidden_size, and the encoder's
+    decoder_hidden_size and decoder_layers the decoder's hidden_size and num_layers (both
+    default to the encoder's own sizes); a mismatch raises one error listing each argument
+    to set.
+
+    Training: ``loss(src, src_lengths, tgt, tgt_lengths)``, or ``forward`` for the logits.
+    Decoding (``greedy_decode``, ``beam_search``) never applies dropout, whatever the
+    model's mode, and ``token_lists`` cuts its outputs at the end token.
 
     Decoding with ``cuda_graph=True`` captures a step once per batch shape and options and
     keeps the capture (up to CUDA_GRAPHS_KEPT of them) for later calls;
     ``clear_cuda_graphs()`` frees them, and moving or casting the model drops them.
     """
 
-    def __init__(self, encoder: Encoder, decoder: _Decoder, bos_idx: int = 1, eos_idx: int = 2):
+    def __init__(self, encoder: Encoder, decoder: _Decoder, *, bos_idx: int = 1,
+                 eos_idx: int = 2):
         super().__init__()
         enc, dec = encoder.config, decoder.config
-        if dec["memory_dim"] != enc["hidden_size"]:
-            raise ValueError(f"decoder memory_dim ({dec['memory_dim']}) must be the encoder's "
-                             f"hidden_size ({enc['hidden_size']})")
-        if dec["hidden_size"] != enc["decoder_hidden_size"] or (
-                dec["num_layers"] != enc["decoder_layers"]) or dec["cell"] != enc["cell"]:
-            raise ValueError("the encoder's bridge must fit the decoder: decoder_hidden_size, "
-                             "decoder_layers and cell of the encoder "
-                             f"({enc['decoder_hidden_size']}, {enc['decoder_layers']}, "
-                             f"{enc['cell']!r}) against the decoder's hidden_size, num_layers "
-                             f"and cell ({dec['hidden_size']}, {dec['num_layers']}, "
-                             f"{dec['cell']!r})")
-        if dec["padding_idx"] != enc["padding_idx"]:
-            raise ValueError(f"the decoder's padding_idx ({dec['padding_idx']}) must be the "
-                             f"encoder's ({enc['padding_idx']})")
+        mismatches = _mismatches(enc, dec)
+        if mismatches:
+            raise ValueError("the decoder does not fit the encoder:\n  - " +
+                             "\n  - ".join(mismatches))
         for name, idx in (("bos_idx", bos_idx), ("eos_idx", eos_idx)):
             if isinstance(idx, bool) or not isinstance(idx, int):
                 raise TypeError(f"{name} must be an integer token id, got {idx!r}")
@@ -67,12 +101,12 @@ class Seq2Seq(nn.Module):
                 raise ValueError(f"{name} must lie in [0, {decoder.vocab_size}), got {idx}")
         if bos_idx == eos_idx:
             raise ValueError(f"bos_idx and eos_idx must differ, got {bos_idx} for both")
-        if enc["padding_idx"] in (bos_idx, eos_idx):
+        if enc["pad_idx"] in (bos_idx, eos_idx):
             raise ValueError(f"bos_idx ({bos_idx}) and eos_idx ({eos_idx}) must differ from "
-                             f"padding_idx ({enc['padding_idx']})")
+                             f"pad_idx ({enc['pad_idx']})")
         self.encoder, self.decoder = encoder, decoder
         self.bos_idx, self.eos_idx = bos_idx, eos_idx
-        self.pad_idx = enc["padding_idx"]
+        self.pad_idx = enc["pad_idx"]
         self.metadata: dict = {}
         self._cuda_graphs = CapturedDecodings(CUDA_GRAPHS_KEPT)
 
@@ -86,10 +120,12 @@ class Seq2Seq(nn.Module):
         self.clear_cuda_graphs()
         return super()._apply(fn, *args, **kwargs)
 
+    @property
     def config(self) -> dict:
-        return dict(encoder=dict(self.encoder.config), decoder_type=self.decoder.kind,
-                    decoder=dict(self.decoder.config), bos_idx=self.bos_idx,
-                    eos_idx=self.eos_idx)
+        """The encoder's and decoder's configurations and the token ids:
+        ``Seq2Seq.from_config(model.config)`` builds its like."""
+        return dict(encoder=self.encoder.config, decoder_type=self.decoder.kind,
+                    decoder=self.decoder.config, bos_idx=self.bos_idx, eos_idx=self.eos_idx)
 
     def encode(self, src: Tensor, src_lengths: Tensor):
         """The encoder's memory, precomputed by the decoder's attention layer once for every
@@ -98,8 +134,9 @@ class Seq2Seq(nn.Module):
         return self.decoder.attention.precompute(memory, lengths=lengths), state
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: src (B, S), src_lengths (B,), tgt_in (B, T) (bos first).
-        Returns logits (B, T, V)."""
+        """Teacher forcing: src (B, S), src_lengths (B,), tgt_in (B, T), the decoder's inputs
+        (bos_idx, then the target). Returns logits (B, T, V), those of the target and then
+        eos_idx; ``loss`` does the shift and the cross-entropy."""
         check_tokens(tgt_in, "tgt_in", self.decoder.vocab_size)
         if tgt_in.shape[0] != src.shape[0]:
             raise ValueError(f"tgt_in must have batch size {src.shape[0]} like src, "
@@ -107,6 +144,40 @@ class Seq2Seq(nn.Module):
         memory, state = self.encode(src, src_lengths)
         logits, _ = self.decoder(tgt_in, self.decoder.init_state(state), memory)
         return logits
+
+    def teacher_forcing(self, tgt: Tensor, tgt_lengths: Tensor):
+        """The decoder's inputs and the loss's targets for targets tgt (B, T) of tgt_lengths
+        (B,) tokens each, with neither bos nor eos: tgt_in (B, T + 1) = bos_idx, then the
+        target; tgt_out (B, T + 1) = the target, then eos_idx; pad_idx past each."""
+        check_tokens(tgt, "tgt", self.decoder.vocab_size, min_length=0)
+        B, T = tgt.shape
+        lengths = check_lengths(tgt_lengths, "tgt_lengths", B, T, minimum=0).to(tgt.device)
+        steps = torch.arange(T + 1, device=tgt.device)
+        pad = tgt.new_full((B, 1), self.pad_idx)
+        tgt_in = torch.cat([tgt.new_full((B, 1), self.bos_idx), tgt], 1)
+        tgt_in = tgt_in.masked_fill(steps > lengths[:, None], self.pad_idx)
+        tgt_out = torch.cat([tgt, pad], 1).masked_fill(steps >= lengths[:, None], self.pad_idx)
+        tgt_out = tgt_out.masked_fill(steps == lengths[:, None], self.eos_idx)
+        return tgt_in, tgt_out
+
+    def loss(self, src: Tensor, src_lengths: Tensor, tgt: Tensor, tgt_lengths: Tensor, *,
+             reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+        """The teacher-forced cross-entropy of targets tgt (B, T) of tgt_lengths (B,) tokens
+        each, given without bos or eos (``teacher_forcing`` adds them): the decoder reads
+        bos_idx and the target and is scored on the target and eos_idx, over each
+        sequence's tgt_lengths + 1 tokens (pad_idx positions are ignored). ``reduction``
+        and ``label_smoothing`` are ``F.cross_entropy``'s; "mean" averages over tokens.
+
+        Under DistributedDataParallel, compute it through the wrapper's forward, e.g. a
+        module whose forward returns this loss, wrapped instead of the model."""
+        tgt_in, tgt_out = self.teacher_forcing(tgt, tgt_lengths)
+        if isinstance(src, Tensor) and src.dim() == 2 and tgt.shape[0] != src.shape[0]:
+            raise ValueError(f"tgt must have batch size {src.shape[0]} like src, "
+                             f"got {tuple(tgt.shape)}")
+        logits = self(src, src_lengths, tgt_in)
+        return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(),
+                               ignore_index=self.pad_idx, reduction=reduction,
+                               label_smoothing=label_smoothing)
 
     def _check_cuda_graph(self, cuda_graph) -> bool:
         if not isinstance(cuda_graph, bool):
@@ -118,43 +189,49 @@ class Seq2Seq(nn.Module):
         return cuda_graph
 
     @torch.no_grad()
-    def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int,
+    def greedy_decode(self, src: Tensor, src_lengths: Tensor, *, max_len: int,
                       cuda_graph: bool = False) -> Tensor:
-        """(B, L) token ids, L <= max_len: eos included, pad_idx after it.
+        """(B, L) token ids, L <= max_len: eos_idx included, pad_idx after it
+        (``token_lists`` cuts them). Dropout is off, whatever the model's mode.
 
         cuda_graph: run each step as the replay of a CUDA graph, captured at the first call
         of this batch shape and max_len (the same tokens; a decode step is otherwise bound
         by its kernel launches)."""
-        _positive_int(max_len, "max_len")
+        positive_int(max_len, "max_len")
         cuda_graph = self._check_cuda_graph(cuda_graph)
-        memory, state = self.encode(src, src_lengths)
-        args = (self.decoder, memory, state, self.bos_idx, self.eos_idx, self.pad_idx, max_len)
-        if not cuda_graph:
-            return greedy_decode(*args)
-        key = captured_key(self.decoder, memory, "greedy", max_len, self.bos_idx,
-                           self.eos_idx, self.pad_idx)
-        return self._cuda_graphs.get(key, lambda: CapturedGreedy(*args))(memory, state)
+        with _without_dropout(self):
+            memory, state = self.encode(src, src_lengths)
+            ids = dict(bos_idx=self.bos_idx, eos_idx=self.eos_idx, pad_idx=self.pad_idx,
+                       max_len=max_len)
+            if not cuda_graph:
+                return greedy_decode(self.decoder, memory, state, **ids)
+            key = captured_key(self.decoder, memory, "greedy", *ids.values())
+            search = self._cuda_graphs.get(
+                key, lambda: CapturedGreedy(self.decoder, memory, state, **ids))
+            return search(memory, state)
 
     @torch.no_grad()
-    def beam_search(self, src: Tensor, src_lengths: Tensor, beam_size: int, max_len: int,
+    def beam_search(self, src: Tensor, src_lengths: Tensor, *, beam_size: int, max_len: int,
                     length_penalty: Optional[LengthPenalty] = None, n_best: int = 1,
                     min_len: int = 0, cuda_graph: bool = False) -> BeamSearchResult:
         """The n_best hypotheses per sentence of a beam search of beam_size, at most max_len
-        tokens each and no end token before min_len (see search.beam_search).
+        tokens each and no end token before min_len (see search.beam_search);
+        ``token_lists`` cuts them at the end token. Dropout is off, whatever the model's
+        mode.
 
         cuda_graph: run each step as the replay of a CUDA graph, captured at the first call
         of this batch shape, beam_size, max_len and min_len (the same hypotheses; sentences
         that are done keep their rows until the end)."""
         cuda_graph = self._check_cuda_graph(cuda_graph)
-        _positive_int(beam_size, "beam_size")
-        _positive_int(max_len, "max_len")
-        _positive_int(n_best, "n_best")
+        positive_int(beam_size, "beam_size")
+        positive_int(max_len, "max_len")
+        positive_int(n_best, "n_best")
         if n_best > beam_size:
             raise ValueError(f"n_best must be <= beam_size = {beam_size}, got {n_best}")
         if beam_size > self.decoder.vocab_size:
             raise ValueError(f"beam_size must be <= the vocabulary size "
                              f"{self.decoder.vocab_size}, got {beam_size}")
-        _positive_int(min_len, "min_len", minimum=0)
+        positive_int(min_len, "min_len", minimum=0)
         if min_len > max_len:
             raise ValueError(f"min_len must be <= max_len = {max_len}, got {min_len}")
         if length_penalty is None:
@@ -162,16 +239,23 @@ class Seq2Seq(nn.Module):
         if not isinstance(length_penalty, LengthPenalty):
             raise TypeError(f"length_penalty must be a LengthPenalty or None, "
                             f"got {type(length_penalty).__name__}")
-        memory, state = self.encode(src, src_lengths)
-        if not cuda_graph:
-            return beam_search(self.decoder, memory, state, self.bos_idx, self.eos_idx,
-                               beam_size, max_len, length_penalty, n_best, min_len)
-        key = captured_key(self.decoder, memory, "beam", beam_size, max_len, min_len,
-                           self.bos_idx, self.eos_idx)
-        search = self._cuda_graphs.get(key, lambda: CapturedBeamSearch(
-            self.decoder, memory, state, self.bos_idx, self.eos_idx, beam_size, max_len,
-            min_len))
-        return search(memory, state, length_penalty, n_best)
+        with _without_dropout(self):
+            memory, state = self.encode(src, src_lengths)
+            sizes = dict(bos_idx=self.bos_idx, eos_idx=self.eos_idx, beam_size=beam_size,
+                         max_len=max_len, min_len=min_len)
+            if not cuda_graph:
+                return beam_search(self.decoder, memory, state, length_penalty=length_penalty,
+                                   n_best=n_best, **sizes)
+            key = captured_key(self.decoder, memory, "beam", *sizes.values())
+            search = self._cuda_graphs.get(
+                key, lambda: CapturedBeamSearch(self.decoder, memory, state, **sizes))
+            return search(memory, state, length_penalty, n_best)
+
+    def token_lists(self, output) -> list:
+        """A decoding's token ids as lists, each cut before its end token: for
+        greedy_decode's (B, L) tensor, one list per sentence; for a BeamSearchResult, one
+        list of n_best lists per sentence."""
+        return until_eos(output, self.eos_idx)
 
     def save(self, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
         """Saves the configuration and weights at path, with ``metadata``: a dict of plain
@@ -182,9 +266,8 @@ class Seq2Seq(nn.Module):
             metadata = self.metadata
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-        _check_plain(metadata, "metadata")
-        torch.save({"format": _FORMAT, "config": self.config(), "state_dict": self.state_dict(),
-                    "metadata": dict(metadata)}, path)
+        check_plain(metadata, "metadata")
+        write_checkpoint(path, self.config, self.state_dict(), dict(metadata))
 
     @classmethod
     def from_config(cls, config: dict) -> "Seq2Seq":
@@ -196,9 +279,10 @@ class Seq2Seq(nn.Module):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location=None) -> "Seq2Seq":
-        """The model saved at path by save(), on map_location (default: where it was), with
-        the metadata saved with it as its ``metadata`` attribute."""
-        config, state_dict, metadata = _read_checkpoint(path, map_location)
+        """The model saved at path by save(), on map_location (default: where it was), in
+        eval mode (ready to decode; ``.train()`` to train it further), with the metadata
+        saved with it as its ``metadata`` attribute."""
+        config, state_dict, metadata = read_checkpoint(path, map_location)
         try:
             model = cls.from_config(config)
             # The weights' dtype and device (map_location's, else where they were saved).
@@ -209,13 +293,13 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's configuration or "
                              f"weights are invalid: {e}") from None
         model.metadata = metadata
-        return model
+        return model.eval()
 
     def load_weights(self, path: Union[str, os.PathLike], map_location=None) -> None:
         """Loads the weights saved at path into this model; the checkpoint must have been
         saved from a model of this configuration."""
-        config, state_dict, _ = _read_checkpoint(path, map_location)
-        mine = self.config()
+        config, state_dict, _ = read_checkpoint(path, map_location)
+        mine = self.config
         if config != mine:
             diff = sorted(k for k in set(config) | set(mine) if config.get(k) != mine.get(k))
             raise ValueError(f"path {os.fspath(path)!r} holds a model of another configuration "
@@ -226,37 +310,3 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"path {os.fspath(path)!r}: the checkpoint's weights do not fit "
                              f"its configuration: {e}") from None
 
-
-def _check_plain(value, where: str) -> None:
-    """value is made of what torch.load(weights_only=True) reads back: None, bool, int,
-    float, str, and lists, tuples and str-keyed dicts of them."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{where} keys must be strings, got {k!r}")
-            _check_plain(v, f"{where}[{k!r}]")
-        return
-    raise TypeError(f"{where} must hold only plain values (None, bool, int, float, str, lists "
-                    f"and dicts of them), got {type(value).__name__}")
-
-
-def _read_checkpoint(path, map_location) -> Tuple[dict, dict, dict]:
-    if not os.path.isfile(path):
-        raise ValueError(f"path {os.fspath(path)!r} is not a file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001  (any unreadable file is the same user error)
-        raise ValueError(f"path {os.fspath(path)!r} is not a readable Seq2Seq checkpoint "
-                         f"({type(e).__name__}: {e})") from None
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == _FORMAT
-            and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("state_dict"), dict)
-            and isinstance(ckpt.get("metadata", {}), dict)):
-        raise ValueError(f"path {os.fspath(path)!r} is not a Seq2Seq checkpoint (format "
-                         f"{_FORMAT!r})")
-    return ckpt["config"], ckpt["state_dict"], ckpt.get("metadata", {})
