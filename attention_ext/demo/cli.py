@@ -12,7 +12,7 @@ from . import ATTENTIONS, UserError
 # What the demo imports beyond the core package: the optional extra "demo".
 EXTRA = ("babel", "tqdm", "matplotlib")
 
-# The training run's defaults: 800 steps take under 2 minutes on 2 CPU cores.
+# The training run's defaults.
 TRAINING = {"attention": "bahdanau", "steps": 800, "batch_size": 128, "seed": 0}
 
 
