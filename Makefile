@@ -47,8 +47,8 @@ test-sanitized: $(VENV)/.deps-installed
 	PY=$(PY) bash .ci/test_sanitized.sh emulated-cuda
 
 # Every benchmark of this machine's device (the end-to-end models, the ops, the layers,
-# the drop-ins, beam search): benchmarks/results/<machine>.md, .json and .png (the
-# end-to-end speedups). `make bench QUICK=1`: each benchmark's --quick.
+# the drop-ins, beam search): benchmarks/results/report-<machine>-<date>.md, .json and
+# .png (the end-to-end speedups). `make bench QUICK=1`: each benchmark's --quick.
 bench: install
 	$(PY) benchmarks/report.py $(if $(QUICK),--quick)
 

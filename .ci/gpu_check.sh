@@ -2,7 +2,9 @@
 # make gpu-check: on a machine with a CUDA GPU, builds the extension in place for the GPU
 # it finds, runs the CUDA tests (pytest -m cuda), then the CUDA benchmark, the beam
 # search benchmark and the end-to-end seq2seq benchmark (quick). Logs and the benchmarks'
-# tables go to $LOG_DIR. Fits a few minutes on an H100 (build about 45 s with 16 jobs).
+# tables go to $LOG_DIR, the tables named as in benchmarks/results:
+# <benchmark>-<machine>-<date>.md (e.g. cuda-h100-2026-11-27.md). Fits a few minutes on an
+# H100 (build about 45 s with 16 jobs).
 #
 # Environment: PY (default python3, the interpreter with a CUDA build of torch), LOG_DIR
 # (default gpu-check-logs), TEST_WORKERS (pytest-xdist workers when installed, default 8),
@@ -29,6 +31,12 @@ echo "== built in $(( $(date +%s) - start )) s"
 "$PY" -c 'import attention_ext as ae, sys; info = ae.build_info(); print(info)
 sys.exit(0 if info["with_cuda"] else "gpu-check: the build has no CUDA kernels")' || exit 1
 
+# The file of a benchmark's tables in $LOG_DIR (benchmarks/_common.py: result_stem).
+result_file() {
+  "$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import _common as C
+print(C.result_stem(sys.argv[1], sys.argv[2], "cuda") + ".md")' "$LOG_DIR" "$1"
+}
+
 # One intra-op thread per worker: the CUDA tests also train small models on the CPU, and
 # workers of all-core thread pools stall each other at every parallel op's barrier.
 workers=()
@@ -40,18 +48,18 @@ tests_rc=${PIPESTATUS[0]}
 
 echo "== gpu-check: benchmarks/bench_cuda.py ${BENCH_ARGS:---quick}"
 # shellcheck disable=SC2086
-"$PY" benchmarks/bench_cuda.py ${BENCH_ARGS:---quick} --output "$LOG_DIR/bench_cuda.md" 2>&1 \
+"$PY" benchmarks/bench_cuda.py ${BENCH_ARGS:---quick} --output "$(result_file cuda)" 2>&1 \
   | tee "$LOG_DIR/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== gpu-check: benchmarks/bench_beam_search.py --quick --device cuda --models bahdanau"
 "$PY" benchmarks/bench_beam_search.py --quick --device cuda --models bahdanau \
-  --output "$LOG_DIR/bench_beam_search.md" 2>&1 | tee "$LOG_DIR/bench_beam_search.log"
+  --output "$(result_file beam-search)" 2>&1 | tee "$LOG_DIR/bench_beam_search.log"
 (( bench_rc = bench_rc || PIPESTATUS[0] ))
 
 echo "== gpu-check: benchmarks/bench_seq2seq.py --quick --device cuda"
 "$PY" benchmarks/bench_seq2seq.py --quick --device cuda \
-  --output "$LOG_DIR/bench_seq2seq.md" 2>&1 | tee "$LOG_DIR/bench_seq2seq.log"
+  --output "$(result_file seq2seq)" 2>&1 | tee "$LOG_DIR/bench_seq2seq.log"
 (( bench_rc = bench_rc || PIPESTATUS[0] ))
 echo "== gpu-check: tests rc=$tests_rc, benchmark rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

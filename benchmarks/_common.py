@@ -8,8 +8,11 @@ and ratios of medians.
 """
 from __future__ import annotations
 
+import datetime
+import glob
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -134,6 +137,35 @@ def machine_info(device: str, build_info: dict | None = None) -> Dict[str, str]:
         info["cuda device"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda (torch)"] = str(torch.version.cuda)
     return info
+
+
+# What a CPU's or GPU's name holds that does not tell machines apart: trademarks, clock
+# speeds, core counts, vendor and product-line words, memory sizes and kinds, form factors.
+_NAME_NOISE = re.compile(r"\(r\)|\(tm\)|@ ?[0-9.]+ ?ghz|\b[0-9]+-core\b")
+_NOISE_WORDS = re.compile(r"processor|cpu|nvidia|[0-9]+gb|hbm[0-9]*|pcie|sxm[0-9]*|nvl")
+
+
+def machine_name(device: str) -> str:
+    """The machine's part of a result file's name: the GPU's model on CUDA ("h100"), else
+    "cpu", the CPU's model and its core count ("cpu-intel-xeon-2c")."""
+    cuda = str(device).startswith("cuda")
+    name = torch.cuda.get_device_name(torch.device(device)) if cuda else cpu_model()
+    words = [w for w in re.split(r"[^a-z0-9]+", _NAME_NOISE.sub(" ", name.lower()))
+             if w and not _NOISE_WORDS.fullmatch(w)]
+    return "-".join((words or ["gpu"]) if cuda else ["cpu", *words, f"{os.cpu_count()}c"])
+
+
+def result_stem(folder: str, benchmark: str, device: str) -> str:
+    """Where a run's results go, without the extension: folder/<benchmark>-<machine>-<date>
+    (today, UTC), e.g. results/seq2seq-cpu-intel-xeon-2c-2026-11-28; a later run of the
+    same day gets -2, -3, ... so that no earlier result is overwritten."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    base = os.path.join(folder, f"{benchmark.replace('_', '-')}-{machine_name(device)}-{date}")
+    stem, n = base, 1
+    while glob.glob(glob.escape(stem) + ".*"):
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
 
 
 def print_machine_info(info: Dict[str, str]) -> None:

@@ -1,6 +1,10 @@
-"""Runs the benchmarks and writes one report per machine: benchmarks/results/<machine>.md
-(the machine, then every benchmark's table), <machine>.json (the same tables as rows, and
-the end-to-end records) and <machine>.png (the end-to-end speedups). `make bench` runs it.
+"""Runs the benchmarks and writes a report of the run into benchmarks/results.
+
+The report is <name>.md (the machine, then every benchmark's table), <name>.json (the
+same tables as rows, and the end-to-end records) and <name>.png (the end-to-end
+speedups), where <name> is <benchmark>-<machine>-<date> (e.g.
+seq2seq-cpu-intel-xeon-2c-2026-11-28; the benchmark is "report" when the run holds
+several, and a later run of the same day gets -2, -3, ...). `make bench` runs it.
 
 Each benchmark runs in its own process (as `python benchmarks/bench_X.py --output ...`),
 so one's compiled graphs and allocator state do not touch the next one's timings.
@@ -13,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -42,15 +45,6 @@ BENCHMARKS = {
 # on 2 CPU cores.
 QUICK_EXTRA = {"dot": ["--budget", "1"], "additive": ["--budget", "1"],
                "beam_search": ["--models", "bahdanau"]}
-
-
-def machine_name(device: str) -> str:
-    """A file name for the machine: the GPU's name on CUDA, else the CPU's and its cores."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = f"cpu {C.cpu_model()} {os.cpu_count()}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def markdown_tables(text: str) -> list:
@@ -139,6 +133,8 @@ def main(argv=None):
         if kind not in BENCHMARKS[name][2]:
             p.error(f"--benchmarks: {name} does not run on {kind}")
     os.makedirs(args.results, exist_ok=True)
+    base = C.result_stem(args.results, chosen[0] if len(chosen) == 1 else "report",
+                         args.device)
 
     import attention_ext
 
@@ -167,7 +163,6 @@ def main(argv=None):
                 with open(records) as f:
                     data[name]["records"] = json.load(f)["records"]
 
-    base = os.path.join(args.results, machine_name(args.device))
     with open(base + ".md", "w") as f:
         f.write(f"# Benchmarks on {info.get('cuda device', info['cpu'])}\n\n")
         f.write("\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n")
