@@ -8,7 +8,7 @@ any op's case, so the parity, autograd and error tests are written once and para
 over OPS (test ids "dot" and "additive"); what only one op has (dot's scale and
 values=None, additive's v) is an option of its spec or an entry of that op alone.
 
-The tolerance rule is conftest's (assert_rule): the same for both ops.
+The tolerance rule is helpers.py's (assert_rule): the same for both ops.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 import attention_ext
 from attention_ext import reference
 from attention_ext.reference import tile_memory
-from conftest import assert_rule, generator, make_masking, on_device, randn, upstream_grad
+from helpers import assert_rule, generator, make_masking, on_device, randn, upstream_grad
 
 Tensor = torch.Tensor
 
@@ -109,7 +109,7 @@ class OpSpec:
     def make_case(self, B, Tq, S, F=None, Dv=None, *, D=None, A=None, dtype=torch.float32,
                   device="cpu", seed=0, query_2d=False, values_none=False, mask_kind="none",
                   scale=None, memory=None) -> "Case":
-        """Seeded inputs, then masking (conftest.MASK_KINDS) from the same generator. The
+        """Seeded inputs, then masking (helpers.MASK_KINDS) from the same generator. The
         width F may be given by the op's own name (D=, A=) as in the shape tables. The
         scales (init_scales) make scores of a standard deviation of about 1.5: softmax
         neither uniform nor one-hot. memory=(kind, M) gives the case M memory rows and a
@@ -193,7 +193,7 @@ class Case:
         return dataclasses.replace(self, inputs=inputs, **over)
 
     def on_device(self, device) -> "Case":
-        """Every tensor on device but lengths, which stay on the CPU (conftest.on_device)."""
+        """Every tensor on device but lengths, which stay on the CPU (helpers.on_device)."""
         moved = on_device({**self.inputs, "lengths": self.lengths, "mask": self.mask,
                            "memory_index": self.memory_index}, device)
         return self.replace(**moved)
@@ -276,7 +276,7 @@ def run(case: Case, fn=None, *, dtype=None, need_weights=True, weights_in_loss=T
     """Forward + backward of fn (default: ours, the op's functional API) on case, its inputs
     cast to dtype. Returns context, weights and a gradient per input (case.op.outputs; None
     for an input that is None). The loss is <context, g_c> (+ <weights, g_w> when
-    weights_in_loss) with seeded upstream gradients (conftest.upstream_grad)."""
+    weights_in_loss) with seeded upstream gradients (helpers.upstream_grad)."""
     op = case.op
     fn = op.functional if fn is None else fn
     dtype = case.dtype if dtype is None else dtype
@@ -301,7 +301,7 @@ def run(case: Case, fn=None, *, dtype=None, need_weights=True, weights_in_loss=T
 def check_parity(case: Case, *, fn=None, need_weights=True, weights_in_loss=True,
                  outputs=None):
     """Ours (or fn) vs the float64 oracle, with reference.py in the input dtype as the
-    yardstick (conftest's tolerance rule), on every output and gradient. Returns ours."""
+    yardstick (helpers.py's tolerance rule), on every output and gradient. Returns ours."""
     op = case.op
     kw = dict(need_weights=need_weights, weights_in_loss=weights_in_loss)
     got = run(case, fn, **kw)

@@ -198,8 +198,8 @@ def test_compile_fullgraph(attn_type):
 @pytest.mark.parametrize("attn_type", TYPES)
 def test_low_precision_rule(attn_type, dtype):
     """The suite's tolerance rule: error vs the float64 oracle <= 2x the eager oracle's own
-    error in the same dtype, plus a floor (conftest.tolerance)."""
-    from conftest import assert_rule
+    error in the same dtype, plus a floor (helpers.tolerance)."""
+    from helpers import assert_rule
 
     ref64, _ = _pair(attn_type, "softmax", True, torch.float64)
     ref_lp, ours = _pair(attn_type, "softmax", True, dtype)

@@ -10,7 +10,7 @@ import torch
 
 import attention_ext
 from attention_ext.nn import BahdanauAttention, LuongAttention, PrecomputedMemory
-from conftest import DEVICES, assert_rule, generator, make_masking, randn, upstream_grad
+from helpers import DEVICES, assert_rule, generator, make_masking, randn, upstream_grad
 
 
 # ----------------------------------------------------------------------------- eager formulas
