@@ -1,10 +1,11 @@
 """attention_ext.compat.GlobalAttention against an eager OpenNMT-py GlobalAttention.
 
-The oracle (attention_ext.compat.eager) is written from OpenNMT-py's published formulas and its code at commit
-97111d9 (2024-06-27, batch-first outputs): coverage replaces the encoder states by
-tanh(enc_out + linear_cover(coverage)) for scores and context; padding is masked to -inf
-before softmax/sparsemax; attn_h = linear_out([c, q]) (+ tanh for dot/general).
-Parity runs with src_len >= 1 (OpenNMT-py gives NaN for an empty row; ours gives 0).
+The oracle (eager_layers.EagerGlobalAttention) is written from OpenNMT-py's published
+formulas and its code at commit 97111d9 (2024-06-27, batch-first outputs): coverage
+replaces the encoder states by tanh(enc_out + linear_cover(coverage)) for scores and
+context; padding is masked to -inf before softmax/sparsemax; attn_h = linear_out([c, q])
+(+ tanh for dot/general). Parity runs with src_len >= 1 (OpenNMT-py gives NaN for an empty
+row; ours gives 0).
 
 Tolerances: float64 1e-10 absolute (sizes are small, values O(1)); float32 1e-5 absolute
 (several matmuls and a fused softmax in a different summation order, values O(1);
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from attention_ext.compat import GlobalAttention
-from attention_ext.compat.eager import EagerGlobalAttention as RefGlobalAttention
+from eager_layers import EagerGlobalAttention as RefGlobalAttention
 from attention_ext.compat.opennmt import sparsemax
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attention_ext.compat import BahdanauAttention
-from attention_ext.compat.eager import EagerTutorialBahdanau as TutorialBahdanau
+from eager_layers import EagerTutorialBahdanau as TutorialBahdanau
 
 
 B, S, H = 3, 6, 16
