@@ -1,13 +1,15 @@
 """What the attention_ext tests import: devices, seeded inputs, the tolerance rule and the
 split-S knob. pytest's hooks and fixtures are conftest.py's; the ops' harness (cases, running
-ours and reference.py) is harness.py's.
+ours and reference.py) and the layers' (ours against an eager peer) are harness.py's.
 
 Tolerance rule (flash-attention style):
-  * the oracle is reference.py run in float64 on the very same (already rounded) inputs;
+  * the oracle is the eager reference run in float64 on the very same (already rounded)
+    inputs: reference.py for the ops; for a layer, its eager peer (test_nn's published
+    formulas, eager_layers.py's OpenNMT-py and tutorial layers) with the same parameters;
   * float64: ours must match the oracle to ~1e-9 relative to the magnitudes;
   * float32: max|ours - oracle| <= max(1e-5 * max(1, max|oracle|), 2 * max|ref32 - oracle|);
   * float16/bfloat16: max|ours - oracle| <= 2 * max|ref_lowp - oracle| + eps, where
-    ref_lowp is reference.py run in the low dtype (the error a user gets from eager
+    ref_lowp is the eager reference run in the low dtype (the error a user gets from eager
     PyTorch) and eps = max(1e-3, half an ulp at max|oracle|) covers a reference error of ~0.
 """
 from __future__ import annotations
@@ -166,6 +168,12 @@ def assert_rule(name: str, got, ref_lowp, oracle, dtype):
         f"{name} ({dtype_id(dtype)}): max|ours - oracle| = {err:.3g} > tol {tol:.3g} "
         f"(max|reference.py in {dtype_id(dtype)} - oracle| = {ref_err:.3g})"
     )
+
+
+def assert_rule_float64(name: str, got, oracle):
+    """The tolerance rule on a float64 result whose oracle, the eager reference in float64,
+    is also its yardstick."""
+    assert_rule(name, got, oracle, oracle, torch.float64)
 
 
 # ----------------------------------------------------------------------------- split-S knob
