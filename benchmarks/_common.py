@@ -168,10 +168,16 @@ def result_stem(folder: str, benchmark: str, device: str) -> str:
     return stem
 
 
-def print_machine_info(info: Dict[str, str]) -> None:
+def print_benchmark_info(device: str, build_info: dict, benchmark: str,
+                         extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The machine (machine_info), any extra lines and what the benchmark runs, printed
+    before its tables; returned for write_output."""
+    info = {**machine_info(device, build_info), **(extra or {}), "benchmark": benchmark}
     width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k.ljust(width)} : {v}")
+    print()
+    return info
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -325,11 +331,9 @@ def per_step_main(doc: str, layers: Sequence[str], shapes: Dict[str, tuple],
 
     import attention_ext
 
-    info = machine_info("cpu", attention_ext.build_info())
-    info["benchmark"] = (f"repeats={repeats} (budget {budget:g} s per row), float32, "
-                         f"seed={args.seed}")
-    print_machine_info(info)
-    print()
+    info = print_benchmark_info("cpu", attention_ext.build_info(),
+                                f"repeats={repeats} (budget {budget:g} s per row), float32, "
+                                f"seed={args.seed}")
     headers = ["layer", "mode (B, Tq, S, D)", "samples", "ours ms/step", "eager ms/step",
                "ours/eager"]
     rows = []
@@ -394,14 +398,11 @@ def parse_list(p, field: str, value: str, allowed) -> list:
 
 def print_op_benchmark_info(args, device: str, build_info: dict) -> Dict[str, str]:
     """The machine and the sampling settings, printed before an op benchmark's table."""
-    info = machine_info(device, build_info)
-    info["benchmark"] = (f"repeats={args.repeats} (budget {args.budget:g} s per row, "
-                         f"1 sample for calls > {args.slow:g} s), "
-                         f"need_weights={args.need_weights}, "
-                         f"lengths uniform in [S/2, S], seed={args.seed}")
-    print_machine_info(info)
-    print()
-    return info
+    return print_benchmark_info(device, build_info,
+                                f"repeats={args.repeats} (budget {args.budget:g} s per row, "
+                                f"1 sample for calls > {args.slow:g} s), "
+                                f"need_weights={args.need_weights}, "
+                                f"lengths uniform in [S/2, S], seed={args.seed}")
 
 
 def write_output(path: str, info: Dict[str, str], text: str,

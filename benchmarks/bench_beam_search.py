@@ -130,12 +130,10 @@ def main(argv=None):
         print(C.peak_memory_rise_mib(fns[variant], device))
         return
 
-    info = C.machine_info(device, attention_ext.build_info())
-    info["benchmark"] = (f"B={args.batch} S={args.src_len} hidden={args.hidden} "
-                         f"vocab={args.vocab} beam={args.beam} steps={steps} float32, "
-                         f"rounds={repeats}, seed={args.seed}")
-    C.print_machine_info(info)
-    print()
+    info = C.print_benchmark_info(device, attention_ext.build_info(),
+                                  f"B={args.batch} S={args.src_len} hidden={args.hidden} "
+                                  f"vocab={args.vocab} beam={args.beam} steps={steps} "
+                                  f"float32, rounds={repeats}, seed={args.seed}")
     headers = ["model", "variant", "ms / search", "x memory_index", "peak rise MiB",
                "x memory_index (memory)"]
     rows = []

@@ -1,7 +1,7 @@
 """Benchmark of the attention_ext.compat drop-ins against the layers they replace, per
 decoder step: OpenNMT-py's GlobalAttention and the PyTorch seq2seq tutorial's
 BahdanauAttention, both in eager PyTorch as their projects write them
-(attention_ext.compat.eager), loaded with the same state_dict.
+(tests/eager_layers.py), loaded with the same state_dict.
 
   decode  one inference step, no autograd: a (B, D) query (OpenNMT) / (B, 1, H) (tutorial,
           whose layer recomputes Ua(keys) at every step; ours reuses it)
@@ -21,12 +21,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The baselines are the tests' eager layers (tests/eager_layers.py), which are not installed.
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 import _common as C  # noqa: E402
 from bench_layers import check_agreement  # noqa: E402
+from eager_layers import EagerGlobalAttention, EagerTutorialBahdanau  # noqa: E402
 
 from attention_ext.compat import BahdanauAttention, GlobalAttention  # noqa: E402
-from attention_ext.compat.eager import EagerGlobalAttention, EagerTutorialBahdanau  # noqa: E402
 
 SHAPES = {"decode": (64, 1, 100, 512), "train": (32, 30, 50, 512)}
 LAYERS = {

@@ -41,6 +41,18 @@ MAX_SETS = 16
 
 IMPLS = ("ours", "eager", "compiled", "sdpa")
 
+def train_cases() -> dict:
+    """Teacher forcing, two sizes in both dtypes: a small model (B32 T30, width 512) and a
+    full training batch (B128 T50, width 1024); SDPA computes the dot op alone."""
+    sizes = {"": (32, 30, 50, 512), "-full": (128, 50, 50, 1024)}
+    dtypes = {"": torch.float32, "-bf16": torch.bfloat16}
+    return {f"{op}-train{size}{suffix}":
+            (op, "train", *shape, dtype,
+             ("ours", "eager", "compiled") + (("sdpa",) if op == "dot" else ()))
+            for op in ("dot", "additive") for size, shape in sizes.items()
+            for suffix, dtype in dtypes.items()}
+
+
 # name -> (op, kind, B, Tq, S, D or A, dtype, implementations)
 CASES = {
     "dot-decode": ("dot", "decode", 64, 1, 100, 512, torch.float32,
@@ -53,24 +65,7 @@ CASES = {
                         ("ours", "eager", "sdpa")),
     "additive-decode": ("additive", "decode", 64, 1, 100, 512, torch.float32,
                         ("ours", "eager", "compiled")),
-    # Teacher forcing, two sizes in both dtypes: a small model (B32 T30, width 512) and a
-    # full training batch (B128 T50, width 1024).
-    "dot-train": ("dot", "train", 32, 30, 50, 512, torch.float32,
-                  ("ours", "eager", "compiled", "sdpa")),
-    "dot-train-bf16": ("dot", "train", 32, 30, 50, 512, torch.bfloat16,
-                       ("ours", "eager", "compiled", "sdpa")),
-    "dot-train-full": ("dot", "train", 128, 50, 50, 1024, torch.float32,
-                       ("ours", "eager", "compiled", "sdpa")),
-    "dot-train-full-bf16": ("dot", "train", 128, 50, 50, 1024, torch.bfloat16,
-                            ("ours", "eager", "compiled", "sdpa")),
-    "additive-train": ("additive", "train", 32, 30, 50, 512, torch.float32,
-                       ("ours", "eager", "compiled")),
-    "additive-train-bf16": ("additive", "train", 32, 30, 50, 512, torch.bfloat16,
-                            ("ours", "eager", "compiled")),
-    "additive-train-full": ("additive", "train", 128, 50, 50, 1024, torch.float32,
-                            ("ours", "eager", "compiled")),
-    "additive-train-full-bf16": ("additive", "train", 128, 50, 50, 1024, torch.bfloat16,
-                                 ("ours", "eager", "compiled")),
+    **train_cases(),
 }
 
 
@@ -273,12 +268,10 @@ def main(argv=None):
     rounds = 5 if args.quick else 20
     C.set_compile_cache_limit()
 
-    info = C.machine_info("cuda", attention_ext.build_info())
     bandwidth = copy_bandwidth()
-    info["copy bandwidth (read + write)"] = f"{bandwidth / 1e12:.2f} TB/s"
-    info["benchmark"] = f"{rounds} rounds, {args.calls} calls per graph/loop"
-    C.print_machine_info(info)
-    print()
+    info = C.print_benchmark_info(
+        "cuda", attention_ext.build_info(), f"{rounds} rounds, {args.calls} calls per graph/loop",
+        extra={"copy bandwidth (read + write)": f"{bandwidth / 1e12:.2f} TB/s"})
 
     decode_rows, train_rows = [], []
     for name in cases:

@@ -374,12 +374,11 @@ def main(argv=None):
         return
     device = args.device
     C.set_compile_cache_limit(64)
-    info = C.machine_info(device, attention_ext.build_info())
-    info["benchmark"] = (f"B={args.batch} S={args.src_len} T={args.tgt_len} "
-                         f"hidden={args.hidden} embed={args.embed} vocab={args.vocab} "
-                         f"beam={args.beam}, rounds={args.repeats}, seed={args.seed}")
-    C.print_machine_info(info)
-    print()
+    info = C.print_benchmark_info(device, attention_ext.build_info(),
+                                  f"B={args.batch} S={args.src_len} T={args.tgt_len} "
+                                  f"hidden={args.hidden} embed={args.embed} "
+                                  f"vocab={args.vocab} beam={args.beam}, "
+                                  f"rounds={args.repeats}, seed={args.seed}")
     records = []
     t_start = time.perf_counter()
     for dtype_name in args.dtypes:

@@ -1,4 +1,4 @@
-"""One test harness for both fused ops.
+"""One test harness for both fused ops and the layers built on them.
 
 An OpSpec says what an op is to the tests: its tensor inputs (in call order; the first is
 the query, the second the keys), how to draw a seeded case, how to call ours (the
@@ -8,11 +8,17 @@ any op's case, so the parity, autograd and error tests are written once and para
 over OPS (test ids "dot" and "additive"); what only one op has (dot's scale and
 values=None, additive's v) is an option of its spec or an entry of that op alone.
 
-The tolerance rule is conftest's (assert_rule): the same for both ops.
+The layers built on the ops (attention_ext.nn, attention_ext.compat) have theirs:
+run_layer() and check_layer_parity() take any layer, a function calling it and its eager
+peer (the published formulas in test_nn.py, the layers of eager_layers.py).
+
+The tolerance rule is helpers.py's (assert_rule): the same for both ops and every layer.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -22,7 +28,7 @@ import torch
 import attention_ext
 from attention_ext import reference
 from attention_ext.reference import tile_memory
-from conftest import assert_rule, generator, make_masking, on_device, randn, upstream_grad
+from helpers import assert_rule, generator, make_masking, on_device, randn, upstream_grad
 
 Tensor = torch.Tensor
 
@@ -109,7 +115,7 @@ class OpSpec:
     def make_case(self, B, Tq, S, F=None, Dv=None, *, D=None, A=None, dtype=torch.float32,
                   device="cpu", seed=0, query_2d=False, values_none=False, mask_kind="none",
                   scale=None, memory=None) -> "Case":
-        """Seeded inputs, then masking (conftest.MASK_KINDS) from the same generator. The
+        """Seeded inputs, then masking (helpers.MASK_KINDS) from the same generator. The
         width F may be given by the op's own name (D=, A=) as in the shape tables. The
         scales (init_scales) make scores of a standard deviation of about 1.5: softmax
         neither uniform nor one-hot. memory=(kind, M) gives the case M memory rows and a
@@ -193,7 +199,7 @@ class Case:
         return dataclasses.replace(self, inputs=inputs, **over)
 
     def on_device(self, device) -> "Case":
-        """Every tensor on device but lengths, which stay on the CPU (conftest.on_device)."""
+        """Every tensor on device but lengths, which stay on the CPU (helpers.on_device)."""
         moved = on_device({**self.inputs, "lengths": self.lengths, "mask": self.mask,
                            "memory_index": self.memory_index}, device)
         return self.replace(**moved)
@@ -271,12 +277,28 @@ def call(fn, case: Case, **kw):
     return fn(*case.tensors(), **case.kwargs(), **kw)
 
 
+UPSTREAM_SEED = 1234  # run()'s and run_layer()'s upstream gradients
+
+
+def seeded_grads(outputs, leaves: Dict[str, Tensor], case_dtype: torch.dtype,
+                 seed: int) -> Dict[str, Tensor]:
+    """The gradient by every leaf ("grad_<name>"; zeros where the loss does not reach it) of
+    the loss sum_i <outputs[i], g_i>, with seeded upstream gradients g_i drawn in order and
+    rounded to case_dtype (helpers.upstream_grad), so that runs in every dtype of one case
+    differentiate the same loss."""
+    gen = generator(seed)
+    loss = sum((out * upstream_grad(out, gen, case_dtype)).sum() for out in outputs)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {"grad_" + n: torch.zeros_like(t) if g is None else g
+            for (n, t), g in zip(leaves.items(), grads)}
+
+
 def run(case: Case, fn=None, *, dtype=None, need_weights=True, weights_in_loss=True,
-        seed=1234) -> Dict[str, Optional[Tensor]]:
+        seed=UPSTREAM_SEED) -> Dict[str, Optional[Tensor]]:
     """Forward + backward of fn (default: ours, the op's functional API) on case, its inputs
     cast to dtype. Returns context, weights and a gradient per input (case.op.outputs; None
     for an input that is None). The loss is <context, g_c> (+ <weights, g_w> when
-    weights_in_loss) with seeded upstream gradients (conftest.upstream_grad)."""
+    weights_in_loss) with seeded upstream gradients (seeded_grads)."""
     op = case.op
     fn = op.functional if fn is None else fn
     dtype = case.dtype if dtype is None else dtype
@@ -284,24 +306,17 @@ def run(case: Case, fn=None, *, dtype=None, need_weights=True, weights_in_loss=T
                              for n, t in case.inputs.items() if t is not None})
     ctx, w = call(fn, leaves, need_weights=need_weights)
     out = {"context": ctx.detach(), "weights": None if w is None else w.detach()}
-    gen = generator(seed)
-    loss = (ctx * upstream_grad(ctx, gen, case.dtype)).sum()
-    if weights_in_loss and w is not None:
-        loss = loss + (w * upstream_grad(w, gen, case.dtype)).sum()
-    present = [n for n in op.inputs if leaves.inputs[n] is not None]
-    grads = torch.autograd.grad(loss, [leaves.inputs[n] for n in present], allow_unused=True)
-    grads = dict(zip(present, grads))
-    for n in op.inputs:
-        t = leaves.inputs[n]
-        g = grads.get(n)
-        out["grad_" + n] = None if t is None else (torch.zeros_like(t) if g is None else g)
+    in_loss = [ctx] + ([w] if weights_in_loss and w is not None else [])
+    grads = seeded_grads(in_loss, {n: t for n, t in leaves.inputs.items() if t is not None},
+                         case.dtype, seed)
+    out.update({"grad_" + n: grads.get("grad_" + n) for n in op.inputs})
     return out
 
 
 def check_parity(case: Case, *, fn=None, need_weights=True, weights_in_loss=True,
                  outputs=None):
     """Ours (or fn) vs the float64 oracle, with reference.py in the input dtype as the
-    yardstick (conftest's tolerance rule), on every output and gradient. Returns ours."""
+    yardstick (helpers.py's tolerance rule), on every output and gradient. Returns ours."""
     op = case.op
     kw = dict(need_weights=need_weights, weights_in_loss=weights_in_loss)
     got = run(case, fn, **kw)
@@ -320,3 +335,66 @@ def assert_same(a: dict, b: dict, msg=""):
             assert b[name] is None, f"{msg}{name}"
         else:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{msg}{name}")
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _float_tensor(t) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point()
+
+
+def _in_dtype(layer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """layer, or a copy of it cast to dtype where a parameter or buffer is in another dtype."""
+    tensors = itertools.chain(layer.parameters(), layer.buffers())
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return layer
+    return copy.deepcopy(layer).to(dtype)
+
+
+def run_layer(forward, layer, inputs: Dict[str, Optional[Tensor]], dtype: torch.dtype, *,
+              case_dtype=None) -> Dict[str, Tensor]:
+    """Forward + backward of forward(layer, *inputs.values()) -> (output, weights), with the
+    layer's parameters and the floating-point inputs cast to dtype (other inputs, such as
+    lengths and masks, as given). Returns output, weights and the gradient of every
+    floating-point input and every parameter by name ("grad_<name>"); the upstream gradients
+    are rounded to case_dtype (default dtype), the dtype under test (seeded_grads)."""
+    layer = _in_dtype(layer, dtype)
+    args = {n: t.detach().to(dtype).requires_grad_(True) if _float_tensor(t) else t
+            for n, t in inputs.items()}
+    out, w = forward(layer, *args.values())
+    leaves = {n: t for n, t in args.items() if _float_tensor(t)}
+    # A torch.compile wrapper names its parameters "_orig_mod.<name>".
+    params = {n.removeprefix("_orig_mod."): p for n, p in layer.named_parameters()}
+    assert not leaves.keys() & params.keys(), "an input and a parameter of the same name"
+    return {"output": out.detach(), "weights": w.detach(),
+            **seeded_grads((out, w), {**leaves, **params}, case_dtype or dtype, UPSTREAM_SEED)}
+
+
+def check_layer_parity(forward, layer, inputs: Dict[str, Optional[Tensor]], dtype, *,
+                       eager_forward, eager_layer=None) -> Dict[str, Tensor]:
+    """Ours (forward on layer) vs the float64 oracle, the eager peer (eager_forward on
+    eager_layer, default layer itself, with the same parameters), with the peer in dtype as
+    the yardstick (helpers.py's tolerance rule), on output, weights and every gradient
+    (run_layer). Parameters and inputs are rounded to dtype first, so all three runs see the
+    same values. Returns ours."""
+    eager_layer = layer if eager_layer is None else eager_layer
+    layer, eager_layer = _in_dtype(layer, dtype), _in_dtype(eager_layer, dtype)
+    inputs = {n: t.to(dtype) if _float_tensor(t) else t for n, t in inputs.items()}
+    got = run_layer(forward, layer, inputs, dtype)
+    lowp = run_layer(eager_forward, eager_layer, inputs, dtype)
+    oracle = run_layer(eager_forward, eager_layer, inputs, torch.float64, case_dtype=dtype)
+    assert got.keys() == oracle.keys()
+    for name in oracle:
+        assert_rule(name, got[name], lowp[name], oracle[name], dtype)
+    return got
+
+
+def peer_pair(eager_cls, ours_cls, *args, dtype=torch.float32, seed=0):
+    """(eager, ours): a drop-in and the eager layer it replaces, both built with args, the
+    eager one initialised under torch.manual_seed(seed), ours loading its state_dict, both in
+    dtype."""
+    torch.manual_seed(seed)
+    eager = eager_cls(*args).to(dtype)
+    ours = ours_cls(*args).to(dtype)
+    ours.load_state_dict(eager.state_dict())
+    return eager, ours

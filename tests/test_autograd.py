@@ -4,7 +4,7 @@ determinism."""
 import pytest
 import torch
 
-from conftest import DEVICES, check_single_step, generator, randn
+from helpers import DEVICES, check_single_step, generator, randn
 from harness import ADDITIVE, DOT, OPS, assert_same, call, per_op, run
 
 

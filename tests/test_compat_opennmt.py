@@ -1,14 +1,15 @@
 """attention_ext.compat.GlobalAttention against an eager OpenNMT-py GlobalAttention.
 
-The oracle (attention_ext.compat.eager) is written from OpenNMT-py's published formulas and its code at commit
-97111d9 (2024-06-27, batch-first outputs): coverage replaces the encoder states by
-tanh(enc_out + linear_cover(coverage)) for scores and context; padding is masked to -inf
-before softmax/sparsemax; attn_h = linear_out([c, q]) (+ tanh for dot/general).
-Parity runs with src_len >= 1 (OpenNMT-py gives NaN for an empty row; ours gives 0).
+The eager layer (eager_layers.EagerGlobalAttention) is written from OpenNMT-py's published
+formulas and its code at commit 97111d9 (2024-06-27, batch-first outputs): coverage
+replaces the encoder states by tanh(enc_out + linear_cover(coverage)) for scores and
+context; padding is masked to -inf before softmax/sparsemax; attn_h = linear_out([c, q])
+(+ tanh for dot/general). Parity runs with src_len >= 1 (OpenNMT-py gives NaN for an empty
+row; ours gives 0).
 
-Tolerances: float64 1e-10 absolute (sizes are small, values O(1)); float32 1e-5 absolute
-(several matmuls and a fused softmax in a different summation order, values O(1);
-the largest difference over these cases is 2.2e-6).
+Comparisons follow the suite's tolerance rule (helpers.py): the oracle is the eager layer in
+float64 with the same parameters and inputs, the yardstick the eager layer in the case's
+dtype (harness.check_layer_parity).
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import pytest
 import torch
 
 from attention_ext.compat import GlobalAttention
-from attention_ext.compat.eager import EagerGlobalAttention as RefGlobalAttention
 from attention_ext.compat.opennmt import sparsemax
+from eager_layers import EagerGlobalAttention
+from harness import check_layer_parity, peer_pair
+from helpers import assert_rule_float64, dtype_id, generator, randn
 
 
 TYPES = ["dot", "general", "mlp"]
@@ -28,71 +31,56 @@ B, S, D = 3, 7, 8
 
 
 def _pair(attn_type, attn_func, coverage, dtype, seed=0):
-    torch.manual_seed(seed)
-    ref = RefGlobalAttention(D, coverage, attn_type, attn_func).to(dtype)
-    ours = GlobalAttention(D, coverage, attn_type, attn_func).to(dtype)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
+    return peer_pair(EagerGlobalAttention, GlobalAttention, D, coverage, attn_type, attn_func,
+                     dtype=dtype, seed=seed)
 
 
 def _inputs(T, coverage, lengths, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randn((B, D) if T is None else (B, T, D), generator=g, dtype=dtype)
-    enc = torch.randn(B, S, D, generator=g, dtype=dtype)
-    cov = torch.rand(B, S, generator=g, dtype=dtype) * 2 if coverage else None
+    gen = generator(seed)
+    src = randn((B, D) if T is None else (B, T, D), gen, dtype)
+    enc = randn((B, S, D), gen, dtype)
+    cov = (torch.rand(B, S, generator=gen) * 2).to(dtype) if coverage else None
     ln = torch.tensor([S, 1, 4]) if lengths else None
     return src, enc, ln, cov
 
 
-def _run(module, src, enc, ln, cov, seed=2):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (src, enc)]
-    cov_leaf = None if cov is None else cov.detach().clone().requires_grad_(True)
-    h, a = module(leaves[0], leaves[1], src_len=ln, coverage=cov_leaf)
-    g = torch.Generator().manual_seed(seed)
-    loss = (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum() \
-        + (a * torch.randn(a.shape, generator=g, dtype=a.dtype)).sum()
-    # A torch.compile wrapper names its parameters "_orig_mod.<name>".
-    params = {n.removeprefix("_orig_mod."): p for n, p in module.named_parameters()}
-    inputs = leaves + ([cov_leaf] if cov_leaf is not None else []) + list(params.values())
-    grads = torch.autograd.grad(loss, inputs)
-    names = ["src", "enc_out"] + (["coverage"] if cov is not None else []) + list(params)
-    return h.detach(), a.detach(), dict(zip(names, grads))
+def _call(layer, src, enc_out, src_len, coverage):
+    return layer(src, enc_out, src_len=src_len, coverage=coverage)
+
+
+def _check(ref, ours, src, enc, ln, cov, dtype):
+    """Ours vs the eager layer (harness.check_layer_parity): attn_h ("output"), align
+    ("weights") and the gradients of the inputs and every parameter."""
+    return check_layer_parity(_call, ours, dict(src=src, enc_out=enc, src_len=ln, coverage=cov),
+                              dtype, eager_forward=_call, eager_layer=ref)
 
 
 CASES = list(itertools.product(TYPES, FUNCS, [False, True], [None, 5], [False, True]))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize(
     "attn_type,attn_func,coverage,T,lengths", CASES,
     ids=[f"{t}-{f}-{'cov' if c else 'nocov'}-{'T1step' if T is None else 'T5'}-"
          f"{'len' if ln else 'full'}" for t, f, c, T, ln in CASES])
-def test_parity(attn_type, attn_func, coverage, T, lengths, dtype, tol):
+def test_parity(attn_type, attn_func, coverage, T, lengths, dtype):
     ref, ours = _pair(attn_type, attn_func, coverage, dtype)
-    src, enc, ln, cov = _inputs(T, coverage, lengths, dtype)
-    h_r, a_r, g_r = _run(ref, src, enc, ln, cov)
-    h_o, a_o, g_o = _run(ours, src, enc, ln, cov)
+    got = _check(ref, ours, *_inputs(T, coverage, lengths, dtype), dtype)
+    h_o, a_o = got["output"], got["weights"]
     out_shape = (B, D) if T is None else (B, T, D)
-    assert h_o.shape == h_r.shape == out_shape
-    assert a_o.shape == a_r.shape == out_shape[:-1] + (S,)
-    torch.testing.assert_close(h_o, h_r, rtol=0, atol=tol)
-    torch.testing.assert_close(a_o, a_r, rtol=0, atol=tol)
+    assert h_o.shape == out_shape
+    assert a_o.shape == out_shape[:-1] + (S,)
     if lengths:  # padding gets exactly zero weight
         assert (a_o[1, ..., 1:] == 0).all() and (a_o[2, ..., 4:] == 0).all()
     if attn_func == "sparsemax":  # really sparse, and a distribution
         assert (a_o == 0).any()
         torch.testing.assert_close(a_o.sum(-1), torch.ones_like(a_o.sum(-1)))
-    assert g_o.keys() == g_r.keys()
-    for name in g_r:
-        torch.testing.assert_close(g_o[name], g_r[name], rtol=0, atol=tol,
-                                   msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 @pytest.mark.parametrize("attn_type", TYPES)
 @pytest.mark.parametrize("coverage", [False, True])
 def test_state_dict_keys_and_shapes(attn_type, coverage):
-    ref = RefGlobalAttention(D, coverage, attn_type)
+    ref = EagerGlobalAttention(D, coverage, attn_type)
     ours = GlobalAttention(D, coverage, attn_type)
     sr, so = ref.state_dict(), ours.state_dict()
     assert list(so) == list(sr)
@@ -183,33 +171,15 @@ def test_bad_inputs():
 def test_compile_fullgraph(attn_type):
     torch._dynamo.reset()
     ref, ours = _pair(attn_type, "softmax", True, torch.float32)
-    src, enc, ln, cov = _inputs(5, True, True, torch.float32)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
-    h_c, a_c, g_c = _run(compiled, src, enc, ln, cov)
-    h_r, a_r, g_r = _run(ref, src, enc, ln, cov)
-    torch.testing.assert_close(h_c, h_r, rtol=0, atol=1e-5)
-    torch.testing.assert_close(a_c, a_r, rtol=0, atol=1e-5)
-    assert g_c.keys() == g_r.keys()
-    for name in g_r:
-        torch.testing.assert_close(g_c[name], g_r[name], rtol=0, atol=1e-5)
+    _check(ref, compiled, *_inputs(5, True, True, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("attn_type", TYPES)
 def test_low_precision_rule(attn_type, dtype):
-    """The suite's tolerance rule: error vs the float64 oracle <= 2x the eager oracle's own
-    error in the same dtype, plus a floor (conftest.tolerance)."""
-    from conftest import assert_rule
-
-    ref64, _ = _pair(attn_type, "softmax", True, torch.float64)
-    ref_lp, ours = _pair(attn_type, "softmax", True, dtype)
-    ref64.load_state_dict(ref_lp.state_dict())  # the oracle uses the rounded parameters
-    src, enc, ln, cov = _inputs(5, True, True, dtype)  # rounded to dtype, then widened
-    h64, a64 = ref64(src.double(), enc.double(), src_len=ln, coverage=cov.double())
-    h_lp, a_lp = ref_lp(src, enc, src_len=ln, coverage=cov)
-    h, a = ours(src, enc, src_len=ln, coverage=cov)
-    assert_rule("attn_h", h.detach(), h_lp.detach(), h64.detach(), dtype)
-    assert_rule("align", a.detach(), a_lp.detach(), a64.detach(), dtype)
+    ref, ours = _pair(attn_type, "softmax", True, dtype)
+    _check(ref, ours, *_inputs(5, True, True, dtype), dtype)
 
 
 @pytest.mark.parametrize("attn_type", TYPES)
@@ -217,9 +187,9 @@ def test_decoder_loop_with_accumulated_coverage(attn_type):
     """One-step queries as in OpenNMT-py's RNN decoder, coverage = sum of past attention,
     so gradients also flow from later steps into earlier ones through the coverage."""
     ref, ours = _pair(attn_type, "softmax", True, torch.float64)
-    g = torch.Generator().manual_seed(3)
-    steps = torch.randn(4, B, D, generator=g, dtype=torch.float64)
-    enc = torch.randn(B, S, D, generator=g, dtype=torch.float64)
+    g = generator(3)
+    steps = randn((4, B, D), g, torch.float64)
+    enc = randn((B, S, D), g, torch.float64)
     ln = torch.tensor([S, 2, 5])
 
     def run(module):
@@ -232,8 +202,12 @@ def test_decoder_loop_with_accumulated_coverage(attn_type):
             cov = cov + a
             outs.append(h)
         loss = torch.stack(outs).pow(2).sum() + cov.pow(2).sum()
-        params = list(module.parameters())
-        return [loss.detach()] + list(torch.autograd.grad(loss, [q, e] + params))
+        params = dict(module.named_parameters())
+        grads = torch.autograd.grad(loss, [q, e] + list(params.values()))
+        return dict(zip(["loss", "grad_steps", "grad_enc"] + [f"grad_{n}" for n in params],
+                        [loss.detach()] + list(grads)))
 
-    for got, want in zip(run(ours), run(ref)):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    got, want = run(ours), run(ref)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_rule_float64(name, got[name], want[name])

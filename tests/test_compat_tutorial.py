@@ -1,6 +1,9 @@
-"""attention_ext.compat.BahdanauAttention against the PyTorch seq2seq tutorial's layer.
+"""attention_ext.compat.BahdanauAttention against the PyTorch seq2seq tutorial's layer
+(eager_layers.EagerTutorialBahdanau).
 
-Tolerances: float64 1e-10 absolute; float32 1e-5 absolute (values O(1), H = 16).
+Comparisons follow the suite's tolerance rule (helpers.py): the oracle is the tutorial's
+layer in float64 with the same parameters and inputs, the yardstick that layer in the case's
+dtype (harness.check_layer_parity).
 """
 from __future__ import annotations
 
@@ -8,66 +11,60 @@ import pytest
 import torch
 
 from attention_ext.compat import BahdanauAttention
-from attention_ext.compat.eager import EagerTutorialBahdanau as TutorialBahdanau
+from eager_layers import EagerTutorialBahdanau
+from harness import check_layer_parity, peer_pair
+from helpers import assert_rule_float64, dtype_id, generator, randn
 
 
 B, S, H = 3, 6, 16
 
 
 def _pair(dtype, seed=0):
-    torch.manual_seed(seed)
-    ref = TutorialBahdanau(H).to(dtype)
-    ours = BahdanauAttention(H).to(dtype)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
+    return peer_pair(EagerTutorialBahdanau, BahdanauAttention, H, dtype=dtype, seed=seed)
 
 
 def _inputs(dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, 1, H, generator=g, dtype=dtype),
-            torch.randn(B, S, H, generator=g, dtype=dtype))
+    gen = generator(seed)
+    return randn((B, 1, H), gen, dtype), randn((B, S, H), gen, dtype)
 
 
-def _grads(module, query, keys, seed=2, **kw):
-    q = query.detach().clone().requires_grad_(True)
-    k = keys.detach().clone().requires_grad_(True)
-    ctx, w = module(q, k, **kw)
-    g = torch.Generator().manual_seed(seed)
-    loss = (ctx * torch.randn(ctx.shape, generator=g, dtype=ctx.dtype)).sum() \
-        + (w * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum()
-    # A torch.compile wrapper names its parameters "_orig_mod.<name>".
-    params = {n.removeprefix("_orig_mod."): p for n, p in module.named_parameters()}
-    grads = torch.autograd.grad(loss, [q, k] + list(params.values()))
-    return ctx.detach(), w.detach(), dict(zip(["query", "keys"] + list(params), grads))
+def _ours(layer, query, keys, lengths, mask):
+    return layer(query, keys, lengths=lengths, mask=mask)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)],
-                         ids=["float64", "float32"])
+def _tutorial(layer, query, keys, lengths, mask):
+    """The tutorial's layer with its `keep` mask in place of lengths or mask."""
+    keep = mask if lengths is None else torch.arange(keys.shape[1]) < lengths[:, None]
+    return layer(query, keys, keep=keep)
+
+
+def _check(ref, ours, query, keys, dtype, lengths=None, mask=None):
+    """Ours vs the tutorial's layer (harness.check_layer_parity): context ("output"),
+    weights and the gradients of query, keys and every parameter."""
+    return check_layer_parity(_ours, ours, dict(query=query, keys=keys, lengths=lengths,
+                                                mask=mask),
+                              dtype, eager_forward=_tutorial, eager_layer=ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("masking", ["none", "lengths", "mask"])
-def test_parity(dtype, tol, masking):
+def test_parity(dtype, masking):
     ref, ours = _pair(dtype)
     query, keys = _inputs(dtype)
     lengths = torch.tensor([S, 2, 4])
-    keep = torch.arange(S) < lengths.unsqueeze(1)
-    kw_ref = {} if masking == "none" else {"keep": keep}
-    kw = {"none": {}, "lengths": {"lengths": lengths}, "mask": {"mask": keep}}[masking]
-    c_r, w_r, g_r = _grads(ref, query, keys, **kw_ref)
-    c_o, w_o, g_o = _grads(ours, query, keys, **kw)
+    kw = {"none": {}, "lengths": {"lengths": lengths},
+          "mask": {"mask": torch.arange(S) < lengths[:, None]}}[masking]
+    got = _check(ref, ours, query, keys, dtype, **kw)
+    c_o, w_o = got["output"], got["weights"]
     assert c_o.shape == (B, 1, H) and w_o.shape == (B, 1, S)
-    torch.testing.assert_close(c_o, c_r, rtol=0, atol=tol)
-    torch.testing.assert_close(w_o, w_r, rtol=0, atol=tol)
     if masking != "none":
         assert (w_o[1, 0, 2:] == 0).all() and (w_o[2, 0, 4:] == 0).all()
-    assert g_o.keys() == g_r.keys()
-    for name in g_r:
-        torch.testing.assert_close(g_o[name], g_r[name], rtol=0, atol=tol,
-                                   msg=lambda m, n=name: f"grad {n}: {m}")
     # Va.bias cancels in softmax: exactly 0 for us, 0 up to rounding for the tutorial.
-    assert torch.equal(g_o["Va.bias"], torch.zeros_like(g_o["Va.bias"]))
+    assert torch.equal(got["grad_Va.bias"], torch.zeros_like(got["grad_Va.bias"]))
 
 
 def test_state_dict_compatible():
-    ref, ours = TutorialBahdanau(H), BahdanauAttention(H)
+    ref, ours = EagerTutorialBahdanau(H), BahdanauAttention(H)
     sr, so = ref.state_dict(), ours.state_dict()
     assert list(so) == list(sr) == ["Wa.weight", "Wa.bias", "Ua.weight", "Ua.bias",
                                     "Va.weight", "Va.bias"]
@@ -85,11 +82,11 @@ def test_cache_hits_across_decoder_steps_and_gradients_accumulate():
     loss_r = sum(ref(q, k_r)[0].pow(2).sum() for q in steps)
     loss_o = sum(ours(q, k_o)[0].pow(2).sum() for q in steps)
     assert (ours.cache_misses, ours.cache_hits) == (1, 3)
-    torch.testing.assert_close(loss_o, loss_r, rtol=0, atol=1e-10)
+    assert_rule_float64("loss", loss_o.detach(), loss_r.detach())
     loss_r.backward()
     loss_o.backward()
-    torch.testing.assert_close(k_o.grad, k_r.grad, rtol=0, atol=1e-10)
-    torch.testing.assert_close(ours.Ua.weight.grad, ref.Ua.weight.grad, rtol=0, atol=1e-10)
+    assert_rule_float64("grad_keys", k_o.grad, k_r.grad)
+    assert_rule_float64("grad_Ua.weight", ours.Ua.weight.grad, ref.Ua.weight.grad)
     # The backward pass freed the cached graph: the next call must recompute, and a
     # second forward + backward with the same keys must work.
     ours.zero_grad()
@@ -132,8 +129,8 @@ def test_precompute():
         c, w = ours(query, keys)
         assert (ours.cache_misses, ours.cache_hits) == (1, 1)
         c_r, w_r = ref(query, keys)
-    torch.testing.assert_close(c, c_r, rtol=0, atol=1e-10)
-    torch.testing.assert_close(w, w_r, rtol=0, atol=1e-10)
+    assert_rule_float64("context", c, c_r)
+    assert_rule_float64("weights", w, w_r)
 
 
 def test_empty_row_gives_zeros():
@@ -147,15 +144,8 @@ def test_empty_row_gives_zeros():
 def test_compile_fullgraph():
     torch._dynamo.reset()
     ref, ours = _pair(torch.float32)
-    query, keys = _inputs(torch.float32)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
-    c_c, w_c, g_c = _grads(compiled, query, keys)
-    c_r, w_r, g_r = _grads(ref, query, keys)
-    torch.testing.assert_close(c_c, c_r, rtol=0, atol=1e-5)
-    torch.testing.assert_close(w_c, w_r, rtol=0, atol=1e-5)
-    assert g_c.keys() == g_r.keys()
-    for name in g_r:
-        torch.testing.assert_close(g_c[name], g_r[name], rtol=0, atol=1e-5)
+    _check(ref, compiled, *_inputs(torch.float32), torch.float32)
 
 
 def test_exported_from_package():
@@ -177,7 +167,7 @@ def test_inference_mode_bypasses_cache_and_keys_proj_argument():
         proj = ours.precompute(k)
         c3, w3 = ours(query, k, keys_proj=proj)
         c_r, w_r = ref(query, k)
-    torch.testing.assert_close(c2, c_r, rtol=0, atol=1e-10)
-    torch.testing.assert_close(c3, c_r, rtol=0, atol=1e-10)
-    torch.testing.assert_close(w3, w_r, rtol=0, atol=1e-10)
+    assert_rule_float64("context", c2, c_r)
+    assert_rule_float64("context with keys_proj", c3, c_r)
+    assert_rule_float64("weights with keys_proj", w3, w_r)
     assert not torch.allclose(c1, c2)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICES, EMULATED_CUDA, HAS_CUDA, generator, proc_rss_mib, randn
+from helpers import DEVICES, EMULATED_CUDA, HAS_CUDA, generator, proc_rss_mib, randn
 from harness import OPS
 
 GRAPH_MASKS = ("lengths64", "mask", "none")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import EMULATED_CUDA, generator
+from helpers import EMULATED_CUDA, generator
 from harness import DOT
 
 pytestmark = pytest.mark.skipif(

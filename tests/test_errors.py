@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, HAS_CUDA, on_device
+from helpers import DEVICES, HAS_CUDA, on_device
 from harness import ADDITIVE, DOT, OPS, call
 
 ERRORS = (ValueError, RuntimeError)

@@ -9,7 +9,7 @@ import torch
 
 import attention_ext as ae
 from attention_ext import reference
-from conftest import DEVICES, assert_rule, generator, randn
+from helpers import DEVICES, assert_rule, generator, randn
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,8 @@ import torch
 
 import attention_ext
 from attention_ext.nn import BahdanauAttention, LuongAttention, PrecomputedMemory
-from conftest import DEVICES, assert_rule, generator, make_masking, randn, upstream_grad
+from harness import check_layer_parity
+from helpers import DEVICES, generator, make_masking, randn
 
 
 # ----------------------------------------------------------------------------- eager formulas
@@ -124,44 +125,18 @@ def make_inputs(layer, B, Tq, S, mask_kind, dtype, device, seed):
     return query, memory, lengths, mask
 
 
-def run(layer, fn, query, memory, lengths, mask, dtype, precompute=False, seed=99,
-        case_dtype=None):
-    """Forward + backward of `fn(layer, query, memory, lengths, mask)` with everything cast
-    to `dtype` (the layer deep-copied); outputs, input grads and parameter grads. The
-    upstream gradients are rounded to `case_dtype` (default `dtype`), the dtype under test."""
-    layer = copy.deepcopy(layer).to(dtype)
-    q = query.detach().to(dtype).requires_grad_(True)
-    m = memory.detach().to(dtype).requires_grad_(True)
-    if precompute:
-        pre = layer.precompute(m, lengths=lengths, mask=mask)
-        out, w = fn(layer, q, pre, None, None)
-    else:
-        out, w = fn(layer, q, m, lengths, mask)
-    gen = generator(seed)
-    case_dtype = dtype if case_dtype is None else case_dtype
-    loss = (out * upstream_grad(out, gen, case_dtype)).sum() \
-        + (w * upstream_grad(w, gen, case_dtype)).sum()
-    params = dict(layer.named_parameters())
-    grads = torch.autograd.grad(loss, [q, m] + list(params.values()))
-    res = {"output": out.detach(), "weights": w.detach(), "grad_query": grads[0],
-           "grad_memory": grads[1]}
-    res.update({"grad_" + n: g for n, g in zip(params, grads[2:])})
-    return res
-
-
 def ours(layer, q, m, lengths, mask):
     return layer(q, m, lengths=lengths, mask=mask)
 
 
+def ours_precomputed(layer, q, m, lengths, mask):
+    return layer(q, layer.precompute(m, lengths=lengths, mask=mask))
+
+
 def check_against_eager(layer, query, memory, lengths, mask, dtype, precompute=False):
-    got = run(layer, ours, query, memory, lengths, mask, dtype, precompute)
-    eager = eager_of(layer)
-    lowp = run(layer, eager, query, memory, lengths, mask, dtype)
-    oracle = run(layer, eager, query, memory, lengths, mask, torch.float64, case_dtype=dtype)
-    assert set(got) == set(oracle)
-    for name in oracle:
-        assert_rule(name, got[name], lowp[name], oracle[name], dtype)
-    return got
+    return check_layer_parity(ours_precomputed if precompute else ours, layer,
+                              dict(query=query, memory=memory, lengths=lengths, mask=mask),
+                              dtype, eager_forward=eager_of(layer))
 
 
 # ----------------------------------------------------------------------------- parity

@@ -1,6 +1,6 @@
 """Both ops vs reference.py: forward (context, weights) and backward (the gradient of every
 input), over dtypes, shapes, masks, strides and split-S. Every comparison goes through
-conftest's tolerance rule (harness.check_parity / assert_rule)."""
+helpers.py's tolerance rule (harness.check_parity / assert_rule)."""
 import gc
 from contextlib import contextmanager
 import os
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     DEVICES,
     DTYPES,
     EMULATED_CUDA,

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DTYPES, MASK_KINDS
+from helpers import DTYPES, MASK_KINDS
 from harness import ADDITIVE, DOT, check_parity
 
 SETTINGS = settings(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICES
+from helpers import DEVICES
 from harness import ADDITIVE, DOT, OPS, call, run
 
 FUZZER = Path(__file__).with_name("fuzz_ops.py")

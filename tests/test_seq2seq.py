@@ -13,7 +13,7 @@ from attention_ext.nn import set_implementation
 from attention_ext.seq2seq import model as model_module
 from attention_ext.seq2seq import (BahdanauDecoder, DecoderState, Encoder, LengthPenalty,
                                    LuongDecoder, Seq2Seq, Vocabulary, pad_batch)
-from conftest import DEVICES, HAS_CUDA, generator
+from helpers import DEVICES, HAS_CUDA, generator
 
 V, PAD, BOS, EOS = 13, 0, 1, 2
 

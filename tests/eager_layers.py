@@ -1,6 +1,7 @@
 """The published layers that attention_ext.compat replaces, in eager PyTorch as their
 projects write them (same parameter names and shapes): the tests' oracles and the
-benchmarks' baselines. Never used by the fused layers themselves.
+benchmarks' baselines (benchmarks/bench_compat.py puts this folder on its path); not part
+of the installed package, and never used by the fused layers.
 
 * OpenNMT-py's GlobalAttention, from its formulas and its code at commit 97111d9
   (2024-06-27, batch-first outputs): coverage replaces the encoder states by
@@ -15,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .opennmt import sparsemax
-
+from attention_ext.compat.opennmt import sparsemax
 
 
 class EagerGlobalAttention(nn.Module):
