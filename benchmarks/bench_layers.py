@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_layers.py [--quick] [--layers ...] [--output FILE
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -71,9 +70,8 @@ def eager_step(layer, query, pre):
     else:
         q = layer.W_a(query) if layer.score == "general" else query
         scores = torch.bmm(q, keys.transpose(1, 2))
-    if isinstance(layer, LuongAttention) and layer.scale == "sqrt":
-        scores = scores / math.sqrt(layer.query_dim if layer.score == "concat"
-                                    else layer.memory_dim)
+    if isinstance(layer, LuongAttention) and layer.scale is not None:
+        scores = scores * layer.scale
     if isinstance(layer, LuongAttention) and layer.g is not None:
         scores = layer.g * scores
     weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)

@@ -134,17 +134,17 @@ def _static_state(state: DecoderState) -> DecoderState:
 
 
 def _static_memory(memory: PrecomputedMemory) -> PrecomputedMemory:
-    """A copy of memory in tensors of its own (keys stay memory itself where they are)."""
-    own = memory.memory.clone()
+    """A copy of memory in tensors of its own (keys stay the values themselves where they are)."""
+    own = memory.values.clone()
     return replace(
-        memory, memory=own, keys=own if memory.keys is memory.memory else memory.keys.clone(),
+        memory, values=own, keys=own if memory.keys is memory.values else memory.keys.clone(),
         lengths=None if memory.lengths is None else memory.lengths.clone(),
         mask=None if memory.mask is None else memory.mask.clone())
 
 
 def _copy_memory(dst: PrecomputedMemory, src: PrecomputedMemory) -> None:
-    dst.memory.copy_(src.memory)
-    if dst.keys is not dst.memory:
+    dst.values.copy_(src.values)
+    if dst.keys is not dst.values:
         dst.keys.copy_(src.keys)
     for d, s in ((dst.lengths, src.lengths), (dst.mask, src.mask)):
         if d is not None:
@@ -158,9 +158,9 @@ def captured_key(decoder: _Decoder, memory: PrecomputedMemory, *options) -> tupl
     modules' training modes (dropout), its attention's implementation, and the modes that
     pick kernels and tensor kinds (autocast, TF32, inference mode). A decoding captured
     for one key serves every batch of that key."""
-    m = memory.memory
+    m = memory.values
     return (tuple(m.shape), tuple(memory.keys.shape), m.dtype, m.device,
-            memory.keys is memory.memory,
+            memory.keys is memory.values,
             None if memory.lengths is None else memory.lengths.dtype,
             None if memory.mask is None else tuple(memory.mask.shape), *options,
             tuple(t.data_ptr() for t in decoder.parameters()),
@@ -185,7 +185,7 @@ class _CapturedDecoding:
 
     def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, state: DecoderState,
                  bos: int, eos: int, max_len: int):
-        self.decoder, self.device = decoder, memory.memory.device
+        self.decoder, self.device = decoder, memory.values.device
         self.bos, self.eos, self.max_len = bos, eos, max_len
         self.memory = _static_memory(memory)
         self.state = _static_state(state)
@@ -258,9 +258,9 @@ def greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, b
                   eos: int, pad: int, max_len: int) -> Tensor:
     """The argmax token at every step until every row has produced eos or max_len tokens.
     Returns (B, L) token ids, eos included, pad after it."""
-    B = memory.memory.shape[0]
+    B = memory.values.shape[0]
     state = decoder.init_state(encoder_state)
-    tokens = memory.memory.new_full((B,), bos, dtype=torch.long)
+    tokens = memory.values.new_full((B,), bos, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     out = []
     for _ in range(max_len):
@@ -282,7 +282,7 @@ class CapturedGreedy(_CapturedDecoding):
     def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
                  bos: int, eos: int, pad: int, max_len: int):
         super().__init__(decoder, memory, decoder.init_state(encoder_state), bos, eos, max_len)
-        B, device = memory.memory.shape[0], memory.memory.device
+        B, device = memory.values.shape[0], memory.values.device
         self.pad = pad
         self.finished = torch.empty(B, dtype=torch.bool, device=device)
         # Column t is written for every row at step t, so no call reads an earlier call's.
@@ -323,15 +323,15 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, bos
     when its live beams are finished as they are); its rows are then dropped. A beam that
     ends stops extending (its score becomes -inf), so a sentence may go on with fewer live
     beams, as in OpenNMT-py."""
-    B, S = memory.memory.shape[:2]
+    B, S = memory.values.shape[:2]
     K = beam_size
-    device = memory.memory.device
+    device = memory.values.device
     memory_index = torch.arange(B, device=device).repeat_interleave(K)
     state = decoder.init_state(encoder_state, memory_index)
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
-    scores = _initial_scores(B, K, memory.memory)
+    scores = _initial_scores(B, K, memory.values)
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
-    attn = memory.memory.new_empty(B * K, 0, S)
+    attn = memory.values.new_empty(B * K, 0, S)
     active = list(range(B))  # the sentence of each block of K rows
     finished: List[List[Tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(B)]
     beam_ids = torch.arange(K, device=device)
@@ -417,18 +417,18 @@ class CapturedBeamSearch(_CapturedDecoding):
 
     def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, encoder_state,
                  bos: int, eos: int, K: int, max_len: int, min_len: int):
-        B, S = memory.memory.shape[:2]
-        device = memory.memory.device
+        B, S = memory.values.shape[:2]
+        device = memory.values.device
         self.memory_index = torch.arange(B, device=device).repeat_interleave(K)
         super().__init__(decoder, memory, decoder.init_state(encoder_state, self.memory_index),
                          bos, eos, max_len)
         self.min_len = min_len
-        self.scores = _initial_scores(B, K, memory.memory)
+        self.scores = _initial_scores(B, K, memory.values)
         self.top = torch.empty_like(self.scores)
         # Column t is written at step t and the rows re-gathered from columns < t, so no
         # call reads an earlier call's histories.
         self.seqs = torch.empty(B * K, max_len, dtype=torch.long, device=device)
-        self.attn = memory.memory.new_empty(B * K, max_len, S)
+        self.attn = memory.values.new_empty(B * K, max_len, S)
         self.flags = torch.empty(2, B, K, dtype=torch.bool, device=device)  # ended, real
 
     def _body(self) -> None:
