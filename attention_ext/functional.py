@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops  # noqa: F401  (registers fake kernels and autograd)
+from . import _op_registrations  # noqa: F401  (fake kernels and autograd of the ops)
 
 Tensor = torch.Tensor
 
