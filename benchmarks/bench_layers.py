@@ -11,8 +11,8 @@ projection computed once per batch, masked_fill(-inf) + softmax, bmm, Linear):
 All implementations run interleaved in one process; medians of per-call times; ratio
 ours/eager (below 1: ours is faster). Lengths uniform in [S/2, S] (seeded).
 On a shared machine (see the load average printed first) multi-threaded calls of a few ms
-wait for a scheduler slice (at load 3 on 2 cores, 2-thread times come in steps of about
-8 ms); --threads 1 then gives the meaningful numbers.
+wait for a scheduler slice (docs/performance.md, "Shared cores"); --threads 1 then gives
+the meaningful numbers.
 
 Usage: python benchmarks/bench_layers.py [--quick] [--layers ...] [--output FILE]
 """
