@@ -1,6 +1,6 @@
 """Fused attention for RNN sequence-to-sequence models (Luong and Bahdanau)."""
 from ._loader import _C  # noqa: F401  (loads the operators into torch.ops.attention_ext)
-from . import ops  # noqa: F401  (fake kernels and autograd registrations)
+from . import _op_registrations  # noqa: F401  (fake kernels and autograd of the ops)
 from . import reference  # noqa: F401
 from .functional import additive_attention, dot_attention
 from . import nn  # noqa: F401  (layers on top of the functional ops)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops  # noqa: F401  (registers fake kernels and autograd)
+from . import _op_registrations  # noqa: F401  (fake kernels and autograd of the ops)
 
 Tensor = torch.Tensor
 
@@ -22,17 +22,30 @@ def _outputs(context: Tensor, weights: Tensor, need_weights: bool):
     return context, (weights if need_weights else None)
 
 
+def _below_autograd_supported() -> bool:
+    """Whether _call_op's fast path may use torch's private guard
+    torch._C._AutoDispatchBelowAutograd (the one torch.library's autograd kernel uses). It
+    exists throughout torch 2 from the package's minimum (2.4);
+    tests/test_autograd.py::test_below_autograd_fast_path fails on a torch where it or the
+    path change. Any other torch gets the plain call."""
+    version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    return (2, 4) <= version < (3, 0) and hasattr(torch._C, "_AutoDispatchBelowAutograd")
+
+
+_BELOW_AUTOGRAD = _below_autograd_supported()
+
+
 def _call_op(op, *args):
     """Calls op, skipping its Python autograd kernel when no gradient can flow.
 
-    With no input requiring grad (inference, decoding), the kernel registered by
-    torch.library.register_autograd only redispatches below autograd; doing that here saves
-    its Python round trip (about 10 us a call, 5% of a decode step). Under torch.compile the
-    op is called as is, so tracing sees the registered autograd.
+    With grad mode off or no input requiring grad (inference, decoding), the kernel that
+    torch.library.register_autograd installs only redispatches below autograd; doing that
+    here saves its Python round trip (docs/performance.md, "Python overhead"). Under
+    torch.compile the op is called as is, so tracing sees the registered autograd.
     """
     if (
-        torch.compiler.is_compiling()
-        or torch.autograd.forward_ad._current_level >= 0  # dual tensors: let autograd see them
+        not _BELOW_AUTOGRAD
+        or torch.compiler.is_compiling()
         or (
             torch.is_grad_enabled()
             and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)

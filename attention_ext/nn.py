@@ -7,6 +7,7 @@ every decoder step, which only projects the query and calls one fused op.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -30,15 +31,15 @@ class PrecomputedMemory:
     """The per-source-batch half of an attention layer, reused at every decoder step.
 
     Attributes:
-        memory: (B, S, Dm) encoder states, the values that are averaged.
-        keys: what the query is scored against: ``memory`` itself (Luong dot/general) or
-            its projection (B, S, A) (Luong concat, Bahdanau).
+        values: (B, S, Dm) encoder states, the values that are averaged.
+        keys: what the query is scored against: ``values`` itself (Luong dot/general) or
+            their projection (B, S, A) (Luong concat, Bahdanau).
         lengths: integer (B,) or None.
         mask: bool (B, S), True = attend, or None.
         owner: the layer that made it; the projection is only meaningful for that layer.
     """
 
-    memory: Tensor
+    values: Tensor
     keys: Tensor
     lengths: Optional[Tensor]
     mask: Optional[Tensor]
@@ -79,7 +80,7 @@ class _AttentionLayer(nn.Module):
     def _ops(self):
         return IMPLEMENTATIONS[self.implementation]
 
-    def precompute(self, memory: Tensor, lengths: Optional[Tensor] = None,
+    def precompute(self, memory: Tensor, *, lengths: Optional[Tensor] = None,
                    mask: Optional[Tensor] = None) -> PrecomputedMemory:
         """Projects and stores ``memory`` (B, S, memory_dim) with its masking, for reuse
         at every decoder step of this source batch (and only with this layer)."""
@@ -98,7 +99,7 @@ class _AttentionLayer(nn.Module):
 
     def _memory(self, memory: MemoryArg, lengths, mask) -> PrecomputedMemory:
         if not isinstance(memory, PrecomputedMemory):
-            return self.precompute(memory, lengths, mask)
+            return self.precompute(memory, lengths=lengths, mask=mask)
         if memory.owner is not self:
             raise ValueError(f"memory was precomputed by another layer "
                              f"({type(memory.owner).__name__}); its projection only fits "
@@ -112,9 +113,9 @@ class _AttentionLayer(nn.Module):
         if lengths is not None and mask is not None:
             raise ValueError("pass either lengths or mask, not both")
         # Masking per call on a memory precomputed without any: keep the projection.
-        return PrecomputedMemory(memory.memory, memory.keys, lengths, mask, self)
+        return PrecomputedMemory(memory.values, memory.keys, lengths, mask, self)
 
-    def forward(self, query: Tensor, memory: MemoryArg, lengths: Optional[Tensor] = None,
+    def forward(self, query: Tensor, memory: MemoryArg, *, lengths: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None, need_weights: bool = True,
                 memory_index: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Attends ``query`` over ``memory``.
@@ -122,7 +123,7 @@ class _AttentionLayer(nn.Module):
         Args:
             query: (B, query_dim) for one decoder step or (B, Tq, query_dim).
             memory: (B, S, memory_dim) encoder states, or this layer's
-                ``precompute(memory, lengths, mask)``.
+                ``precompute(memory, lengths=..., mask=...)``.
             lengths: integer (B,), positions j < lengths[b] attend; or
             mask: bool (B, S), True = attend. Not both; not again if ``memory`` has them.
             need_weights: when False the weights are not computed and None is returned.
@@ -143,37 +144,50 @@ class _AttentionLayer(nn.Module):
 
 
 _LUONG_SCORES = ("dot", "general", "concat")
-_SCALES = (None, "sqrt", "learned")
+
+
+def _check_scale(scale) -> None:
+    """scale is what dot_attention's scale is: a finite Python number, or None for 1."""
+    if scale is None:
+        return
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a Python number that multiplies the scores (e.g. "
+                        f"memory_dim ** -0.5) or None; for a learned factor pass "
+                        f"learn_scale=True; got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
 
 
 class LuongAttention(_AttentionLayer):
     """Luong et al. 2015 global attention.
 
-    score(h_t, h_s) = g * h_t^T h_s                      ("dot")
-                      g * h_t^T W_a h_s                  ("general")
-                      g * v_a^T tanh(W_a [h_t; h_s])     ("concat", W_a: query_dim rows)
+    score(h_t, h_s) = scale * g * h_t^T h_s                    ("dot")
+                      scale * g * h_t^T W_a h_s                ("general")
+                      scale * g * v_a^T tanh(W_a [h_t; h_s])   ("concat", W_a: query_dim rows)
     a_t = masked softmax over s; c_t = sum_s a_t(s) h_s;
     output = tanh(W_c [c_t; h_t]) (the attentional hidden state) if ``attentional``,
     else c_t (B, memory_dim).
 
-    g is 1 (scale=None), 1/sqrt(dim) (scale="sqrt"; dim = memory_dim, or the concat width
-    for "concat") or a learned scalar initialised to 1 (scale="learned", TF-Addons
-    ``scale=True``). ``bias`` adds a bias to W_c.
+    ``scale`` is a fixed number, as in :func:`attention_ext.dot_attention` (None means 1;
+    ``memory_dim ** -0.5`` gives scaled dot-product scores). g is a learned scalar
+    initialised to 1 with ``learn_scale=True`` (TF-Addons ``scale=True``), else 1.
+    ``bias`` adds a bias to W_c.
     """
 
     def __init__(self, query_dim: int, memory_dim: Optional[int] = None, score: str = "dot",
-                 scale: Optional[str] = None, attentional: bool = True, bias: bool = False):
+                 *, scale: Optional[float] = None, learn_scale: bool = False,
+                 attentional: bool = True, bias: bool = False):
         super().__init__()
         memory_dim = query_dim if memory_dim is None else memory_dim
         if score not in _LUONG_SCORES:
             raise ValueError(f"score must be one of {_LUONG_SCORES}, got {score!r}")
-        if scale not in _SCALES:
-            raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+        _check_scale(scale)
         if score == "dot" and memory_dim != query_dim:
             raise ValueError(f"score='dot' needs memory_dim == query_dim, got memory_dim="
                              f"{memory_dim} and query_dim={query_dim}; use score='general'")
         self.query_dim, self.memory_dim = query_dim, memory_dim
-        self.score, self.scale, self.attentional = score, scale, attentional
+        self.score, self.attentional = score, attentional
+        self.scale = None if scale is None else float(scale)
         if score == "general":
             # W_a h_s is applied as (W_a^T h_t)^T h_s: projecting the query costs
             # B*Dq*Dm per step instead of B*S*Dq*Dm per source batch.
@@ -185,19 +199,14 @@ class LuongAttention(_AttentionLayer):
             self.v_a = nn.Parameter(torch.empty(query_dim))
             bound = 1.0 / math.sqrt(query_dim)
             nn.init.uniform_(self.v_a, -bound, bound)
-        self.g = nn.Parameter(torch.ones(())) if scale == "learned" else None
+        self.g = nn.Parameter(torch.ones(())) if learn_scale else None
         self.W_c = (nn.Linear(memory_dim + query_dim, query_dim, bias=bias)
                     if attentional else None)
 
     def extra_repr(self) -> str:
         return (f"query_dim={self.query_dim}, memory_dim={self.memory_dim}, "
-                f"score={self.score!r}, scale={self.scale!r}, attentional={self.attentional}")
-
-    def _fixed_scale(self) -> float:
-        if self.scale != "sqrt":
-            return 1.0
-        width = self.query_dim if self.score == "concat" else self.memory_dim
-        return 1.0 / math.sqrt(width)
+                f"score={self.score!r}, scale={self.scale}, learn_scale={self.g is not None}, "
+                f"attentional={self.attentional}")
 
     def _keys(self, memory: Tensor) -> Tensor:
         if self.score == "concat":
@@ -209,16 +218,17 @@ class LuongAttention(_AttentionLayer):
         kw = dict(lengths=pre.lengths, mask=pre.mask, need_weights=need_weights,
                   memory_index=memory_index)
         if self.score == "concat":
-            # g v^T tanh(.) = (g v)^T tanh(.): the scale goes into v, the op stays fused.
-            v = self.v_a * self._fixed_scale()
+            # scale g v^T tanh(.) = (scale g v)^T tanh(.): the factors go into v, the op
+            # stays fused.
+            v = self.v_a if self.scale is None else self.v_a * self.scale
             if self.g is not None:
                 v = v * self.g
             query_proj = query @ self.W_a.weight[:, : self.query_dim].t()
-            return self._ops.additive_attention(query_proj, pre.keys, v, pre.memory, **kw)
+            return self._ops.additive_attention(query_proj, pre.keys, v, pre.values, **kw)
         q = self.W_a(query) if self.score == "general" else query
         if self.g is not None:
             q = q * self.g  # g (q.h) = (g q).h: autograd gives g its gradient
-        return self._ops.dot_attention(q, pre.keys, pre.memory, scale=self._fixed_scale(), **kw)
+        return self._ops.dot_attention(q, pre.keys, pre.values, scale=self.scale, **kw)
 
     def _output(self, context: Tensor, query: Tensor) -> Tensor:
         if self.W_c is None:
@@ -235,7 +245,7 @@ class BahdanauAttention(_AttentionLayer):
     a = masked softmax over j; output = context = sum_j a_j h_j, (B, memory_dim).
     """
 
-    def __init__(self, query_dim: int, memory_dim: int, units: int, normalize: bool = False):
+    def __init__(self, query_dim: int, memory_dim: int, units: int, *, normalize: bool = False):
         super().__init__()
         self.query_dim, self.memory_dim, self.units = query_dim, memory_dim, units
         self.normalize = normalize
@@ -262,7 +272,7 @@ class BahdanauAttention(_AttentionLayer):
     def _attend(self, query: Tensor, pre: PrecomputedMemory, need_weights: bool,
                 memory_index: Optional[Tensor]):
         v = self.v if self.g is None else self.g * self.v / self.v.norm()
-        return self._ops.additive_attention(self.W(query), pre.keys, v, pre.memory,
+        return self._ops.additive_attention(self.W(query), pre.keys, v, pre.values,
                                             lengths=pre.lengths, mask=pre.mask,
                                             need_weights=need_weights,
                                             memory_index=memory_index)

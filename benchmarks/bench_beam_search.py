@@ -55,8 +55,8 @@ class TiledMemory:
             def gather(t):
                 return None if t is None else t.index_select(0, index.to(t.device))
 
-            values = gather(memory.memory)
-            keys = values if memory.keys is memory.memory else gather(memory.keys)
+            values = gather(memory.values)
+            keys = values if memory.keys is memory.values else gather(memory.keys)
             self.tiled = PrecomputedMemory(values, keys, gather(memory.lengths),
                                            gather(memory.mask), memory.owner)
             self.rows = index.shape[0]

@@ -78,7 +78,7 @@ def sdpa_mask(lengths, S, dtype):
     valid = torch.arange(S, device=lengths.device)[None, :] < lengths[:, None]
     mask = torch.zeros(valid.shape, dtype=dtype, device=lengths.device)
     # (B, heads=1, 1, S): SDPA's 4-D multi-head layout takes its fused CPU kernel; the
-    # 3-D layout falls back to a path 1.5-2.4x slower on this project's CPU machines.
+    # 3-D layout falls back to a slower path (docs/performance.md, "SDPA's layout").
     return mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
 
 

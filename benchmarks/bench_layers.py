@@ -11,14 +11,13 @@ projection computed once per batch, masked_fill(-inf) + softmax, bmm, Linear):
 All implementations run interleaved in one process; medians of per-call times; ratio
 ours/eager (below 1: ours is faster). Lengths uniform in [S/2, S] (seeded).
 On a shared machine (see the load average printed first) multi-threaded calls of a few ms
-wait for a scheduler slice (at load 3 on 2 cores, 2-thread times come in steps of about
-8 ms); --threads 1 then gives the meaningful numbers.
+wait for a scheduler slice (docs/performance.md, "Shared cores"); --threads 1 then gives
+the meaningful numbers.
 
 Usage: python benchmarks/bench_layers.py [--quick] [--layers ...] [--output FILE]
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -71,9 +70,8 @@ def eager_step(layer, query, pre):
     else:
         q = layer.W_a(query) if layer.score == "general" else query
         scores = torch.bmm(q, keys.transpose(1, 2))
-    if isinstance(layer, LuongAttention) and layer.scale == "sqrt":
-        scores = scores / math.sqrt(layer.query_dim if layer.score == "concat"
-                                    else layer.memory_dim)
+    if isinstance(layer, LuongAttention) and layer.scale is not None:
+        scores = scores * layer.scale
     if isinstance(layer, LuongAttention) and layer.g is not None:
         scores = layer.g * scores
     weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)

@@ -1,9 +1,12 @@
 """Both ops: gradcheck (float64), torch.library.opcheck on the ops and their backward ops,
 the raw ops' outputs, torch.compile(fullgraph=True) forward and backward, and bitwise
 determinism."""
+import sys
+
 import pytest
 import torch
 
+from attention_ext import functional
 from helpers import DEVICES, check_single_step, generator, randn
 from harness import ADDITIVE, DOT, OPS, assert_same, call, per_op, run
 
@@ -245,6 +248,46 @@ def test_ops_single_step_rank(op, values_none, device):
         backward(g_ctx, None, q, lse3)
     with pytest.raises(ValueError, match=r"grad_context must have shape \(B, Tq, Dv\)"):
         backward(g_ctx, None, q[:, None], lse3)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_below_autograd_fast_path(op, monkeypatch):
+    """The functional API calls the op below autograd when no gradient can flow (the same
+    results as through the registered autograd kernel, which does the same in Python), and
+    through that kernel when an input requires grad. The fast path rests on a private name
+    of torch, torch._C._AutoDispatchBelowAutograd, which every torch the package supports
+    has: if this fails, torch changed it; adapt functional._call_op or drop the fast path
+    (docs/performance.md, "Python overhead", says what it saves)."""
+    assert functional._BELOW_AUTOGRAD, f"no fast path on torch {torch.__version__}"
+    below = torch._C._AutoDispatchBelowAutograd
+    fast = []  # one entry per call that took the fast path
+
+    class Spy:  # torch.library's autograd kernel enters the guard too, from its own module
+        def __enter__(self):
+            if sys._getframe(1).f_globals["__name__"] == functional.__name__:
+                fast.append(True)
+            self.guard = below()
+            return self.guard.__enter__()
+
+        def __exit__(self, *exc):
+            return self.guard.__exit__(*exc)
+
+    case = op_case(op, "cpu", "lengths64")
+    want_ctx, want_w, _ = op.raw(*op.op_args(case))
+    monkeypatch.setattr(torch._C, "_AutoDispatchBelowAutograd", Spy)
+    with torch.no_grad():
+        ctx, w = call(op.functional, case)
+    assert len(fast) == 1
+    ctx2, w2 = call(op.functional, case)  # no input requires grad
+    assert len(fast) == 2 and ctx2.grad_fn is None
+    for got in (ctx, ctx2):
+        torch.testing.assert_close(got, want_ctx, rtol=0, atol=0)
+    for got in (w, w2):
+        torch.testing.assert_close(got, want_w, rtol=0, atol=0)
+    leaves = case.replace(**{n: t.clone().requires_grad_() for n, t in case.inputs.items()
+                             if t is not None})
+    assert call(op.functional, leaves)[0].grad_fn is not None
+    assert len(fast) == 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,9 +3,11 @@ functional API and through torch.ops directly (real kernels), and through the fa
 (meta tensors, what torch.compile traces) for structural errors; nothing crashes or
 hangs."""
 import math
+import re
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from helpers import DEVICES, HAS_CUDA, on_device
 from harness import ADDITIVE, DOT, OPS, call
@@ -73,14 +75,6 @@ def _bad_inputs(op):
          r"lengths must be an int64 or int32"),
         ("lengths_bool", dict(lengths=torch.tensor([True, False, True])),
          r"lengths must be an int64 or int32"),
-        ("lengths_negative", dict(lengths=torch.tensor([1, -1, 2])),
-         r"lengths must lie in \[0, S\]"),
-        ("lengths_gt_S", dict(lengths=torch.tensor([1, S + 1, 2])),
-         r"lengths must lie in \[0, S\]"),
-        ("lengths_gt_S_int32", dict(lengths=torch.tensor([S + 1, 0, 0], dtype=torch.int32)),
-         r"lengths must lie in \[0, S\]"),
-        ("lengths_negative_int32", dict(lengths=torch.tensor([0, 0, -3], dtype=torch.int32)),
-         r"lengths must lie in \[0, S\]"),
         # mask
         ("mask_int", dict(mask=torch.ones(B, S, dtype=torch.long)),
          r"mask must be a bool tensor"),
@@ -115,6 +109,9 @@ def _bad_inputs(op):
         ("memory_index_and_values_batch", {"memory_index": torch.tensor([0, 1, 1]),
                                            "values": torch.randn(B - 1, S, Dv)},
          rf"values must have batch size 3 like {k}"),
+        ("memory_index_no_memory", {k: torch.randn(0, S, F), "values": torch.randn(0, S, Dv),
+                                    "memory_index": torch.tensor([0, 0, 0])},
+         rf"memory_index must lie in \[0, M\), but {k} has no memory rows"),
         ("memory_lengths_batch", {k: torch.randn(2, S, F), "values": torch.randn(2, S, Dv),
                                   "memory_index": torch.tensor([0, 0, 1]),
                                   "lengths": torch.tensor([1, 2, 3])},
@@ -123,6 +120,17 @@ def _bad_inputs(op):
          rf"{q} must be float32, float64, float16 or bfloat16"),
     ]
 
+
+# Bad values of lengths: the kernels check them as they read them, so the fake kernels, which
+# have no data, cannot.
+BAD_LENGTHS_VALUES = [
+    ("lengths_negative", dict(lengths=torch.tensor([1, -1, 2])), r"lengths must lie in \[0, S\]"),
+    ("lengths_gt_S", dict(lengths=torch.tensor([1, S + 1, 2])), r"lengths must lie in \[0, S\]"),
+    ("lengths_gt_S_int32", dict(lengths=torch.tensor([S + 1, 0, 0], dtype=torch.int32)),
+     r"lengths must lie in \[0, S\]"),
+    ("lengths_negative_int32", dict(lengths=torch.tensor([0, 0, -3], dtype=torch.int32)),
+     r"lengths must lie in \[0, S\]"),
+]
 
 BAD_DOT = [
     # keys of another width than the query
@@ -149,28 +157,19 @@ BAD_ADDITIVE = [
      r"v must have the same dtype as query_proj"),
 ]
 
-def _bad_memory_index_values(op):
-    """(id, overrides, regex) for memory_index values outside [0, M): checked on the host
-    for the CPU kernels, by the kernels as they read them on a GPU (under the emulation, at
-    the launch's end; on a real GPU a device-side assertion, test_decode_loop's subprocess
-    test)."""
-    k = op.keys
-    return [
+# memory_index values outside [0, M): checked on the host for the CPU kernels, by the
+# kernels as they read them on a GPU (under the emulation, at the launch's end; on a real GPU
+# a device-side assertion, test_decode_loop's subprocess test).
+BAD_MEMORY_INDEX_VALUES = [
+    pytest.param(op, over, match, id=f"{op.name}-{id_}") for op in (DOT, ADDITIVE)
+    for id_, over, match in [
         ("memory_index_negative", dict(memory_index=torch.tensor([0, -1, 2])),
          r"memory_index must lie in \[0, M\)"),
         ("memory_index_ge_M", dict(memory_index=torch.tensor([0, 3, 2])),
          r"memory_index must lie in \[0, M\)"),
         ("memory_index_ge_M_int32", dict(memory_index=torch.tensor([5, 0, 0], dtype=torch.int32)),
          r"memory_index must lie in \[0, M\)"),
-        ("memory_index_no_memory", {k: torch.randn(0, S, F), "values": torch.randn(0, S, Dv),
-                                    "memory_index": torch.tensor([0, 0, 0])},
-         r"memory_index must lie in \[0, M\)"),
-    ]
-
-
-BAD_MEMORY_INDEX_VALUES = [
-    pytest.param(op, over, match, id=f"{op.name}-{id_}")
-    for op in (DOT, ADDITIVE) for id_, over, match in _bad_memory_index_values(op)]
+    ]]
 
 
 @pytest.mark.parametrize("caller", CALLERS)
@@ -180,14 +179,17 @@ def test_bad_memory_index_values(op, over, match, caller):
         caller(good(op, **over))
 
 
+# Structural mistakes (shapes, dtypes, devices, scale): the fake kernels refuse them too.
 BAD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
        for op, own in ((DOT, BAD_DOT), (ADDITIVE, BAD_ADDITIVE))
        for id_, over, match in _bad_inputs(op) + own]
+BAD_VALUES = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
+              for op in (DOT, ADDITIVE) for id_, over, match in BAD_LENGTHS_VALUES]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("caller", CALLERS)
-@pytest.mark.parametrize("op,over,match", BAD)
+@pytest.mark.parametrize("op,over,match", BAD + BAD_VALUES)
 def test_bad_input(op, over, match, caller, device):
     case = good(op, **over).on_device(device)
     with pytest.raises(ERRORS, match=match):
@@ -244,18 +246,22 @@ def test_errors_leave_no_state(op):
 UPSTREAM = ("grad_context", "grad_weights", "lse")
 
 
-def call_backward(op, device, over):
-    """The backward op on a valid forward's outputs (lengths [0, 3, S]), with over (upstream
-    gradients, lse, inputs, lengths, mask, scale) on top, everything on device but
-    lengths."""
+def backward_args(op, over, device="cpu") -> tuple:
+    """The backward op's arguments on a valid forward's outputs (lengths [0, 3, S]), with
+    over (upstream gradients, lse, inputs, lengths, mask, scale) on top, everything on device
+    but lengths."""
     case = good(op, lengths=torch.tensor([0, 3, S]))
     ctx, w, lse = call_op(case)
     upstream = dict(grad_context=torch.randn_like(ctx), grad_weights=torch.randn_like(w), lse=lse)
     upstream.update({n: t for n, t in over.items() if n in UPSTREAM})
     case = case.replace(**{n: t for n, t in over.items() if n not in UPSTREAM})
     case, upstream = case.on_device(device), on_device(upstream, device)
-    return op.raw_backward(*op.backward_args(upstream["grad_context"], upstream["grad_weights"],
-                                             op.op_args(case), upstream["lse"]))
+    return op.backward_args(upstream["grad_context"], upstream["grad_weights"],
+                            op.op_args(case), upstream["lse"])
+
+
+def call_backward(op, device, over):
+    return op.raw_backward(*backward_args(op, over, device))
 
 
 def _bad_backward(op):
@@ -272,21 +278,24 @@ def _bad_backward(op):
         ("lse_dtype", dict(lse=torch.zeros(B, Tq, dtype=torch.float64)), r"lse"),
         ("keys_F", {op.keys: torch.randn(B, S, F + 1)}, op.keys),
         ("values_S", dict(values=torch.randn(B, S + 1, Dv)), r"values"),
-        ("lengths_gt_S", dict(lengths=torch.tensor([0, 3, S + 2])), r"lengths"),
         ("lengths_and_mask", dict(mask=torch.ones(B, S, dtype=torch.bool)),
          r"either lengths or mask"),
     ]
 
 
+# Structural mistakes, which the fake kernels refuse too.
 BAD_BACKWARD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
                 for op, own in ((DOT, [("scale_nan", dict(scale=math.nan), r"scale")]),
                                 (ADDITIVE, [("v_size", dict(v=torch.randn(F + 2)),
                                              r"\bv must have shape")]))
                 for id_, over, match in _bad_backward(op) + own]
+BAD_BACKWARD_VALUES = [
+    pytest.param(op, dict(lengths=torch.tensor([0, 3, S + 2])), r"lengths",
+                 id=f"{op.name}-lengths_gt_S") for op in (DOT, ADDITIVE)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op,over,match", BAD_BACKWARD)
+@pytest.mark.parametrize("op,over,match", BAD_BACKWARD + BAD_BACKWARD_VALUES)
 def test_bad_input_backward_op(op, over, match, device):
     with pytest.raises(ERRORS, match=match):
         call_backward(op, device, over)
@@ -333,49 +342,47 @@ def to_meta(case):
                            if isinstance(t, torch.Tensor)})
 
 
-def _fake_bad(op):
-    """(id, overrides, regex) for the structural checks both ops' fake kernels make."""
-    q, k, W = op.query, op.keys, op.feature
-    return [
-        ("keys_F", {k: torch.randn(B, S, F + 1)}, rf"{k} must have shape"),
-        ("keys_batch", {k: torch.randn(B + 1, S, F)}, rf"{k} must have shape"),
-        ("keys_rank", {k: torch.randn(B, F)}, rf"{k} must have shape"),
-        ("query_1d", {q: torch.randn(F)},
-         rf"{q} must have shape \(B, {W}\) for one decoder step"),
-        ("query_4d", {q: torch.randn(B, Tq, 1, F)}, rf"{q} must have shape \(B, {W}\)"),
-        ("values_S", dict(values=torch.randn(B, S + 1, Dv)), r"values must have shape"),
-        ("values_batch", dict(values=torch.randn(B + 1, S, Dv)), r"values must have shape"),
-        ("values_rank", dict(values=torch.randn(B, S)), r"values must have shape"),
-        ("values_dtype", dict(values=torch.randn(B, S, Dv, dtype=torch.float64)),
-         r"values must"),
-        ("lengths_and_mask", dict(lengths=torch.tensor([1, 2, 3]),
-                                  mask=torch.ones(B, S, dtype=torch.bool)),
-         r"either lengths or mask"),
-        ("memory_index_short", dict(memory_index=torch.tensor([0, 1])),
-         r"memory_index must have shape \(B,\) = \(3,\)"),
-        ("memory_index_float", dict(memory_index=torch.tensor([0.0, 1.0, 2.0])),
-         r"memory_index must be an int64 or int32"),
-        ("memory_values_batch", dict(memory_index=torch.tensor([0, 0, 1]),
-                                     values=torch.randn(B - 1, S, Dv)),
-         r"values must have shape \(M, S, Dv\) = \(3, 5, Dv\)"),
-    ]
+def raised(fn, *args):
+    """(type, message) of the exception fn(*args) raises."""
+    with pytest.raises(ERRORS) as info:
+        fn(*args)
+    return info.type, str(info.value)
 
 
-FAKE_BAD_ADDITIVE = [
-    ("v_size", dict(v=torch.randn(F + 1)), r"\bv must have shape \(A,\)"),
-    ("v_rank", dict(v=torch.randn(1, F)), r"\bv must have shape \(A,\)"),
-    ("v_dtype", dict(v=torch.randn(F, dtype=torch.bfloat16)), r"\bv must"),
-]
-
-FAKE_BAD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
-            for op, own in ((DOT, []), (ADDITIVE, FAKE_BAD_ADDITIVE))
-            for id_, over, match in _fake_bad(op) + own]
+def faked(args):
+    """A FakeTensorMode (what torch.compile traces with) and args' tensors made fake in it,
+    on their own devices: the ops run their fake kernels on them."""
+    mode = FakeTensorMode()
+    return mode, tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-@pytest.mark.parametrize("op,over,match", FAKE_BAD)
-def test_fake_kernel_checks(op, over, match):
-    with pytest.raises(ERRORS, match=match):
-        call_op(to_meta(good(op, **over)))
+def raised_faked(fn, args):
+    mode, args = faked(args)
+    with mode:
+        return raised(fn, *args)
+
+
+@pytest.mark.parametrize("fake", ["meta", "fake_mode"])
+@pytest.mark.parametrize("op,over,match", BAD)
+def test_fake_kernel_same_error(op, over, match, fake):
+    """The fake kernels (on meta tensors, and under FakeTensorMode as torch.compile traces)
+    refuse each structural mistake with the real kernels' exception type and message."""
+    case = good(op, **over)
+    real = raised(call_op, case)
+    assert re.search(match, real[1]), real
+    if fake == "meta":
+        assert raised(call_op, to_meta(case)) == real
+    else:
+        assert raised_faked(op.raw, op.op_args(case)) == real
+
+
+@pytest.mark.parametrize("op,over,match", BAD_BACKWARD)
+def test_fake_backward_same_error(op, over, match):
+    """The same for the backward ops, their incoming gradients and lse included."""
+    args = backward_args(op, over)
+    real = raised(op.raw_backward, *args)
+    assert re.search(match, real[1]), real
+    assert raised_faked(op.raw_backward, args) == real
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -403,22 +410,3 @@ def test_fake_kernel_memory_index_shapes(op):
     grads = op.raw_backward(*op.backward_args(torch.empty(B, Tq, Dv, device="meta"), None,
                                               op.op_args(case), lse))
     assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in case.tensors()]
-
-
-FAKE_BAD_BACKWARD = [
-    pytest.param(op, over, match, id=f"{op.name}-{id_}")
-    for op in (DOT, ADDITIVE)
-    for id_, over, match in [
-        ("keys_F", {op.keys: torch.randn(B, S, F + 1)}, rf"{op.keys} must have shape"),
-        ("values_S", dict(values=torch.randn(B, S + 1, Dv)), r"values must have shape"),
-    ] + op.pick(dot=[], additive=[("v_size", dict(v=torch.randn(F + 1)),
-                                   r"\bv must have shape")])
-]
-
-
-@pytest.mark.parametrize("op,over,match", FAKE_BAD_BACKWARD)
-def test_fake_backward_checks(op, over, match):
-    case = to_meta(good(op, **over))
-    with pytest.raises(ERRORS, match=match):
-        op.raw_backward(*op.backward_args(torch.empty(B, Tq, Dv, device="meta"), None,
-                                          op.op_args(case), torch.empty(B, Tq, device="meta")))

@@ -50,9 +50,9 @@ def eager_luong(layer, h_t, h_s, lengths=None, mask=None):
         cat = torch.cat([h_t[:, :, None].expand(B, Tq, S, Dq),
                          h_s[:, None].expand(B, Tq, S, layer.memory_dim)], dim=-1)
         score = torch.tanh(cat @ layer.W_a.weight.t()) @ layer.v_a
-    if layer.scale == "sqrt":
-        score = score / (Dq if layer.score == "concat" else layer.memory_dim) ** 0.5
-    elif layer.scale == "learned":
+    if layer.scale is not None:
+        score = layer.scale * score
+    if layer.g is not None:
         score = layer.g * score
     a = eager_softmax(score, lengths, mask)
     c = a @ h_s
@@ -85,14 +85,18 @@ def eager_of(layer):
 
 # ----------------------------------------------------------------------------- helpers
 
+QUERY_DIM = 6
 LUONG_CONFIGS = [
     ("dot", dict(score="dot")),
-    ("dot_sqrt_noattn", dict(score="dot", scale="sqrt", attentional=False)),
+    ("dot_scaled_noattn", dict(score="dot", scale=QUERY_DIM ** -0.5, attentional=False)),
     ("general_rect", dict(score="general", memory_dim=7)),
-    ("general_learned_bias", dict(score="general", memory_dim=5, scale="learned", bias=True)),
+    ("general_learned_bias", dict(score="general", memory_dim=5, learn_scale=True, bias=True)),
+    ("general_scaled_learned", dict(score="general", memory_dim=5, scale=0.7,
+                                    learn_scale=True)),
     ("concat_rect", dict(score="concat", memory_dim=7)),
-    ("concat_learned_noattn", dict(score="concat", scale="learned", attentional=False)),
-    ("concat_sqrt_bias", dict(score="concat", memory_dim=3, scale="sqrt", bias=True)),
+    ("concat_learned_noattn", dict(score="concat", learn_scale=True, attentional=False)),
+    ("concat_scaled_bias", dict(score="concat", memory_dim=3, scale=QUERY_DIM ** -0.5,
+                                bias=True)),
 ]
 BAHDANAU_CONFIGS = [
     ("bahdanau", dict(normalize=False)),
@@ -100,7 +104,6 @@ BAHDANAU_CONFIGS = [
 ]
 CONFIGS = [(n, "luong", kw) for n, kw in LUONG_CONFIGS] + \
           [(n, "bahdanau", kw) for n, kw in BAHDANAU_CONFIGS]
-QUERY_DIM = 6
 
 
 def make_layer(kind, kw, dtype=torch.float32, device="cpu", seed=0):
@@ -209,10 +212,19 @@ def test_output_shapes_and_parameters():
     assert dict((n, p.shape) for n, p in bahdanau.named_parameters()) == {
         "W.weight": (9, 6), "U.weight": (9, 7), "v": (9,), "g": (), "b": (9,)}
     assert bahdanau.g.item() == pytest.approx((1 / 9) ** 0.5)
-    assert set(n for n, _ in LuongAttention(6, 7, "concat", "learned", bias=True)
+    assert set(n for n, _ in LuongAttention(6, 7, "concat", learn_scale=True, bias=True)
                .named_parameters()) == {"W_a.weight", "v_a", "g", "W_c.weight", "W_c.bias"}
     assert set(n for n, _ in LuongAttention(6).named_parameters()) == {"W_c.weight"}
     assert attention_ext.nn.LuongAttention is LuongAttention
+
+
+def test_scale_is_the_ops_scale():
+    """The layer's scale means what dot_attention's does: it multiplies the scores."""
+    gen = generator(13)
+    q, mem = randn((3, 2, QUERY_DIM), gen), randn((3, 5, QUERY_DIM), gen)
+    layer = LuongAttention(QUERY_DIM, scale=0.4, attentional=False)
+    torch.testing.assert_close(layer(q, mem), attention_ext.dot_attention(q, mem, scale=0.4),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name,kind,kw", CONFIGS, ids=[c[0] for c in CONFIGS])
@@ -270,10 +282,14 @@ def test_compile_fullgraph_forward_backward(config, backend, device, dynamo_rese
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="score"):
         LuongAttention(4, score="bilinear")
-    with pytest.raises(ValueError, match="scale"):
-        LuongAttention(4, scale="cube")
-    with pytest.raises(ValueError, match="scale"):
-        LuongAttention(4, scale=2.0)
+    for scale in ("sqrt", torch.tensor(0.5), True):
+        with pytest.raises(TypeError, match=r"scale must be a Python number .* got "):
+            LuongAttention(4, scale=scale)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"scale must be finite"):
+            LuongAttention(4, scale=scale)
+    with pytest.raises(TypeError, match="positional"):
+        LuongAttention(4, 4, "dot", 0.5)  # options past score are keyword-only
     with pytest.raises(ValueError, match="memory_dim"):
         LuongAttention(4, 5, score="dot")
 
@@ -304,6 +320,10 @@ def test_bad_inputs(kind):
         layer(q, pre, mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="memory"):
         layer(q, [mem])
+    with pytest.raises(TypeError, match="positional"):  # masking is keyword-only
+        layer(q, mem, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="positional"):
+        layer.precompute(mem, torch.tensor([1, 2]))
 
 
 def test_precompute_from_other_layer_kind():

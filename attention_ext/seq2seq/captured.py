@@ -84,17 +84,17 @@ def _static_state(state: DecoderState) -> DecoderState:
 
 
 def _static_memory(memory: PrecomputedMemory) -> PrecomputedMemory:
-    """A copy of memory in tensors of its own (keys stay memory itself where they are)."""
-    own = memory.memory.clone()
+    """A copy of memory in tensors of its own (keys stay the values themselves where they are)."""
+    own = memory.values.clone()
     return replace(
-        memory, memory=own, keys=own if memory.keys is memory.memory else memory.keys.clone(),
+        memory, values=own, keys=own if memory.keys is memory.values else memory.keys.clone(),
         lengths=None if memory.lengths is None else memory.lengths.clone(),
         mask=None if memory.mask is None else memory.mask.clone())
 
 
 def _copy_memory(dst: PrecomputedMemory, src: PrecomputedMemory) -> None:
-    dst.memory.copy_(src.memory)
-    if dst.keys is not dst.memory:
+    dst.values.copy_(src.values)
+    if dst.keys is not dst.values:
         dst.keys.copy_(src.keys)
     for d, s in ((dst.lengths, src.lengths), (dst.mask, src.mask)):
         if d is not None:
@@ -108,9 +108,9 @@ def captured_key(decoder: _Decoder, memory: PrecomputedMemory, *options) -> tupl
     modules' training modes (dropout), its attention's implementation, and the modes that
     pick kernels and tensor kinds (autocast, TF32, inference mode). A decoding captured
     for one key serves every batch of that key."""
-    m = memory.memory
+    m = memory.values
     return (tuple(m.shape), tuple(memory.keys.shape), m.dtype, m.device,
-            memory.keys is memory.memory,
+            memory.keys is memory.values,
             None if memory.lengths is None else memory.lengths.dtype,
             None if memory.mask is None else tuple(memory.mask.shape), *options,
             tuple(t.data_ptr() for t in decoder.parameters()),
@@ -135,7 +135,7 @@ class _CapturedDecoding:
 
     def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, state: DecoderState, *,
                  bos_idx: int, eos_idx: int, max_len: int):
-        self.decoder, self.device = decoder, memory.memory.device
+        self.decoder, self.device = decoder, memory.values.device
         self.bos_idx, self.eos_idx, self.max_len = bos_idx, eos_idx, max_len
         self.memory = _static_memory(memory)
         self.state = _static_state(state)
@@ -214,7 +214,7 @@ class CapturedGreedy(_CapturedDecoding):
                  bos_idx: int, eos_idx: int, pad_idx: int, max_len: int):
         super().__init__(decoder, memory, decoder.init_state(encoder_state), bos_idx=bos_idx,
                          eos_idx=eos_idx, max_len=max_len)
-        B, device = memory.memory.shape[0], memory.memory.device
+        B, device = memory.values.shape[0], memory.values.device
         self.pad_idx = pad_idx
         self.finished = torch.empty(B, dtype=torch.bool, device=device)
         # Column t is written for every row at step t, so no call reads an earlier call's.
@@ -255,19 +255,19 @@ class CapturedBeamSearch(_CapturedDecoding):
 
     def __init__(self, decoder: _Decoder, memory: PrecomputedMemory, encoder_state, *,
                  bos_idx: int, eos_idx: int, beam_size: int, max_len: int, min_len: int):
-        B, S = memory.memory.shape[:2]
-        device = memory.memory.device
+        B, S = memory.values.shape[:2]
+        device = memory.values.device
         rows = B * beam_size
         self.memory_index = torch.arange(B, device=device).repeat_interleave(beam_size)
         super().__init__(decoder, memory, decoder.init_state(encoder_state, self.memory_index),
                          bos_idx=bos_idx, eos_idx=eos_idx, max_len=max_len)
         self.min_len = min_len
-        self.scores = initial_scores(B, beam_size, memory.memory)
+        self.scores = initial_scores(B, beam_size, memory.values)
         self.top = torch.empty_like(self.scores)
         # Column t is written at step t and the rows re-gathered from columns < t, so no
         # call reads an earlier call's histories.
         self.seqs = torch.empty(rows, max_len, dtype=torch.long, device=device)
-        self.attn = memory.memory.new_empty(rows, max_len, S)
+        self.attn = memory.values.new_empty(rows, max_len, S)
         # ended, real
         self.flags = torch.empty(2, B, beam_size, dtype=torch.bool, device=device)
 

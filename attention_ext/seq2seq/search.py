@@ -68,9 +68,9 @@ def greedy_decode(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, *
                   bos_idx: int, eos_idx: int, pad_idx: int, max_len: int) -> Tensor:
     """The argmax token at every step until every row has produced eos_idx or max_len
     tokens. Returns (B, L) token ids, eos_idx included, pad_idx after it."""
-    B = memory.memory.shape[0]
+    B = memory.values.shape[0]
     state = decoder.init_state(encoder_state)
-    tokens = memory.memory.new_full((B,), bos_idx, dtype=torch.long)
+    tokens = memory.values.new_full((B,), bos_idx, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     out = []
     for _ in range(max_len):
@@ -91,14 +91,14 @@ def beam_search(decoder: _Decoder, memory: PrecomputedMemory, encoder_state, *,
     max_len, when its live beams are finished as they are); its rows are then dropped. A
     beam that ends stops extending (its score becomes -inf), so a sentence may go on with
     fewer live beams, as in OpenNMT-py."""
-    B, S = memory.memory.shape[:2]
-    device = memory.memory.device
+    B, S = memory.values.shape[:2]
+    device = memory.values.device
     memory_index = torch.arange(B, device=device).repeat_interleave(beam_size)
     state = decoder.init_state(encoder_state, memory_index)
     tokens = torch.full((B * beam_size,), bos_idx, dtype=torch.long, device=device)
-    scores = initial_scores(B, beam_size, memory.memory)
+    scores = initial_scores(B, beam_size, memory.values)
     seqs = torch.empty(B * beam_size, 0, dtype=torch.long, device=device)
-    attn = memory.memory.new_empty(B * beam_size, 0, S)
+    attn = memory.values.new_empty(B * beam_size, 0, S)
     active = list(range(B))  # the sentence of each block of beam_size rows
     finished: List[List[Tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(B)]
     beam_ids = torch.arange(beam_size, device=device)
