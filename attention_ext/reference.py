@@ -44,6 +44,18 @@ def tile_memory(memory_index: Optional[Tensor], *memory):
                  for t in memory)
 
 
+def _weighted_values(scores: Tensor, values: Tensor, lengths, mask, single: bool,
+                     need_weights: bool):
+    """Both ops' tail: the masked softmax of scores (B, Tq, S) and the context, in the
+    query's rank."""
+    valid = valid_positions(lengths, mask, values.shape[0], values.shape[1], values.device)
+    weights = masked_softmax(scores, valid)
+    context = torch.bmm(weights, values)
+    if single:
+        context, weights = context.squeeze(1), weights.squeeze(1)
+    return context, (weights if need_weights else None)
+
+
 def dot_attention(
     query: Tensor,
     keys: Tensor,
@@ -62,12 +74,7 @@ def dot_attention(
     scores = torch.bmm(q, keys.transpose(1, 2))
     if scale is not None and scale != 1.0:
         scores = scores * scale
-    valid = valid_positions(lengths, mask, keys.shape[0], keys.shape[1], keys.device)
-    weights = masked_softmax(scores, valid)
-    context = torch.bmm(weights, values)
-    if single:
-        context, weights = context.squeeze(1), weights.squeeze(1)
-    return context, (weights if need_weights else None)
+    return _weighted_values(scores, values, lengths, mask, single, need_weights)
 
 
 def additive_attention(
@@ -87,9 +94,4 @@ def additive_attention(
     q = query_proj.unsqueeze(1) if single else query_proj
     hidden = torch.tanh(q[:, :, None, :] + keys_proj[:, None, :, :])  # (B, Tq, S, A)
     scores = torch.matmul(hidden, v)
-    valid = valid_positions(lengths, mask, keys_proj.shape[0], keys_proj.shape[1], keys_proj.device)
-    weights = masked_softmax(scores, valid)
-    context = torch.bmm(weights, values)
-    if single:
-        context, weights = context.squeeze(1), weights.squeeze(1)
-    return context, (weights if need_weights else None)
+    return _weighted_values(scores, values, lengths, mask, single, need_weights)

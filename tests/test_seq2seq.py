@@ -161,14 +161,7 @@ def _ending_weights(kind):
     """The weights of a model given 40 Adam steps of the reverse task (below): enough that
     its greedy rows end, at steps that follow the source lengths (a random model's end
     logit hardly depends on its input)."""
-    model = make_model(kind).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = generator(0)
-    for _ in range(40):
-        loss = model.loss(*reverse_batch(32, gen))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = train_reverse(make_model(kind), steps=40, batch=32, lr=1e-2, seed=0)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -756,22 +749,28 @@ def reverse_batch(n, gen):
     return src, src_lengths, tgt, tgt_lengths
 
 
-@pytest.mark.slow
-def test_reverse_task_is_learnt():
-    """A Bahdanau model learns to reverse sequences: >= 99% exact greedy and beam matches on
-    500 held-out sequences after 300 Adam steps (about 10 s on one core). Its beam search
-    then drops finished sentences' rows: a batch of one short and one long sentence decodes
-    its last steps on the long sentence's beams alone."""
-    torch.manual_seed(0)
-    model = Seq2Seq(Encoder(V, 32, 64), BahdanauDecoder(V, 32, 64), bos_idx=BOS, eos_idx=EOS)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = generator(1)
-    for _ in range(300):
-        loss = model.loss(*reverse_batch(64, gen))
+def train_reverse(model, steps, batch, lr, seed):
+    """model after `steps` Adam steps of the reverse task on batches of `batch` sequences."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = generator(seed)
+    for _ in range(steps):
+        loss = model.loss(*reverse_batch(batch, gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model
+
+
+@pytest.mark.slow
+def test_reverse_task_is_learnt():
+    """A Bahdanau model learns to reverse sequences: >= 99% exact greedy and beam matches on
+    500 held-out sequences after 300 Adam steps. Its beam search then drops finished
+    sentences' rows: a batch of one short and one long sentence decodes its last steps on
+    the long sentence's beams alone."""
+    torch.manual_seed(0)
+    model = Seq2Seq(Encoder(V, 32, 64), BahdanauDecoder(V, 32, 64), bos_idx=BOS, eos_idx=EOS)
+    train_reverse(model, steps=300, batch=64, lr=3e-3, seed=1).eval()
     src, lengths, tgt, _ = reverse_batch(500, generator(99))
     want = [row[:L] for row, L in zip(tgt.tolist(), lengths.tolist())]
     greedy = model.token_lists(model.greedy_decode(src, lengths, max_len=10))
