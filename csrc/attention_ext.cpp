@@ -11,7 +11,9 @@
 #define ATTENTION_EXT_CPU_CAPABILITY_NAME "DEFAULT"
 #endif
 
-#define ATTENTION_EXT_VERSION "0.1.0"
+#ifndef ATTENTION_EXT_VERSION
+#error "setup.py defines ATTENTION_EXT_VERSION from pyproject.toml's version"
+#endif
 
 // Shapes (docs/design.md, section 1): a (B, D) query (query_proj (B, A)) is one decoder step and
 // every per-row tensor, lse and the gradients of the outputs included, then drops the Tq
