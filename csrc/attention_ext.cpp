@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "attention_ext/test_hooks.h"
-#include "cuda/forward_plan.h"
+#include "attention_ext/forward_plan.h"
 
 #ifndef ATTENTION_EXT_CPU_CAPABILITY_NAME
 #define ATTENTION_EXT_CPU_CAPABILITY_NAME "DEFAULT"
@@ -88,7 +88,7 @@ PYBIND11_MODULE(_C, mod) {
         d["blocks"] = plan.blocks(rows);
         return d;
       },
-      "The CUDA forward's launch plan (csrc/cuda/forward_plan.h) for rows x S keys, row "
+      "The CUDA forward's launch plan (attention_ext/forward_plan.h) for rows x S keys, row "
       "lengths in 16-byte chunks (values_are_keys: the values are the key rows), on a GPU of "
       "sm_count SMs.");
 #ifndef ATTENTION_EXT_WITH_EMULATED_CUDA

@@ -18,7 +18,7 @@
 #include "attention_ext/inputs.h"
 #include "attention_ext/test_hooks.h"
 #include "attention_forward.cuh"
-#include "forward_plan.h"
+#include "attention_ext/forward_plan.h"
 #include "kernel_params.cuh"
 #include "runtime.cuh"
 #include "softmax_backward.cuh"
