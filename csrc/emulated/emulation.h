@@ -40,6 +40,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "attention_ext/device_check.h"
+
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -310,18 +312,6 @@ T shuffle(unsigned mask, T v, int src) {
   T out;
   std::memcpy(&out, &got, sizeof(T));
   return out;
-}
-
-// The first failed ATTENTION_EXT_DEVICE_CHECK of the launch in progress (launches are
-// serialised); launch returns it once the grid has run.
-inline std::atomic<const char*>& failed_device_check() {
-  static std::atomic<const char*> msg{nullptr};
-  return msg;
-}
-
-inline void device_check_failed(const char* msg) {
-  const char* none = nullptr;
-  failed_device_check().compare_exchange_strong(none, msg);
 }
 
 inline std::mutex& launch_mutex() {
