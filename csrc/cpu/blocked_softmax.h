@@ -8,7 +8,7 @@
 // Forward: per tile of up to kMaxTileRows query rows of one batch element and per block of
 // kBlock keys, the scores, one rescale of the running contexts, then the block's context
 // updates while its rows are still in cache (a rescale after every key, or a second pass
-// over all keys, costs 1.4x at decode sizes). Positions past `lengths` are never read.
+// over all keys, is slower: docs/performance.md). Positions past `lengths` are never read.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -31,15 +31,14 @@ namespace cpu {
 
 // Keys per online-softmax block for tiles of several query rows, and the row stride of the
 // score buffers: one block covers typical sentence lengths, so the context product runs once
-// over all of them (the forward at B = 32, Tq = 30, S = 50, D = 512 is 1.15x faster than
-// with blocks of 16). One-row tiles use blocks of 8.
+// over all of them. One-row tiles use blocks of 8.
 constexpr int64_t kBlock = 64;
 // Keys per online-softmax block of a tile of M query rows. One row (decode) loads each key
 // once per pass and is bound by the context pass's loads: blocks of 8 keys (16 KB at
 // D = 512) stay in L1 for it and fit axpy8.
 inline int64_t forward_block(int64_t M) { return M == 1 ? 8 : kBlock; }
-// Keys per block in the backward's softmax part (blocks of 16, 32 and 64 measured within
-// noise of each other).
+// Keys per block in the backward's softmax part, where the block size hardly matters
+// (docs/performance.md).
 constexpr int64_t kGradBlock = 32;
 // A backward tile is up to kTile consecutive query rows of one batch element: they share
 // every key block loaded into cache.
@@ -141,7 +140,7 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
 // How a task's context rows take each block of keys. Chosen in forward_mode only.
 enum class ContextUpdate {
   // One query row (decode): axpy8 for each full block of 8 keys, the next block's keys
-  // prefetched meanwhile (1.3x nn_tile's one-row product); nn_tile for a block the
+  // prefetched meanwhile (faster than nn_tile's one-row product); nn_tile for a block the
   // length or the mask leaves short.
   kOneRow,
   // Several rows whose keys fit one block, inputs in the accumulation type: the block's

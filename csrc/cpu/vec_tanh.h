@@ -2,13 +2,13 @@
 //
 // float: tanh|x| = m / (m + 2) with m = expm1(2|x|), then the sign of x. expm1 as
 // 2^n (1 + q) - 1 = fma(2^n, q, 2^n - 1), with 2|x| = n ln2 + r, |r| <= ln2 / 2, and
-// q = expm1(r) by Taylor to r^7 (relative error 2e-8): accurate to about an ulp relative
-// for every |x|, tiny ones included (no cancellation in e - 1), and m + 2 rounds to m where
-// tanh rounds to 1. Within 9e-8 of tanh everywhere (torch's float32 tanh: 3e-8;
-// tests/test_additive_tanh.py): a tanh a few ulp off near +-1, times a large v against
-// saturated projections, would give scores and gradients well outside eager's error. One
-// division per vector; Vectorized<float>::tanh falls back to scalar std::tanh inside an
-// extension (about 0.5 G floats/s on 2 threads). double: the exact std::tanh, lane by lane.
+// q = expm1(r) by Taylor to r^7: accurate to about an ulp relative for every |x|, tiny
+// ones included (no cancellation in e - 1), and m + 2 rounds to m where tanh rounds to 1.
+// Within 9e-8 of tanh everywhere (tests/test_additive_tanh.py): a tanh a few ulp off near
+// +-1, times a large v against saturated projections, would give scores and gradients well
+// outside eager's error. One division per vector; Vectorized<float>::tanh falls back to
+// scalar std::tanh inside an extension (docs/performance.md, "tanh"). double: the exact
+// std::tanh, lane by lane.
 #pragma once
 
 #include <cmath>

@@ -3,9 +3,9 @@
 // of a block runs as its own fiber (a stack of its own, switched cooperatively on one OS
 // thread, csrc/emulated/fiber_switch.cpp), so __syncthreads() and the warp shuffles are
 // real rendezvous of the threads involved, not sequential approximations; blocks run one
-// after another. Fibers rather than OS threads: a shuffle is then 32 stack switches of a
-// few nanoseconds instead of 32 futex wake-ups, which lets the whole test suite run
-// through the emulated kernels. Only what this project's kernels use is provided, with
+// after another. Fibers rather than OS threads: a shuffle is then 32 stack switches
+// instead of 32 futex wake-ups, which lets the whole test suite run through the emulated
+// kernels. Only what this project's kernels use is provided, with
 // cp.async's copies, groups and waits (copy_async, for device_primitives.cuh) and the
 // 16 x 16 x 16 and TF32 16 x 16 x 8 tiles of nvcuda::wmma (tensor cores) at the end:
 // anything else (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX)

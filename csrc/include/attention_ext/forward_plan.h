@@ -58,7 +58,7 @@ constexpr int64_t kMergeWeightsPerThread = 4;
 // Blocks per SM that the split plan fills and does not exceed, so that the grid runs in
 // one wave (a second wave of a few blocks costs a whole block's latency again): the
 // forward kernels are compiled for 4 resident blocks of 4 warps (__launch_bounds__, at
-// most 128 registers per thread; ptxas gives them 94-124 on sm_90).
+// most 128 registers per thread).
 constexpr int kTargetBlocksPerSm = 4;
 
 struct ForwardPlan {
