@@ -35,11 +35,12 @@ struct DotPairs : KernelTypes<scalar_t, acc_t, VEC> {
 
   __device__ __forceinline__ int64_t len(int i) const { return grad_product(i) ? p.Dv : p.D; }
   __device__ __forceinline__ const scalar_t* x(int i, int64_t b, int64_t t) const {
-    const int64_t row = b * p.Tq + t;
     if constexpr (kBackward) {
-      if (grad_product(i)) return p.grad_context + row * p.Dv;
+      const int64_t row = b * p.Tq + t;
+      return grad_product(i) ? p.grad_context + row * p.Dv : p.query + row * p.D;
+    } else {
+      return p.query + (b * p.Tq + t) * p.D;
     }
-    return p.query + row * p.D;
   }
   __device__ __forceinline__ const scalar_t* y(int i, int64_t b, int64_t j) const {
     return grad_product(i) ? attending_row(p.positions, p.values, p.S, p.Dv, b, j)
