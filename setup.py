@@ -125,7 +125,15 @@ def extension():
     return CppExtension("attention_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+class BuildWithVersion(BuildExtension.with_options(use_ninja=True)):
+    """Compiles the package's version (pyproject.toml's, its one source, as setuptools read
+    it) into _C.__version__."""
+
+    def build_extensions(self):
+        version = self.distribution.get_version()
+        for ext in self.extensions:
+            ext.extra_compile_args["cxx"].append(f'-DATTENTION_EXT_VERSION="{version}"')
+        super().build_extensions()
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildWithVersion})

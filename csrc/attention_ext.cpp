@@ -5,13 +5,15 @@
 #include <torch/library.h>
 
 #include "attention_ext/test_hooks.h"
-#include "cuda/forward_plan.h"
+#include "attention_ext/forward_plan.h"
 
 #ifndef ATTENTION_EXT_CPU_CAPABILITY_NAME
 #define ATTENTION_EXT_CPU_CAPABILITY_NAME "DEFAULT"
 #endif
 
-#define ATTENTION_EXT_VERSION "0.1.0"
+#ifndef ATTENTION_EXT_VERSION
+#error "setup.py defines ATTENTION_EXT_VERSION from pyproject.toml's version"
+#endif
 
 // Shapes (docs/design.md, section 1): a (B, D) query (query_proj (B, A)) is one decoder step and
 // every per-row tensor, lse and the gradients of the outputs included, then drops the Tq
@@ -86,7 +88,7 @@ PYBIND11_MODULE(_C, mod) {
         d["blocks"] = plan.blocks(rows);
         return d;
       },
-      "The CUDA forward's launch plan (csrc/cuda/forward_plan.h) for rows x S keys, row "
+      "The CUDA forward's launch plan (attention_ext/forward_plan.h) for rows x S keys, row "
       "lengths in 16-byte chunks (values_are_keys: the values are the key rows), on a GPU of "
       "sm_count SMs.");
 #ifndef ATTENTION_EXT_WITH_EMULATED_CUDA

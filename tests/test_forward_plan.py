@@ -1,8 +1,8 @@
-"""The CUDA forward's launch plan (csrc/cuda/forward_plan.h): host code that every build
-carries, exposed as attention_ext._C._testing.forward_plan, so it is checked here whatever
-the machine. The decode shapes of benchmarks/bench_cuda.py must give an H100 (132 SMs)
-enough warps and enough 16-byte loads in flight to run at its memory bandwidth; every
-plan must cover the keys and the values exactly once."""
+"""The CUDA forward's launch plan (csrc/include/attention_ext/forward_plan.h): host code
+that every build carries, exposed as attention_ext._C._testing.forward_plan, so it is
+checked here whatever the machine. The decode shapes of benchmarks/bench_cuda.py must give
+an H100 (132 SMs) enough warps and enough 16-byte loads in flight to run at its memory
+bandwidth; every plan must cover the keys and the values exactly once."""
 import math
 
 import pytest

@@ -1,7 +1,7 @@
 // CPU kernels of attention_ext::additive_attention and its backward.
 //
 // Forward: the blocked online softmax of blocked_softmax.h with v . tanh(q + k) as its
-// score (vec_tanh.h): per tile of up to kTile queries and block of keys, each key vector is
+// score (TanhScore, scores.h): per tile of up to kTile queries and block of keys, each key vector is
 // loaded once for the whole tile. No B x Tq x S x A tensor exists: tanh is consumed where
 // it is computed.
 //
@@ -27,6 +27,7 @@
 #include "attention_ext/inputs.h"
 #include "attention_ext/test_hooks.h"
 #include "blocked_softmax.h"
+#include "scores.h"
 #include "vec_tanh.h"
 
 namespace attention_ext {
@@ -62,7 +63,7 @@ void tanh_grad_task(const Problem<T>& pb, const T* v, const T* dS, int64_t b, in
                     int64_t c1, T* grad_q, T* grad_k, T* gv_part, T* gq_buf, T* gv_buf) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
-  const int64_t A = pb.D, S = pb.S, Tq = pb.Tq;
+  const int64_t A = pb.Dk, S = pb.S, Tq = pb.Tq;
   const int64_t width = c1 - c0, limit = pb.pos.end(b);
   const T* q = pb.q + b * Tq * A + c0;
   const T* dSb = dS + b * Tq * S;
@@ -115,12 +116,12 @@ struct TanhBackward {
   T* gv_part;  // (B, A): each batch element's share of grad_v
 
   int64_t query_tiles() const { return ceil_div(pb.Tq, kTile); }
-  int64_t column_blocks() const { return ceil_div(pb.D, kGradColumns); }
+  int64_t column_blocks() const { return ceil_div(pb.Dk, kGradColumns); }
   int64_t source_tiles() const { return ceil_div(pb.S, kTile); }
 
   // 1. P and dS per query tile.
   void softmax_part(int64_t begin, int64_t end) const {
-    Scratch<T> w(pb.D, pb.Dv, kTile, /*convert=*/false);
+    Scratch<T> w(pb.Dk, pb.Dv, kTile, /*convert=*/false);
     const TanhScore<T> score{v};
     for (int64_t tile = begin; tile < end; ++tile)
       softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS, w.q.data(), w.g.data(), w);
@@ -130,8 +131,8 @@ struct TanhBackward {
     std::vector<T> gq_buf(pb.Tq * kGradColumns), gv_buf(kGradColumns);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / column_blocks(), c0 = (task % column_blocks()) * kGradColumns;
-      tanh_grad_task(pb, v, dS, b, c0, std::min(pb.D, c0 + kGradColumns), grad_q, grad_k,
-                     gv_part + b * pb.D, gq_buf.data(), gv_buf.data());
+      tanh_grad_task(pb, v, dS, b, c0, std::min(pb.Dk, c0 + kGradColumns), grad_q, grad_k,
+                     gv_part + b * pb.Dk, gq_buf.data(), gv_buf.data());
     }
   }
   // 3. grad_values = P^T grad_context per tile of source positions.
@@ -162,7 +163,7 @@ void reduce_grad_v(const T* gv_part, int64_t B, int64_t A, T* grad_v) {
 template <typename T>
 void backward_by_phase(const Problem<T>& pb, const T* v, const T* grad_ctx, const T* grad_w,
                        const T* lse, T* grad_q, T* grad_k, T* grad_v, T* grad_values) {
-  std::vector<T> P(pb.B * pb.Tq * pb.S), dS(P.size()), gv_part(pb.B * pb.D);
+  std::vector<T> P(pb.B * pb.Tq * pb.S), dS(P.size()), gv_part(pb.B * pb.Dk);
   const TanhBackward<T> bw{pb, v, grad_ctx, grad_w, lse, P.data(), dS.data(), grad_q, grad_k,
                            grad_values, gv_part.data()};
   at::parallel_for(0, pb.B * bw.query_tiles(), 1,
@@ -171,7 +172,7 @@ void backward_by_phase(const Problem<T>& pb, const T* v, const T* grad_ctx, cons
                    [&](int64_t b, int64_t e) { bw.tanh_part(b, e); });
   at::parallel_for(0, pb.B * bw.source_tiles(), 1,
                    [&](int64_t b, int64_t e) { bw.values_part(b, e); });
-  reduce_grad_v(gv_part.data(), pb.B, pb.D, grad_v);
+  reduce_grad_v(gv_part.data(), pb.B, pb.Dk, grad_v);
 }
 
 // A batch element's rows in the accumulation type: the input itself when no conversion is
@@ -204,7 +205,7 @@ void backward_by_element(const Problem<scalar_t>& pb, const at::opmath_type<scal
                          scalar_t* grad_values) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t Tq = pb.Tq, S = pb.S, A = pb.D, Dv = pb.Dv;
+  const int64_t Tq = pb.Tq, S = pb.S, A = pb.Dk, Dv = pb.Dv;
   std::vector<acc_t> gv_part(pb.B * A);
   at::parallel_for(0, pb.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> P(Tq * S), dS(Tq * S);

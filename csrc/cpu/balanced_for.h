@@ -1,8 +1,7 @@
 // A parallel loop whose items cost different amounts (rows of different lengths).
 // at::parallel_for hands every thread the same number of items, so the thread holding the
-// long rows finishes last while the others spin (measured: ~8% of a decode step with
-// lengths uniform in [S/2, S]). Here each thread gets a contiguous range of about equal
-// total cost instead.
+// long rows finishes last while the others spin (docs/performance.md, "Thread balance").
+// Here each thread gets a contiguous range of about equal total cost instead.
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -2,13 +2,13 @@
 // (with split-S and a fixed-order log-sum-exp merge), and the softmax part of the backward
 // (P and dS per query tile). The score itself is a functor:
 //
-//   score(q_rows, M, key_rows, n, D, out)   out[m * kBlock + i] = score(q_rows[m], key_rows[i])
+//   score(q_rows, M, key_rows, n, Dk, out)  out[m * kBlock + i] = score(q_rows[m], key_rows[i])
 //
 // over rows of the accumulation type (dot: scale * <q, k>; additive: v . tanh(q + k)).
 // Forward: per tile of up to kMaxTileRows query rows of one batch element and per block of
 // kBlock keys, the scores, one rescale of the running contexts, then the block's context
 // updates while its rows are still in cache (a rescale after every key, or a second pass
-// over all keys, costs 1.4x at decode sizes). Positions past `lengths` are never read.
+// over all keys, is slower: docs/performance.md). Positions past `lengths` are never read.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -31,15 +31,14 @@ namespace cpu {
 
 // Keys per online-softmax block for tiles of several query rows, and the row stride of the
 // score buffers: one block covers typical sentence lengths, so the context product runs once
-// over all of them (the forward at B = 32, Tq = 30, S = 50, D = 512 is 1.15x faster than
-// with blocks of 16). One-row tiles use blocks of 8.
+// over all of them. One-row tiles use blocks of 8.
 constexpr int64_t kBlock = 64;
 // Keys per online-softmax block of a tile of M query rows. One row (decode) loads each key
 // once per pass and is bound by the context pass's loads: blocks of 8 keys (16 KB at
 // D = 512) stay in L1 for it and fit axpy8.
 inline int64_t forward_block(int64_t M) { return M == 1 ? 8 : kBlock; }
-// Keys per block in the backward's softmax part (blocks of 16, 32 and 64 measured within
-// noise of each other).
+// Keys per block in the backward's softmax part, where the block size hardly matters
+// (docs/performance.md).
 constexpr int64_t kGradBlock = 32;
 // A backward tile is up to kTile consecutive query rows of one batch element: they share
 // every key block loaded into cache.
@@ -51,15 +50,16 @@ constexpr int64_t kMaxTileRows = 32;
 // threads (a task costs a merge of one context row).
 constexpr int64_t kMinKeysPerThreadSplit = 32;
 
-// q (B, Tq, D) scored against k (M, S, D); v (M, S, Dv) are the values; query row b reads
-// memory row pos.row(b). For the additive op q and k are the projections and D is A.
+// q (B, Tq, Dk) scored against k (M, S, Dk); v (M, S, Dv) are the values; query row b
+// reads memory row pos.row(b). Dk, the width of the rows the score reads, is D for the dot
+// op and A, the attention width of the projections q and k, for the additive op.
 template <typename scalar_t>
 struct Problem {
   const scalar_t* q;
   const scalar_t* k;
   const scalar_t* v;
   bool v_is_k;
-  int64_t B, Tq, S, D, Dv;
+  int64_t B, Tq, S, Dk, Dv;
   KeyPositions pos;
 };
 
@@ -126,7 +126,7 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
                           bool with_values, Scratch<acc_t>& w) {
   const int64_t n = pb.pos.gather(b, jb, je, w.idx.data());
   if (n == 0) return 0;
-  rows_as_acc(pb.k + pb.pos.row(b) * pb.S * pb.D, w.idx.data(), n, pb.D, w.kbuf.data(), w.krows.data());
+  rows_as_acc(pb.k + pb.pos.row(b) * pb.S * pb.Dk, w.idx.data(), n, pb.Dk, w.kbuf.data(), w.krows.data());
   if (!with_values) return n;
   if (pb.v_is_k) {
     std::copy(w.krows.begin(), w.krows.begin() + n, w.vrows.begin());
@@ -140,7 +140,7 @@ inline int64_t load_block(const Problem<scalar_t>& pb, int64_t b, int64_t jb, in
 // How a task's context rows take each block of keys. Chosen in forward_mode only.
 enum class ContextUpdate {
   // One query row (decode): axpy8 for each full block of 8 keys, the next block's keys
-  // prefetched meanwhile (1.3x nn_tile's one-row product); nn_tile for a block the
+  // prefetched meanwhile (faster than nn_tile's one-row product); nn_tile for a block the
   // length or the mask leaves short.
   kOneRow,
   // Several rows whose keys fit one block, inputs in the accumulation type: the block's
@@ -189,7 +189,7 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
   for (int64_t jb = j0; jb < j1; jb += block) {
     const int64_t n = load_block(pb, b, jb, std::min(jb + block, j1), true, w);
     if (n == 0) continue;
-    score(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data());
+    score(w.qrows.data(), M, w.krows.data(), n, pb.Dk, w.s.data());
     acc_t* alpha = w.alpha.data();
     bool rescale = false;
     for (int64_t m = 0; m < M; ++m) {
@@ -212,10 +212,10 @@ void forward_range(const Problem<scalar_t>& pb, const Score& score, int64_t b, i
           // The next block's key rows (positions, not necessarily attending: a prefetch
           // reads nothing), so its score pass finds them in cache.
           const int64_t nb = std::min(jb + block, j1), ne = std::min(jb + 2 * block, j1);
-          const scalar_t* keys_b = pb.k + pb.pos.row(b) * pb.S * pb.D;
+          const scalar_t* keys_b = pb.k + pb.pos.row(b) * pb.S * pb.Dk;
           axpy8(w.accrows[0], alpha[0], w.p.data(), w.vrows.data(), pb.Dv,
-                reinterpret_cast<const char*>(keys_b + nb * pb.D),
-                reinterpret_cast<const char*>(keys_b + ne * pb.D));
+                reinterpret_cast<const char*>(keys_b + nb * pb.Dk),
+                reinterpret_cast<const char*>(keys_b + ne * pb.Dk));
         } else {
           nn_tile(1, n, w.p.data(), kBlock, 1, w.vrows.data(), pb.Dv, w.accrows.data(),
                   /*overwrite=*/false, rescale ? alpha : nullptr);
@@ -290,7 +290,7 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
   std::vector<acc_t> part_acc(splits > 1 ? pb.B * pb.Tq * splits * pb.Dv : 0);
 
   auto run_tasks = [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> w(pb.D, pb.Dv, tile_rows, !std::is_same_v<scalar_t, acc_t>);
+    Scratch<acc_t> w(pb.Dk, pb.Dv, tile_rows, !std::is_same_v<scalar_t, acc_t>);
     std::vector<acc_t> own_scores(weights && splits == 1 ? tile_rows * pb.S : 0);
     const SoftmaxState<acc_t>* st = w.st.data();
     for (int64_t task = begin; task < end; ++task) {
@@ -302,7 +302,7 @@ void blocked_softmax_forward(const Problem<scalar_t>& pb, const Score& score,
       const int64_t limit = pb.pos.end(b);
       const int64_t chunk = ceil_div(limit, splits);
       const int64_t j0 = std::min(limit, sp * chunk), j1 = std::min(limit, j0 + chunk);
-      load_queries(pb.q, r0, M, pb.D, w.q.data(), w.qrows.data());
+      load_queries(pb.q, r0, M, pb.Dk, w.q.data(), w.qrows.data());
       const ForwardMode mode = forward_mode<scalar_t>(M, j1 - j0, splits);
       acc_t* scores = nullptr;
       if (weights) {
@@ -410,13 +410,13 @@ void softmax_grad_tile(const Problem<scalar_t>& pb, const Score& score, int64_t 
       std::fill(dS + (r0 + m) * pb.S, dS + (r0 + m) * pb.S + limit, acc_t(0));
     }
   }
-  load_queries(pb.q, r0, M, pb.D, q_buf, w.qrows.data());
+  load_queries(pb.q, r0, M, pb.Dk, q_buf, w.qrows.data());
   load_queries(grad_ctx, r0, M, pb.Dv, g_buf, w.grows.data());
   acc_t delta[kTile] = {}, psum[kTile] = {};
   for (int64_t jb = 0; jb < limit; jb += kGradBlock) {
     const int64_t n = load_block(pb, b, jb, std::min(jb + kGradBlock, limit), true, w);
     if (n == 0) continue;
-    score(w.qrows.data(), M, w.krows.data(), n, pb.D, w.s.data());
+    score(w.qrows.data(), M, w.krows.data(), n, pb.Dk, w.s.data());
     nt_tile(w.grows.data(), M, w.vrows.data(), n, pb.Dv, w.dp.data(), kBlock);
     for (int64_t m = 0; m < M; ++m) {
       const int64_t r = r0 + m;
@@ -492,7 +492,7 @@ void source_grad_rows(const Problem<scalar_t>& pb, bool combined,
                       int64_t col, scalar_t* grad_k, scalar_t* grad_v, int64_t M,
                       SourceGradScratch<at::opmath_type<scalar_t>>& w) {
   if (grad_k) {
-    acc_rows(grad_k, M, pb.D, w.gk, w.gkrows);
+    acc_rows(grad_k, M, pb.Dk, w.gk, w.gkrows);
     if (combined) {
       // grad_k = [dS; P]^T [Q; G], one product over 2 Tq terms.
       const int64_t K2 = 2 * pb.Tq;
@@ -502,12 +502,12 @@ void source_grad_rows(const Problem<scalar_t>& pb, bool combined,
           w.a2[m * K2 + t] = dS[col + t * pb.S + m];
           w.a2[m * K2 + pb.Tq + t] = P[col + t * pb.S + m];
         }
-      nn_tile(M, K2, w.a2.data(), K2, 1, qg, pb.D, w.gkrows, /*overwrite=*/true);
+      nn_tile(M, K2, w.a2.data(), K2, 1, qg, pb.Dk, w.gkrows, /*overwrite=*/true);
     } else {
       // A(m, t) = dS[b, t, j0 + m]: the transposed slice, read in place.
-      nn_tile(M, pb.Tq, dS + col, 1, pb.S, qg, pb.D, w.gkrows, /*overwrite=*/true);
+      nn_tile(M, pb.Tq, dS + col, 1, pb.S, qg, pb.Dk, w.gkrows, /*overwrite=*/true);
     }
-    store_rows(w.gkrows, M, pb.D, grad_k);
+    store_rows(w.gkrows, M, pb.Dk, grad_k);
   }
   if (grad_v) {
     acc_rows(grad_v, M, pb.Dv, w.gv, w.gvrows);
@@ -540,7 +540,7 @@ void source_grad_tiles(const Problem<scalar_t>& pb, const at::opmath_type<scalar
     // Positions past the length are never attended: zero gradient, nothing to read.
     const int64_t M = std::max<int64_t>(0, std::min(j1, pb.pos.end(b)) - j0);
     if (grad_k) {
-      std::fill(grad_k + (b * pb.S + j0 + M) * pb.D, grad_k + (b * pb.S + j1) * pb.D,
+      std::fill(grad_k + (b * pb.S + j0 + M) * pb.Dk, grad_k + (b * pb.S + j1) * pb.Dk,
                 scalar_t(0));
     }
     if (grad_v) {
@@ -549,13 +549,13 @@ void source_grad_tiles(const Problem<scalar_t>& pb, const at::opmath_type<scalar
     }
     if (M == 0) continue;
     for (int64_t t = 0; t < pb.Tq; ++t) {
-      qg[t] = grad_k ? q_rows + (b * pb.Tq + t) * pb.D : nullptr;
+      qg[t] = grad_k ? q_rows + (b * pb.Tq + t) * pb.Dk : nullptr;
       qg[pb.Tq + t] = g_rows + (b * pb.Tq + t) * pb.Dv;
     }
     for (int64_t c0 = 0; c0 < M; c0 += kSourceChunk) {
       const int64_t j = j0 + c0;
       source_grad_rows(pb, combined, qg.data(), P, dS, b * pb.Tq * pb.S + j,
-                       grad_k ? grad_k + (b * pb.S + j) * pb.D : nullptr,
+                       grad_k ? grad_k + (b * pb.S + j) * pb.Dk : nullptr,
                        grad_v ? grad_v + (b * pb.S + j) * pb.Dv : nullptr,
                        std::min(kSourceChunk, M - c0), w);
     }

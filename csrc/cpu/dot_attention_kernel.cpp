@@ -1,7 +1,7 @@
 // CPU kernels of attention_ext::dot_attention and its backward.
 //
 // Forward: the blocked online softmax of blocked_softmax.h with the scaled dot product as
-// its score (register-blocked query x key tiles, gemm_tiles.h).
+// its score (DotScore, scores.h: register-blocked query x key tiles, gemm_tiles.h).
 //
 // Backward (deterministic, no atomics): phase 1, per query tile, recomputes the
 // probabilities from the saved log-sum-exp and writes P and dS (Tq x S per batch element),
@@ -20,23 +20,11 @@
 #include "attention_ext/forward_outputs.h"
 #include "attention_ext/inputs.h"
 #include "blocked_softmax.h"
+#include "scores.h"
 
 namespace attention_ext {
 namespace cpu {
 namespace {
-
-// score = scale * <q, k> for a tile of query rows against a block of key rows.
-template <typename acc_t>
-struct DotScore {
-  acc_t scale;
-  void operator()(const acc_t* const* q, int64_t M, const acc_t* const* k, int64_t n,
-                  int64_t D, acc_t* out) const {
-    nt_tile(q, M, k, n, D, out, kBlock);
-    if (scale == acc_t(1)) return;  // Luong's unscaled dot, the default
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < n; ++i) out[m * kBlock + i] *= scale;
-  }
-};
 
 // Phase 1 of backward for the query tiles [begin, end): P, dS (scaled by `scale`, so it is
 // the gradient of the unscaled dot products) and grad_query. q_acc/g_acc receive the rows
@@ -53,7 +41,7 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
   const int64_t tiles_per_b = ceil_div(pb.Tq, kTile);
   const DotScore<acc_t> score{scale};
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-  Scratch<acc_t> w(pb.D, pb.Dv, kTile, convert);
+  Scratch<acc_t> w(pb.Dk, pb.Dv, kTile, convert);
   Buffer<acc_t> dq, kconv, a;
   Buffer<int64_t> idx;
   std::vector<const acc_t*> krows;
@@ -67,7 +55,7 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
     for (; tile < run_end; ++tile) {
       const int64_t rt = b * pb.Tq + (tile % tiles_per_b) * kTile;
       softmax_grad_tile(pb, score, tile, grad_ctx, grad_w, lse, P, dS,
-                        q_acc ? q_acc + rt * pb.D : w.q.data(),
+                        q_acc ? q_acc + rt * pb.Dk : w.q.data(),
                         g_acc ? g_acc + rt * pb.Dv : w.g.data(), w);
     }
     const int64_t limit = pb.pos.end(b);
@@ -75,10 +63,10 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
     // grad_query = dS K over the attending keys (a mask's others may hold anything).
     idx.resize(limit);
     const int64_t n = pb.pos.gather(b, 0, limit, idx.data());
-    const scalar_t* keys_b = pb.k + pb.pos.row(b) * pb.S * pb.D;
+    const scalar_t* keys_b = pb.k + pb.pos.row(b) * pb.S * pb.Dk;
     krows.resize(n);
-    if (convert) kconv.resize(n * pb.D);
-    rows_as_acc(keys_b, idx.data(), n, pb.D, kconv.data(), krows.data());
+    if (convert) kconv.resize(n * pb.Dk);
+    rows_as_acc(keys_b, idx.data(), n, pb.Dk, kconv.data(), krows.data());
     const acc_t* A = dS + r0 * pb.S;
     int64_t lda = pb.S;
     if (n < limit) {
@@ -89,9 +77,9 @@ void backward_tiles(const Problem<scalar_t>& pb, at::opmath_type<scalar_t> scale
       lda = n;
     }
     out.resize(M);
-    acc_rows(grad_q + r0 * pb.D, M, pb.D, dq, out.data());
-    nn_tile(M, n, A, lda, 1, krows.data(), pb.D, out.data(), /*overwrite=*/true);
-    store_rows(out.data(), M, pb.D, grad_q + r0 * pb.D);
+    acc_rows(grad_q + r0 * pb.Dk, M, pb.Dk, dq, out.data());
+    nn_tile(M, n, A, lda, 1, krows.data(), pb.Dk, out.data(), /*overwrite=*/true);
+    store_rows(out.data(), M, pb.Dk, grad_q + r0 * pb.Dk);
   }
 }
 

@@ -20,8 +20,8 @@ namespace cpu {
 using at::vec::Vectorized;
 
 // An allocator that leaves trivially constructible elements uninitialised: scratch buffers
-// are written before they are read, and zero-filling them would cost about 15% of a short
-// decode step.
+// are written before they are read, and zero-filling them would cost a short decode step
+// dearly (docs/performance.md, "Scratch").
 template <typename T>
 struct UninitAllocator : std::allocator<T> {
   template <typename U>
@@ -60,8 +60,7 @@ inline Vectorized<T> load_tail(const T* p, int64_t d, int64_t n) {
 // in two FMA chains so consecutive columns overlap; acc_scale is the online softmax's
 // rescale, folded in rather than a pass of its own. [pf, pf_end) is prefetched meanwhile
 // (8 cache lines per 4 vectors): the rows come from L1, so without it the memory system
-// idles during this pass (a decode step is about 10% faster with the next block's keys
-// prefetched).
+// idles during this pass.
 template <typename T>
 inline void axpy8(T* acc, T acc_scale, const T w[8], const T* const* r, int64_t n,
                   const char* pf = nullptr, const char* pf_end = nullptr) {

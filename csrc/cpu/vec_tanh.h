@@ -1,22 +1,19 @@
-// Vectorised tanh for the additive CPU kernels, and the tanh score of query rows against
-// key rows built on it.
+// Vectorised tanh for the additive CPU kernels.
 //
 // float: tanh|x| = m / (m + 2) with m = expm1(2|x|), then the sign of x. expm1 as
 // 2^n (1 + q) - 1 = fma(2^n, q, 2^n - 1), with 2|x| = n ln2 + r, |r| <= ln2 / 2, and
-// q = expm1(r) by Taylor to r^7 (relative error 2e-8): accurate to about an ulp relative
-// for every |x|, tiny ones included (no cancellation in e - 1), and m + 2 rounds to m where
-// tanh rounds to 1. Within 9e-8 of tanh everywhere (torch's float32 tanh: 3e-8;
-// tests/test_additive_tanh.py): a tanh a few ulp off near +-1, times a large v against
-// saturated projections, would give scores and gradients well outside eager's error. One
-// division per vector; Vectorized<float>::tanh falls back to scalar std::tanh inside an
-// extension (about 0.5 G floats/s on 2 threads). double: the exact std::tanh, lane by lane.
+// q = expm1(r) by Taylor to r^7: accurate to about an ulp relative for every |x|, tiny
+// ones included (no cancellation in e - 1), and m + 2 rounds to m where tanh rounds to 1.
+// Within 9e-8 of tanh everywhere (tests/test_additive_tanh.py): a tanh a few ulp off near
+// +-1, times a large v against saturated projections, would give scores and gradients well
+// outside eager's error. One division per vector; Vectorized<float>::tanh falls back to
+// scalar std::tanh inside an extension (docs/performance.md, "tanh"). double: the exact
+// std::tanh, lane by lane.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#include "attention_ext/math.h"
-#include "blocked_softmax.h"
 #include "vec_ops.h"
 
 namespace attention_ext {
@@ -57,49 +54,6 @@ inline Vectorized<float> vec_tanh(const Vectorized<float>& x) {
 inline Vectorized<double> vec_tanh(const Vectorized<double>& x) {
   return x.map(static_cast<double (*)(double)>(std::tanh));
 }
-
-// out[m * ldo + i] = sum_a v[a] tanh(q[m][a] + k[i][a]) for MR query rows and n key rows:
-// each key vector is loaded once for all MR queries. Tails are loaded zero-filled, and
-// v = 0 there, so they add nothing.
-template <typename T, int MR>
-inline void tanh_score_rows(const T* const* q, const T* const* k, int64_t n, const T* v,
-                            int64_t A, T* out, int64_t ldo) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  for (int64_t i = 0; i < n; ++i) {
-    V acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = V(T(0));
-    int64_t a = 0;
-    for (; a + W <= A; a += W) {
-      const V kv = V::loadu(k[i] + a), vv = V::loadu(v + a);
-      for (int m = 0; m < MR; ++m)
-        acc[m] = at::vec::fmadd(vv, vec_tanh(V::loadu(q[m] + a) + kv), acc[m]);
-    }
-    if (a < A) {
-      const V kv = load_tail(k[i], a, A), vv = load_tail(v, a, A);
-      for (int m = 0; m < MR; ++m)
-        acc[m] = at::vec::fmadd(vv, vec_tanh(load_tail(q[m], a, A) + kv), acc[m]);
-    }
-    for (int m = 0; m < MR; ++m) out[m * ldo + i] = hsum(acc[m]);
-  }
-}
-
-// The additive score for blocked_softmax.h: v . tanh(q + k).
-template <typename T>
-struct TanhScore {
-  const T* v;  // (A,)
-  void operator()(const T* const* q, int64_t M, const T* const* k, int64_t n, int64_t A,
-                  T* out) const {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tanh_score_rows<T, 4>(q + m, k, n, v, A, out + m * kBlock, kBlock);
-    switch (M - m) {
-      case 3: tanh_score_rows<T, 3>(q + m, k, n, v, A, out + m * kBlock, kBlock); break;
-      case 2: tanh_score_rows<T, 2>(q + m, k, n, v, A, out + m * kBlock, kBlock); break;
-      case 1: tanh_score_rows<T, 1>(q + m, k, n, v, A, out + m * kBlock, kBlock); break;
-      default: break;
-    }
-  }
-};
 
 }  // namespace cpu
 }  // namespace attention_ext

@@ -2,8 +2,8 @@
 // checks, contiguous inputs, dtype and vector-width dispatch, launches. The kernels: for few
 // query rows per batch element, attention_forward.cuh with AdditiveScorer (scorers.cuh)
 // and additive_attention_backward.cuh; from kQueryTileMinRows up,
-// additive_attention_tiles.cuh. What this op shares with the dot op is in host_helpers.cuh,
-// attention_forward.cuh, softmax_backward.cuh and query_tiles.cuh.
+// additive_attention_tiles.cuh. What this op shares with the dot op is launched by
+// launches.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,39 +12,63 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "additive_attention_backward.cuh"
 #include "additive_attention_tiles.cuh"
 #include "attention_ext/checks.h"
+#include "attention_ext/forward_outputs.h"
 #include "attention_ext/inputs.h"
-#include "host_helpers.cuh"
+#include "launch_setup.cuh"
+#include "launches.cuh"
 #include "runtime.cuh"
 #include "scorers.cuh"
+#include "tile_products.cuh"
 
 namespace attention_ext {
 namespace {
 
-// p and dp, ds, the query side (with grad_v's shares per row), the keys side, then grad_v
-// from the shares (additive_attention_backward.cuh); stream order is the only
-// synchronisation needed.
+// grad_v from its shares in p.grad_v_partials, share_rows rows of A summed in row order
+// (additive_grad_v_kernel).
+template <typename scalar_t, typename acc_t>
+void launch_grad_v(const AdditiveBackwardParams<scalar_t, acc_t>& p, int64_t share_rows,
+                   scalar_t* grad_v, cudaStream_t stream) {
+  launch_kernel(additive_grad_v_kernel<scalar_t, acc_t>,
+                dim3(static_cast<unsigned>(ceil_div(p.A, kGradVThreads))), dim3(kGradVThreads),
+                0, stream, static_cast<const acc_t*>(p.grad_v_partials), share_rows, p.A, grad_v);
+}
+
+// The rows path (additive_attention_backward.cuh: the query side writes a share of grad_v
+// per query row), or from kQueryTileMinRows query rows up the query-tile path: the pair
+// products, ds and grad_values, then both sides' tanh gradients with a share of grad_v per
+// batch element (tanh_grads_kernel); then grad_v from the shares.
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_backward(const AdditiveBackwardParams<scalar_t, acc_t>& p, scalar_t* grad_v,
                      const at::Tensor& like, cudaStream_t stream) {
-  if (uses_query_tiles(p.Tq)) {
-    launch_additive_backward_tiles<VEC>(p, grad_v, like, stream);
+  if (!uses_query_tiles(p.Tq)) {
+    launch_backward_rows<AdditiveScorer<scalar_t, acc_t, VEC>>(
+        p, p.A / VEC, additive_attention_backward_query_kernel<scalar_t, acc_t, VEC>,
+        additive_attention_backward_keys_kernel<scalar_t, acc_t, VEC>, stream);
+    launch_grad_v(p, p.B * p.Tq, grad_v, stream);
     return;
   }
-  const dim3 block(kBackwardWarpsPerBlock * kWarpSize);
-  const int64_t rows = p.B * p.Tq;
-  launch_backward_probs<AdditiveScorer<scalar_t, acc_t, VEC>>(p, stream);
-  launch_kernel(additive_attention_backward_query_kernel<scalar_t, acc_t, VEC>,
-                warp_grid(row_round_warps(rows, p.A / VEC), kBackwardWarpsPerBlock), block, 0,
-                stream, p);
-  launch_kernel(additive_attention_backward_keys_kernel<scalar_t, acc_t, VEC>,
-                warp_grid(p.B * p.S, kBackwardWarpsPerBlock), block, 0, stream, p);
-  launch_kernel(additive_grad_v_kernel<scalar_t, acc_t>,
-                dim3(static_cast<unsigned>(ceil_div(p.A, kGradVThreads))), dim3(kGradVThreads),
-                0, stream, static_cast<const acc_t*>(p.grad_v_partials), rows, p.A, grad_v);
+  launch_backward_tiles<AdditivePairs, VEC>(p, true, stream);
+  // The query side's running sums over key tiles: grad_query_proj itself when it has the
+  // accumulation dtype.
+  at::Tensor scratch;
+  acc_t* query_sums = nullptr;
+  if (p.S > kTile) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      query_sums = p.grad_query_proj;
+    } else {
+      scratch = at::empty({p.B * p.Tq * p.A}, like.options().dtype(acc_dtype(like.scalar_type())));
+      query_sums = scratch.data_ptr<acc_t>();
+    }
+  }
+  launch_kernel(tanh_grads_kernel<scalar_t, acc_t, VEC>,
+                block_grid(p.B * ceil_div(p.A, kTile)), dim3(kTileThreads), 0, stream, p,
+                query_sums);
+  launch_grad_v(p, p.B, grad_v, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
@@ -73,16 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_cuda(
     p.keys_proj = in.keys_proj.data_ptr<scalar_t>();
     p.v = in.v.data_ptr<scalar_t>();
     p.A = s.A;
-    constexpr int kVec = vec_width<scalar_t>();
-    const bool vec = can_vectorize(
-        kVec, s.A, s.Dv, {in.query_proj, in.keys_proj, in.v, in.values, buffers.context()});
-    if (uses_query_tiles(s.Tq)) {
-      vec ? launch_additive_forward_tiles<kVec>(p, in.query_proj, stream)
-          : launch_additive_forward_tiles<1>(p, in.query_proj, stream);
-    } else {
-      vec ? launch_attention_forward<AdditiveScorer, kVec>(p, s.A, in.query_proj, stream)
-          : launch_attention_forward<AdditiveScorer, 1>(p, s.A, in.query_proj, stream);
-    }
+    launch_forward<AdditiveScorer, AdditivePairs>(
+        p, s.A, {in.query_proj, in.keys_proj, in.v, in.values, buffers.context()},
+        in.query_proj, stream);
   });
   return buffers.outputs();
 }

@@ -1,7 +1,9 @@
 // The additive op's query-tile path (Tq >= kQueryTileMinRows: teacher forcing and its
-// backward), on the tile products of tile_products.cuh and the shared steps of
-// query_tiles.cuh. The score sum_a v[a] tanh(qp_t[a] + kp_j[a]) is formed tile by tile
-// (FMAs and tanh in the accumulation type), never as a B x Tq x S x A tensor:
+// backward): what its tile products (tile_products.cuh) compute, beside the shared steps
+// of query_tiles.cuh, and its tanh gradients' kernel; additive_attention_kernel.cu
+// launches them (with launches.cuh). The score sum_a v[a] tanh(qp_t[a] + kp_j[a]) is
+// formed tile by tile (FMAs and tanh in the accumulation type), never as a B x Tq x S x A
+// tensor:
 //  forward: scores -> lse and weights -> context = P V;
 //  backward: p from the recomputed score and lse, and dp = dO V^T + grad_weights (one pair
 //    product kernel) -> ds = p (dp - delta) -> grad_values = P^T dO, and both sides' tanh
@@ -15,56 +17,50 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <ATen/ATen.h>
-
-#include "additive_attention_backward.cuh"
+#include "attention_ext/math.h"
+#include "device_primitives.cuh"
 #include "kernel_params.cuh"
 #include "query_tiles.cuh"
+#include "softmax_backward.cuh"
 #include "tile_products.cuh"
 
 namespace attention_ext {
 
-// Forward: scores[b, t, j] for the attending keys.
-template <typename scalar_t, typename acc_t, int VEC>
-struct AdditiveScorePairs : KernelTypes<scalar_t, acc_t, VEC> {
-  static constexpr int kProducts = 1;
+// The pair products (pair_product_kernel, tile_products.cuh) of the forward: the scores
+// of the attending keys, into p.scores; of the backward (kBackward): the recomputed score
+// and <g_t, v_j>, to write_p_dp.
+template <typename scalar_t, typename acc_t, int VEC, bool kBackward>
+struct AdditivePairs : KernelTypes<scalar_t, acc_t, VEC> {
+  static constexpr int kProducts = kBackward ? 2 : 1;
   static constexpr bool kTanhScore = true;
-  AdditiveForwardParams<scalar_t, acc_t> p;
+  std::conditional_t<kBackward, AdditiveBackwardParams<scalar_t, acc_t>,
+                     AdditiveForwardParams<scalar_t, acc_t>>
+      p;
   int64_t B, M, N;
 
-  __device__ __forceinline__ int64_t len(int) const { return p.A; }
-  __device__ __forceinline__ const scalar_t* v() const { return p.v; }
-  __device__ __forceinline__ const scalar_t* x(int, int64_t b, int64_t t) const {
-    return p.query_proj + (b * p.Tq + t) * p.A;
-  }
-  __device__ __forceinline__ const scalar_t* y(int, int64_t b, int64_t j) const {
-    return attending_row(p.positions, p.keys_proj, p.S, p.A, b, j);
-  }
-  __device__ __forceinline__ void finish(int64_t b, int64_t t, int64_t j, const acc_t* c) const {
-    p.scores[(b * p.Tq + t) * p.S + j] = c[0];
-  }
-};
+  // Product 1, the backward's <g_t, v_j>; product 0, the score.
+  __device__ __forceinline__ static bool grad_product(int i) { return kBackward && i == 1; }
 
-// Backward: the recomputed score and <g_t, v_j>, to write_p_dp.
-template <typename scalar_t, typename acc_t, int VEC>
-struct AdditiveGradPairs : KernelTypes<scalar_t, acc_t, VEC> {
-  static constexpr int kProducts = 2;
-  static constexpr bool kTanhScore = true;
-  AdditiveBackwardParams<scalar_t, acc_t> p;
-  int64_t B, M, N;
-
-  __device__ __forceinline__ int64_t len(int i) const { return i == 0 ? p.A : p.Dv; }
+  __device__ __forceinline__ int64_t len(int i) const { return grad_product(i) ? p.Dv : p.A; }
   __device__ __forceinline__ const scalar_t* v() const { return p.v; }
   __device__ __forceinline__ const scalar_t* x(int i, int64_t b, int64_t t) const {
-    const int64_t row = b * p.Tq + t;
-    return i == 0 ? p.query_proj + row * p.A : p.grad_context + row * p.Dv;
+    if constexpr (kBackward) {
+      const int64_t row = b * p.Tq + t;
+      return grad_product(i) ? p.grad_context + row * p.Dv : p.query_proj + row * p.A;
+    } else {
+      return p.query_proj + (b * p.Tq + t) * p.A;
+    }
   }
   __device__ __forceinline__ const scalar_t* y(int i, int64_t b, int64_t j) const {
-    return i == 0 ? attending_row(p.positions, p.keys_proj, p.S, p.A, b, j)
-                  : attending_row(p.positions, p.values, p.S, p.Dv, b, j);
+    return grad_product(i) ? attending_row(p.positions, p.values, p.S, p.Dv, b, j)
+                           : attending_row(p.positions, p.keys_proj, p.S, p.A, b, j);
   }
   __device__ __forceinline__ void finish(int64_t b, int64_t t, int64_t j, const acc_t* c) const {
-    write_p_dp(p, b, t, j, c[0], c[1]);
+    if constexpr (kBackward) {
+      write_p_dp(p, b, t, j, c[0], c[1]);
+    } else {
+      p.scores[(b * p.Tq + t) * p.S + j] = c[0];
+    }
   }
 };
 
@@ -174,38 +170,6 @@ __global__ void __launch_bounds__(kTileThreads)
   share += __shfl_xor_sync(kFullWarpMask, share, 8);
   share += __shfl_xor_sync(kFullWarpMask, share, 16);
   if (lane < 8 && col_live) p.grad_v_partials[b * p.A + a0 + col] = share;
-}
-
-template <int VEC, typename scalar_t, typename acc_t>
-void launch_additive_forward_tiles(AdditiveForwardParams<scalar_t, acc_t>& p,
-                                   const at::Tensor& like, cudaStream_t stream) {
-  launch_forward_tiles<AdditiveScorePairs<scalar_t, acc_t, VEC>>(p, like, stream);
-}
-
-// p.grad_v_partials holds B rows of A (a share per batch element).
-template <int VEC, typename scalar_t, typename acc_t>
-void launch_additive_backward_tiles(const AdditiveBackwardParams<scalar_t, acc_t>& p,
-                                    scalar_t* grad_v, const at::Tensor& like,
-                                    cudaStream_t stream) {
-  launch_backward_tiles<AdditiveGradPairs<scalar_t, acc_t, VEC>>(p, true, stream);
-  // The query side's running sums over key tiles: grad_query_proj itself when it has the
-  // accumulation dtype.
-  at::Tensor scratch;
-  acc_t* query_sums = nullptr;
-  if (p.S > kTile) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      query_sums = p.grad_query_proj;
-    } else {
-      scratch = at::empty({p.B * p.Tq * p.A}, like.options().dtype(acc_dtype(like.scalar_type())));
-      query_sums = scratch.data_ptr<acc_t>();
-    }
-  }
-  launch_kernel(tanh_grads_kernel<scalar_t, acc_t, VEC>,
-                block_grid(p.B * ceil_div(p.A, kTile)), dim3(kTileThreads), 0, stream, p,
-                query_sums);
-  launch_kernel(additive_grad_v_kernel<scalar_t, acc_t>,
-                dim3(static_cast<unsigned>(ceil_div(p.A, kGradVThreads))), dim3(kGradVThreads),
-                0, stream, static_cast<const acc_t*>(p.grad_v_partials), p.B, p.A, grad_v);
 }
 
 }  // namespace attention_ext

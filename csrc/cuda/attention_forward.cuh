@@ -21,7 +21,7 @@
 
 #include "attention_ext/math.h"
 #include "device_primitives.cuh"
-#include "forward_plan.h"
+#include "attention_ext/forward_plan.h"
 #include "kernel_params.cuh"
 
 namespace attention_ext {

@@ -1,6 +1,6 @@
 // The dot op's query-tile path (Tq >= kQueryTileMinRows: teacher forcing and its
-// backward), on the tile products of tile_products.cuh and the shared steps of
-// query_tiles.cuh:
+// backward): what its tile products (tile_products.cuh) compute, beside the shared steps
+// of query_tiles.cuh; dot_attention_kernel.cu launches them (with launches.cuh):
 //  forward: scores = scale Q K^T -> lse and weights -> context = P V;
 //  backward: p = exp(scale Q K^T - lse) and dp = dO V^T + grad_weights (one pair product
 //    kernel) -> ds = p (dp - delta) -> grad_values = P^T dO, grad_query = scale dS K,
@@ -9,52 +9,49 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
+#include "device_primitives.cuh"
 #include "kernel_params.cuh"
 #include "query_tiles.cuh"
-#include "tile_products.cuh"
+#include "softmax_backward.cuh"
 
 namespace attention_ext {
 
-// Forward: scores[b, t, j] = scale <q_t, k_j> for the attending keys.
-template <typename scalar_t, typename acc_t, int VEC>
-struct DotScorePairs : KernelTypes<scalar_t, acc_t, VEC> {
-  static constexpr int kProducts = 1;
+// The pair products (pair_product_kernel, tile_products.cuh) of the forward: the scores
+// scale <q_t, k_j> of the attending keys, into p.scores; of the backward (kBackward): the
+// recomputed score and <g_t, v_j>, to write_p_dp.
+template <typename scalar_t, typename acc_t, int VEC, bool kBackward>
+struct DotPairs : KernelTypes<scalar_t, acc_t, VEC> {
+  static constexpr int kProducts = kBackward ? 2 : 1;
   static constexpr bool kTanhScore = false;
-  DotForwardParams<scalar_t, acc_t> p;
+  std::conditional_t<kBackward, DotBackwardParams<scalar_t, acc_t>,
+                     DotForwardParams<scalar_t, acc_t>>
+      p;
   int64_t B, M, N;
 
-  __device__ __forceinline__ int64_t len(int) const { return p.D; }
-  __device__ __forceinline__ const scalar_t* x(int, int64_t b, int64_t t) const {
-    return p.query + (b * p.Tq + t) * p.D;
-  }
-  __device__ __forceinline__ const scalar_t* y(int, int64_t b, int64_t j) const {
-    return attending_row(p.positions, p.keys, p.S, p.D, b, j);
-  }
-  __device__ __forceinline__ void finish(int64_t b, int64_t t, int64_t j, const acc_t* c) const {
-    p.scores[(b * p.Tq + t) * p.S + j] = p.scale * c[0];
-  }
-};
+  // Product 1, the backward's <g_t, v_j>; product 0, the score.
+  __device__ __forceinline__ static bool grad_product(int i) { return kBackward && i == 1; }
 
-// Backward: the recomputed score and <g_t, v_j>, to write_p_dp.
-template <typename scalar_t, typename acc_t, int VEC>
-struct DotGradPairs : KernelTypes<scalar_t, acc_t, VEC> {
-  static constexpr int kProducts = 2;
-  static constexpr bool kTanhScore = false;
-  DotBackwardParams<scalar_t, acc_t> p;
-  int64_t B, M, N;
-
-  __device__ __forceinline__ int64_t len(int i) const { return i == 0 ? p.D : p.Dv; }
+  __device__ __forceinline__ int64_t len(int i) const { return grad_product(i) ? p.Dv : p.D; }
   __device__ __forceinline__ const scalar_t* x(int i, int64_t b, int64_t t) const {
-    const int64_t row = b * p.Tq + t;
-    return i == 0 ? p.query + row * p.D : p.grad_context + row * p.Dv;
+    if constexpr (kBackward) {
+      const int64_t row = b * p.Tq + t;
+      return grad_product(i) ? p.grad_context + row * p.Dv : p.query + row * p.D;
+    } else {
+      return p.query + (b * p.Tq + t) * p.D;
+    }
   }
   __device__ __forceinline__ const scalar_t* y(int i, int64_t b, int64_t j) const {
-    return i == 0 ? attending_row(p.positions, p.keys, p.S, p.D, b, j)
-                  : attending_row(p.positions, p.values, p.S, p.Dv, b, j);
+    return grad_product(i) ? attending_row(p.positions, p.values, p.S, p.Dv, b, j)
+                           : attending_row(p.positions, p.keys, p.S, p.D, b, j);
   }
   __device__ __forceinline__ void finish(int64_t b, int64_t t, int64_t j, const acc_t* c) const {
-    write_p_dp(p, b, t, j, p.scale * c[0], c[1]);
+    if constexpr (kBackward) {
+      write_p_dp(p, b, t, j, p.scale * c[0], c[1]);
+    } else {
+      p.scores[(b * p.Tq + t) * p.S + j] = p.scale * c[0];
+    }
   }
 };
 
@@ -101,25 +98,5 @@ struct DotGradKeyRows : KernelTypes<scalar_t, acc_t, VEC> {
     return j < p.positions.end(b) && p.positions.attends(b, j);
   }
 };
-
-template <int VEC, typename scalar_t, typename acc_t>
-void launch_dot_forward_tiles(DotForwardParams<scalar_t, acc_t>& p, const at::Tensor& like,
-                              cudaStream_t stream) {
-  launch_forward_tiles<DotScorePairs<scalar_t, acc_t, VEC>>(p, like, stream);
-}
-
-template <int VEC, typename scalar_t, typename acc_t>
-void launch_dot_backward_tiles(const DotBackwardParams<scalar_t, acc_t>& p, cudaStream_t stream) {
-  launch_backward_tiles<DotGradPairs<scalar_t, acc_t, VEC>>(p, !p.values_are_keys, stream);
-  using Query = DotGradQueryRows<scalar_t, acc_t, VEC>;
-  launch_weighted_rows(Query{{}, p, p.B, p.Tq, p.S, p.D, p.scale}, stream);
-  if (p.values_are_keys) {
-    using Both = DotGradKeyRows<scalar_t, acc_t, VEC, true>;
-    launch_weighted_rows(Both{{}, p, p.B, p.S, 2 * p.Tq, p.D, acc_t(1)}, stream);
-  } else {
-    using Keys = DotGradKeyRows<scalar_t, acc_t, VEC, false>;
-    launch_weighted_rows(Keys{{}, p, p.B, p.S, p.Tq, p.D, p.scale}, stream);
-  }
-}
 
 }  // namespace attention_ext

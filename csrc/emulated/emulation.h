@@ -3,9 +3,9 @@
 // of a block runs as its own fiber (a stack of its own, switched cooperatively on one OS
 // thread, csrc/emulated/fiber_switch.cpp), so __syncthreads() and the warp shuffles are
 // real rendezvous of the threads involved, not sequential approximations; blocks run one
-// after another. Fibers rather than OS threads: a shuffle is then 32 stack switches of a
-// few nanoseconds instead of 32 futex wake-ups, which lets the whole test suite run
-// through the emulated kernels. Only what this project's kernels use is provided, with
+// after another. Fibers rather than OS threads: a shuffle is then 32 stack switches
+// instead of 32 futex wake-ups, which lets the whole test suite run through the emulated
+// kernels. Only what this project's kernels use is provided, with
 // cp.async's copies, groups and waits (copy_async, for device_primitives.cuh) and the
 // 16 x 16 x 16 and TF32 16 x 16 x 8 tiles of nvcuda::wmma (tensor cores) at the end:
 // anything else (dynamic shared memory, atomics, votes, __half intrinsics, inline PTX)
@@ -39,6 +39,8 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "attention_ext/device_check.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -312,18 +314,6 @@ T shuffle(unsigned mask, T v, int src) {
   return out;
 }
 
-// The first failed ATTENTION_EXT_DEVICE_CHECK of the launch in progress (launches are
-// serialised); launch returns it once the grid has run.
-inline std::atomic<const char*>& failed_device_check() {
-  static std::atomic<const char*> msg{nullptr};
-  return msg;
-}
-
-inline void device_check_failed(const char* msg) {
-  const char* none = nullptr;
-  failed_device_check().compare_exchange_strong(none, msg);
-}
-
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -563,42 +553,40 @@ inline int tile_col(int e) {
   return (attention_ext::emu::lane_now() * Frag::num_elements + e) % Frag::cols;
 }
 
+// A warp-wide load or store of a fragment of Frag's shape from or to the matrix at p
+// (leading dimension ldm, row- or column-major): visit(e, m) for each element e of the
+// running lane, m its element of the matrix.
+template <typename Frag, typename E, typename Visit>
+inline void visit_tile(E* p, unsigned ldm, bool row_major_memory, Visit visit) {
+  attention_ext::emu::warp_rendezvous(0);
+  attention_ext::emu::check_tile_address(p, ldm, sizeof(E));
+  for (int e = 0; e < Frag::num_elements; ++e) {
+    const int r = tile_row<Frag>(e), c = tile_col<Frag>(e);
+    visit(e, row_major_memory ? p[r * ldm + c] : p[c * ldm + r]);
+  }
+}
+
 template <typename Use, int K, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, K, T, Layout>& f,
                              const typename storage_of<T>::type* p, unsigned ldm) {
   static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>,
                 "accumulators are loaded with a layout_t");
-  using Frag = fragment<Use, 16, 16, K, T, Layout>;
-  attention_ext::emu::warp_rendezvous(0);
-  attention_ext::emu::check_tile_address(p, ldm, sizeof(*p));
-  for (int e = 0; e < Frag::num_elements; ++e) {
-    const int r = tile_row<Frag>(e), c = tile_col<Frag>(e);
-    f.x[e] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
-  }
+  visit_tile<fragment<Use, 16, 16, K, T, Layout>>(
+      p, ldm, std::is_same_v<Layout, row_major>, [&](int e, const auto& m) { f.x[e] = m; });
 }
 
 template <int K>
 inline void load_matrix_sync(fragment<accumulator, 16, 16, K, float>& f, const float* p,
                              unsigned ldm, layout_t layout) {
-  using Frag = fragment<accumulator, 16, 16, K, float>;
-  attention_ext::emu::warp_rendezvous(0);
-  attention_ext::emu::check_tile_address(p, ldm, sizeof(float));
-  for (int e = 0; e < Frag::num_elements; ++e) {
-    const int r = tile_row<Frag>(e), c = tile_col<Frag>(e);
-    f.x[e] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-  }
+  visit_tile<fragment<accumulator, 16, 16, K, float>>(
+      p, ldm, layout == mem_row_major, [&](int e, const float& m) { f.x[e] = m; });
 }
 
 template <int K>
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f,
                               unsigned ldm, layout_t layout) {
-  using Frag = fragment<accumulator, 16, 16, K, float>;
-  attention_ext::emu::warp_rendezvous(0);
-  attention_ext::emu::check_tile_address(p, ldm, sizeof(float));
-  for (int e = 0; e < Frag::num_elements; ++e) {
-    const int r = tile_row<Frag>(e), c = tile_col<Frag>(e);
-    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
-  }
+  visit_tile<fragment<accumulator, 16, 16, K, float>>(
+      p, ldm, layout == mem_row_major, [&](int e, float& m) { m = f.x[e]; });
 }
 
 template <typename Use, int K, typename T, typename Layout>

@@ -1,7 +1,7 @@
-// Test build only: the stack switch under the CUDA emulation's fibers (csrc/cuda/
-// emulation.h). A switch saves the callee-saved registers and the floating-point control
-// words on the current stack and loads another stack: a few nanoseconds, where
-// swapcontext makes a system call for the signal mask on every switch.
+// Test build only: the stack switch under the CUDA emulation's fibers
+// (csrc/emulated/emulation.h). A switch saves the callee-saved registers and the
+// floating-point control words on the current stack and loads another stack, with no
+// system call, where swapcontext makes one for the signal mask on every switch.
 #define ATTENTION_EXT_CUDA_EMULATION 1
 
 #include <cstddef>

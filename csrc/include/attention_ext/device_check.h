@@ -17,7 +17,23 @@
 
 #elif defined(ATTENTION_EXT_CUDA_EMULATION)
 
-#include "../../emulated/emulation.h"
+#include <atomic>
+
+namespace attention_ext::emu {
+
+// The first failed check of the launch in progress (the emulation serialises launches);
+// the emulated launch (emulated/emulation.h) takes it once the grid has run.
+inline std::atomic<const char*>& failed_device_check() {
+  static std::atomic<const char*> msg{nullptr};
+  return msg;
+}
+
+inline void device_check_failed(const char* msg) {
+  const char* none = nullptr;
+  failed_device_check().compare_exchange_strong(none, msg);
+}
+
+}  // namespace attention_ext::emu
 
 #define ATTENTION_EXT_DEVICE_CHECK(cond, msg)                      \
   do {                                                             \

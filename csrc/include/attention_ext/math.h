@@ -117,8 +117,8 @@ HOST_DEVICE_INLINE T softmax_backward(T p, T dp, T delta) {
 // delta from the row's sums of p_k d p_k and of p_k. Probabilities recomputed from the
 // log-sum-exp sum to 1 only to within the rounding of lse, a few ulp of |lse| rather than of
 // 1, and where one key takes nearly all the weight d p_j - delta is a small difference that
-// this error swamps (grad_query 10x further from float64 than eager's at scale 2). Dividing
-// by their sum restores the cancellation: d p_j - delta = sum_k p_k (d p_j - d p_k) / sum_k p_k.
+// this error swamps (docs/design.md, section 3). Dividing by their sum restores the
+// cancellation: d p_j - delta = sum_k p_k (d p_j - d p_k) / sum_k p_k.
 template <typename T>
 HOST_DEVICE_INLINE T softmax_grad_delta(T sum_p_dp, T sum_p) {
   return sum_p > T(0) ? sum_p_dp / sum_p : T(0);

@@ -3,7 +3,7 @@
 // - a forced number of source (S) splits, so tests drive both sides of every split-S
 //   decision whatever the machine; 0 (the default) lets the planners choose. A planner
 //   reads it with one relaxed atomic load per call.
-// - the CUDA forward's launch plan (csrc/cuda/forward_plan.h, plain C++), so a test checks
+// - the CUDA forward's launch plan (forward_plan.h, plain C++), so a test checks
 //   what it gives a 132-SM GPU in every build;
 // - the CPU kernels' vectorised float32 tanh, elementwise, so its accuracy can be checked
 //   against torch.tanh (builds with the CPU kernels only).

@@ -1,7 +1,7 @@
-// Host code shared by the ops' CUDA entry points (dot_attention_kernel.cu,
-// additive_attention_kernel.cu): 16-byte path test, grid sizing, the
-// softmax part of the kernels' arguments (outputs, workspace, scratch, mask, sizes), the
-// forward's launches and the rows-path backward's first two.
+// Host code that the ops' CUDA entry points (dot_attention_kernel.cu,
+// additive_attention_kernel.cu) run before their launches: the 16-byte path test, grid
+// sizes, a forward's outputs and a backward's scratch, bound to the softmax part of the
+// kernels' arguments (kernel_params.cuh). No kernel of its own.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,17 +11,13 @@
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "attention_ext/checks.h"
 #include "attention_ext/forward_outputs.h"
 #include "attention_ext/inputs.h"
-#include "attention_ext/test_hooks.h"
-#include "attention_forward.cuh"
-#include "forward_plan.h"
+#include "attention_ext/math.h"
 #include "kernel_params.cuh"
 #include "runtime.cuh"
-#include "softmax_backward.cuh"
 
 namespace attention_ext {
 
@@ -125,66 +121,5 @@ class BackwardScratch {
  private:
   at::Tensor scratch_;
 };
-
-// An op's forward with the op's Scorer (scorers.cuh), p bound by ForwardBuffers and the op:
-// the launch plan (forward_plan.h) for rows of D score features, one workspace
-// allocation, attention_forward_kernel, then split_merge_kernel when the keys are split.
-template <template <typename, typename, int> class Scorer, int VEC,
-          template <typename, typename> class Params, typename scalar_t, typename acc_t>
-void launch_attention_forward(Params<scalar_t, acc_t>& p, int64_t D, const at::Tensor& like,
-                              cudaStream_t stream) {
-  using ScorerT = Scorer<scalar_t, acc_t, VEC>;
-  const int64_t rows = p.B * p.Tq;
-  p.values_are_keys = p.values == ScorerT::keys_of(p) && p.Dv == D;
-  const ForwardPlan plan = plan_forward(rows, p.S, D / VEC, p.Dv / VEC, p.values_are_keys,
-                                        multiprocessor_count(like.device().index()),
-                                        forced_splits());
-  p.splits = plan.splits;
-  p.split_len = plan.split_len;
-  p.slices = plan.slices;
-  p.slice_chunks = plan.slice_chunks;
-  p.merge_parts = plan.merge_parts(p.weights != nullptr);
-  p.key_lanes = plan.key_lanes;
-  p.round_keys = plan.round_keys;
-  p.stage_buffers = plan.stage_buffers;
-  p.stage_values = plan.stage_values;
-
-  // Workspace: split partials (context, max, sum), then the raw scores unless the weights
-  // hold them (they have the accumulation type).
-  const int64_t parts = plan.splits > 1 ? rows * plan.splits : 0;
-  const bool own_scores = p.weights != nullptr && !std::is_same_v<scalar_t, acc_t>;
-  const at::Tensor workspace =
-      at::empty({parts * p.Dv + 2 * parts + (own_scores ? rows * p.S : 0)},
-                like.options().dtype(acc_dtype(like.scalar_type())));
-  acc_t* ws = workspace.data_ptr<acc_t>();
-  p.ctx_acc = ws;  // first: its rows keep the allocation's alignment for chunk access
-  p.part_max = ws + parts * p.Dv;
-  p.part_sum = p.part_max + parts;
-  p.scores = p.weights == nullptr ? nullptr
-             : own_scores         ? p.part_sum + parts
-                                  : reinterpret_cast<acc_t*>(p.weights);
-
-  const dim3 block(plan.warps * kWarpSize);
-  launch_kernel(attention_forward_kernel<ScorerT>,
-                block_grid(plan.blocks(rows)), block, 0, stream, p);
-  if (plan.splits > 1) {
-    launch_kernel(split_merge_kernel<scalar_t, acc_t, VEC>, block_grid(rows * p.merge_parts),
-                  block, 0, stream, static_cast<const SoftmaxForwardParams<scalar_t, acc_t>&>(p));
-  }
-}
-
-// The rows path's backward, first two steps (softmax_backward.cuh): p and dp for every
-// (row, key) with the op's Scorer, then ds; the op's kernels then read the scratch.
-template <typename Scorer, typename Params>
-void launch_backward_probs(const Params& p, cudaStream_t stream) {
-  using SoftmaxParams = SoftmaxBackwardParams<typename Scorer::scalar_t, typename Scorer::acc_t>;
-  const int64_t rows = p.B * p.Tq;
-  launch_kernel(backward_probs_kernel<Scorer, Params>,
-                warp_grid(rows * p.S, kBackwardWarpsPerBlock),
-                dim3(kBackwardWarpsPerBlock * kWarpSize), 0, stream, p);
-  launch_kernel(softmax_grad_rows_kernel<typename Scorer::scalar_t, typename Scorer::acc_t>,
-                block_grid(rows), dim3(kWarpSize), 0, stream,
-                static_cast<const SoftmaxParams&>(p));
-}
 
 }  // namespace attention_ext

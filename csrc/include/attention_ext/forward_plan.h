@@ -1,9 +1,10 @@
-// The forward's launch plan, host code: how many blocks work on one query row and how big
-// they are. Plain C++, so the same decision runs under the CUDA emulation in tests, and
+// The CUDA forward's launch plan: how many blocks work on one query row and how big they
+// are. Plain C++ that every build carries: the CUDA host code plans with it, on a GPU and
+// under the CUDA emulation in tests, its constants size the kernels, and
 // attention_ext._C._testing.forward_plan exposes it to a test that checks the decode
 // shapes fill a 132-SM GPU.
 //
-// One block per (row, source split, context slice), attention_forward.cuh:
+// One block per (row, source split, context slice), csrc/cuda/attention_forward.cuh:
 //  - source splits (flash-decoding): when the rows give too few blocks to fill the GPU,
 //    each row's keys are cut into `splits` chunks of `split_len` keys that run in parallel,
 //    as many as fit one wave; split_merge_kernel combines them by log-sum-exp;
@@ -57,7 +58,7 @@ constexpr int64_t kMergeWeightsPerThread = 4;
 // Blocks per SM that the split plan fills and does not exceed, so that the grid runs in
 // one wave (a second wave of a few blocks costs a whole block's latency again): the
 // forward kernels are compiled for 4 resident blocks of 4 warps (__launch_bounds__, at
-// most 128 registers per thread; ptxas gives them 94-124 on sm_90).
+// most 128 registers per thread).
 constexpr int kTargetBlocksPerSm = 4;
 
 struct ForwardPlan {
