@@ -17,7 +17,8 @@ pytest.importorskip("babel", reason="the demo's optional dependencies (attention
 
 from attention_ext.demo import dates as D  # noqa: E402
 from attention_ext.demo.cli import main  # noqa: E402
-from attention_ext.demo.training import build_model, compare_training_speed  # noqa: E402
+from attention_ext.demo.training import (TeacherForcedLoss, build_model,  # noqa: E402
+                                         compare_training_speed)
 from attention_ext import functional, reference  # noqa: E402
 from attention_ext.nn import set_implementation  # noqa: E402
 from attention_ext.seq2seq import Seq2Seq, Vocabulary  # noqa: E402
@@ -149,7 +150,7 @@ def test_speed_comparison_compares_the_same_model(attention, monkeypatch):
     for impl in ("fused", "reference"):
         set_implementation(model, impl)
         model.zero_grad()
-        loss = model.loss(batch.src, batch.src_lengths, batch.tgt, batch.tgt_lengths)
+        loss = TeacherForcedLoss(model)(batch)
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
