@@ -2,15 +2,15 @@
 from ._loader import _C  # noqa: F401  (loads the operators into torch.ops.attention_ext)
 from . import _op_registrations  # noqa: F401  (fake kernels and autograd of the ops)
 from . import reference  # noqa: F401
-from .functional import additive_attention, dot_attention
+from .functional import additive_attention, dot_attention, location_attention
 from . import nn  # noqa: F401  (layers on top of the functional ops)
 from . import compat  # noqa: F401  (drop-in replacements of published layers)
 
 __version__ = _C.__version__
 
 __all__ = [
-    "dot_attention", "additive_attention", "nn", "compat", "reference", "build_info",
-    "__version__",
+    "dot_attention", "additive_attention", "location_attention", "nn", "compat", "reference",
+    "build_info", "__version__",
 ]
 
 

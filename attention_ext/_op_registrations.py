@@ -165,6 +165,62 @@ def _check_additive_inputs(query_proj, keys_proj, v, values, lengths, mask, memo
     return S, Dv
 
 
+def _check_window_arg(window, ref, B):
+    if window is None:
+        return
+    torch._check(window.device == ref.device,
+                 lambda: f"window must be on the same device as query_proj ({ref.device}), "
+                         f"got {window.device}")
+    torch._check_value(window.dtype in (torch.int64, torch.int32),
+                       lambda: f"window must be an int64 or int32 tensor of shape (B, 2) = "
+                               f"({B}, 2), got dtype {_dtype_name(window.dtype)}")
+    torch._check_value(window.dim() == 2 and window.shape[0] == B and window.shape[1] == 2,
+                       lambda: f"window must have shape (B, 2) = ({B}, 2), [start, end) per "
+                               f"query row, got {_sizes(window)}")
+
+
+def _check_location_inputs(query_proj, keys_proj, prev, conv_weight, location_weight, v,
+                           values, lengths, mask, window, score_bias, scale, memory_index):
+    """check_location_inputs of csrc/checks.cpp. Returns (S, Dv)."""
+    torch._check_value(query_proj.dim() == 2,
+                       lambda: f"query_proj must have shape (B, A): location-sensitive "
+                               f"attention takes one decoder step a call (the previous weights "
+                               f"feed the next), got {_sizes(query_proj)}")
+    S, Dv, M = _check_operands(query_proj, "query_proj", keys_proj, "keys_proj", values, "A",
+                               memory_index)
+    B, A = query_proj.shape
+    for t, name in ((prev, "prev"), (conv_weight, "conv_weight"),
+                    (location_weight, "location_weight"), (v, "v")):
+        _check_same_device_dtype(query_proj, "query_proj", t, name)
+    torch._check_value(prev.dim() == 3 and prev.shape[0] == B and prev.shape[2] == S,
+                       lambda: f"prev must have shape (B, C, S) = ({B}, C, {S}), the previous "
+                               f"weights of every query row, got {_sizes(prev)}")
+    C = prev.shape[1]
+    torch._check_value(conv_weight.dim() == 3 and conv_weight.shape[1] == C,
+                       lambda: f"conv_weight must have shape (F, C, K) with C = {C} like "
+                               f"prev's channels, got {_sizes(conv_weight)}")
+    F, K = conv_weight.shape[0], conv_weight.shape[2]
+    torch._check_value(K % 2 == 1,
+                       lambda: f"conv_weight must have an odd number of taps K (the "
+                               f"convolution is centred, padding (K - 1) / 2), got K = {K}")
+    torch._check_value(location_weight.dim() == 2 and location_weight.shape[0] == A
+                       and location_weight.shape[1] == F,
+                       lambda: f"location_weight must have shape (A, F) = ({A}, {F}) (A like "
+                               f"query_proj, F like conv_weight's filters), got "
+                               f"{_sizes(location_weight)}")
+    torch._check_value(v.dim() == 1 and v.shape[0] == A,
+                       lambda: f"v must have shape (A,) = ({A},) like query_proj's last "
+                               f"dimension, got {_sizes(v)}")
+    torch._check_value(math.isfinite(scale), lambda: f"scale must be finite, got {scale}")
+    if score_bias is not None:
+        _check_same_device_dtype(query_proj, "query_proj", score_bias, "score_bias")
+        torch._check_value(score_bias.dim() == 1 and score_bias.shape[0] == 1,
+                           lambda: f"score_bias must have shape (1,), got {_sizes(score_bias)}")
+    _check_window_arg(window, query_proj, B)
+    _check_mask_args(lengths, mask, query_proj, "query_proj", M, S)
+    return S, Dv
+
+
 def _check_backward_extras(grad_context, grad_weights, lse, ref, ref_name, S, Dv):
     """check_backward_extras of csrc/checks.cpp: the incoming gradients and the forward's
     log-sum-exp, shaped by ref's (the query's) rows."""
@@ -297,4 +353,70 @@ def _additive_backward(ctx, grad_context, grad_weights, grad_lse):
 torch.library.register_autograd(
     "attention_ext::additive_attention", _additive_backward,
     setup_context=_additive_setup_context,
+)
+
+
+@torch.library.register_fake("attention_ext::location_attention")
+def _location_attention_fake(query_proj, keys_proj, prev, conv_weight, location_weight, v,
+                             values, lengths, mask, window, score_bias, scale, sigmoid,
+                             need_weights, memory_index=None):
+    S, Dv = _check_location_inputs(query_proj, keys_proj, prev, conv_weight, location_weight,
+                                   v, values, lengths, mask, window, score_bias, scale,
+                                   memory_index)
+    return _forward_outputs(query_proj, S, Dv, need_weights)
+
+
+@torch.library.register_fake("attention_ext::_location_attention_backward")
+def _location_attention_backward_fake(
+    grad_context, grad_weights, query_proj, keys_proj, prev, conv_weight, location_weight, v,
+    values, lengths, mask, window, score_bias, scale, sigmoid, lse, memory_index=None,
+):
+    S, Dv = _check_location_inputs(query_proj, keys_proj, prev, conv_weight, location_weight,
+                                   v, values, lengths, mask, window, score_bias, scale,
+                                   memory_index)
+    _check_backward_extras(grad_context, grad_weights, lse, query_proj, "query_proj", S, Dv)
+    return (
+        query_proj.new_empty(query_proj.shape),
+        keys_proj.new_empty(keys_proj.shape),
+        prev.new_empty(prev.shape),
+        conv_weight.new_empty(conv_weight.shape),
+        location_weight.new_empty(location_weight.shape),
+        v.new_empty(v.shape),
+        values.new_empty(values.shape),
+        query_proj.new_empty((0,) if score_bias is None else (1,)),
+    )
+
+
+def _location_setup_context(ctx, inputs, output):
+    (query_proj, keys_proj, prev, conv_weight, location_weight, v, values, lengths, mask,
+     window, score_bias, scale, sigmoid, need_weights, memory_index) = inputs
+    _, _, lse = output
+    # Inputs and the per-row log-sum-exp only: backward recomputes the location features
+    # and tanh, so no B x S x A or B x S x F tensor exists at any time.
+    ctx.save_for_backward(query_proj, keys_proj, prev, conv_weight, location_weight, v, values,
+                          lengths, mask, window, score_bias, memory_index, lse)
+    ctx.scale = scale
+    ctx.sigmoid = sigmoid
+    ctx.need_weights = need_weights
+    ctx.set_materialize_grads(False)
+
+
+def _location_backward(ctx, grad_context, grad_weights, grad_lse):
+    (query_proj, keys_proj, prev, conv_weight, location_weight, v, values, lengths, mask,
+     window, score_bias, memory_index, lse) = ctx.saved_tensors
+    if grad_context is None:
+        grad_context = query_proj.new_zeros(_rows(query_proj, values.shape[2]))
+    if not ctx.need_weights:
+        grad_weights = None
+    grads = torch.ops.attention_ext._location_attention_backward.default(
+        grad_context, grad_weights, query_proj, keys_proj, prev, conv_weight, location_weight,
+        v, values, lengths, mask, window, score_bias, ctx.scale, ctx.sigmoid, lse, memory_index,
+    )
+    grad_score_bias = None if score_bias is None else grads[7]
+    return (*grads[:7], None, None, None, grad_score_bias, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "attention_ext::location_attention", _location_backward,
+    setup_context=_location_setup_context,
 )

@@ -157,3 +157,82 @@ def additive_attention(
         query_proj, keys_proj, v, values, lengths, mask, bool(need_weights), memory_index,
     )
     return _outputs(context, weights, need_weights)
+
+
+_NORMALIZATIONS = {"softmax": False, "sigmoid": True}  # -> the op's `sigmoid` flag
+
+
+def location_attention(
+    query_proj: Tensor,
+    keys_proj: Tensor,
+    prev: Tensor,
+    conv_weight: Tensor,
+    location_weight: Tensor,
+    v: Tensor,
+    values: Tensor,
+    *,
+    lengths: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    window: Optional[Tensor] = None,
+    score_bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+    normalization: str = "softmax",
+    need_weights: bool = True,
+    memory_index: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Location-sensitive attention (Chorowski et al. 2015; Tacotron 2, ESPnet ``AttLoc``,
+    SpeechBrain), one decoder step, fused: the location convolution, its projection, the
+    tanh score, the normalisation and the context in one pass, with no B x S x A or
+    B x S x F tensor in forward or backward.
+
+    For query row b and source position j (P = (K - 1) / 2, prev zero outside [0, S))::
+
+        L[j, f] = sum_{c, k} conv_weight[f, c, k] * prev[b, c, j + k - P]
+        e[j]    = scale * (v . tanh(query_proj[b] + keys_proj[b, j] + location_weight @ L[j]))
+                  + score_bias
+        weights = softmax(e) over the attended positions ("softmax"), or
+                  sigmoid(e[j]) / sum_k sigmoid(e[k]) ("sigmoid")
+        context = sum_j weights[j] * values[b, j]
+
+    Gradients flow to every tensor input, ``prev`` included (it trains the recurrence when
+    the previous weights are fed back without detaching them).
+
+    Args:
+        query_proj: (B, A), the projected decoder state (any biases folded in).
+        keys_proj: (B, S, A), or (M, S, A) with memory_index: the projected memory,
+            computed once per utterance.
+        prev: (B, C, S), the previous weights: C = 1 (ESPnet, SpeechBrain) or 2 (Tacotron 2:
+            previous and cumulative).
+        conv_weight: (F, C, K), K odd: the location convolution (``nn.Conv1d(C, F, K,
+            padding=(K - 1) // 2, bias=False).weight``).
+        location_weight: (A, F): the location features' projection U (``nn.Linear(F, A,
+            bias=False).weight``).
+        v: (A,), the score vector.
+        values: (B, S, Dv), or (M, S, Dv) with memory_index.
+        lengths: integer (B,) (or (M,)); positions j < lengths[b] attend.
+        mask: bool (B, S) (or (M, S)), True = attend. Give lengths or mask, not both.
+        window: integer (B, 2) on query_proj's device: row b attends only positions in
+            [window[b, 0], window[b, 1]) as well, the monotonic window of TTS inference
+            (0 <= start <= end <= S; on a GPU checked by the kernels, with no host read).
+        score_bias: (1,), added to every score. Softmax ignores it (its gradient is 0);
+            the sigmoid normalisation does not.
+        scale: multiplies v . tanh(...) (ESPnet's ``scaling``, SpeechBrain's ``scaling``).
+        normalization: "softmax" or "sigmoid".
+        need_weights: when False the weights are never written and None is returned.
+        memory_index: integer (B,): query row b reads memory row ``memory_index[b]`` of
+            keys_proj, values, lengths and mask (beams sharing an utterance's memory); prev
+            and window stay per query row.
+
+    Returns:
+        (context (B, Dv), weights (B, S)). A row with nothing to attend to gives context 0,
+        weights 0 and zero gradients, never NaN.
+    """
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be 'softmax' or 'sigmoid', got {normalization!r}")
+    context, weights, _ = _call_op(
+        torch.ops.attention_ext.location_attention.default,
+        query_proj, keys_proj, prev, conv_weight, location_weight, v, values, lengths, mask,
+        window, score_bias, _as_scale(scale), _NORMALIZATIONS[normalization], bool(need_weights),
+        memory_index,
+    )
+    return _outputs(context, weights, need_weights)

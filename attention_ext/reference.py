@@ -95,3 +95,60 @@ def additive_attention(
     hidden = torch.tanh(q[:, :, None, :] + keys_proj[:, None, :, :])  # (B, Tq, S, A)
     scores = torch.matmul(hidden, v)
     return _weighted_values(scores, values, lengths, mask, single, need_weights)
+
+
+def window_positions(window: Optional[Tensor], batch: int, src_len: int, device) -> Optional[Tensor]:
+    """(B, S) bool, True inside each row's attended window [start, end); None without one."""
+    if window is None:
+        return None
+    j = torch.arange(src_len, device=device)[None, :]
+    window = window.to(device)
+    return (j >= window[:, :1]) & (j < window[:, 1:])
+
+
+def location_attention(
+    query_proj: Tensor,
+    keys_proj: Tensor,
+    prev: Tensor,
+    conv_weight: Tensor,
+    location_weight: Tensor,
+    v: Tensor,
+    values: Tensor,
+    *,
+    lengths: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    window: Optional[Tensor] = None,
+    score_bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+    normalization: str = "softmax",
+    need_weights: bool = True,
+    memory_index: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Location-sensitive attention (Chorowski 2015; Tacotron 2) as users write it, one
+    decoder step: a convolution over the previous weights, a dense projection of it, then
+    a B x S x A tanh tensor and v."""
+    keys_proj, values, lengths, mask = tile_memory(memory_index, keys_proj, values, lengths, mask)
+    batch, src_len = prev.shape[0], prev.shape[2]
+    taps = conv_weight.shape[-1]
+    location = torch.nn.functional.conv1d(prev, conv_weight, padding=(taps - 1) // 2)
+    location = torch.nn.functional.linear(location.transpose(1, 2), location_weight)  # (B, S, A)
+    hidden = torch.tanh(query_proj[:, None, :] + keys_proj + location)
+    scores = torch.matmul(hidden, v) * scale
+    if score_bias is not None:
+        scores = scores + score_bias
+    valid = valid_positions(lengths, mask, batch, src_len, prev.device)
+    inside = window_positions(window, batch, src_len, prev.device)
+    if inside is not None:
+        valid = inside if valid is None else valid & inside
+    if normalization == "softmax":
+        weights = masked_softmax(scores[:, None, :], valid)[:, 0]
+    elif normalization == "sigmoid":
+        weights = torch.sigmoid(scores)
+        if valid is not None:
+            weights = weights.masked_fill(~valid, 0.0)
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    else:
+        raise ValueError(f"normalization must be 'softmax' or 'sigmoid', got {normalization!r}")
+    context = torch.bmm(weights[:, None, :], values)[:, 0]
+    return context, (weights if need_weights else None)

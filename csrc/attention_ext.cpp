@@ -42,6 +42,26 @@ TORCH_LIBRARY(attention_ext, m) {
       "Tensor query_proj, Tensor keys_proj, Tensor v, Tensor values, Tensor? lengths, "
       "Tensor? mask, Tensor lse, Tensor? memory_index=None) "
       "-> (Tensor grad_query_proj, Tensor grad_keys_proj, Tensor grad_v, Tensor grad_values)");
+  // Location-sensitive attention is one decoder step a call (the location term needs the
+  // previous step's weights): query_proj (B, A), prev (B, C, S), conv_weight (F, C, K),
+  // location_weight (A, F), window (B, 2) [start, end) per query row, score_bias (1,).
+  // sigmoid: alpha_j = sigmoid(e_j) / sum_k sigmoid(e_k) instead of softmax; lse then holds
+  // log sum_k sigmoid(e_k). grad_score_bias is (1,), or empty without score_bias.
+  m.def(
+      "location_attention(Tensor query_proj, Tensor keys_proj, Tensor prev, "
+      "Tensor conv_weight, Tensor location_weight, Tensor v, Tensor values, Tensor? lengths, "
+      "Tensor? mask, Tensor? window, Tensor? score_bias, float scale, bool sigmoid, "
+      "bool need_weights, Tensor? memory_index=None) "
+      "-> (Tensor context, Tensor weights, Tensor lse)");
+  m.def(
+      "_location_attention_backward(Tensor grad_context, Tensor? grad_weights, "
+      "Tensor query_proj, Tensor keys_proj, Tensor prev, Tensor conv_weight, "
+      "Tensor location_weight, Tensor v, Tensor values, Tensor? lengths, Tensor? mask, "
+      "Tensor? window, Tensor? score_bias, float scale, bool sigmoid, Tensor lse, "
+      "Tensor? memory_index=None) "
+      "-> (Tensor grad_query_proj, Tensor grad_keys_proj, Tensor grad_prev, "
+      "Tensor grad_conv_weight, Tensor grad_location_weight, Tensor grad_v, "
+      "Tensor grad_values, Tensor grad_score_bias)");
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -174,7 +174,87 @@ AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
   return AdditiveShapes{o.rows, o.S, o.W, o.Dv, o.M};
 }
 
-// Extra arguments of both backward ops: the incoming gradients and the forward's
+void check_window_range(const at::Tensor& window, int64_t S) {
+  TORCH_INTERNAL_ASSERT(window.device().is_cpu());
+  const at::Tensor c = window.contiguous();
+  AT_DISPATCH_INDEX_TYPES(c.scalar_type(), "check_window_range", [&] {
+    const index_t* p = c.data_ptr<index_t>();
+    for (int64_t i = 0; i < c.size(0); ++i) {
+      const int64_t start = p[2 * i], end = p[2 * i + 1];
+      TORCH_CHECK_VALUE(0 <= start && start <= end && end <= S,
+                        "window must hold rows [start, end) with 0 <= start <= end <= S = ", S,
+                        ", got window[", i, "] = [", start, ", ", end, ")");
+    }
+  });
+}
+
+LocationShapes check_location_inputs(
+    const at::Tensor& query_proj, const at::Tensor& keys_proj, const at::Tensor& prev,
+    const at::Tensor& conv_weight, const at::Tensor& location_weight, const at::Tensor& v,
+    const at::Tensor& values, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& window,
+    const std::optional<at::Tensor>& score_bias, double scale,
+    const std::optional<at::Tensor>& memory_index) {
+  TORCH_CHECK_VALUE(query_proj.dim() == 2,
+                    "query_proj must have shape (B, A): location-sensitive attention takes one "
+                    "decoder step a call (the previous weights feed the next), got ",
+                    query_proj.sizes());
+  const OperandShapes o = check_operands(query_proj, "query_proj", keys_proj, "keys_proj",
+                                         values, "A", memory_index);
+  const int64_t B = o.rows.B, A = o.W, S = o.S;
+  check_same_device_dtype(query_proj, "query_proj", prev, "prev");
+  check_same_device_dtype(query_proj, "query_proj", conv_weight, "conv_weight");
+  check_same_device_dtype(query_proj, "query_proj", location_weight, "location_weight");
+  check_same_device_dtype(query_proj, "query_proj", v, "v");
+  TORCH_CHECK_VALUE(prev.dim() == 3 && prev.size(0) == B && prev.size(2) == S,
+                    "prev must have shape (B, C, S) = (", B, ", C, ", S,
+                    "), the previous weights of every query row, got ", prev.sizes());
+  const int64_t C = prev.size(1);
+  TORCH_CHECK_VALUE(conv_weight.dim() == 3 && conv_weight.size(1) == C,
+                    "conv_weight must have shape (F, C, K) with C = ", C,
+                    " like prev's channels, got ", conv_weight.sizes());
+  const int64_t F = conv_weight.size(0), K = conv_weight.size(2);
+  TORCH_CHECK_VALUE(K % 2 == 1,
+                    "conv_weight must have an odd number of taps K (the convolution is "
+                    "centred, padding (K - 1) / 2), got K = ", K);
+  TORCH_CHECK_VALUE(location_weight.dim() == 2 && location_weight.size(0) == A &&
+                        location_weight.size(1) == F,
+                    "location_weight must have shape (A, F) = (", A, ", ", F,
+                    ") (A like query_proj, F like conv_weight's filters), got ",
+                    location_weight.sizes());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == A, "v must have shape (A,) = (", A,
+                    ",) like query_proj's last dimension, got ", v.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  if (score_bias.has_value()) {
+    check_same_device_dtype(query_proj, "query_proj", *score_bias, "score_bias");
+    TORCH_CHECK_VALUE(score_bias->dim() == 1 && score_bias->size(0) == 1,
+                      "score_bias must have shape (1,), got ", score_bias->sizes());
+  }
+  if (window.has_value()) {
+    const auto& w = *window;
+    TORCH_CHECK(w.device() == query_proj.device(), "window must be on the same device as ",
+                "query_proj (", query_proj.device(), "), got ", w.device());
+    TORCH_CHECK_VALUE(w.scalar_type() == at::kLong || w.scalar_type() == at::kInt,
+                      "window must be an int64 or int32 tensor of shape (B, 2) = (", B,
+                      ", 2), got dtype ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == B && w.size(1) == 2,
+                      "window must have shape (B, 2) = (", B,
+                      ", 2), [start, end) per query row, got ", w.sizes());
+  }
+  check_mask_args(lengths, mask, query_proj, "query_proj", o.M, S);
+  LocationShapes s;
+  static_cast<QueryRows&>(s) = o.rows;
+  s.S = S;
+  s.A = A;
+  s.Dv = o.Dv;
+  s.M = o.M;
+  s.C = C;
+  s.F = F;
+  s.K = K;
+  return s;
+}
+
+// Extra arguments of every backward op: the incoming gradients and the forward's
 // log-sum-exp, shaped by the query's rows. `ref` is the query (dot) or query_proj (additive).
 static void check_backward_extras(const at::Tensor& grad_context,
                                   const std::optional<at::Tensor>& grad_weights,
@@ -214,6 +294,14 @@ void check_additive_backward_extras(const at::Tensor& grad_context,
                                     const std::optional<at::Tensor>& grad_weights,
                                     const at::Tensor& lse, const at::Tensor& query_proj,
                                     const AdditiveShapes& s) {
+  check_backward_extras(grad_context, grad_weights, lse, query_proj, "query_proj", s, s.S,
+                        s.Dv);
+}
+
+void check_location_backward_extras(const at::Tensor& grad_context,
+                                    const std::optional<at::Tensor>& grad_weights,
+                                    const at::Tensor& lse, const at::Tensor& query_proj,
+                                    const LocationShapes& s) {
   check_backward_extras(grad_context, grad_weights, lse, query_proj, "query_proj", s, s.S,
                         s.Dv);
 }

@@ -67,6 +67,26 @@ AdditiveShapes check_additive_inputs(const at::Tensor& query_proj,
                                      const std::optional<at::Tensor>& mask,
                                      const std::optional<at::Tensor>& memory_index);
 
+// Location-sensitive attention, one decoder step: C channels of previous weights, F filters
+// of K taps (K odd), A units.
+struct LocationShapes : QueryRows {
+  int64_t S, A, Dv, M, C, F, K;
+};
+
+// window read on the host (a CPU tensor): 0 <= start <= end <= S in every row.
+void check_window_range(const at::Tensor& window, int64_t S);
+
+// query_proj (B, A), keys_proj (M, S, A), prev (B, C, S), conv_weight (F, C, K) with K odd,
+// location_weight (A, F), v (A,), values (M, S, Dv), window integer (B, 2) on query_proj's
+// device, score_bias (1,); lengths, mask and memory_index as for the other ops.
+LocationShapes check_location_inputs(
+    const at::Tensor& query_proj, const at::Tensor& keys_proj, const at::Tensor& prev,
+    const at::Tensor& conv_weight, const at::Tensor& location_weight, const at::Tensor& v,
+    const at::Tensor& values, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& window,
+    const std::optional<at::Tensor>& score_bias, double scale,
+    const std::optional<at::Tensor>& memory_index);
+
 void check_dot_backward_extras(const at::Tensor& grad_context,
                                const std::optional<at::Tensor>& grad_weights,
                                const at::Tensor& lse, const at::Tensor& query,
@@ -76,5 +96,10 @@ void check_additive_backward_extras(const at::Tensor& grad_context,
                                     const std::optional<at::Tensor>& grad_weights,
                                     const at::Tensor& lse, const at::Tensor& query_proj,
                                     const AdditiveShapes& s);
+
+void check_location_backward_extras(const at::Tensor& grad_context,
+                                    const std::optional<at::Tensor>& grad_weights,
+                                    const at::Tensor& lse, const at::Tensor& query_proj,
+                                    const LocationShapes& s);
 
 }  // namespace attention_ext

@@ -143,4 +143,46 @@ inline AdditiveInputs contiguous_additive_inputs(const at::Tensor& query_proj,
   return in;
 }
 
+// window as the kernels read it: contiguous int64 (B, 2) on their device (the checks put it
+// there), rows checked as DeviceLengths says.
+inline std::optional<at::Tensor> kernel_window(const std::optional<at::Tensor>& window,
+                                               int64_t S, DeviceLengths who) {
+  if (!window) return std::nullopt;
+  if (who == DeviceLengths::kHostChecks) check_window_range(*window, S);
+  return window->to(at::kLong).contiguous();
+}
+
+inline AttendedWindow attended_window(const std::optional<at::Tensor>& window, int64_t S) {
+  return AttendedWindow{window ? window->data_ptr<int64_t>() : nullptr, S};
+}
+
+struct LocationInputs {
+  at::Tensor query_proj, keys_proj, prev, conv_weight, location_weight, v, values;
+  std::optional<at::Tensor> lengths, mask, window, score_bias, memory_index;
+};
+
+inline LocationInputs contiguous_location_inputs(
+    const at::Tensor& query_proj, const at::Tensor& keys_proj, const at::Tensor& prev,
+    const at::Tensor& conv_weight, const at::Tensor& location_weight, const at::Tensor& v,
+    const at::Tensor& values, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& window,
+    const std::optional<at::Tensor>& score_bias, const std::optional<at::Tensor>& memory_index,
+    DeviceLengths who) {
+  LocationInputs in;
+  in.query_proj = query_proj.contiguous();
+  in.keys_proj = keys_proj.contiguous();
+  in.prev = prev.contiguous();
+  in.conv_weight = conv_weight.contiguous();
+  in.location_weight = location_weight.contiguous();
+  in.v = v.contiguous();
+  in.values = values.contiguous();
+  const int64_t S = keys_proj.size(1);
+  in.lengths = kernel_lengths(lengths, query_proj.device(), S, who);
+  in.mask = contiguous_opt(mask);
+  in.window = kernel_window(window, S, who);
+  in.score_bias = contiguous_opt(score_bias);
+  in.memory_index = kernel_memory_index(memory_index, keys_proj.size(0), who);
+  return in;
+}
+
 }  // namespace attention_ext

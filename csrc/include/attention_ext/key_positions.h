@@ -60,4 +60,26 @@ struct KeyPositions {
   }
 };
 
+// Location-sensitive attention's attended window: query row b attends only positions in
+// [start(b), end(b)) (besides lengths and mask), the monotonic constraint of TTS inference,
+// read on the device so that a decode step needs no host read. A window on the GPU is
+// checked here, as lengths are: a row outside 0 <= start <= end <= S fails the launch.
+struct AttendedWindow {
+  const int64_t* bounds;  // (B, 2) or nullptr: every position
+  int64_t S;
+
+  HOST_DEVICE_INLINE int64_t start(int64_t b) const {
+    if (bounds == nullptr) return 0;
+    const int64_t s = bounds[2 * b], e = bounds[2 * b + 1];
+    ATTENTION_EXT_DEVICE_CHECK(0 <= s && s <= e && e <= S,
+                               "window must hold rows [start, end) with 0 <= start <= end <= S");
+    return s < 0 ? 0 : (s > S ? S : s);
+  }
+  HOST_DEVICE_INLINE int64_t end(int64_t b) const {
+    if (bounds == nullptr) return S;
+    const int64_t e = bounds[2 * b + 1];
+    return e < 0 ? 0 : (e > S ? S : e);
+  }
+};
+
 }  // namespace attention_ext
