@@ -290,7 +290,8 @@ def test_espnet_bad_last_attended_idx():
     _, ours = _pair("espnet")
     enc = torch.randn(B, S, ESPNET_ARGS[0])
     with pytest.raises(ValueError, match="last_attended_idx"):
-        ours(enc, LENGTHS, torch.randn(B, ESPNET_ARGS[1]), None, last_attended_idx=torch.tensor([1, 2]))
+        ours(enc, LENGTHS, torch.randn(B, ESPNET_ARGS[1]), None,
+             last_attended_idx=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="last_attended_idx"):
         ours(enc, LENGTHS, torch.randn(B, ESPNET_ARGS[1]), None, last_attended_idx=1.5)
 

@@ -5,7 +5,7 @@ recurrence of several steps through LocationState, with channels 1 and 2, softma
 sigmoid, scale, bias, detached state, masking, windows and beams sharing a memory; values,
 weights and every input and parameter gradient by the suite's tolerance rule
 (harness.check_layer_parity); the initial state, beam reordering, a padded batch against
-each utterance alone, and bad arguments."""
+each utterance alone, torch.compile(fullgraph=True), and bad arguments."""
 from __future__ import annotations
 
 import itertools
@@ -65,7 +65,8 @@ def eager_steps(layer, queries, memory, lengths, mask, window, memory_index, uni
     rows = queries.shape[0]
     if uniform:
         attend = torch.ones(rows, memory.shape[1], dtype=torch.bool)
-        attend = attend if lengths is None else attend & (torch.arange(memory.shape[1]) < lengths[:, None])
+        if lengths is not None:
+            attend = attend & (torch.arange(memory.shape[1]) < lengths[:, None])
         attend = attend if mask is None else attend & mask
         previous = (attend / attend.sum(-1, keepdim=True).clamp_min(1)).to(memory.dtype)
     else:
@@ -258,6 +259,30 @@ def test_reference_implementation_matches():
     reference = layer_steps(layer, *inputs.values())
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=["tacotron2", "sigmoid"])
+def test_compile_fullgraph_recurrence(config, dynamo_reset):
+    """Two decoder steps through LocationState (precompute, initial_state, the steps and a
+    loss) compiled without graph breaks give the eager values and gradients."""
+    _, kw, uniform = config
+    layer = make_layer(kw)
+    inputs = make_inputs("lengths64")
+
+    def steps(layer, queries, memory):
+        context, weights = layer_steps(layer, queries[:, :2], memory, inputs["lengths"], None,
+                                       None, None, uniform)
+        return (context * context).sum() + (weights * weights).sum()
+
+    compiled = torch.compile(steps, fullgraph=True, backend="aot_eager", dynamic=False)
+    results = []
+    for fn in (steps, compiled):
+        q = inputs["queries"].clone().requires_grad_()
+        m = inputs["memory"].clone().requires_grad_()
+        loss = fn(layer, q, m)
+        results.append([loss] + list(torch.autograd.grad(loss, [q, m, *layer.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_state_dict_and_repr():
