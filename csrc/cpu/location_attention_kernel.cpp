@@ -375,11 +375,10 @@ void location_backward(const LocationProblem<scalar_t>& pb,
     row_pointers(gL.data(), S, F, gL_rows);
     row_pointers(gX.data(), S, CK, gX_rows);
     for (int64_t b = b0; b < b1; ++b) {
-      row.scores(b);
-      const int64_t lo = row.lo, hi = row.hi, n = row.n;
       T* gU_b = part.U + b * A * F;
       T* gW_b = part.W + b * F * CK;
-      if (n == 0 || lse[b] == neg_inf<T>()) {
+      const auto [first, last] = pb.span(b);
+      if (first == last || lse[b] == neg_inf<T>()) {
         zero_row(g.q + b * A, A);
         zero_row(g.kp + b * S * A, S * A);
         zero_row(g.prev + b * C * S, C * S);
@@ -390,6 +389,8 @@ void location_backward(const LocationProblem<scalar_t>& pb,
         part.bias[b] = 0;
         continue;
       }
+      row.scores(b);
+      const int64_t lo = row.lo, hi = row.hi, n = row.n;
       // The weights again: p = exp(e - lse), or sigmoid(e) / exp(lse) with the sigmoids
       // kept in e for their derivative; renormalised by their sum (math.h).
       T* p = row.p.data();
