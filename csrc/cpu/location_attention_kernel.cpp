@@ -100,6 +100,12 @@ struct LocationProblem {
     const int64_t lo = window.start(b);
     return {lo, std::max(lo, std::min(window.end(b), pos.end(b)))};
   }
+  // A row's work for balanced_parallel_for: its positions, plus what any row costs (an empty
+  // row still writes its zeros).
+  int64_t cost(int64_t b) const {
+    const auto [lo, hi] = span(b);
+    return hi - lo + 1;
+  }
 };
 
 template <typename scalar_t>
@@ -159,7 +165,8 @@ void stream_scaled(const T* src, T a, scalar_t* dst, int64_t n) {
 #endif
     constexpr std::uintptr_t kAlign = kLanes * sizeof(float);
     int64_t d = 0;
-    for (; d < n && reinterpret_cast<std::uintptr_t>(dst + d) % kAlign != 0; ++d) dst[d] = a * src[d];
+    for (; d < n && reinterpret_cast<std::uintptr_t>(dst + d) % kAlign != 0; ++d)
+      dst[d] = a * src[d];
     for (; d + kLanes <= n; d += kLanes) store(d);
     for (; d < n; ++d) dst[d] = a * src[d];
     _mm_sfence();
@@ -308,11 +315,7 @@ void location_forward(const LocationProblem<scalar_t>& pb,
                       scalar_t* weights, at::opmath_type<scalar_t>* lse) {
   using T = at::opmath_type<scalar_t>;
   const int64_t S = pb.S, Dv = pb.Dv;
-  const auto cost = [&](int64_t b) {
-    const auto [lo, hi] = pb.span(b);
-    return hi - lo + 1;
-  };
-  balanced_parallel_for(pb.B, cost, [&](int64_t b0, int64_t b1) {
+  balanced_parallel_for(pb.B, [&](int64_t b) { return pb.cost(b); }, [&](int64_t b0, int64_t b1) {
     RowScores<scalar_t> row(pb, w);
     Buffer<T> ctx(Dv);
     for (int64_t b = b0; b < b1; ++b) {
@@ -363,11 +366,7 @@ void location_backward(const LocationProblem<scalar_t>& pb,
   constexpr int64_t W = V::size();
   const int64_t S = pb.S, Dv = pb.Dv, A = w.A, F = w.F, C = w.C, K = w.K, CK = w.CK;
   const T* v = w.v.template data_ptr<T>();
-  const auto cost = [&](int64_t b) {
-    const auto [lo, hi] = pb.span(b);
-    return hi - lo + 1;
-  };
-  balanced_parallel_for(pb.B, cost, [&](int64_t b0, int64_t b1) {
+  balanced_parallel_for(pb.B, [&](int64_t b) { return pb.cost(b); }, [&](int64_t b0, int64_t b1) {
     RowScores<scalar_t> row(pb, w);
     Buffer<T> gc(Dv), dp(S), gL(S * F), gq(A), gv(A), gX(S * CK), gp(C * row.padded);
     std::vector<T*> gL_rows, gU_rows, gW_rows, gX_rows;
