@@ -46,20 +46,24 @@ __global__ void __launch_bounds__(kLocationThreads)
   if (range.overlaps(t.j0, t.n)) location_features(p, p.S, t, features);
   __syncthreads();
   const int64_t m = p.positions.row(t.b);
-  const int lane = lane_id();
-  for (int64_t jj = threadIdx.x / kWarpSize; jj < t.n; jj += kLocationWarps) {
-    const int64_t j = t.j0 + jj, at = t.b * p.S + j;
-    if (!attends(p.positions, range, t.b, j)) {  // the same in every lane
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = lane_id();
+  bool live[kWarpPositions];
+  warp_live_positions(p.positions, range, t, warp, live);
+  acc_t e[kWarpPositions];
+  warp_location_scores(p, p.S, m, t, warp, live, features, e);
+  for (int i = 0; i < kWarpPositions; ++i) {
+    const int64_t jj = warp_position(warp, i), j = t.j0 + jj, at = t.b * p.S + j;
+    if (jj >= t.n) break;
+    if (!live[i]) {  // the same in every lane
       if (lane == 0) p.probs[at] = p.dscores[at] = acc_t(0);
       continue;
     }
-    const acc_t e = warp_location_score(p, p.S, t.b, m, j, jj, features);
     const scalar_t* values = p.values + (m * p.S + j) * p.Dv;
     const acc_t g = warp_sum(lane_dot<1, scalar_t, acc_t>(p.grad_context + t.b * p.Dv, values,
                                                           p.Dv, lane, kWarpSize));
     if (lane == 0) {
-      write_p_dp(p, t.b, 0, j, p.sigmoid ? log_sigmoid(e) : e, g);
-      if (p.sigmoid) p.slopes[at] = acc_t(1) - stable_sigmoid(e);
+      write_p_dp(p, t.b, 0, j, p.sigmoid ? log_sigmoid(e[i]) : e[i], g);
+      if (p.sigmoid) p.slopes[at] = acc_t(1) - stable_sigmoid(e[i]);
     }
   }
 }
@@ -104,17 +108,28 @@ __global__ void __launch_bounds__(kLocationThreads)
                                                      : ds;
     }
     __syncthreads();
+    bool live[kWarpPositions];  // the warp's positions with a score gradient
+#pragma unroll
+    for (int i = 0; i < kWarpPositions; ++i) {
+      const int64_t jj = warp_position(warp, i);
+      live[i] = jj < t.n && dscore[jj] != acc_t(0);
+    }
 
     for (int64_t a0 = 0; a0 < A; a0 += kRound) {
       const int64_t a = a0 + lane;
       const int64_t units = std::min<int64_t>(kRound, A - a0);
       acc_t sum_dz = acc_t(0), sum_de_h = acc_t(0);
-      for (int64_t jj = warp; jj < t.n; jj += kLocationWarps) {
-        const acc_t de = dscore[jj];
+      acc_t z[kWarpPositions] = {};
+      if (a < A) warp_pre_activations(p, S, b, m, t, warp, live, a, features, z);
+      const acc_t scaled_v = a < A ? p.scale * static_cast<acc_t>(p.v[a]) : acc_t(0);
+#pragma unroll
+      for (int i = 0; i < kWarpPositions; ++i) {
+        const int64_t jj = warp_position(warp, i);
+        if (jj >= t.n) break;
         acc_t g = acc_t(0);
-        if (de != acc_t(0) && a < A) {  // an unattended j never reads its padding
-          const acc_t h = score_tanh(pre_activation(p, S, b, m, t.j0 + jj, jj, a, features));
-          g = de * p.scale * static_cast<acc_t>(p.v[a]) * (acc_t(1) - h * h);
+        if (live[i]) {
+          const acc_t de = dscore[jj], h = score_tanh(z[i]);
+          g = de * scaled_v * (acc_t(1) - h * h);
           sum_de_h += de * h;
         }
         dz[jj][lane] = g;

@@ -1,7 +1,7 @@
 // The location-sensitive op's forward, two launches:
 //  1. location_scores_kernel, one block per (row, tile of positions): the tile's location
-//     features in shared memory, then one warp per position scores it (lanes over the
-//     units) into the (B, S) scratch; tiles with no attended position do nothing;
+//     features in shared memory, then each warp scores its positions of the tile (lanes
+//     over the units) into the (B, S) scratch; tiles with no attended position do nothing;
 //  2. location_context_kernel, one block per (row, slice of the context): the row's
 //     normaliser (softmax or sigmoid) from the scores, the weights and lse (the row's first
 //     slice), and the slice of the context, one element per thread.
@@ -25,12 +25,14 @@ __global__ void __launch_bounds__(kLocationThreads)
   __shared__ acc_t features[kStagedFeatures];
   location_features(p, p.S, t, features);
   __syncthreads();
-  const int64_t m = p.positions.row(t.b);
-  for (int64_t jj = threadIdx.x / kWarpSize; jj < t.n; jj += kLocationWarps) {
-    const int64_t j = t.j0 + jj;
-    if (!attends(p.positions, range, t.b, j)) continue;  // the same in every lane
-    const acc_t e = warp_location_score(p, p.S, t.b, m, j, jj, features);
-    if (lane_id() == 0) p.scores[t.b * p.S + j] = e;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  bool live[kWarpPositions];
+  warp_live_positions(p.positions, range, t, warp, live);
+  acc_t e[kWarpPositions];
+  warp_location_scores(p, p.S, p.positions.row(t.b), t, warp, live, features, e);
+  if (lane_id() != 0) return;
+  for (int i = 0; i < kWarpPositions; ++i) {
+    if (live[i]) p.scores[t.b * p.S + t.j0 + warp_position(warp, i)] = e[i];
   }
 }
 

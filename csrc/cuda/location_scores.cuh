@@ -125,31 +125,70 @@ __device__ __forceinline__ void location_features(const LocationScoreInputs<scal
   }
 }
 
-// z[j0 + jj, a] for unit a of memory row m's position j = j0 + jj.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t pre_activation(const LocationScoreInputs<scalar_t, acc_t>& in,
-                                                int64_t S, int64_t b, int64_t m, int64_t j,
-                                                int64_t jj, int64_t a, const acc_t* features) {
-  const acc_t* l = features + jj * feature_stride(in.F);
-  const scalar_t* u = in.location_weight + a * in.F;
-  acc_t z = static_cast<acc_t>(in.query_proj[b * in.A + a]) +
-            static_cast<acc_t>(in.keys_proj[(m * S + j) * in.A + a]);
-  for (int64_t f = 0; f < in.F; ++f) z += static_cast<acc_t>(u[f]) * l[f];
-  return z;
+// A warp's positions of a tile: jj = warp + kLocationWarps * i for i < kWarpPositions, so
+// that each lane's loads of its unit's row of U serve all of them.
+constexpr int kWarpPositions = kLocationTile / kLocationWarps;
+
+__device__ __forceinline__ int64_t warp_position(int warp, int i) {
+  return warp + int64_t(kLocationWarps) * i;
 }
 
-// e_j for position j = j0 + jj by one warp (lanes over the units), in every lane.
+// z[i] = z[j, a] for unit a < A at the warp's positions j = j0 + warp_position(warp, i)
+// where live[i] (the same in every lane), 0 elsewhere: an unattended position's keys_proj
+// row (padding past the lengths) is never read.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t warp_location_score(const LocationScoreInputs<scalar_t, acc_t>& in,
-                                                     int64_t S, int64_t b, int64_t m, int64_t j,
-                                                     int64_t jj, const acc_t* features) {
-  acc_t sum = acc_t(0);
+__device__ __forceinline__ void warp_pre_activations(
+    const LocationScoreInputs<scalar_t, acc_t>& in, int64_t S, int64_t b, int64_t m,
+    const LocationTile& t, int warp, const bool (&live)[kWarpPositions], int64_t a,
+    const acc_t* features, acc_t (&z)[kWarpPositions]) {
+  const int64_t ld = feature_stride(in.F);
+  const acc_t q = static_cast<acc_t>(in.query_proj[b * in.A + a]);
+  const scalar_t* keys = in.keys_proj + (m * S + t.j0) * in.A + a;
+#pragma unroll
+  for (int i = 0; i < kWarpPositions; ++i) {
+    z[i] = live[i] ? q + static_cast<acc_t>(keys[warp_position(warp, i) * in.A]) : acc_t(0);
+  }
+  const scalar_t* u = in.location_weight + a * in.F;
+  for (int64_t f = 0; f < in.F; ++f) {
+    const acc_t uf = static_cast<acc_t>(u[f]);
+#pragma unroll
+    for (int i = 0; i < kWarpPositions; ++i) {
+      if (live[i]) z[i] += uf * features[warp_position(warp, i) * ld + f];
+    }
+  }
+}
+
+// The warp's attended positions of the tile: live[i] as warp_pre_activations takes it.
+__device__ __forceinline__ void warp_live_positions(const KeyPositions& positions,
+                                                    const AttendedRange& range,
+                                                    const LocationTile& t, int warp,
+                                                    bool (&live)[kWarpPositions]) {
+#pragma unroll
+  for (int i = 0; i < kWarpPositions; ++i) {
+    const int64_t jj = warp_position(warp, i);
+    live[i] = jj < t.n && attends(positions, range, t.b, t.j0 + jj);
+  }
+}
+
+// e_j at the warp's live positions (lanes over the units), in every lane; 0 elsewhere.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void warp_location_scores(
+    const LocationScoreInputs<scalar_t, acc_t>& in, int64_t S, int64_t m, const LocationTile& t,
+    int warp, const bool (&live)[kWarpPositions], const acc_t* features,
+    acc_t (&e)[kWarpPositions]) {
+  acc_t sum[kWarpPositions] = {};
   for (int64_t a = lane_id(); a < in.A; a += kWarpSize) {
-    sum += static_cast<acc_t>(in.v[a]) *
-           score_tanh(pre_activation(in, S, b, m, j, jj, a, features));
+    acc_t z[kWarpPositions];
+    warp_pre_activations(in, S, t.b, m, t, warp, live, a, features, z);
+    const acc_t va = static_cast<acc_t>(in.v[a]);
+#pragma unroll
+    for (int i = 0; i < kWarpPositions; ++i) sum[i] += va * score_tanh(z[i]);
   }
   const acc_t bias = in.score_bias ? static_cast<acc_t>(in.score_bias[0]) : acc_t(0);
-  return in.scale * warp_sum(sum) + bias;
+#pragma unroll
+  for (int i = 0; i < kWarpPositions; ++i) {
+    e[i] = live[i] ? in.scale * warp_sum(sum[i]) + bias : acc_t(0);
+  }
 }
 
 }  // namespace attention_ext
