@@ -19,7 +19,7 @@ namespace attention_ext {
 
 constexpr int kLocationThreads = 128;
 constexpr int kLocationWarps = kLocationThreads / kWarpSize;
-// A tile's positions at most: one per lane where a loop walks them across a warp.
+// A tile's positions at most, dealt to the warps (kWarpPositions each).
 constexpr int kLocationTile = kWarpSize;
 // Location features a block stages (a tile's positions x the filters, rows padded to an
 // odd stride so that a warp's column access is free of bank conflicts).
