@@ -51,19 +51,19 @@ __global__ void __launch_bounds__(kLocationThreads)
   warp_live_positions(p.positions, range, t, warp, live);
   acc_t e[kWarpPositions];
   warp_location_scores(p, p.S, m, t, warp, live, features, e);
+#pragma unroll
   for (int i = 0; i < kWarpPositions; ++i) {
     const int64_t jj = warp_position(warp, i), j = t.j0 + jj, at = t.b * p.S + j;
-    if (jj >= t.n) break;
-    if (!live[i]) {  // the same in every lane
-      if (lane == 0) p.probs[at] = p.dscores[at] = acc_t(0);
-      continue;
-    }
-    const scalar_t* values = p.values + (m * p.S + j) * p.Dv;
-    const acc_t g = warp_sum(lane_dot<1, scalar_t, acc_t>(p.grad_context + t.b * p.Dv, values,
-                                                          p.Dv, lane, kWarpSize));
-    if (lane == 0) {
-      write_p_dp(p, t.b, 0, j, p.sigmoid ? log_sigmoid(e[i]) : e[i], g);
-      if (p.sigmoid) p.slopes[at] = acc_t(1) - stable_sigmoid(e[i]);
+    if (live[i]) {  // the same in every lane
+      const scalar_t* values = p.values + (m * p.S + j) * p.Dv;
+      const acc_t g = warp_sum(lane_dot<1, scalar_t, acc_t>(p.grad_context + t.b * p.Dv,
+                                                            values, p.Dv, lane, kWarpSize));
+      if (lane == 0) {
+        write_p_dp(p, t.b, 0, j, p.sigmoid ? log_sigmoid(e[i]) : e[i], g);
+        if (p.sigmoid) p.slopes[at] = acc_t(1) - stable_sigmoid(e[i]);
+      }
+    } else if (jj < t.n && lane == 0) {
+      p.probs[at] = p.dscores[at] = acc_t(0);
     }
   }
 }
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kLocationThreads)
 #pragma unroll
       for (int i = 0; i < kWarpPositions; ++i) {
         const int64_t jj = warp_position(warp, i);
-        if (jj >= t.n) break;
+        if (jj >= t.n) continue;
         acc_t g = acc_t(0);
         if (live[i]) {
           const acc_t de = dscore[jj], h = score_tanh(z[i]);

@@ -31,6 +31,7 @@ __global__ void __launch_bounds__(kLocationThreads)
   acc_t e[kWarpPositions];
   warp_location_scores(p, p.S, p.positions.row(t.b), t, warp, live, features, e);
   if (lane_id() != 0) return;
+#pragma unroll
   for (int i = 0; i < kWarpPositions; ++i) {
     if (live[i]) p.scores[t.b * p.S + t.j0 + warp_position(warp, i)] = e[i];
   }
