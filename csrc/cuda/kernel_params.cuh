@@ -102,4 +102,44 @@ struct AdditiveBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t> {
   int64_t A;
 };
 
+// The location-sensitive op's score inputs (one decoder step, Tq = 1): e_j =
+// scale * sum_a v[a] tanh(query_proj[a] + keys_proj[j, a] + sum_f U[a, f] L[j, f]) + bias,
+// L[j, f] = sum_{c, k} conv_weight[f, c, k] prev[c, j + k - (K - 1) / 2]. Rows are cut into
+// tiles of `tile` positions (location_scores.cuh: location_tile).
+template <typename scalar_t, typename acc_t>
+struct LocationScoreInputs {
+  const scalar_t* query_proj;       // (B, A)
+  const scalar_t* keys_proj;        // (M, S, A)
+  const scalar_t* prev;             // (B, C, S)
+  const scalar_t* conv_weight;      // (F, C, K)
+  const scalar_t* location_weight;  // (A, F), U
+  const scalar_t* v;                // (A,)
+  const scalar_t* score_bias;       // (1,) or nullptr
+  AttendedWindow window;
+  int64_t A, C, F, K;
+  int64_t tile, tiles;  // positions per tile, tiles per row
+  acc_t scale;
+  bool sigmoid;
+};
+
+// The forward: scores holds the raw scores e (B, S); slices (of the context, kLocationThreads
+// elements each) per row; the rest of the softmax part is unused.
+template <typename scalar_t, typename acc_t>
+struct LocationForwardParams : SoftmaxForwardParams<scalar_t, acc_t>,
+                               LocationScoreInputs<scalar_t, acc_t> {};
+
+// The backward. slopes: 1 - sigmoid(e_j) (B, S), with sigmoid only. Each block of the
+// gradient kernel owns one row of partials (location_backward.cuh: LocationPartials) and
+// the tiles of its split of a row; prev_partials: each tile's share of grad_prev over its
+// positions widened by the convolution's reach, (B, tiles, C, tile + K - 1). Both zeroed.
+template <typename scalar_t, typename acc_t>
+struct LocationBackwardParams : SoftmaxBackwardParams<scalar_t, acc_t>,
+                                LocationScoreInputs<scalar_t, acc_t> {
+  acc_t* slopes;
+  scalar_t* grad_keys_proj;  // (B, S, A)
+  acc_t* partials;           // (B * splits, LocationPartials::width)
+  acc_t* prev_partials;
+  int64_t splits;
+};
+
 }  // namespace attention_ext
