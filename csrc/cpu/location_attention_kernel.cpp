@@ -289,7 +289,7 @@ struct RowScores {
     if (w.sigmoid) {
       T sum = 0;
       for (int64_t r = 0; r < n; ++r) {
-        p[r] = attends(r) ? T(1) / (T(1) + ae_exp(-e[r])) : T(0);
+        p[r] = attends(r) ? stable_sigmoid(e[r]) : T(0);
         sum += p[r];
       }
       const T inv = sum > T(0) || sum != sum ? T(1) / sum : T(0);
@@ -399,7 +399,7 @@ void location_backward(const LocationProblem<scalar_t>& pb,
         if (!row.attends(r)) {
           p[r] = 0;
         } else if (w.sigmoid) {
-          e[r] = T(1) / (T(1) + ae_exp(-e[r]));
+          e[r] = stable_sigmoid(e[r]);
           p[r] = e[r] * ae_exp(-lse[b]);
         } else {
           p[r] = prob_from_lse(e[r], lse[b]);

@@ -35,25 +35,6 @@ HOST_DEVICE_INLINE int64_t location_tile(int64_t F) {
   return std::min<int64_t>(kLocationTile, kStagedFeatures / feature_stride(F));
 }
 
-HOST_DEVICE_INLINE float ae_log1p(float x) { return ::log1pf(x); }
-HOST_DEVICE_INLINE double ae_log1p(double x) { return ::log1p(x); }
-
-// sigmoid(x) without overflow: exp of a non-positive number only.
-template <typename T>
-HOST_DEVICE_INLINE T stable_sigmoid(T x) {
-  if (x >= T(0)) return T(1) / (T(1) + ae_exp(-x));
-  const T ex = ae_exp(x);
-  return ex / (T(1) + ex);
-}
-
-// log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)): the sigmoid normalisation's score in
-// the backward, where alpha_j = exp(log sigmoid(e_j) - lse) with lse = log sum sigmoid.
-template <typename T>
-HOST_DEVICE_INLINE T log_sigmoid(T x) {
-  const T ax = x < T(0) ? -x : x;
-  return (x < T(0) ? x : T(0)) - ae_log1p(ae_exp(-ax));
-}
-
 // Query row b attends j in [first, last) (its window and lengths) where its mask allows.
 struct AttendedRange {
   int64_t first, last;

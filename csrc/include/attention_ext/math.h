@@ -34,6 +34,25 @@ HOST_DEVICE_INLINE float ae_exp(float x) { return ::expf(x); }
 HOST_DEVICE_INLINE double ae_exp(double x) { return ::exp(x); }
 HOST_DEVICE_INLINE float ae_log(float x) { return ::logf(x); }
 HOST_DEVICE_INLINE double ae_log(double x) { return ::log(x); }
+HOST_DEVICE_INLINE float ae_log1p(float x) { return ::log1pf(x); }
+HOST_DEVICE_INLINE double ae_log1p(double x) { return ::log1p(x); }
+
+// sigmoid(x) without overflow: exp of a non-positive number only.
+template <typename T>
+HOST_DEVICE_INLINE T stable_sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + ae_exp(-x));
+  const T ex = ae_exp(x);
+  return ex / (T(1) + ex);
+}
+
+// log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)): the location op's sigmoid normalisation
+// recomputes alpha_j = exp(log sigmoid(e_j) - lse), lse = log sum_k sigmoid(e_k).
+template <typename T>
+HOST_DEVICE_INLINE T log_sigmoid(T x) {
+  const T ax = x < T(0) ? -x : x;
+  return (x < T(0) ? x : T(0)) - ae_log1p(ae_exp(-ax));
+}
+
 // max that propagates a NaN from either side. Commutative, so a warp's butterfly
 // (warp_max) leaves the same value in every lane and branches on it stay uniform;
 // `a > b ? a : b` is not: after a NaN score some lanes would hold NaN and others a number.
