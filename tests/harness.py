@@ -202,11 +202,15 @@ class Case:
         inputs = {n: over.pop(n, t) for n, t in self.inputs.items()}
         return dataclasses.replace(self, inputs=inputs, **over)
 
+    def tensor_args(self) -> Dict[str, Optional[Tensor]]:
+        """Every tensor argument by name (None where not given): the inputs, lengths, mask
+        and memory_index."""
+        return {**self.inputs, "lengths": self.lengths, "mask": self.mask,
+                "memory_index": self.memory_index}
+
     def on_device(self, device) -> "Case":
         """Every tensor on device but lengths, which stay on the CPU (helpers.on_device)."""
-        moved = on_device({**self.inputs, "lengths": self.lengths, "mask": self.mask,
-                           "memory_index": self.memory_index}, device)
-        return self.replace(**moved)
+        return self.replace(**on_device(self.tensor_args(), device))
 
 
 # How a case's query rows index its memory rows (make_case's memory=(kind, M)):
@@ -304,10 +308,9 @@ class LocationCase(Case):
             kw["memory_index"] = self.memory_index
         return kw
 
-    def on_device(self, device) -> "LocationCase":
-        """Case.on_device, and the window on device too (it lives beside query_proj)."""
-        moved = super().on_device(device)
-        return moved.replace(window=None if self.window is None else self.window.to(device))
+    def tensor_args(self) -> Dict[str, Optional[Tensor]]:
+        """Case.tensor_args and the window."""
+        return {**super().tensor_args(), "window": self.window}
 
 
 @dataclass(frozen=True)
