@@ -226,7 +226,8 @@ BAD_LOCATION = [
      r"\bv must have the same dtype as query_proj"),
     ("score_bias_dtype", dict(score_bias=torch.randn(1, dtype=torch.float64)),
      r"score_bias must have the same dtype as query_proj"),
-    ("score_bias_2", dict(score_bias=torch.randn(2)), r"score_bias must have shape \(1,\), got \[2\]"),
+    ("score_bias_2", dict(score_bias=torch.randn(2)),
+     r"score_bias must have shape \(1,\), got \[2\]"),
     ("score_bias_0d", dict(score_bias=torch.tensor(1.0)), r"score_bias must have shape \(1,\)"),
     ("score_bias_2d", dict(score_bias=torch.randn(1, 1)), r"score_bias must have shape \(1,\)"),
     ("scale_nan", dict(scale=math.nan), r"scale must be finite"),
@@ -405,23 +406,21 @@ def _bad_backward(op):
 
 
 # Structural mistakes, which the fake kernels refuse too.
+BAD_LOCATION_BACKWARD = [
+    ("K_even", dict(conv_weight=torch.randn(FILTERS, C, 2)),
+     r"conv_weight must have an odd number of taps"),
+    ("prev_S", dict(prev=torch.randn(B, C, S - 1)), r"prev must have shape"),
+    ("location_weight_F", dict(location_weight=torch.randn(F, FILTERS + 2)),
+     r"location_weight must have shape"),
+    ("window_shape", dict(window=torch.zeros(B, 1, dtype=torch.long)), r"window must have shape"),
+    ("score_bias_shape", dict(score_bias=torch.randn(3)), r"score_bias must have shape"),
+    ("lse_rank", dict(lse=torch.zeros(B, Tq)), r"lse"),
+]
 BAD_BACKWARD = [pytest.param(op, over, match, id=f"{op.name}-{id_}")
                 for op, own in ((DOT, [("scale_nan", dict(scale=math.nan), r"scale")]),
                                 (ADDITIVE, [("v_size", dict(v=torch.randn(F + 2)),
                                              r"\bv must have shape")]),
-                                (LOCATION, [
-                                    ("K_even", dict(conv_weight=torch.randn(FILTERS, C, 2)),
-                                     r"conv_weight must have an odd number of taps"),
-                                    ("prev_S", dict(prev=torch.randn(B, C, S - 1)),
-                                     r"prev must have shape"),
-                                    ("location_weight_F",
-                                     dict(location_weight=torch.randn(F, FILTERS + 2)),
-                                     r"location_weight must have shape"),
-                                    ("window_shape", dict(window=torch.zeros(B, 1, dtype=torch.long)),
-                                     r"window must have shape"),
-                                    ("score_bias_shape", dict(score_bias=torch.randn(3)),
-                                     r"score_bias must have shape"),
-                                    ("lse_dtype_3d", dict(lse=torch.zeros(B, Tq)), r"lse")]))
+                                (LOCATION, BAD_LOCATION_BACKWARD))
                 for id_, over, match in _bad_backward(op) + own]
 BAD_BACKWARD_VALUES = [
     pytest.param(op, dict(lengths=torch.tensor([0, 3, S + 2])), r"lengths",
