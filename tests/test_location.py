@@ -19,6 +19,7 @@ from attention_ext.reference import tile_memory
 from helpers import (
     DEVICES,
     DTYPES,
+    EMULATED_CUDA,
     HAS_CUDA,
     MASK_KINDS,
     dtype_id,
@@ -750,6 +751,91 @@ def test_padded_batch_decodes_each_utterance_as_alone(normalization, dtype, devi
             torch.testing.assert_close(batch[1][:, b, :n], alone[1][:, 0], rtol=0, atol=0,
                                        msg=f"weights of utterance {b}")
             assert (batch[1][:, b, n:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- device values
+
+def _training_step(case, g_ctx, g_w, fn=OP.functional):
+    """context, weights and every input's gradient of <context, g_ctx> + <weights, g_w>."""
+    ctx, w = call(fn, case)
+    inputs = [t for t in case.inputs.values() if t is not None]
+    return (ctx, w, *torch.autograd.grad((ctx * g_ctx).sum() + (w * g_w).sum(), inputs))
+
+
+def _step_case(device, seed, requires_grad):
+    """A decode step of beams: lengths, window and memory_index on device."""
+    case = OP.make_case(B=4, S=9, A=16, Dv=8, C=2, F=4, K=5, device=device, seed=seed,
+                        mask_kind="lengths64", window_kind="rows64", memory=("beams", 2),
+                        score_bias=True, normalization="sigmoid")
+    for t in case.inputs.values():
+        t.requires_grad_(requires_grad)
+    return case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_host_reads_of_device_values(device):
+    """Forward and backward with lengths, window and memory_index on the device: no
+    aten::item or _local_scalar_dense in the profile, and on a GPU no synchronising call
+    (torch's sync debug mode raises on one). On the CPU this holds for the emulated CUDA
+    code, whose window and lengths count as device values (the CPU kernels check them on
+    the host)."""
+    if device == "cpu" and not EMULATED_CUDA:
+        pytest.skip("the CPU kernels' window is a host value; the emulated build runs this")
+    case = _step_case(device, 126, requires_grad=True)
+    gen = generator(127)
+    g_ctx, g_w = randn((4, 8), gen, device=device), randn((4, 9), gen, device=device)
+    _training_step(case, g_ctx, g_w)  # warm-up outside the checks
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _training_step(case, g_ctx, g_w)
+    names = [e.name for e in prof.events()]
+    assert "attention_ext::location_attention" in names, "the profile missed the op"
+    host_reads = [n for n in names if n in ("aten::item", "aten::_local_scalar_dense")]
+    assert not host_reads, host_reads
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _training_step(case, g_ctx, g_w)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
+def test_cuda_graph_replays_a_decode_step(train):
+    """A windowed step of beams captured once, then replayed on new inputs (window and
+    lengths included) copied into its static buffers: reference.py's values."""
+    static = _step_case("cuda", 128, requires_grad=train)
+    gen = generator(129)
+    g_ctx, g_w = randn((4, 8), gen, device="cuda"), randn((4, 9), gen, device="cuda")
+
+    def step():
+        if train:
+            return _training_step(static, g_ctx, g_w)
+        return call(OP.functional, static)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed in (130, 131):
+        fresh = _step_case("cuda", seed, requires_grad=train)
+        with torch.no_grad():
+            for name, t in fresh.tensor_args().items():
+                if t is not None:
+                    static.tensor_args()[name].copy_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = (_training_step(fresh, g_ctx, g_w, OP.reference) if train
+                else call(OP.reference, fresh))
+        for got, expected in zip(outs, want):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- GPU values
