@@ -269,8 +269,9 @@ ADDITIVE = OpSpec(
 
 # ----------------------------------------------------------------------------- location
 
-# Position kinds of a location case's attended window (make_window): "rows" gives row 0 an
-# empty window [s, s), the last row every position [0, S), the others seeded [start, end).
+# A location case's attended window (make_window): none, or one per query row in int64
+# ("rows64") or int32 ("rows32"): row 0 windowed to nothing [s, s), the last row every
+# position [0, S), the others seeded [start, end).
 WINDOW_KINDS = ("none", "rows64", "rows32")
 
 
@@ -278,12 +279,12 @@ def make_window(kind, B, S, gen, device) -> Optional[Tensor]:
     """A (B, 2) window [start, end) per query row for one of WINDOW_KINDS, on device."""
     if kind == "none":
         return None
-    ends = torch.randint(0, S + 1, (B, 2), generator=gen).sort(dim=1).values
+    bounds = torch.randint(0, S + 1, (B, 2), generator=gen).sort(dim=1).values
     if B >= 2:
-        ends[0] = min(S, 2)  # windowed to nothing: [s, s)
-        ends[-1] = torch.tensor([0, S])
+        bounds[0] = min(S, 2)
+        bounds[-1] = torch.tensor([0, S])
     dtype = {"rows64": torch.int64, "rows32": torch.int32}[kind]
-    return ends.to(device=device, dtype=dtype)
+    return bounds.to(device=device, dtype=dtype)
 
 
 @dataclass
