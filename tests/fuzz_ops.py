@@ -1,7 +1,8 @@
 """Fuzzer for the ops' argument handling, run as a subprocess by test_robustness.py (a crash
-there must not take pytest down with it). Calls both ops, through the functional API and
-torch.ops, forward and backward, with random and mostly invalid arguments: wrong ranks and
-sizes, integer/bool/complex dtypes, meta tensors, negative and overflowing lengths, empty
+there must not take pytest down with it). Calls every op (dot, additive, location), through
+the functional API and torch.ops, forward and backward, with random and mostly invalid
+arguments: wrong ranks and sizes, integer/bool/complex dtypes, meta tensors, negative and
+overflowing lengths, windows and memory indices, even and empty convolutions, empty
 tensors, non-tensors. Every call must return or raise a Python exception; the process
 prints how many did which and exits 0.
 
@@ -115,13 +116,91 @@ def fuzz_additive(rng):
                                          lse if rng.random() < 0.8 else rand_tensor(rng))
 
 
+def rand_window(rng, B, S):
+    kind = rng.choice(["none", "ok", "int32", "outside", "reversed", "huge", "float", "shape",
+                       "meta"])
+    if kind == "none":
+        return None
+    if kind == "outside":
+        return torch.tensor([[-1, S + 1]] * B, dtype=torch.int64)
+    if kind == "reversed":
+        return torch.tensor([[S, 0]] * B, dtype=torch.int64)
+    if kind == "huge":
+        return torch.full((B, 2), 2**40, dtype=torch.int64)
+    if kind == "float":
+        return torch.zeros(B, 2)
+    if kind == "shape":
+        return torch.zeros(B + 1, 3, dtype=torch.int64)
+    ends = torch.randint(0, S + 1, (B, 2)).sort(dim=1).values
+    if kind == "meta":
+        return ends.to("meta")
+    return ends.int() if kind == "int32" else ends
+
+
+def rand_memory_index(rng, B, M):
+    kind = rng.choice(["none", "ok", "negative", "huge", "float", "shape"])
+    if kind == "none":
+        return None
+    if kind == "negative":
+        return torch.full((B,), -1, dtype=torch.int64)
+    if kind == "huge":
+        return torch.full((B,), 2**40, dtype=torch.int64)
+    if kind == "float":
+        return torch.zeros(B)
+    if kind == "shape":
+        return torch.zeros(B + 1, dtype=torch.int64)
+    return torch.randint(0, max(M, 1), (B,))
+
+
+def fuzz_location(rng):
+    """A valid call of random (often empty) sizes two times in five; otherwise every
+    argument may be wrong."""
+    valid = rng.random() < 0.4
+    B, S, A, Dv, C, F = (rng.choice([0, 1, 2, 3]) for _ in range(6))
+    K = rng.choice([1, 3, 5, 31] if valid else [0, 1, 2, 3, 5, 31])
+    dt = rng.choice(DTYPES[:4])
+    args = [torch.randn(B, A, dtype=dt), torch.randn(B, S, A, dtype=dt),
+            torch.rand(B, C, S, dtype=dt), torch.randn(F, C, K, dtype=dt),
+            torch.randn(A, F, dtype=dt), torch.randn(A, dtype=dt), torch.randn(B, S, Dv, dtype=dt)]
+    if valid:
+        lengths = rng.choice([None, torch.randint(0, S + 1, (B,))])
+        mask = None
+        window = rng.choice([None, torch.randint(0, S + 1, (B, 2)).sort(dim=1).values])
+        memory_index = rng.choice([None, torch.randint(0, max(B, 1), (B,))])
+        score_bias = rng.choice([None, torch.randn(1, dtype=dt)])
+        scale = rng.choice([1.0, 0.5, -2.0, 0.0])
+        normalization = rng.choice(["softmax", "sigmoid"])
+    else:
+        for i in range(len(args)):
+            if rng.random() < 0.15:
+                args[i] = rand_tensor(rng, rank=rng.choice([None, args[i].dim()]))
+        lengths, mask = rand_lengths(rng, B), rand_mask(rng, B, S)
+        window, memory_index = rand_window(rng, B, S), rand_memory_index(rng, B, B)
+        score_bias = rng.choice([None, torch.randn(1, dtype=dt), rand_tensor(rng)])
+        scale = rng.choice([1.0, float("nan"), float("inf")])
+        normalization = rng.choice(["softmax", "sigmoid", "tanh"])
+    if rng.random() < 0.5:
+        ctx, w = ae.location_attention(
+            *args, lengths=lengths, mask=mask, window=window, score_bias=score_bias,
+            scale=scale, normalization=normalization, memory_index=memory_index)
+        ctx.sum()
+    else:
+        sigmoid = normalization == "sigmoid"
+        ctx, w, lse = OPS.location_attention(*args, lengths, mask, window, score_bias, scale,
+                                             sigmoid, rng.random() < 0.5, memory_index)
+        gw = torch.randn_like(w) if w.numel() and rng.random() < 0.5 else None
+        OPS._location_attention_backward(
+            torch.randn_like(ctx), gw, *args, lengths, mask, window, score_bias, scale, sigmoid,
+            lse if valid or rng.random() < 0.8 else rand_tensor(rng), memory_index)
+
+
 def main(seed, calls):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     returned = raised = 0
     for _ in range(calls):
         try:
-            (fuzz_dot if rng.random() < 0.5 else fuzz_additive)(rng)
+            rng.choice([fuzz_dot, fuzz_additive, fuzz_location])(rng)
             returned += 1
         except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
             raised += 1

@@ -1,4 +1,4 @@
-"""One test harness for both fused ops and the layers built on them.
+"""One test harness for the fused ops and the layers built on them.
 
 An OpSpec says what an op is to the tests: its tensor inputs (in call order; the first is
 the query, the second the keys), how to draw a seeded case, how to call ours (the
@@ -7,6 +7,10 @@ outputs and gradients there are. A Case is one op's inputs. run() and check_pari
 any op's case, so the parity, autograd and error tests are written once and parametrised
 over OPS (test ids "dot" and "additive"); what only one op has (dot's scale and
 values=None, additive's v) is an option of its spec or an entry of that op alone.
+LOCATION, the location-sensitive op (one decoder step, with the previous weights, a
+convolution, a window and options of its own), is an OpSpec with shapes of its own
+(LocationSpec) and cases that carry its window and normalization (LocationCase): run() and
+check_parity() take them unchanged, and test_location.py is its parity and autograd file.
 
 The layers built on the ops (attention_ext.nn, attention_ext.compat) have theirs:
 run_layer() and check_layer_parity() take any layer, a function calling it and its eager
@@ -198,11 +202,15 @@ class Case:
         inputs = {n: over.pop(n, t) for n, t in self.inputs.items()}
         return dataclasses.replace(self, inputs=inputs, **over)
 
+    def tensor_args(self) -> Dict[str, Optional[Tensor]]:
+        """Every tensor argument by name (None where not given): the inputs, lengths, mask
+        and memory_index."""
+        return {**self.inputs, "lengths": self.lengths, "mask": self.mask,
+                "memory_index": self.memory_index}
+
     def on_device(self, device) -> "Case":
         """Every tensor on device but lengths, which stay on the CPU (helpers.on_device)."""
-        moved = on_device({**self.inputs, "lengths": self.lengths, "mask": self.mask,
-                           "memory_index": self.memory_index}, device)
-        return self.replace(**moved)
+        return self.replace(**on_device(self.tensor_args(), device))
 
 
 # How a case's query rows index its memory rows (make_case's memory=(kind, M)):
@@ -259,8 +267,149 @@ ADDITIVE = OpSpec(
     scores=_additive_scores,
 )
 
+# ----------------------------------------------------------------------------- location
+
+# A location case's attended window (make_window): none, or one per query row in int64
+# ("rows64") or int32 ("rows32"): row 0 windowed to nothing [s, s), the last row every
+# position [0, S), the others seeded [start, end).
+WINDOW_KINDS = ("none", "rows64", "rows32")
+
+
+def make_window(kind, B, S, gen, device) -> Optional[Tensor]:
+    """A (B, 2) window [start, end) per query row for one of WINDOW_KINDS, on device."""
+    if kind == "none":
+        return None
+    bounds = torch.randint(0, S + 1, (B, 2), generator=gen).sort(dim=1).values
+    if B >= 2:
+        bounds[0] = min(S, 2)
+        bounds[-1] = torch.tensor([0, S])
+    dtype = {"rows64": torch.int64, "rows32": torch.int32}[kind]
+    return bounds.to(device=device, dtype=dtype)
+
+
+@dataclass
+class LocationCase(Case):
+    """A location case: Case's inputs (score_bias among them, None when absent) plus the
+    attended window and the normalization ("softmax" or "sigmoid"). The functional op and
+    reference.py take score_bias as a keyword, so tensors() leaves it out and kwargs() has
+    it."""
+
+    window: Optional[Tensor] = None
+    normalization: str = "softmax"
+
+    def tensors(self) -> list:
+        return [self.inputs[n] for n in self.op.positional]
+
+    def kwargs(self) -> dict:
+        kw = dict(lengths=self.lengths, mask=self.mask, window=self.window,
+                  score_bias=self.inputs["score_bias"],
+                  scale=1.0 if self.scale is None else self.scale,
+                  normalization=self.normalization)
+        if self.memory_index is not None:
+            kw["memory_index"] = self.memory_index
+        return kw
+
+    def tensor_args(self) -> Dict[str, Optional[Tensor]]:
+        """Case.tensor_args and the window."""
+        return {**super().tensor_args(), "window": self.window}
+
+
+@dataclass(frozen=True)
+class LocationSpec(OpSpec):
+    """location_attention: one decoder step, query_proj (B, A) against keys_proj (M, S, A),
+    with prev (B, C, S), conv_weight (F, C, K), location_weight (A, F), v (A,), values
+    (M, S, Dv) and score_bias (1,) or None. Its shapes are its own (make_case takes B, S,
+    A, Dv, C, F, K: F is the filters here, A the score width) and its cases LocationCases;
+    run(), check_parity() and assert_same() take them as any op's."""
+
+    @property
+    def positional(self) -> Tuple[str, ...]:
+        """The functional op's positional tensors: all inputs but score_bias."""
+        return self.inputs[:-1]
+
+    @property
+    def batched_outputs(self) -> Tuple[str, ...]:
+        """The outputs of one row per query row or memory row."""
+        return ("context", "weights", "grad_query_proj", "grad_keys_proj", "grad_prev",
+                "grad_values")
+
+    def shapes(self, B, S, A, Dv, C, F, K, M=None) -> Dict[str, tuple]:
+        M = B if M is None else M
+        return {"query_proj": (B, A), "keys_proj": (M, S, A), "prev": (B, C, S),
+                "conv_weight": (F, C, K), "location_weight": (A, F), "v": (A,),
+                "values": (M, S, Dv), "score_bias": (1,)}
+
+    def make_case(self, B, S, A, Dv=None, *, C=2, F=4, K=3, dtype=torch.float32,
+                  device="cpu", seed=0, mask_kind="none", window_kind="none", memory=None,
+                  score_bias=False, scale=None, normalization="softmax") -> LocationCase:
+        """Seeded inputs (init_scales), then masking, memory_index (memory=(kind, M)) and
+        window from the same generator. Without score_bias the case has none."""
+        Dv = A if Dv is None else Dv
+        gen = generator(seed)
+        M = B if memory is None else memory[1]
+        scales = self.init_scales(A, C, F, K)
+        inputs = {n: randn(shape, gen, dtype, device, scale=scales.get(n, 1.0))
+                  for n, shape in self.shapes(B, S, A, Dv, C, F, K, M).items()}
+        if not score_bias:
+            inputs["score_bias"] = None
+        lengths, mask = make_masking(mask_kind, M, S, gen, device)
+        memory_index = None if memory is None else make_memory_index(memory[0], B, M, gen, device)
+        window = make_window(window_kind, B, S, gen, device)
+        return LocationCase(self, inputs, lengths, mask, scale, memory_index, window,
+                            normalization)
+
+    def case(self, *, lengths=None, mask=None, scale=None, window=None, memory_index=None,
+             normalization="softmax", **inputs) -> LocationCase:
+        """A case of given tensors (every input by name; score_bias may be left out)."""
+        inputs.setdefault("score_bias", None)
+        if set(inputs) != set(self.inputs):
+            raise TypeError(f"location attention's inputs are {self.inputs}, got {tuple(inputs)}")
+        return LocationCase(self, {n: inputs[n] for n in self.inputs}, lengths, mask, scale,
+                            memory_index, window, normalization)
+
+    def op_args(self, case: LocationCase, need_weights=True) -> tuple:
+        """The raw op's positional arguments, memory_index last when the case has one."""
+        kw = case.kwargs()
+        args = (*case.tensors(), kw["lengths"], kw["mask"], kw["window"], kw["score_bias"],
+                kw["scale"], case.normalization == "sigmoid", need_weights)
+        return args + ((case.memory_index,) if case.memory_index is not None else ())
+
+    def backward_args(self, grad_context, grad_weights, op_args: tuple, lse) -> tuple:
+        """The backward op's: upstream gradients, the forward's arguments up to sigmoid,
+        lse, then memory_index if op_args has it."""
+        n = len(self.positional) + 6
+        return (grad_context, grad_weights, *op_args[:n], lse, *op_args[n + 1:])
+
+
+def _location_scores(case: LocationCase) -> Tensor:
+    """The scores e (B, S) in float64."""
+    d = {n: None if t is None else t.double() for n, t in case.inputs.items()}
+    (keys_proj,) = tile_memory(case.memory_index, d["keys_proj"])
+    K = d["conv_weight"].shape[-1]
+    location = torch.nn.functional.conv1d(d["prev"], d["conv_weight"], padding=(K - 1) // 2)
+    hidden = torch.tanh(d["query_proj"][:, None] + keys_proj
+                        + location.transpose(1, 2) @ d["location_weight"].T)
+    scores = (hidden @ d["v"]) * (1.0 if case.scale is None else case.scale)
+    return scores if d["score_bias"] is None else scores + d["score_bias"]
+
+
+LOCATION = LocationSpec(
+    name="location",
+    inputs=("query_proj", "keys_proj", "prev", "conv_weight", "location_weight", "v",
+            "values", "score_bias"),
+    feature="A",
+    # Projections of unit scale and previous weights of unit scale, the convolution and U
+    # like nn.Conv1d's and nn.Linear's init (the location term of unit scale too), and v
+    # as the additive op's: scores of a standard deviation of about 1.5.
+    init_scales=lambda A, C, F, K: {"conv_weight": (C * K) ** -0.5,
+                                    "location_weight": F ** -0.5, "v": 2.5 / A ** 0.5},
+    gradcheck_scales={"query_proj": 1.5, "keys_proj": 1.5, "v": 2.0},
+    scores=_location_scores,
+    has_scale=True,
+)
+
 OPS = [pytest.param(DOT, id="dot"), pytest.param(ADDITIVE, id="additive")]
-BY_NAME = {op.name: op for op in (DOT, ADDITIVE)}
+BY_NAME = {op.name: op for op in (DOT, ADDITIVE, LOCATION)}
 
 
 def per_op(**tables):
