@@ -51,4 +51,5 @@ sys.exit(0 if attention_ext.__file__.startswith(sys.argv[1]) else
 # own RNNs, which are not instrumented.
 "$PY" -m pytest -q -n auto -p no:cacheprovider -x -m "not slow and not demo" -k "not compile" \
   --ignore=tests/test_seq2seq.py --ignore=tests/test_compat_opennmt.py \
-  --ignore=tests/test_compat_tutorial.py --ignore=tests/test_demo.py "$@" tests
+  --ignore=tests/test_compat_tutorial.py --ignore=tests/test_compat_location.py \
+  --ignore=tests/test_nn_location.py --ignore=tests/test_demo.py "$@" tests
