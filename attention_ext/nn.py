@@ -1,4 +1,5 @@
-"""Attention layers (Luong 2015, Bahdanau 2015) built only on the fused functional ops.
+"""Attention layers (Luong 2015, Bahdanau 2015, Chorowski 2015) built only on the fused
+functional ops.
 
 Every layer splits its work the way a decoder uses it: ``precompute(memory)`` once per
 source batch (the memory's projection and its masking), then ``forward(query, ...)`` at
@@ -18,8 +19,8 @@ from . import functional, reference
 
 Tensor = torch.Tensor
 
-__all__ = ["PrecomputedMemory", "LuongAttention", "BahdanauAttention", "IMPLEMENTATIONS",
-           "set_implementation"]
+__all__ = ["PrecomputedMemory", "LuongAttention", "BahdanauAttention",
+           "LocationSensitiveAttention", "LocationState", "IMPLEMENTATIONS", "set_implementation"]
 
 # What the layers' attention calls: the fused ops, or reference.py's eager PyTorch (the same
 # math as users write it, for comparisons of speed, memory and results with one model).
@@ -84,18 +85,21 @@ class _AttentionLayer(nn.Module):
                    mask: Optional[Tensor] = None) -> PrecomputedMemory:
         """Projects and stores ``memory`` (B, S, memory_dim) with its masking, for reuse
         at every decoder step of this source batch (and only with this layer)."""
-        if not isinstance(memory, torch.Tensor):
-            raise TypeError(f"memory must be a torch.Tensor or a PrecomputedMemory, "
-                            f"got {type(memory).__name__}")
-        if memory.dim() != 3 or memory.shape[-1] != self.memory_dim:
-            raise ValueError(f"memory must have shape (B, S, {self.memory_dim}) "
-                             f"(memory_dim = {self.memory_dim}), got {tuple(memory.shape)}")
+        self._check_memory_tensor(memory)
         if lengths is not None and mask is not None:
             raise ValueError("pass either lengths or mask, not both")
         # The ops read memory and keys contiguous: a strided memory (a transposed or
         # sliced view) is copied once here instead of once per step.
         memory = memory.contiguous()
         return PrecomputedMemory(memory, self._keys(memory).contiguous(), lengths, mask, self)
+
+    def _check_memory_tensor(self, memory) -> None:
+        if not isinstance(memory, torch.Tensor):
+            raise TypeError(f"memory must be a torch.Tensor or a PrecomputedMemory, "
+                            f"got {type(memory).__name__}")
+        if memory.dim() != 3 or memory.shape[-1] != self.memory_dim:
+            raise ValueError(f"memory must have shape (B, S, {self.memory_dim}) "
+                             f"(memory_dim = {self.memory_dim}), got {tuple(memory.shape)}")
 
     def _memory(self, memory: MemoryArg, lengths, mask) -> PrecomputedMemory:
         if not isinstance(memory, PrecomputedMemory):
@@ -276,3 +280,208 @@ class BahdanauAttention(_AttentionLayer):
                                             lengths=pre.lengths, mask=pre.mask,
                                             need_weights=need_weights,
                                             memory_index=memory_index)
+
+
+_NORMALIZATIONS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class LocationState:
+    """What a LocationSensitiveAttention step reads from the steps before it, and returns
+    updated: the attention weights it feeds back.
+
+    Attributes:
+        previous: (B, S), the last step's weights (or the initial ones).
+        cumulative: (B, S), the sum of the weights of every step so far, for a layer with
+            channels=2 (Tacotron 2); None for channels=1.
+    """
+
+    previous: Tensor
+    cumulative: Optional[Tensor] = None
+
+    def location(self) -> Tensor:
+        """(B, C, S): the location convolution's input, [previous] or [previous, cumulative]."""
+        if self.cumulative is None:
+            return self.previous[:, None]
+        return torch.stack((self.previous, self.cumulative), 1)
+
+    def reorder(self, index: Tensor) -> "LocationState":
+        """The state of rows ``index`` (integer (B',)): a beam search's surviving beams."""
+        cumulative = None if self.cumulative is None else self.cumulative.index_select(0, index)
+        return LocationState(self.previous.index_select(0, index), cumulative)
+
+
+class LocationSensitiveAttention(_AttentionLayer):
+    """Location-sensitive attention (Chorowski et al. 2015): Tacotron 2's, ESPnet's
+    ``AttLoc``'s and SpeechBrain's, one decoder step per call.
+
+    With the weights fed back from the steps before, prev (B, C, S) = [previous] (C = 1) or
+    [previous, cumulative] (C = 2), at query row b and source position j::
+
+        L[:, j] = location_conv(prev[b])[:, j]    (F filters of K taps, zero padded)
+        e[j]    = scale * v . tanh(W query[b] + U memory[b, j] + location_dense(L[:, j]))
+                  (+ score_bias with normalization="sigmoid")
+        a       = softmax(e) over the attended positions ("softmax"), or
+                  sigmoid(e[j]) / sum_k sigmoid(e[k]) ("sigmoid")
+        output  = context = sum_j a[j] memory[b, j], (B, memory_dim)
+
+    The state carries the weights from step to step, so a decoder loop reads::
+
+        memory = layer.precompute(encoder_out, lengths=lengths)
+        state = layer.initial_state(memory)
+        for query in queries:                    # (B, query_dim) each
+            context, weights, state = layer(query, memory, state)
+
+    The whole step (convolution, its projection, the scores, the normalisation and the
+    context) is one fused op: no (B, S, units) or (B, S, filters) tensor is kept for the
+    backward.
+
+    Args:
+        query_dim: the decoder state's size.
+        memory_dim: the encoder states' size.
+        units: A, the attention's hidden size (W, U, location_dense map to it).
+        filters: F, the location convolution's output channels.
+        kernel_size: K, odd: its taps.
+        channels: C, 1 (the previous weights; ESPnet, SpeechBrain) or 2 (the previous and
+            the cumulative weights; Tacotron 2).
+        scale: multiplies v . tanh(...) (ESPnet's and SpeechBrain's ``scaling``).
+        normalization: "softmax", or "sigmoid" (Chorowski et al.'s smoothed focus), which
+            adds a learned score bias ``score_bias`` (initialised to 0; a softmax would
+            ignore it).
+        bias: W has a bias (the b inside tanh of ESPnet's and SpeechBrain's layers).
+        detach_state: the state carries the weights detached, so no gradient flows from one
+            step to the next through them (SpeechBrain); by default it does (Tacotron 2,
+            ESPnet).
+    """
+
+    def __init__(self, query_dim: int, memory_dim: int, units: int, filters: int,
+                 kernel_size: int, channels: int = 2, *, scale: float = 1.0,
+                 normalization: str = "softmax", bias: bool = False,
+                 detach_state: bool = False):
+        super().__init__()
+        if channels not in (1, 2):
+            raise ValueError(f"channels must be 1 (the previous weights) or 2 (the previous "
+                             f"and the cumulative weights), got {channels!r}")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int (the convolution is "
+                             f"zero padded by (kernel_size - 1) / 2 on each side to keep "
+                             f"the length), got {kernel_size!r}")
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, "
+                             f"got {normalization!r}")
+        _check_scale(scale)
+        self.query_dim, self.memory_dim, self.units = query_dim, memory_dim, units
+        self.filters, self.kernel_size, self.channels = filters, kernel_size, channels
+        self.scale = 1.0 if scale is None else float(scale)
+        self.normalization, self.detach_state = normalization, detach_state
+        self.W = nn.Linear(query_dim, units, bias=bias)
+        self.U = nn.Linear(memory_dim, units, bias=False)
+        self.location_conv = nn.Conv1d(channels, filters, kernel_size,
+                                       padding=(kernel_size - 1) // 2, bias=False)
+        self.location_dense = nn.Linear(filters, units, bias=False)
+        self.v = nn.Parameter(torch.empty(units))
+        bound = 1.0 / math.sqrt(units)
+        nn.init.uniform_(self.v, -bound, bound)
+        self.score_bias = (nn.Parameter(torch.zeros(1)) if normalization == "sigmoid"
+                           else None)
+
+    def extra_repr(self) -> str:
+        return (f"query_dim={self.query_dim}, memory_dim={self.memory_dim}, "
+                f"units={self.units}, filters={self.filters}, "
+                f"kernel_size={self.kernel_size}, channels={self.channels}, "
+                f"scale={self.scale}, normalization={self.normalization!r}, "
+                f"detach_state={self.detach_state}")
+
+    def _keys(self, memory: Tensor) -> Tensor:
+        return self.U(memory)
+
+    def initial_state(self, memory: MemoryArg, *, lengths: Optional[Tensor] = None,
+                      mask: Optional[Tensor] = None, memory_index: Optional[Tensor] = None,
+                      uniform: bool = False) -> LocationState:
+        """The state before the first step, one row per query row.
+
+        Args:
+            memory: this layer's ``precompute(...)``, or the (B, S, memory_dim) memory.
+            lengths, mask: the masking, as for forward (with a precomputed memory, only if
+                it has none).
+            memory_index: integer (B,) as for forward: the state then has B rows.
+            uniform: previous = 1 / n over each row's n attended positions (ESPnet,
+                SpeechBrain) instead of zeros (Tacotron 2).
+
+        Returns:
+            LocationState of the memory's dtype and device; ``cumulative`` (channels=2)
+            starts at zeros.
+        """
+        if isinstance(memory, PrecomputedMemory):
+            pre = self._memory(memory, lengths, mask)
+            values, lengths, mask = pre.values, pre.lengths, pre.mask
+        else:
+            self._check_memory_tensor(memory)
+            if lengths is not None and mask is not None:
+                raise ValueError("pass either lengths or mask, not both")
+            values = memory
+        S = values.shape[1]
+        rows = values.shape[0] if memory_index is None else memory_index.shape[0]
+        if uniform:
+            valid = reference.valid_positions(lengths, mask, values.shape[0], S, values.device)
+            if valid is None:
+                valid = torch.ones(values.shape[0], S, dtype=torch.bool, device=values.device)
+            (valid,) = reference.tile_memory(memory_index, valid)
+            previous = (valid / valid.sum(-1, keepdim=True).clamp_min(1)).to(values.dtype)
+        else:
+            previous = values.new_zeros(rows, S)
+        cumulative = values.new_zeros(rows, S) if self.channels == 2 else None
+        return LocationState(previous, cumulative)
+
+    def _check_state(self, state, rows: int, src_len: int) -> None:
+        if not isinstance(state, LocationState):
+            raise TypeError(f"state must be a LocationState (layer.initial_state(memory), then "
+                            f"what each step returns), got {type(state).__name__}")
+        want = (rows, src_len)
+        if tuple(state.previous.shape) != want:
+            raise ValueError(f"state.previous must have shape (B, S) = {want}, "
+                             f"got {tuple(state.previous.shape)}")
+        if (state.cumulative is not None) != (self.channels == 2):
+            raise ValueError(f"state.cumulative must be {'a' if self.channels == 2 else 'no'} "
+                             f"tensor for a layer of channels={self.channels}")
+        if state.cumulative is not None and tuple(state.cumulative.shape) != want:
+            raise ValueError(f"state.cumulative must have shape (B, S) = {want}, "
+                             f"got {tuple(state.cumulative.shape)}")
+
+    def forward(self, query: Tensor, memory: MemoryArg, state: LocationState, *,
+                lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                window: Optional[Tensor] = None, memory_index: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tensor, LocationState]:
+        """One decoder step.
+
+        Args:
+            query: (B, query_dim), the decoder state.
+            memory: (B, S, memory_dim) encoder states, or this layer's
+                ``precompute(memory, lengths=..., mask=...)`` (once per batch).
+            state: the LocationState of the step before (``initial_state`` at the first).
+            lengths: integer (B,), positions j < lengths[b] attend; or
+            mask: bool (B, S), True = attend. Not both; not again if ``memory`` has them.
+            window: integer (B, 2) on the query's device: row b also attends only
+                [window[b, 0], window[b, 1]) (the monotonic window of TTS inference).
+            memory_index: integer (B,): query row b attends row memory_index[b] of the
+                memory (M rows), e.g. a sentence's beams its one precomputed memory; the
+                state and the window stay per query row.
+
+        Returns:
+            (context (B, memory_dim), weights (B, S), the next step's LocationState).
+        """
+        if not isinstance(query, torch.Tensor):
+            raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+        if query.dim() != 2 or query.shape[1] != self.query_dim:
+            raise ValueError(f"query must have shape (B, {self.query_dim}), one decoder step "
+                             f"(query_dim = {self.query_dim}), got {tuple(query.shape)}")
+        pre = self._memory(memory, lengths, mask)
+        self._check_state(state, query.shape[0], pre.values.shape[1])
+        context, weights = self._ops.location_attention(
+            self.W(query), pre.keys, state.location(), self.location_conv.weight,
+            self.location_dense.weight, self.v, pre.values, lengths=pre.lengths,
+            mask=pre.mask, window=window, score_bias=self.score_bias, scale=self.scale,
+            normalization=self.normalization, memory_index=memory_index)
+        fed_back = weights.detach() if self.detach_state else weights
+        cumulative = None if state.cumulative is None else state.cumulative + fed_back
+        return context, weights, LocationState(fed_back, cumulative)
