@@ -12,11 +12,14 @@ PIP        := $(PY) -m pip --disable-pip-version-check -q
 
 .PHONY: install demo test test-emulated test-sanitized bench cuda-build-check install-check gpu-check clean
 
+# The location drop-ins' peers, ESPnet and SpeechBrain, are installed without their
+# dependencies: the compat tests load only files that need torch and numpy.
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install numpy pytest pytest-xdist expecttest hypothesis ninja pybind11 "setuptools>=64" wheel \
 		babel tqdm matplotlib
+	$(PIP) install --no-deps espnet==202511 speechbrain==1.1.2
 	touch $@
 
 install: $(VENV)/.deps-installed
