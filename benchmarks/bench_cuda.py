@@ -163,6 +163,20 @@ def event_time(fn, reps):
     return C.median(times)
 
 
+def graph_replay(run):
+    """The replay of a CUDA graph of run()'s work, captured after one run on a side stream
+    (capture needs the lazy initialisations done and the current stream left alone)."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 def bench_decode(name, op, B, S, F_, dtype, impls, calls, rounds, bandwidth):
     set_bytes = decode_bytes(op, B, S, F_, dtype)
     n_sets = max(1, min(MAX_SETS, math.ceil(L2_SPAN_BYTES / set_bytes)))
@@ -184,15 +198,7 @@ def bench_decode(name, op, B, S, F_, dtype, impls, calls, rounds, bandwidth):
             for i in range(calls):
                 fn(sets[i % n_sets])
         loops[impl] = run
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            run()
-        graphs[impl] = graph.replay
+        graphs[impl] = graph_replay(run)
     for impl in impls:
         err = (check[impl] - check["eager"]).abs().max().item()
         tol = 1e-2 if dtype != torch.float32 else 1e-4

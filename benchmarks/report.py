@@ -33,6 +33,7 @@ BENCHMARKS = {
     "seq2seq": ("bench_seq2seq.py", "End-to-end seq2seq models", ("cpu", "cuda")),
     "dot": ("bench_dot.py", "Dot attention", ("cpu", "cuda")),
     "additive": ("bench_additive.py", "Additive attention", ("cpu",)),
+    "location": ("bench_location.py", "Location-sensitive attention", ("cpu", "cuda")),
     "layers": ("bench_layers.py", "Layers", ("cpu",)),
     "compat": ("bench_compat.py", "Drop-ins", ("cpu",)),
     "beam_search": ("bench_beam_search.py", "Beam search: memory_index vs tiling",
@@ -148,7 +149,7 @@ def main(argv=None):
             out = os.path.join(tmp, name + ".md")
             cmd = [sys.executable, os.path.join(HERE, script), "--output", out]
             cmd += (["--quick", *QUICK_EXTRA.get(name, [])]) if args.quick else []
-            if name in ("seq2seq", "dot", "beam_search"):
+            if name in ("seq2seq", "dot", "location", "beam_search"):
                 cmd += ["--device", args.device]
             print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
             start = time.perf_counter()
