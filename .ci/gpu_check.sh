@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-check: on a machine with a CUDA GPU, builds the extension in place for the GPU
 # it finds, runs the CUDA tests (pytest -m cuda), then the CUDA benchmark, the beam
-# search benchmark and the end-to-end seq2seq benchmark (quick). Logs and the benchmarks'
+# search benchmark, the end-to-end seq2seq benchmark (quick), the location op's benchmark
+# and the whole Tacotron 2 step. Logs and the benchmarks'
 # tables go to $LOG_DIR, the tables named as in benchmarks/results:
 # <benchmark>-<machine>-<date>.md (e.g. cuda-h100-2026-11-27.md). Fits a few minutes on an
 # H100 (build about 45 s with 16 jobs).
@@ -60,6 +61,15 @@ echo "== gpu-check: benchmarks/bench_beam_search.py --quick --device cuda --mode
 echo "== gpu-check: benchmarks/bench_seq2seq.py --quick --device cuda"
 "$PY" benchmarks/bench_seq2seq.py --quick --device cuda \
   --output "$(result_file seq2seq)" 2>&1 | tee "$LOG_DIR/bench_seq2seq.log"
+(( bench_rc = bench_rc || PIPESTATUS[0] ))
+echo "== gpu-check: benchmarks/bench_location.py --device cuda"
+"$PY" benchmarks/bench_location.py --device cuda --repeats 20 --budget 10 \
+  --output "$(result_file location)" 2>&1 | tee "$LOG_DIR/bench_location.log"
+(( bench_rc = bench_rc || PIPESTATUS[0] ))
+
+echo "== gpu-check: benchmarks/bench_tacotron2.py --device cuda --steps 3"
+"$PY" benchmarks/bench_tacotron2.py --device cuda --steps 3 \
+  --output "$(result_file tacotron2)" 2>&1 | tee "$LOG_DIR/bench_tacotron2.log"
 (( bench_rc = bench_rc || PIPESTATUS[0] ))
 echo "== gpu-check: tests rc=$tests_rc, benchmark rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))
