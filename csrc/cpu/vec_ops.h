@@ -118,7 +118,8 @@ inline void scale_inplace(T* x, T a, int64_t n) {
 template <typename scalar_t, typename acc_t>
 inline void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, src, sizeof(acc_t) * n);
+    // An empty row may come with null pointers, which memcpy must not see even for n = 0.
+    if (n > 0) std::memcpy(dst, src, sizeof(acc_t) * n);
   } else {
     static_assert(std::is_same_v<acc_t, float>, "reduced precision accumulates in float");
     using Vs = Vectorized<scalar_t>;
