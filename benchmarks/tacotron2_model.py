@@ -152,6 +152,21 @@ class Attention(nn.Module):
         return attention_context, attention_weights
 
 
+class UniformAttention(Attention):
+    """The mean of the memory over the unpadded positions in place of the attention: the
+    weights and the interface of Attention (its state_dict loads), at a cost next to
+    nothing. A model with it is another model, but every layer outside the attention does
+    the same work, so its training step is the floor that no implementation of the
+    attention can go below."""
+
+    def forward(self, attention_hidden_state, memory, processed_memory, attention_weights_cat,
+                mask):
+        keep = memory.new_ones(memory.shape[:2]) if mask is None else (~mask).to(memory.dtype)
+        attention_weights = keep / keep.sum(1, keepdim=True)
+        attention_context = torch.bmm(attention_weights.unsqueeze(1), memory).squeeze(1)
+        return attention_context, attention_weights
+
+
 # An attention factory: called as Attention is, returns a module of its interface.
 AttentionFactory = Callable[[int, int, int, int, int], nn.Module]
 

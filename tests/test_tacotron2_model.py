@@ -130,3 +130,19 @@ def test_bad_sizes_name_the_argument():
         T.synthetic_batch(2, 0, 9)
     with pytest.raises(ValueError, match="symbols_embedding_dim"):
         T.Tacotron2(dataclasses.replace(TINY, symbols_embedding_dim=8))
+
+
+def test_uniform_attention_is_the_mean_of_the_unpadded_memory():
+    attention = T.UniformAttention(24, 16, 12, 4, 31)
+    attention.load_state_dict(T.Attention(24, 16, 12, 4, 31).state_dict())
+    gen = torch.Generator().manual_seed(0)
+    memory = torch.randn(2, 7, 16, generator=gen)
+    mask = T.padding_mask(torch.tensor(TEXT_LENGTHS), 7)
+    context, weights = attention(torch.randn(2, 24, generator=gen), memory,
+                                 attention.memory_layer(memory), torch.rand(2, 2, 7), mask)
+    for b, length in enumerate(TEXT_LENGTHS):
+        torch.testing.assert_close(context[b], memory[b, :length].mean(0))
+        assert torch.equal(weights[b, length:], torch.zeros(7 - length))
+        torch.testing.assert_close(weights[b, :length], torch.full((length,), 1 / length))
+    context, _ = attention(torch.randn(2, 24), memory, None, None, None)
+    torch.testing.assert_close(context, memory.mean(1))
