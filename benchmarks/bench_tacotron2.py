@@ -33,7 +33,15 @@ Figures per implementation:
               included (tacotron2_model.saved_tensor_bytes), and the part saved inside the
               attention's forward: what a fused attention can shrink
 
-Usage: python benchmarks/bench_tacotron2.py [--quick] [--device cuda] [--output FILE.md]
+--attention-alone times the decoder's attention by itself at the same sizes instead: the
+attention layer's `frames` fed-back steps over the text (random queries in place of the
+attention LSTM's), forward then backward, each implementation from the same weights,
+medians of --steps runs round-robin; then one profiled run each, whose largest self times
+(torch.profiler) say where the attention's time goes. Against the whole step's time it
+gives the attention's share of the step.
+
+Usage: python benchmarks/bench_tacotron2.py [--quick] [--attention-alone] [--device cuda]
+                                            [--output FILE.md]
 """
 from __future__ import annotations
 
@@ -48,8 +56,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 from tacotron2_model import (Attention, AttentionFactory, Tacotron2,  # noqa: E402
-                             Tacotron2Config, UniformAttention, parameter_count,
-                             saved_tensor_bytes, synthetic_batch, train_step)
+                             Tacotron2Config, UniformAttention, padding_mask,
+                             parameter_count, saved_tensor_bytes, synthetic_batch,
+                             train_step)
 
 import attention_ext  # noqa: E402
 from attention_ext.compat import tacotron2 as fused  # noqa: E402
@@ -77,6 +86,13 @@ NOTE = ("One Tacotron 2 training step (forward + backward, float32), medians of 
         "fresh process). saved "
         "MiB: tensors kept for the backward, each storage once, weights included; the "
         "attention's part is what its forward saves. X vs Y < 1: X needs less.")
+
+ATTENTION_NOTE = ("The decoder's attention alone (--attention-alone): the attention layer's "
+                  "fed-back steps over the text, one per frame, random queries in place of "
+                  "the attention LSTM's, forward then backward (the memory layer once, as "
+                  "the decoder calls it), medians of runs sampled round-robin. floor: the "
+                  "mean of the memory, the work every implementation shares (the memory "
+                  "layer, the context's products and the gradients of the memory).")
 
 
 def build_models(impls: List[str], config: Tacotron2Config, device) -> Dict[str, Tacotron2]:
@@ -162,6 +178,74 @@ def run(args, argv=None) -> List[dict]:
     return records
 
 
+def attention_alone(args) -> tuple:
+    """--attention-alone: (the records of every implementation, their profiles as text)."""
+    device, c = args.device, Tacotron2Config()
+    torch.manual_seed(args.seed)
+    layers: Dict[str, torch.nn.Module] = {}
+    for name in args.impls:
+        layer = IMPLEMENTATIONS[name](c.attention_rnn_dim, c.encoder_embedding_dim,
+                                      c.attention_dim, c.attention_location_n_filters,
+                                      c.attention_location_kernel_size).to(device)
+        if layers:
+            layer.load_state_dict(next(iter(layers.values())).state_dict())
+        layers[name] = layer
+    batch = synthetic_batch(args.batch, args.chars, args.frames, seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    memory = torch.randn(args.batch, args.chars, c.encoder_embedding_dim, generator=gen)
+    memory = memory.to(device).requires_grad_()
+    mask = padding_mask(batch.text_lengths, args.chars).to(device)
+    queries = [torch.randn(args.batch, c.attention_rnn_dim, generator=gen).to(device)
+               .requires_grad_() for _ in range(args.frames)]
+
+    def run(layer):
+        for t in (memory, *queries, *layer.parameters()):
+            t.grad = None
+        processed = layer.memory_layer(memory)
+        weights = weights_cum = memory.new_zeros(args.batch, args.chars)
+        total = memory.new_zeros(())
+        for query in queries:
+            context, weights = layer(query, memory, processed,
+                                     torch.stack((weights, weights_cum), 1), mask)
+            weights_cum = weights_cum + weights
+            total = total + context.sum()
+        total.backward()
+
+    for layer in layers.values():
+        run(layer)
+    seconds = {name: [] for name in layers}
+    for _ in range(args.steps):
+        for name, layer in layers.items():
+            seconds[name].append(C.time_calls(lambda: run(layer), 1, device))
+    cuda = device.startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiles = []
+    for name, layer in layers.items():
+        with torch.profiler.profile(activities=activities) as prof:
+            run(layer)
+            C.sync(device)
+        profiles.append(f"{name}, one run under torch.profiler, the largest self times:\n\n"
+                        "```\n" + prof.key_averages().table(
+                            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                            row_limit=8, max_name_column_width=60) + "```")
+    records = [dict(implementation=name, batch=args.batch, chars=args.chars,
+                    frames=args.frames, seconds=seconds[name], median_s=C.median(seconds[name]))
+               for name in layers]
+    return records, "\n\n".join(profiles)
+
+
+def attention_table(records: List[dict]) -> str:
+    reference = records[0]
+    headers = ["implementation", "B, chars, steps of the decoder", "runs",
+               "s (forward + backward)", f"time vs {reference['implementation']}"]
+    rows = [[r["implementation"], f"{r['batch']}, {r['chars']}, {r['frames']}",
+             str(len(r["seconds"])), f"{r['median_s']:.3f}",
+             C.fmt_ratio(r["median_s"] / reference["median_s"])] for r in records]
+    return C.markdown_table(headers, rows)
+
+
 def format_record(r: dict) -> str:
     return (f"{r['implementation']}: {r['median_s']:.3f} s/step (steps "
             + " ".join(f"{s:.3f}" for s in r["seconds"])
@@ -225,6 +309,9 @@ def parse_args(argv=None):
                    help="write the markdown table and machine info to this .md (and the "
                         "records as JSON beside it); a folder: to "
                         "<folder>/tacotron2-<machine>-<date>.md")
+    p.add_argument("--attention-alone", action="store_true",
+                   help="time the decoder's attention by itself at the same sizes, with a "
+                        "profile of each implementation (see the module's docstring)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -245,7 +332,7 @@ def parse_args(argv=None):
                 f"the ratios; {args.impls[0]} is a bound, not an attention of the model")
     if cuda and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here")
-    if not cuda and not C.peak_rss_supported():
+    if not cuda and not args.attention_alone and not C.peak_rss_supported():
         p.error("peak memory on the CPU needs a writable /proc/self/clear_refs (Linux)")
     return args
 
@@ -262,18 +349,24 @@ def main(argv=None):
         args.device, attention_ext.build_info(),
         f"B={args.batch} chars={args.chars} frames={args.frames} float32, "
         f"steps={args.steps} after 1 warm-up, seed={args.seed}", extra={"model": model})
-    records = run(args, argv)
-    # The issue's targets are for the CPU at its sizes, ours against eager.
-    targets = (not args.device.startswith("cuda") and args.impls[0] == "eager"
-               and "ours" in args.impls
-               and (args.batch, args.chars, args.frames) == SIZES["cpu"])
-    text = table(records, targets) + "\n\n" + NOTE
+    if args.attention_alone:
+        benchmark = "tacotron2_attention"
+        records, profiles = attention_alone(args)
+        text = attention_table(records) + "\n\n" + ATTENTION_NOTE + "\n\n" + profiles
+    else:
+        benchmark = "tacotron2"
+        records = run(args, argv)
+        # The issue's targets are for the CPU at its sizes, ours against eager.
+        targets = (not args.device.startswith("cuda") and args.impls[0] == "eager"
+                   and "ours" in args.impls
+                   and (args.batch, args.chars, args.frames) == SIZES["cpu"])
+        text = table(records, targets) + "\n\n" + NOTE
     print("\n" + text)
     if args.output:
         path = args.output
         if os.path.isdir(path):
-            path = C.result_stem(path, "tacotron2", args.device) + ".md"
-        C.write_output(path, info, text, records={"tacotron2": records})
+            path = C.result_stem(path, benchmark, args.device) + ".md"
+        C.write_output(path, info, text, records={benchmark: records})
 
 
 if __name__ == "__main__":
