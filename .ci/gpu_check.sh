@@ -71,5 +71,9 @@ echo "== gpu-check: benchmarks/bench_tacotron2.py --device cuda --steps 3"
 "$PY" benchmarks/bench_tacotron2.py --device cuda --steps 3 \
   --output "$(result_file tacotron2)" 2>&1 | tee "$LOG_DIR/bench_tacotron2.log"
 (( bench_rc = bench_rc || PIPESTATUS[0] ))
+echo "== gpu-check: benchmarks/bench_tacotron2.py --device cuda --steps 3 --attention-alone"
+"$PY" benchmarks/bench_tacotron2.py --device cuda --steps 3 --attention-alone \
+  --output "$(result_file tacotron2-attention)" 2>&1 | tee "$LOG_DIR/bench_tacotron2_attention.log"
+(( bench_rc = bench_rc || PIPESTATUS[0] ))
 echo "== gpu-check: tests rc=$tests_rc, benchmark rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

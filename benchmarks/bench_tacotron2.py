@@ -81,9 +81,9 @@ MIB = 2**20
 NOTE = ("One Tacotron 2 training step (forward + backward, float32), medians of steps "
         "sampled round-robin. floor: the mean of the memory in place of the attention, "
         "the step's work outside the attention alone; its ratios are the best any "
-        "attention implementation can reach. peak MiB: the step's rise of the peak above the weights and "
-        "the batch, gradients included (CUDA: max_memory_allocated; CPU: peak RSS of a "
-        "fresh process). saved "
+        "attention implementation can reach. peak MiB: the step's rise of the peak above "
+        "the weights and the batch, gradients included (CUDA: max_memory_allocated; CPU: "
+        "peak RSS of a fresh process). saved "
         "MiB: tensors kept for the backward, each storage once, weights included; the "
         "attention's part is what its forward saves. X vs Y < 1: X needs less.")
 
@@ -222,14 +222,14 @@ def attention_alone(args) -> tuple:
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     profiles = []
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     for name, layer in layers.items():
         with torch.profiler.profile(activities=activities) as prof:
             run(layer)
             C.sync(device)
         profiles.append(f"{name}, one run under torch.profiler, the largest self times:\n\n"
                         "```\n" + prof.key_averages().table(
-                            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                            row_limit=8, max_name_column_width=60) + "```")
+                            sort_by=sort_by, row_limit=8, max_name_column_width=60) + "```")
     records = [dict(implementation=name, batch=args.batch, chars=args.chars,
                     frames=args.frames, seconds=seconds[name], median_s=C.median(seconds[name]))
                for name in layers]
