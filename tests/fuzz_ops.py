@@ -35,16 +35,24 @@ def rand_tensor(rng, *, rank=None, dtype=None):
     return t
 
 
+def bad_integers(kind, shape):
+    """The wrong integer tensors every index argument may get: negative, past any size, or
+    floating point; None for another kind."""
+    if kind == "negative":
+        return torch.full(shape, -1, dtype=torch.int64)
+    if kind == "huge":
+        return torch.full(shape, 2**40, dtype=torch.int64)
+    if kind == "float":
+        return torch.zeros(shape)
+    return None
+
+
 def rand_lengths(rng, B):
     kind = rng.choice(["none", "ok", "negative", "huge", "float", "shape", "int32"])
     if kind == "none":
         return None
-    if kind == "negative":
-        return torch.full((B,), -1, dtype=torch.int64)
-    if kind == "huge":
-        return torch.full((B,), 2**40, dtype=torch.int64)
-    if kind == "float":
-        return torch.ones(B)
+    if kind in ("negative", "huge", "float"):
+        return bad_integers(kind, (B,))
     if kind == "shape":
         return torch.ones(B + 1, 2, dtype=torch.int64)
     lengths = torch.randint(0, 4, (B,))
@@ -125,10 +133,8 @@ def rand_window(rng, B, S):
         return torch.tensor([[-1, S + 1]] * B, dtype=torch.int64)
     if kind == "reversed":
         return torch.tensor([[S, 0]] * B, dtype=torch.int64)
-    if kind == "huge":
-        return torch.full((B, 2), 2**40, dtype=torch.int64)
-    if kind == "float":
-        return torch.zeros(B, 2)
+    if kind in ("huge", "float"):
+        return bad_integers(kind, (B, 2))
     if kind == "shape":
         return torch.zeros(B + 1, 3, dtype=torch.int64)
     ends = torch.randint(0, S + 1, (B, 2)).sort(dim=1).values
@@ -141,12 +147,8 @@ def rand_memory_index(rng, B, M):
     kind = rng.choice(["none", "ok", "negative", "huge", "float", "shape"])
     if kind == "none":
         return None
-    if kind == "negative":
-        return torch.full((B,), -1, dtype=torch.int64)
-    if kind == "huge":
-        return torch.full((B,), 2**40, dtype=torch.int64)
-    if kind == "float":
-        return torch.zeros(B)
+    if kind in ("negative", "huge", "float"):
+        return bad_integers(kind, (B,))
     if kind == "shape":
         return torch.zeros(B + 1, dtype=torch.int64)
     return torch.randint(0, max(M, 1), (B,))

@@ -206,6 +206,21 @@ def on_device(kw: dict, device) -> dict:
             for k, v in kw.items()}
 
 
+def capture_cuda_graph(step):
+    """(graph, outputs) of step() captured in a CUDA graph, after two runs on a side stream
+    (capture needs the lazy initialisations done and the current stream left alone)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    return graph, outs
+
+
 def proc_rss_mib() -> float:
     """The process's resident memory (VmRSS), in MiB."""
     with open("/proc/self/status") as f:

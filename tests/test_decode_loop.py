@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from helpers import DEVICES, EMULATED_CUDA, HAS_CUDA, generator, proc_rss_mib, randn
+from helpers import (DEVICES, EMULATED_CUDA, HAS_CUDA, capture_cuda_graph, generator,
+                     proc_rss_mib, randn)
 from harness import OPS
 
 GRAPH_MASKS = ("lengths64", "mask", "none")
@@ -102,15 +103,7 @@ def test_cuda_graph_replays_a_decode_step(op, mask_kind, memory, train):
             return training_step(op, "ours", static, masking, g_ctx, g_w)
         return call(op, "ours", static, masking)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_cuda_graph(step)
 
     for seed in (2, 3):
         fresh, fresh_masking = step_inputs(op, "cuda", seed=seed, mask_kind=mask_kind,

@@ -22,6 +22,7 @@ from helpers import (
     EMULATED_CUDA,
     HAS_CUDA,
     MASK_KINDS,
+    capture_cuda_graph,
     dtype_id,
     generator,
     randn,
@@ -815,15 +816,7 @@ def test_cuda_graph_replays_a_decode_step(train):
             return _training_step(static, g_ctx, g_w)
         return call(OP.functional, static)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_cuda_graph(step)
     for seed in (130, 131):
         fresh = _step_case("cuda", seed, requires_grad=train)
         with torch.no_grad():
